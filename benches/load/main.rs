@@ -1,0 +1,720 @@
+//! `sluice-load`: measure what Sluice adds over a direct call to the simulator, next to nginx
+//! as a plain reverse proxy. See benches/README.md.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+
+mod client;
+mod procs;
+
+use client::{Mode, PhaseResult, RequestSpec, percentile};
+use procs::{Proc, ProcGroup, StopSignal, TempDir};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const CHAT_PATH: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-load",
+    about = "Load Sluice, nginx and the bare simulator side by side (127.0.0.1 only)"
+)]
+struct Args {
+    /// The sluice binary: runs `sluice sim` (the upstream) and `sluice run` (the gateway).
+    /// Without it the simulator runs in-process and only `direct`/`nginx` are measured
+    /// (for working on the harness itself).
+    #[arg(long)]
+    sluice: Option<PathBuf>,
+    /// nginx binary; when given and present, nginx is measured as a plain reverse proxy.
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+    /// Persistent HTTP/1.1 connections per target.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open-loop request rate (requests/s in total). Ignored with --max.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Length of each measured phase.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Unmeasured load before each measured phase.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    /// Worker threads of Sluice (server.threads) and nginx (worker_processes).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Runtime threads of the load generator itself.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Comma-separated scenarios.
+    #[arg(long, value_delimiter = ',', default_value = "chat,stream")]
+    scenarios: Vec<Scenario>,
+    /// Comma-separated targets (nginx only runs when --nginx is given).
+    #[arg(long, value_delimiter = ',', default_value = "direct,sluice,nginx")]
+    targets: Vec<TargetKind>,
+    /// Closed loop: every connection sends back to back (maximum throughput), no fixed rate.
+    #[arg(long)]
+    max: bool,
+    /// Print the results as Markdown tables for docs/benchmarks.md.
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Chat,
+    Stream,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Chat => "chat",
+            Scenario::Stream => "stream",
+        }
+    }
+
+    /// A ~300-byte chat completions body.
+    fn body(self) -> Bytes {
+        let mut body = serde_json::json!({
+            "messages": [
+                {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."},
+                {"role": "user", "content": "Why would a team put an API gateway in front of Azure OpenAI? Mention quotas, failover between regions and per-team usage reporting."}
+            ],
+            "max_tokens": 16
+        });
+        if self == Scenario::Stream {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        Bytes::from(body.to_string())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TargetKind {
+    Direct,
+    Sluice,
+    Nginx,
+}
+
+impl TargetKind {
+    fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Sluice => "sluice",
+            TargetKind::Nginx => "nginx",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Target {
+    kind: TargetKind,
+    addr: SocketAddr,
+    /// Processes charged for CPU and memory (proxies only).
+    group: Option<ProcGroup>,
+}
+
+/// Everything started for a run; dropping it stops nginx, Sluice, the simulator (in that
+/// order) and removes the temp dir.
+#[derive(Debug)]
+struct Stack {
+    nginx: Option<Proc>,
+    sluice: Option<Proc>,
+    sim: Option<Proc>,
+    sim_in_process: Option<sluice_sim::SimHandle>,
+    tmp: TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.nginx {
+            p.stop();
+        }
+        if let Some(p) = &mut self.sluice {
+            p.stop();
+        }
+        if let Some(p) = &mut self.sim {
+            p.stop();
+        }
+        if let Some(h) = &self.sim_in_process {
+            h.shutdown();
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&args, &rt) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if args.concurrency == 0 || !positive(args.rate) || !positive(args.duration_secs) {
+        bail!("--concurrency, --rate and --duration-secs must be positive");
+    }
+    if !args.warmup_secs.is_finite() || args.warmup_secs < 0.0 {
+        bail!("--warmup-secs must not be negative");
+    }
+    let mut stack = Stack {
+        nginx: None,
+        sluice: None,
+        sim: None,
+        sim_in_process: None,
+        tmp: TempDir::new("sluice-load")?,
+    };
+    let tmp = stack.tmp.path().to_path_buf();
+    let key = subscription_key();
+
+    // 1. The simulator.
+    let sim_addr = match &args.sluice {
+        Some(bin) => {
+            let mut cmd = Command::new(bin);
+            cmd.args(["sim", "--listen", "127.0.0.1:0", "--region", "loadtest"])
+                .env("RUST_LOG", "warn");
+            let (proc, addr) = Proc::spawn_until_line(
+                "simulator",
+                cmd,
+                &tmp,
+                StopSignal::Term,
+                "listening on",
+                READY_TIMEOUT,
+            )?;
+            stack.sim = Some(proc);
+            addr
+        }
+        None => {
+            eprintln!(
+                "sluice-load: no --sluice given: in-process simulator, target sluice skipped"
+            );
+            let handle = rt.block_on(sluice_sim::Simulator::start(
+                "127.0.0.1:0".parse()?,
+                sluice_sim::RegionConfig::new("loadtest"),
+            ))?;
+            let addr = handle.addr();
+            stack.sim_in_process = Some(handle);
+            addr
+        }
+    };
+    eprintln!("sluice-load: simulator on {sim_addr}");
+    let mut targets = vec![Target {
+        kind: TargetKind::Direct,
+        addr: sim_addr,
+        group: None,
+    }];
+
+    // 2. Sluice.
+    if let Some(bin) = &args.sluice
+        && args.targets.contains(&TargetKind::Sluice)
+    {
+        let conf = write_gateway_config(&tmp, sim_addr, args.threads, &key)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
+        let (proc, addr) = Proc::spawn_until_line(
+            "sluice",
+            cmd,
+            &tmp,
+            StopSignal::Int,
+            "sluice: listening on",
+            READY_TIMEOUT,
+        )?;
+        procs::wait_connectable(addr, READY_TIMEOUT)
+            .with_context(|| format!("sluice printed {addr}{}", proc.stderr_tail()))?;
+        eprintln!("sluice-load: sluice (pid {}) on {addr}", proc.pid());
+        targets.push(Target {
+            kind: TargetKind::Sluice,
+            addr,
+            group: Some(ProcGroup {
+                root: proc.pid(),
+                with_children: false,
+            }),
+        });
+        stack.sluice = Some(proc);
+    }
+
+    // 3. nginx.
+    if let Some(bin) = &args.nginx
+        && args.targets.contains(&TargetKind::Nginx)
+    {
+        if bin.is_file() {
+            let port = procs::free_port()?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let conf = write_nginx_config(&tmp, sim_addr, port, args.threads)?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("-e")
+                .arg(tmp.join("error.log"))
+                .arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(&tmp);
+            let proc = Proc::spawn_until_listening(
+                "nginx",
+                cmd,
+                &tmp,
+                StopSignal::Term,
+                addr,
+                READY_TIMEOUT,
+            )?;
+            eprintln!("sluice-load: nginx (master pid {}) on {addr}", proc.pid());
+            targets.push(Target {
+                kind: TargetKind::Nginx,
+                addr,
+                group: Some(ProcGroup {
+                    root: proc.pid(),
+                    with_children: true,
+                }),
+            });
+            stack.nginx = Some(proc);
+        } else {
+            eprintln!(
+                "sluice-load: {} does not exist; nginx skipped",
+                bin.display()
+            );
+        }
+    }
+    targets.retain(|t| args.targets.contains(&t.kind));
+    if targets.is_empty() {
+        bail!("no target left to measure");
+    }
+
+    // 4-6. Scenarios × targets; Ctrl-C ends the run through the Drop guard.
+    let rows = rt.block_on(async {
+        tokio::select! {
+            r = measure_all(args, &targets, &key) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })?;
+
+    let mut out = String::new();
+    if args.markdown {
+        markdown_report(&mut out, args, &rows);
+    } else {
+        text_report(&mut out, &rows);
+    }
+    for r in &rows {
+        if let Some(e) = &r.first_error {
+            let _ = writeln!(out, "\nfirst error of {}/{}: {e}", r.scenario, r.target);
+        }
+    }
+    for p in [&stack.sluice, &stack.sim].into_iter().flatten() {
+        let n = p.stderr_lines();
+        if n > 0 {
+            eprintln!(
+                "sluice-load: note: {} wrote {n} line(s) to stderr{}",
+                p.name(),
+                p.stderr_tail()
+            );
+        }
+    }
+    print!("{out}");
+    drop(stack);
+    Ok(())
+}
+
+fn subscription_key() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("sluice-load-{:x}{:x}", nanos, std::process::id())
+}
+
+fn write_gateway_config(tmp: &Path, sim: SocketAddr, threads: usize, key: &str) -> Result<PathBuf> {
+    let key_path = tmp.join("key.txt");
+    std::fs::write(&key_path, format!("{key}\n"))?;
+    let conf = tmp.join("gateway.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n\
+             backends:\n  - name: sim\n    url: http://{sim}\n\
+             subscriptions:\n  - name: load\n    primary_key: {{file: {}}}\n\
+             apis:\n  - name: azure-openai\n    path: /openai\n    backends: [sim]\n",
+            key_path.display()
+        ),
+    )?;
+    Ok(conf)
+}
+
+fn write_nginx_config(tmp: &Path, sim: SocketAddr, port: u16, threads: usize) -> Result<PathBuf> {
+    let t = tmp.display();
+    let conf = tmp.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;
+master_process on;
+worker_processes {threads};
+pid {t}/nginx.pid;
+error_log {t}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {t}/client_body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    upstream sim {{
+        server {sim};
+        keepalive 128;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"
+        ),
+    )?;
+    Ok(conf)
+}
+
+/// One (scenario, target) result.
+#[derive(Debug)]
+struct Row {
+    scenario: &'static str,
+    target: &'static str,
+    sent: u64,
+    errors: u64,
+    late: u64,
+    rps: f64,
+    /// p50, p90, p99, max (ms).
+    lat: [Option<f64>; 4],
+    /// TTFB p50, p99 (ms); stream only.
+    ttfb: [Option<f64>; 2],
+    cpu_per_1k: Option<f64>,
+    rss_mib: Option<f64>,
+    first_error: Option<String>,
+}
+
+async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<Row>> {
+    let mode = if args.max {
+        Mode::Max
+    } else {
+        Mode::Rate(args.rate)
+    };
+    let tck = procs::clk_tck() as f64;
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    let duration = Duration::from_secs_f64(args.duration_secs);
+    let mut rows = Vec::new();
+    for &scenario in &args.scenarios {
+        for t in targets {
+            let spec = Arc::new(RequestSpec {
+                path: CHAT_PATH.to_string(),
+                host: t.addr.to_string(),
+                api_key: key.to_string(),
+                body: scenario.body(),
+                stream: scenario == Scenario::Stream,
+            });
+            eprintln!(
+                "sluice-load: {}/{}: warmup {:.1} s, measuring {:.1} s ({})",
+                scenario.name(),
+                t.kind.name(),
+                args.warmup_secs,
+                args.duration_secs,
+                match mode {
+                    Mode::Rate(r) =>
+                        format!("{r} req/s open loop, {} connections", args.concurrency),
+                    Mode::Max => format!("closed loop, {} connections", args.concurrency),
+                }
+            );
+            let mut conns = client::connect_all(t.addr, args.concurrency)
+                .await
+                .with_context(|| format!("{} on {}", t.kind.name(), t.addr))?;
+            if !warmup.is_zero() {
+                conns = client::run_phase(t.addr, conns, spec.clone(), mode, warmup)
+                    .await?
+                    .0;
+            }
+            let before = t.group.map(|g| g.cpu_ticks());
+            let (conns, r) = client::run_phase(t.addr, conns, spec, mode, duration).await?;
+            let after = t.group.map(|g| g.cpu_ticks());
+            drop(conns);
+            let rss = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
+            let cpu_per_1k = match (before, after) {
+                (Some(b), Some(a)) if r.sent > 0 => {
+                    Some(a.saturating_sub(b) as f64 / tck / r.sent as f64 * 1000.0)
+                }
+                _ => None,
+            };
+            rows.push(row(scenario, t.kind, r, cpu_per_1k, rss));
+        }
+    }
+    Ok(rows)
+}
+
+fn row(
+    scenario: Scenario,
+    target: TargetKind,
+    mut r: PhaseResult,
+    cpu_per_1k: Option<f64>,
+    rss_mib: Option<f64>,
+) -> Row {
+    r.latency_us.sort_unstable();
+    r.ttfb_us.sort_unstable();
+    let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
+    let lat = &r.latency_us;
+    let ttfb = if scenario == Scenario::Stream {
+        [
+            ms(percentile(&r.ttfb_us, 50.0)),
+            ms(percentile(&r.ttfb_us, 99.0)),
+        ]
+    } else {
+        [None, None]
+    };
+    let secs = r.elapsed.as_secs_f64();
+    Row {
+        scenario: scenario.name(),
+        target: target.name(),
+        sent: r.sent,
+        errors: r.errors,
+        late: r.late,
+        rps: if secs > 0.0 { r.ok as f64 / secs } else { 0.0 },
+        lat: [
+            ms(percentile(lat, 50.0)),
+            ms(percentile(lat, 90.0)),
+            ms(percentile(lat, 99.0)),
+            ms(lat.last().copied()),
+        ],
+        ttfb,
+        cpu_per_1k,
+        rss_mib,
+        first_error: r.first_error,
+    }
+}
+
+fn f(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:.decimals$}"))
+}
+
+fn signed(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:+.3}"))
+}
+
+/// Per scenario: (proxy, added p50, added p99 vs direct); plus the sluice/nginx CPU ratio.
+type Comparison = (
+    &'static str,
+    Vec<(&'static str, Option<f64>, Option<f64>)>,
+    Option<f64>,
+);
+
+fn comparisons(rows: &[Row]) -> Vec<Comparison> {
+    let mut scenarios: Vec<&'static str> = rows.iter().map(|r| r.scenario).collect();
+    scenarios.dedup();
+    scenarios
+        .into_iter()
+        .map(|s| {
+            let find = |t: &str| rows.iter().find(|r| r.scenario == s && r.target == t);
+            let direct = find("direct");
+            let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+            let added = ["sluice", "nginx"]
+                .into_iter()
+                .filter_map(|p| {
+                    let r = find(p)?;
+                    let d = direct?;
+                    Some((p, diff(r.lat[0], d.lat[0]), diff(r.lat[2], d.lat[2])))
+                })
+                .collect();
+            let ratio = match (
+                find("sluice").and_then(|r| r.cpu_per_1k),
+                find("nginx").and_then(|r| r.cpu_per_1k),
+            ) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            (s, added, ratio)
+        })
+        .collect()
+}
+
+fn text_report(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "{:<8} {:<7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "scenario",
+        "target",
+        "sent",
+        "errors",
+        "late",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "ttfb p50",
+        "ttfb p99",
+        "cpu s/1k",
+        "rss MiB"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<7} {:>7} {:>6} {:>6} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
+            r.scenario,
+            r.target,
+            r.sent,
+            r.errors,
+            r.late,
+            r.rps,
+            f(r.lat[0], 3),
+            f(r.lat[1], 3),
+            f(r.lat[2], 3),
+            f(r.lat[3], 3),
+            f(r.ttfb[0], 3),
+            f(r.ttfb[1], 3),
+            f(r.cpu_per_1k, 3),
+            f(r.rss_mib, 1)
+        );
+    }
+    for (s, added, ratio) in comparisons(rows) {
+        let mut line = format!("{s}:");
+        for (p, d50, d99) in added {
+            let _ = write!(
+                line,
+                " {p} adds p50 {} ms, p99 {} ms;",
+                signed(d50),
+                signed(d99)
+            );
+        }
+        let _ = write!(
+            line,
+            " CPU sluice/nginx = {}",
+            ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"))
+        );
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+fn markdown_report(out: &mut String, args: &Args, rows: &[Row]) {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mode = if args.max {
+        format!("closed loop (--max), {} connections", args.concurrency)
+    } else {
+        format!(
+            "open loop at {} req/s, {} connections",
+            args.rate, args.concurrency
+        )
+    };
+    let _ = writeln!(
+        out,
+        "Command: `{}` — {}; nproc {nproc}; CPU: {}; {mode}; {} s measured after {} s warmup per target.\n",
+        command_line(),
+        date(),
+        procs::cpu_model(),
+        args.duration_secs,
+        args.warmup_secs
+    );
+    let _ = writeln!(
+        out,
+        "| Scenario | Target | Requests | Errors | Late | req/s | p50 ms | p90 ms | p99 ms | max ms | TTFB p50 ms | TTFB p99 ms | CPU s / 1k req | Peak RSS MiB |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.target,
+            r.sent,
+            r.errors,
+            r.late,
+            r.rps,
+            f(r.lat[0], 3),
+            f(r.lat[1], 3),
+            f(r.lat[2], 3),
+            f(r.lat[3], 3),
+            f(r.ttfb[0], 3),
+            f(r.ttfb[1], 3),
+            f(r.cpu_per_1k, 3),
+            f(r.rss_mib, 1)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | CPU sluice / nginx |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for (s, added, ratio) in comparisons(rows) {
+        for (p, d50, d99) in added {
+            let r = if p == "sluice" {
+                ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"))
+            } else {
+                "-".to_string()
+            };
+            let _ = writeln!(
+                out,
+                "| {s} | {p} | {} | {} | {r} |",
+                signed(d50),
+                signed(d99)
+            );
+        }
+    }
+}
+
+/// The command line as typed (arguments with shell metacharacters single-quoted).
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown date".to_string())
+}

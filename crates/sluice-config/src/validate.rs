@@ -1,0 +1,976 @@
+//! Semantic validation, secret resolution and building the resolved config.
+//!
+//! Everything is checked in one pass and every problem is recorded; values
+//! that fail a check are replaced by placeholders so the pass can continue.
+//! The built [`Config`] is only returned when no problem was recorded.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::lines::{LineMap, index_path, key_path};
+use crate::parse::{KnownNames, Parsed};
+use crate::raw::{
+    RawApi, RawApiSubscription, RawBackend, RawSecret, RawServer, RawSimulator, RawSubscription,
+    RawTimeouts,
+};
+use crate::{
+    Api, Backend, BackendTarget, BackendUrl, Config, Problem, Secret, Server, SimDeployment,
+    SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
+};
+
+pub(crate) const DEFAULT_SERVICE_NAME: &str = "sluice";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub(crate) const DEFAULT_SIMULATOR_LISTEN: &str = "127.0.0.1:0";
+pub(crate) const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_THREADS: u64 = 256;
+pub(crate) const DEFAULT_COMPLETION_TOKENS: u64 = 24;
+pub(crate) const DEFAULT_EMBEDDING_DIMENSIONS: u64 = 1536;
+pub(crate) const MAX_EMBEDDING_DIMENSIONS: u64 = 8192;
+
+/// Collected problems; lines are looked up from the path when recorded.
+#[derive(Debug)]
+pub(crate) struct Problems<'a> {
+    lines: &'a LineMap,
+    list: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    pub(crate) fn new(lines: &'a LineMap) -> Self {
+        Problems {
+            lines,
+            list: Vec::new(),
+        }
+    }
+
+    /// Records a problem at `path`, with the line of that path (or of its
+    /// nearest ancestor in the file).
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let line = self.lines.line_of(&path);
+        self.push_at(line, path, message);
+    }
+
+    /// Records a problem with an explicit line.
+    pub(crate) fn push_at(
+        &mut self,
+        line: Option<usize>,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let problem = Problem {
+            path: path.into(),
+            line,
+            message: message.into(),
+        };
+        if !self.list.contains(&problem) {
+            self.list.push(problem);
+        }
+    }
+
+    pub(crate) fn lines(&self) -> &'a LineMap {
+        self.lines
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The problems in source order; those without a line come last.
+    pub(crate) fn into_sorted(self) -> Vec<Problem> {
+        let mut list = self.list;
+        list.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        list
+    }
+}
+
+/// Validates `parsed`, resolves its secrets and builds the config. The result
+/// is meaningful only if `problems` is still empty afterwards.
+pub(crate) fn build(
+    parsed: Parsed,
+    problems: &mut Problems<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    base_dir: &Path,
+) -> Config {
+    let Parsed {
+        raw,
+        poisoned,
+        names,
+    } = parsed;
+    let mut cx = Cx {
+        problems,
+        poisoned: &poisoned,
+        names: &names,
+        env,
+        base_dir,
+    };
+
+    let service_name = match raw.service_name {
+        Some(name) => {
+            if name.trim().is_empty() {
+                cx.err("service_name", "must not be empty");
+            }
+            name
+        }
+        None => DEFAULT_SERVICE_NAME.to_string(),
+    };
+    let server = cx.server(raw.server.unwrap_or_default());
+    let simulators = cx.simulators(raw.simulators, &server);
+    let backends = cx.backends(raw.backends, &server);
+    let subscriptions = cx.subscriptions(raw.subscriptions);
+    let apis = cx.apis(raw.apis, &server);
+    Config {
+        service_name,
+        server,
+        simulators,
+        backends,
+        subscriptions,
+        apis,
+    }
+}
+
+struct Cx<'c, 'p> {
+    problems: &'c mut Problems<'p>,
+    poisoned: &'c HashSet<String>,
+    names: &'c KnownNames,
+    env: &'c dyn Fn(&str) -> Option<String>,
+    base_dir: &'c Path,
+}
+
+impl Cx<'_, '_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(path, message);
+    }
+
+    /// `value`, or a "required" problem unless the value was removed because
+    /// of a type error already reported.
+    fn required<T>(&mut self, value: Option<T>, path: &str) -> Option<T> {
+        if value.is_none() && !self.poisoned.contains(path) {
+            self.err(path, "is required");
+        }
+        value
+    }
+
+    /// The present entries of a list, with their index and path. Empty
+    /// (`- ` or `- ~`) entries are problems.
+    fn entries<T>(
+        &mut self,
+        list: Option<Vec<Option<T>>>,
+        list_path: &str,
+    ) -> Vec<(usize, String, T)> {
+        let mut out = Vec::new();
+        for (i, item) in list.unwrap_or_default().into_iter().enumerate() {
+            let path = index_path(list_path, i);
+            match item {
+                Some(item) => out.push((i, path, item)),
+                None => {
+                    if !self.poisoned.contains(&path) {
+                        self.err(path, "empty entry");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks a required, unique name. `seen` maps names to the index of
+    /// their first use.
+    fn name(
+        &mut self,
+        raw: Option<String>,
+        entry_path: &str,
+        index: usize,
+        seen: &mut HashMap<String, usize>,
+        rule: NameRule,
+    ) -> String {
+        let path = key_path(entry_path, "name");
+        let Some(name) = self.required(raw, &path) else {
+            return String::new();
+        };
+        if let Err(message) = rule.check(&name) {
+            self.err(&path, message);
+        } else if let Some(first) = seen.get(&name) {
+            let list = entry_path.split('[').next().unwrap_or_default();
+            self.err(
+                &path,
+                format!("duplicate name '{name}' (already used by {list}[{first}])"),
+            );
+        } else {
+            seen.insert(name.clone(), index);
+        }
+        name
+    }
+
+    fn listen(&mut self, raw: Option<String>, path: &str, default: &str) -> SocketAddr {
+        let fallback = || default.parse().expect("default listen address parses");
+        match raw {
+            None => fallback(),
+            Some(text) => match text.trim().parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.err(
+                        path,
+                        format!(
+                            "'{text}' is not an IP:PORT address such as 127.0.0.1:8080 or [::]:8080 \
+                             (host names are not resolved)"
+                        ),
+                    );
+                    fallback()
+                }
+            },
+        }
+    }
+
+    /// A number in `min..=max`, or `default` when absent.
+    fn in_range(
+        &mut self,
+        value: Option<u64>,
+        path: &str,
+        min: u64,
+        max: u64,
+        default: u64,
+    ) -> u64 {
+        match value {
+            None => default,
+            Some(v) if v < min || v > max => {
+                let message = if max == u64::MAX {
+                    format!("must be at least {min}")
+                } else {
+                    format!("must be between {min} and {max}")
+                };
+                self.err(path, message);
+                default
+            }
+            Some(v) => v,
+        }
+    }
+
+    fn positive(&mut self, value: Option<u64>, path: &str, default: u64) -> u64 {
+        self.in_range(value, path, 1, u64::MAX, default)
+    }
+
+    /// `base` with the fields present in `raw` replaced.
+    fn timeouts(&mut self, raw: Option<RawTimeouts>, path: &str, base: Timeouts) -> Timeouts {
+        let raw = raw.unwrap_or_default();
+        let mut ms = |value: Option<u64>, key: &str, default: Duration| {
+            let default_ms = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+            Duration::from_millis(self.positive(value, &key_path(path, key), default_ms))
+        };
+        Timeouts {
+            connect: ms(raw.connect_ms, "connect_ms", base.connect),
+            read: ms(raw.read_ms, "read_ms", base.read),
+            write: ms(raw.write_ms, "write_ms", base.write),
+        }
+    }
+
+    /// Resolves `{env: NAME}` / `{file: PATH}`. Messages name the variable or
+    /// the file, never the value.
+    fn secret(&mut self, raw: RawSecret, path: &str) -> Option<Secret> {
+        match (raw.env, raw.file) {
+            (Some(_), Some(_)) => {
+                self.err(path, "set exactly one of 'env' or 'file', not both");
+                None
+            }
+            (None, None) => {
+                let env_path = key_path(path, "env");
+                let file_path = key_path(path, "file");
+                if !self.poisoned.contains(&env_path) && !self.poisoned.contains(&file_path) {
+                    self.err(
+                        path,
+                        "a secret needs one of 'env: VARIABLE' or 'file: PATH'",
+                    );
+                }
+                None
+            }
+            (Some(var), None) => {
+                let var_path = key_path(path, "env");
+                if var.trim().is_empty() {
+                    self.err(var_path, "must name an environment variable");
+                    return None;
+                }
+                match (self.env)(&var) {
+                    None => {
+                        self.err(var_path, format!("environment variable '{var}' is not set"));
+                        None
+                    }
+                    Some(value) if value.trim().is_empty() => {
+                        self.err(var_path, format!("environment variable '{var}' is empty"));
+                        None
+                    }
+                    Some(value) => Some(Secret::new(value.trim().to_string())),
+                }
+            }
+            (None, Some(file)) => {
+                let file_path = key_path(path, "file");
+                if file.trim().is_empty() {
+                    self.err(file_path, "must name a file");
+                    return None;
+                }
+                let full = self.base_dir.join(&file);
+                match std::fs::read_to_string(&full) {
+                    Err(err) => {
+                        let shown = if Path::new(&file).is_absolute() {
+                            format!("'{file}'")
+                        } else {
+                            format!("'{file}' (resolved to '{}')", full.display())
+                        };
+                        self.err(file_path, format!("cannot read secret file {shown}: {err}"));
+                        None
+                    }
+                    Ok(text) if text.trim().is_empty() => {
+                        self.err(file_path, format!("secret file '{file}' is empty"));
+                        None
+                    }
+                    Ok(text) => Some(Secret::new(text.trim().to_string())),
+                }
+            }
+        }
+    }
+
+    fn optional_secret(&mut self, raw: Option<RawSecret>, path: &str) -> Option<Secret> {
+        raw.and_then(|raw| self.secret(raw, path))
+    }
+
+    fn server(&mut self, raw: RawServer) -> Server {
+        let default_threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(MAX_THREADS as usize);
+        let threads = self.in_range(
+            raw.threads,
+            "server.threads",
+            1,
+            MAX_THREADS,
+            default_threads as u64,
+        );
+        Server {
+            listen: self.listen(raw.listen, "server.listen", DEFAULT_LISTEN),
+            threads: threads as usize,
+            max_request_body_bytes: self.positive(
+                raw.max_request_body_bytes,
+                "server.max_request_body_bytes",
+                DEFAULT_MAX_REQUEST_BODY_BYTES,
+            ),
+            timeouts: self.timeouts(raw.timeouts, "server.timeouts", Timeouts::default()),
+        }
+    }
+
+    fn simulators(
+        &mut self,
+        list: Option<Vec<Option<RawSimulator>>>,
+        server: &Server,
+    ) -> Vec<SimulatorRegion> {
+        let mut seen = HashMap::new();
+        let mut listens: HashMap<SocketAddr, String> = HashMap::new();
+        if server.listen.port() != 0 {
+            listens.insert(server.listen, "server.listen".to_string());
+        }
+        let mut out = Vec::new();
+        for (i, path, raw) in self.entries(list, "simulators") {
+            let name = self.name(raw.name, &path, i, &mut seen, NameRule::Lowercase);
+            let listen_path = key_path(&path, "listen");
+            let listen = self.listen(raw.listen, &listen_path, DEFAULT_SIMULATOR_LISTEN);
+            if listen.port() != 0 {
+                if let Some(other) = listens.get(&listen) {
+                    self.err(&listen_path, format!("address already used by {other}"));
+                } else {
+                    listens.insert(listen, listen_path);
+                }
+            }
+            let region_path = key_path(&path, "region");
+            let region = match self.required(raw.region, &region_path) {
+                Some(region) => {
+                    if region.trim().is_empty() {
+                        self.err(&region_path, "must not be empty");
+                    } else if region.trim() != region || HeaderValue::from_str(&region).is_err() {
+                        self.err(
+                            &region_path,
+                            "must be printable text without surrounding spaces (it is sent as x-ms-region)",
+                        );
+                    }
+                    region
+                }
+                None => String::new(),
+            };
+            let api_key = self.optional_secret(raw.api_key, &key_path(&path, "api_key"));
+            let ms = |v: Option<u64>| Duration::from_millis(v.unwrap_or(0));
+            let tokens_per_minute = raw
+                .tokens_per_minute
+                .map(|tpm| self.positive(Some(tpm), &key_path(&path, "tokens_per_minute"), 1));
+            let completion_tokens = self.in_range(
+                raw.completion_tokens,
+                &key_path(&path, "completion_tokens"),
+                1,
+                u64::from(u32::MAX),
+                DEFAULT_COMPLETION_TOKENS,
+            );
+            let embedding_dimensions = self.in_range(
+                raw.embedding_dimensions,
+                &key_path(&path, "embedding_dimensions"),
+                1,
+                MAX_EMBEDDING_DIMENSIONS,
+                DEFAULT_EMBEDDING_DIMENSIONS,
+            );
+            let deployments_path = key_path(&path, "deployments");
+            let mut deployments = BTreeMap::new();
+            for (deployment, settings) in raw.deployments.unwrap_or_default() {
+                let dpath = key_path(&deployments_path, &deployment);
+                if let Err(message) = NameRule::Deployment.check(&deployment) {
+                    self.err(&dpath, message);
+                }
+                let settings = settings.unwrap_or_default();
+                if let Some(model) = &settings.model {
+                    if model.trim().is_empty() {
+                        self.err(key_path(&dpath, "model"), "must not be empty");
+                    }
+                }
+                let tokens_per_minute = settings
+                    .tokens_per_minute
+                    .map(|tpm| self.positive(Some(tpm), &key_path(&dpath, "tokens_per_minute"), 1));
+                deployments.insert(
+                    deployment,
+                    SimDeployment {
+                        model: settings.model,
+                        tokens_per_minute,
+                    },
+                );
+            }
+            out.push(SimulatorRegion {
+                name,
+                listen,
+                region,
+                api_key,
+                time_to_first_token: ms(raw.time_to_first_token_ms),
+                per_token: ms(raw.per_token_ms),
+                embeddings_latency: ms(raw.embeddings_ms),
+                tokens_per_minute,
+                completion_tokens: completion_tokens as u32,
+                embedding_dimensions: embedding_dimensions as usize,
+                deployments,
+            });
+        }
+        out
+    }
+
+    fn backends(&mut self, list: Option<Vec<Option<RawBackend>>>, server: &Server) -> Vec<Backend> {
+        self.non_empty_list(list.as_ref().map(Vec::len), "backends", "backend");
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, path, raw) in self.entries(list, "backends") {
+            let name = self.name(raw.name, &path, i, &mut seen, NameRule::Identifier);
+            let url_path = key_path(&path, "url");
+            let sim_path = key_path(&path, "simulator");
+            let placeholder = BackendTarget::Simulator(String::new());
+            let target = match (raw.url, raw.simulator) {
+                (Some(_), Some(_)) => {
+                    self.err(&path, "set exactly one of 'url' or 'simulator', not both");
+                    placeholder
+                }
+                (None, None) => {
+                    if !self.poisoned.contains(&url_path) && !self.poisoned.contains(&sim_path) {
+                        self.err(&path, "one of 'url' or 'simulator' is required");
+                    }
+                    placeholder
+                }
+                (Some(url), None) => match parse_backend_url(&url) {
+                    Ok(url) => BackendTarget::Url(url),
+                    Err(message) => {
+                        self.err(&url_path, message);
+                        placeholder
+                    }
+                },
+                (None, Some(sim)) => {
+                    if !self.names.simulators.contains(&sim) {
+                        self.err(
+                            &sim_path,
+                            format!("unknown simulator '{sim}' (not in simulators)"),
+                        );
+                    }
+                    BackendTarget::Simulator(sim)
+                }
+            };
+            let api_key = self.optional_secret(raw.api_key, &key_path(&path, "api_key"));
+            let deployments_path = key_path(&path, "deployments");
+            let deployments = raw.deployments.unwrap_or_default();
+            for (client_name, backend_name) in &deployments {
+                let dpath = key_path(&deployments_path, client_name);
+                if let Err(message) = NameRule::Deployment.check(client_name) {
+                    self.err(&dpath, message);
+                } else if let Err(message) = NameRule::Deployment.check(backend_name) {
+                    self.err(&dpath, message);
+                }
+            }
+            let timeouts =
+                self.timeouts(raw.timeouts, &key_path(&path, "timeouts"), server.timeouts);
+            out.push(Backend {
+                name,
+                target,
+                api_key,
+                deployments,
+                timeouts,
+            });
+        }
+        out
+    }
+
+    fn subscriptions(&mut self, list: Option<Vec<Option<RawSubscription>>>) -> Vec<Subscription> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        // Key value -> (path, subscription name) of its first use.
+        let mut keys: HashMap<String, (String, String)> = HashMap::new();
+        for (i, path, raw) in self.entries(list, "subscriptions") {
+            let name = self.name(raw.name, &path, i, &mut seen, NameRule::Identifier);
+            let primary_path = key_path(&path, "primary_key");
+            let primary_key = self
+                .required(raw.primary_key, &primary_path)
+                .and_then(|raw| self.secret(raw, &primary_path));
+            let secondary_path = key_path(&path, "secondary_key");
+            let secondary_key = self.optional_secret(raw.secondary_key, &secondary_path);
+            for (key, key_path) in [
+                (&primary_key, &primary_path),
+                (&secondary_key, &secondary_path),
+            ] {
+                let Some(key) = key else { continue };
+                match keys.get(key.expose()) {
+                    Some((first_path, first_name)) => self.err(
+                        key_path,
+                        format!(
+                            "same key value as {first_path} (subscription '{first_name}'); \
+                             every subscription key must be unique"
+                        ),
+                    ),
+                    None => {
+                        keys.insert(key.expose().to_string(), (key_path.clone(), name.clone()));
+                    }
+                }
+            }
+            let active = match raw.state.as_deref() {
+                None | Some("active") => true,
+                Some("suspended") => false,
+                Some(other) => {
+                    self.err(
+                        key_path(&path, "state"),
+                        format!("'{other}' is not a state; use 'active' or 'suspended'"),
+                    );
+                    true
+                }
+            };
+            let apis = raw.apis.map(|apis| {
+                let apis_path = key_path(&path, "apis");
+                let mut listed: HashMap<String, usize> = HashMap::new();
+                let mut names = Vec::new();
+                for (j, item_path, api) in self.entries(Some(apis), &apis_path) {
+                    if !self.names.apis.contains(&api) {
+                        self.err(&item_path, format!("unknown API '{api}' (not in apis)"));
+                    } else if let Some(first) = listed.get(&api) {
+                        self.err(
+                            &item_path,
+                            format!("API '{api}' is listed twice (also at {apis_path}[{first}])"),
+                        );
+                    } else {
+                        listed.insert(api.clone(), j);
+                    }
+                    names.push(api);
+                }
+                names
+            });
+            out.push(Subscription {
+                name,
+                primary_key: primary_key.unwrap_or_else(|| Secret::new(String::new())),
+                secondary_key,
+                active,
+                apis,
+            });
+        }
+        out
+    }
+
+    fn apis(&mut self, list: Option<Vec<Option<RawApi>>>, server: &Server) -> Vec<Api> {
+        self.non_empty_list(list.as_ref().map(Vec::len), "apis", "API");
+        let mut seen = HashMap::new();
+        let mut paths: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, path, raw) in self.entries(list, "apis") {
+            let name = self.name(raw.name, &path, i, &mut seen, NameRule::Identifier);
+            let api_path_path = key_path(&path, "path");
+            let api_path = self.required(raw.path, &api_path_path);
+            if let Some(api_path) = &api_path {
+                if let Err(message) = check_api_path(api_path) {
+                    self.err(&api_path_path, message);
+                } else if let Some(first) = paths.get(api_path) {
+                    self.err(
+                        &api_path_path,
+                        format!("duplicate path '{api_path}' (already used by apis[{first}])"),
+                    );
+                } else {
+                    paths.insert(api_path.clone(), i);
+                }
+            }
+            let api_path = api_path.unwrap_or_default();
+            let backends_path = key_path(&path, "backends");
+            let mut backends = Vec::new();
+            match raw.backends {
+                None => {
+                    self.required(None::<()>, &backends_path);
+                }
+                Some(list) if list.is_empty() => {
+                    self.err(&backends_path, "must name at least one backend")
+                }
+                Some(list) => {
+                    let mut listed: HashMap<String, usize> = HashMap::new();
+                    for (j, item_path, backend) in self.entries(Some(list), &backends_path) {
+                        if !self.names.backends.contains(&backend) {
+                            self.err(
+                                &item_path,
+                                format!("unknown backend '{backend}' (not in backends)"),
+                            );
+                        } else if let Some(first) = listed.get(&backend) {
+                            self.err(
+                                &item_path,
+                                format!("backend '{backend}' is listed twice (also at {backends_path}[{first}])"),
+                            );
+                        } else {
+                            listed.insert(backend.clone(), j);
+                        }
+                        backends.push(backend);
+                    }
+                }
+            }
+            let max_request_body_bytes = self.positive(
+                raw.max_request_body_bytes,
+                &key_path(&path, "max_request_body_bytes"),
+                server.max_request_body_bytes,
+            );
+            let subscription =
+                self.subscription_settings(raw.subscription, &key_path(&path, "subscription"));
+            out.push(Api {
+                name,
+                path: api_path,
+                backends,
+                subscription,
+                max_request_body_bytes,
+            });
+        }
+        out
+    }
+
+    fn subscription_settings(
+        &mut self,
+        raw: Option<RawApiSubscription>,
+        path: &str,
+    ) -> SubscriptionSettings {
+        let raw = raw.unwrap_or_default();
+        let mut settings = SubscriptionSettings::default();
+        if let Some(required) = raw.required {
+            settings.required = required;
+        }
+        let headers_path = key_path(path, "header_names");
+        match raw.header_names {
+            None => {}
+            Some(list) if list.is_empty() => {
+                self.err(&headers_path, "must list at least one header name")
+            }
+            Some(list) => {
+                settings.header_names.clear();
+                let mut listed: HashMap<HeaderName, usize> = HashMap::new();
+                for (j, item_path, header) in self.entries(Some(list), &headers_path) {
+                    match HeaderName::from_bytes(header.as_bytes()) {
+                        Err(_) => self.err(
+                            &item_path,
+                            format!("'{header}' is not a valid HTTP header name"),
+                        ),
+                        Ok(name) => {
+                            if let Some(first) = listed.get(&name) {
+                                self.err(
+                                    &item_path,
+                                    format!("header '{header}' is listed twice (also at {headers_path}[{first}])"),
+                                );
+                            } else {
+                                listed.insert(name.clone(), j);
+                                settings.header_names.push(name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(query_name) = raw.query_name {
+            if query_name.is_empty() || !query_name.bytes().all(is_unreserved) {
+                self.err(
+                    key_path(path, "query_name"),
+                    "must be non-empty and use only letters, digits, '-', '.', '_' or '~'",
+                );
+            }
+            settings.query_name = query_name;
+        }
+        settings
+    }
+
+    /// Reports a missing or empty required list.
+    fn non_empty_list(&mut self, len: Option<usize>, path: &str, what: &str) {
+        match len {
+            Some(0) => self.err(path, format!("at least one {what} is required")),
+            None if !self.poisoned.contains(path) => {
+                self.err(path, format!("at least one {what} is required"))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Character rules for names.
+#[derive(Debug, Clone, Copy)]
+enum NameRule {
+    /// Simulator names: `[a-z0-9_-]+`.
+    Lowercase,
+    /// Backend, subscription and API names: `[A-Za-z0-9._-]+`.
+    Identifier,
+    /// Deployment names (they appear in URL paths): `[A-Za-z0-9._-]+`.
+    Deployment,
+}
+
+impl NameRule {
+    fn check(self, name: &str) -> Result<(), String> {
+        let (ok, allowed): (fn(u8) -> bool, &str) = match self {
+            NameRule::Lowercase => (
+                |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_',
+                "lowercase letters, digits, '-' and '_'",
+            ),
+            NameRule::Identifier | NameRule::Deployment => (
+                |b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'),
+                "letters, digits, '-', '_' and '.'",
+            ),
+        };
+        if name.is_empty() {
+            Err("must not be empty".to_string())
+        } else if !name.bytes().all(ok) {
+            Err(format!("'{name}' may only contain {allowed}"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// RFC 3986 unreserved characters.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// An API path: `/openai` or `/seg/.../openai`, segments of unreserved
+/// characters.
+fn check_api_path(path: &str) -> Result<(), String> {
+    const SHAPE: &str =
+        "must start with '/' and end with '/openai', e.g. /openai or /team-a/openai";
+    if !path.starts_with('/') || !path.ends_with("/openai") {
+        return Err(format!("'{path}' {SHAPE}"));
+    }
+    for segment in path[1..].split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err(format!("'{path}' has an empty, '.' or '..' segment"));
+        }
+        if !segment.bytes().all(is_unreserved) {
+            return Err(format!(
+                "'{path}' may only contain letters, digits, '-', '.', '_', '~' between slashes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `http[s]://host[:port][/base/path]`. Error messages do not repeat
+/// the URL (it could carry credentials).
+fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("must be an absolute URL such as https://myres.openai.azure.com".to_string());
+    };
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "https" => true,
+        "http" => false,
+        _ => return Err("scheme must be http or https".to_string()),
+    };
+    if rest.contains('#') {
+        return Err("must not contain a fragment ('#...')".to_string());
+    }
+    if rest.contains('?') {
+        return Err("must not contain a query string ('?...')".to_string());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err(
+            "must not contain user info ('user@'); use api_key for credentials".to_string(),
+        );
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let Some((inner, after)) = bracketed.split_once(']') else {
+            return Err("has an unterminated '[' in the host".to_string());
+        };
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("has an invalid IPv6 address in brackets".to_string());
+        }
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("has text after the IPv6 address")?,
+            ),
+        };
+        (format!("[{}]", inner.to_ascii_lowercase()), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_ascii_lowercase(), Some(port)),
+            None => (authority.to_ascii_lowercase(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_string());
+    }
+    let host_ok = host.starts_with('[')
+        || host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !host_ok || host.starts_with('.') || host.starts_with('-') || host.contains("..") {
+        return Err("has an invalid host name".to_string());
+    }
+    let port = match port {
+        None => {
+            if tls {
+                443
+            } else {
+                80
+            }
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port != 0 && p.bytes().all(|b| b.is_ascii_digit()) => port,
+            _ => return Err("has an invalid port (expected 1-65535)".to_string()),
+        },
+    };
+    let base_path = path.trim_end_matches('/');
+    let path_ok = base_path.bytes().all(|b| {
+        is_unreserved(b)
+            || matches!(
+                b,
+                b'/' | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+            )
+    });
+    if !path_ok {
+        return Err("has characters that are not allowed in a URL path".to_string());
+    }
+    if base_path.contains("//") {
+        return Err("has an empty segment ('//') in its path".to_string());
+    }
+    Ok(BackendUrl {
+        tls,
+        host,
+        port,
+        base_path: base_path.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(tls: bool, host: &str, port: u16, base_path: &str) -> BackendUrl {
+        BackendUrl {
+            tls,
+            host: host.into(),
+            port,
+            base_path: base_path.into(),
+        }
+    }
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(
+            parse_backend_url("https://myres.openai.azure.com").unwrap(),
+            url(true, "myres.openai.azure.com", 443, "")
+        );
+        assert_eq!(
+            parse_backend_url("https://MyRes.openai.azure.com/").unwrap(),
+            url(true, "myres.openai.azure.com", 443, "")
+        );
+        assert_eq!(
+            parse_backend_url("http://127.0.0.1:9000/x/y/").unwrap(),
+            url(false, "127.0.0.1", 9000, "/x/y")
+        );
+        assert_eq!(
+            parse_backend_url("HTTP://[::1]:8081").unwrap(),
+            url(false, "[::1]", 8081, "")
+        );
+        assert_eq!(
+            parse_backend_url("http://h").unwrap(),
+            url(false, "h", 80, "")
+        );
+        for bad in [
+            "ftp://host",
+            "myres.openai.azure.com",
+            "https://",
+            "https://:443",
+            "https://host:0",
+            "https://host:99999",
+            "https://host:abc",
+            "https://host:+80",
+            "https://host/path?x=1",
+            "https://host/#frag",
+            "https://user:pw@host",
+            "https://ho st",
+            "https://host/a b",
+            "https://host//a",
+            "https://[::1",
+            "https://[zz]",
+        ] {
+            assert!(parse_backend_url(bad).is_err(), "{bad} should be rejected");
+        }
+        let message = parse_backend_url("https://user:hunter2@host").unwrap_err();
+        assert!(!message.contains("hunter2"));
+    }
+
+    #[test]
+    fn api_paths() {
+        for good in ["/openai", "/team-a/openai", "/a/b.c/openai"] {
+            assert!(check_api_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "openai",
+            "/openai/",
+            "/",
+            "/x",
+            "//openai",
+            "/a b/openai",
+            "/../openai",
+            "/OpenAI",
+        ] {
+            assert!(check_api_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(NameRule::Lowercase.check("east-us_2").is_ok());
+        assert!(NameRule::Lowercase.check("EastUS").is_err());
+        assert!(NameRule::Identifier.check("Team.A-1_x").is_ok());
+        assert!(NameRule::Identifier.check("team a").is_err());
+        assert!(NameRule::Identifier.check("").is_err());
+        assert!(NameRule::Deployment.check("gpt-4.1-mini").is_ok());
+        assert!(NameRule::Deployment.check("a/b").is_err());
+    }
+}

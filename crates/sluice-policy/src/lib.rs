@@ -1,0 +1,17 @@
+//! Sluice's policies, free of any server framework.
+//!
+//! Everything here takes plain values (header maps, URIs, body bytes, the
+//! per-request [`RequestContext`]) so that each piece is unit-tested without a
+//! server. Only `sluice-proxy` drives these from pingora's hooks.
+
+pub mod context;
+pub mod error;
+pub mod route;
+pub mod stream_tag;
+pub mod subscription;
+
+pub use context::{BodyMode, RequestContext};
+pub use error::GatewayError;
+pub use route::{ApiRouter, MatchedApi};
+pub use stream_tag::stream_flag;
+pub use subscription::{SubscriptionIndex, SubscriptionMatch};

@@ -1,0 +1,298 @@
+//! Subscription keys (APIM's `subscriptionRequired` / `subscriptionKeyParameterNames`).
+//!
+//! A key is read from the first configured header that is present (`api-key`,
+//! then `Ocp-Apim-Subscription-Key` by default) or, only when no such header
+//! is present, from the configured query parameter (`subscription-key`).
+//! Keys are looked up by their SHA-256 digest (no scan over subscriptions)
+//! and then compared in constant time with the stored key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use sluice_config::{Subscription, SubscriptionSettings};
+use subtle::ConstantTimeEq;
+
+use crate::error::GatewayError;
+use crate::route::query_param;
+
+const MISSING: &str = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
+const INVALID: &str = "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
+
+/// Which of a subscription's two keys matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySlot {
+    Primary,
+    Secondary,
+}
+
+/// The caller's subscription, as the later steps (limits, metrics) key on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionMatch {
+    /// Position in `gateway.yaml`'s `subscriptions` list.
+    pub index: usize,
+    /// The subscription's name (its id).
+    pub name: Arc<str>,
+    pub slot: KeySlot,
+}
+
+#[derive(Debug)]
+struct Entry {
+    index: usize,
+    slot: KeySlot,
+    key: Box<[u8]>,
+}
+
+#[derive(Debug)]
+struct SubInfo {
+    name: Arc<str>,
+    active: bool,
+    /// `None`: every API.
+    apis: Option<Vec<String>>,
+}
+
+/// All subscriptions' keys, indexed by digest.
+#[derive(Debug, Default)]
+pub struct SubscriptionIndex {
+    by_digest: HashMap<[u8; 32], Entry>,
+    subs: Vec<SubInfo>,
+}
+
+fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// APIM's 401 for a request without a key.
+pub fn missing_key_error(realm: &str, header_name: &str) -> GatewayError {
+    GatewayError::new(401, MISSING).with_header(
+        "www-authenticate",
+        format!("AzureApiManagementKey realm=\"{realm}\",name=\"{header_name}\",type=\"header\""),
+    )
+}
+
+/// APIM's 401 for a key that is unknown, suspended, or not valid for the API.
+pub fn invalid_key_error(realm: &str, header_name: &str) -> GatewayError {
+    GatewayError::new(401, INVALID).with_header(
+        "www-authenticate",
+        format!("AzureApiManagementKey realm=\"{realm}\",name=\"{header_name}\",type=\"header\""),
+    )
+}
+
+impl SubscriptionIndex {
+    pub fn new(subscriptions: &[Subscription]) -> Self {
+        let mut idx = SubscriptionIndex::default();
+        for (i, s) in subscriptions.iter().enumerate() {
+            idx.subs.push(SubInfo {
+                name: Arc::from(s.name.as_str()),
+                active: s.active,
+                apis: s.apis.clone(),
+            });
+            let mut add = |key: &str, slot| {
+                let bytes = key.as_bytes();
+                idx.by_digest.insert(
+                    digest(bytes),
+                    Entry {
+                        index: i,
+                        slot,
+                        key: bytes.into(),
+                    },
+                );
+            };
+            add(s.primary_key.expose(), KeySlot::Primary);
+            if let Some(k) = &s.secondary_key {
+                add(k.expose(), KeySlot::Secondary);
+            }
+        }
+        idx
+    }
+
+    pub fn len(&self) -> usize {
+        self.subs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    /// Find the subscription a raw key belongs to, comparing in constant time.
+    pub fn lookup(&self, key: &[u8]) -> Option<(usize, KeySlot)> {
+        let e = self.by_digest.get(&digest(key))?;
+        if bool::from(e.key.as_ref().ct_eq(key)) {
+            Some((e.index, e.slot))
+        } else {
+            None
+        }
+    }
+
+    /// The subscription step for one request to `api_name`.
+    ///
+    /// `Ok(None)`: the API does not require a subscription and none was sent.
+    /// `realm` is the API's public URL, echoed in `WWW-Authenticate`.
+    pub fn check(
+        &self,
+        api_name: &str,
+        settings: &SubscriptionSettings,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        realm: &str,
+    ) -> Result<Option<SubscriptionMatch>, GatewayError> {
+        let first_header = settings
+            .header_names
+            .first()
+            .map(|h| h.as_str())
+            .unwrap_or("api-key");
+        let key = extract_key(settings, headers, query);
+        let Some(key) = key else {
+            return if settings.required {
+                Err(missing_key_error(realm, first_header))
+            } else {
+                Ok(None)
+            };
+        };
+        let invalid = || invalid_key_error(realm, first_header);
+        let (index, slot) = self.lookup(&key).ok_or_else(invalid)?;
+        let sub = &self.subs[index];
+        if !sub.active {
+            return Err(invalid());
+        }
+        if let Some(apis) = &sub.apis
+            && !apis.iter().any(|a| a == api_name)
+        {
+            return Err(invalid());
+        }
+        Ok(Some(SubscriptionMatch {
+            index,
+            name: sub.name.clone(),
+            slot,
+        }))
+    }
+}
+
+/// The key a request carries, headers first (in configured order), then the
+/// query parameter only when none of the headers is present. An empty value
+/// counts as absent.
+pub fn extract_key(
+    settings: &SubscriptionSettings,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Vec<u8>> {
+    let mut any_header = false;
+    for name in &settings.header_names {
+        if let Some(v) = headers.get(name) {
+            any_header = true;
+            let v = v.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                return Some(v.to_vec());
+            }
+        }
+    }
+    if any_header {
+        return None;
+    }
+    let v = query_param(query?, &settings.query_name)?;
+    (!v.is_empty()).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderName, HeaderValue};
+    use sluice_config::Secret;
+
+    fn sub(name: &str, p: &str, s: Option<&str>) -> Subscription {
+        Subscription {
+            name: name.into(),
+            primary_key: Secret::new(p.into()),
+            secondary_key: s.map(|s| Secret::new(s.into())),
+            active: true,
+            apis: None,
+        }
+    }
+
+    fn settings() -> SubscriptionSettings {
+        SubscriptionSettings {
+            required: true,
+            header_names: vec![
+                HeaderName::from_static("api-key"),
+                HeaderName::from_static("ocp-apim-subscription-key"),
+            ],
+            query_name: "subscription-key".into(),
+        }
+    }
+
+    fn hdr(name: &'static str, v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn primary_and_secondary_keys_match() {
+        let idx = SubscriptionIndex::new(&[sub("a", "k1", Some("k2")), sub("b", "k3", None)]);
+        let s = settings();
+        let m = idx.check("api", &s, &hdr("api-key", "k2"), None, "r").unwrap().unwrap();
+        assert_eq!((m.index, &*m.name, m.slot), (0, "a", KeySlot::Secondary));
+        let m = idx
+            .check("api", &s, &hdr("ocp-apim-subscription-key", "k3"), None, "r")
+            .unwrap()
+            .unwrap();
+        assert_eq!((&*m.name, m.slot), ("b", KeySlot::Primary));
+    }
+
+    #[test]
+    fn missing_and_invalid_get_apim_401s() {
+        let idx = SubscriptionIndex::new(&[sub("a", "k1", None)]);
+        let s = settings();
+        let e = idx.check("api", &s, &HeaderMap::new(), None, "http://h/openai").unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(e.message.starts_with("Access denied due to missing subscription key"));
+        assert_eq!(
+            e.headers[0].1,
+            "AzureApiManagementKey realm=\"http://h/openai\",name=\"api-key\",type=\"header\""
+        );
+        let e = idx.check("api", &s, &hdr("api-key", "nope"), None, "r").unwrap_err();
+        assert!(e.message.starts_with("Access denied due to invalid subscription key"));
+        // A key that shares a prefix is still invalid.
+        assert!(idx.check("api", &s, &hdr("api-key", "k"), None, "r").is_err());
+        assert!(idx.check("api", &s, &hdr("api-key", "k11"), None, "r").is_err());
+    }
+
+    #[test]
+    fn query_parameter_only_without_header() {
+        let idx = SubscriptionIndex::new(&[sub("a", "k/1", None)]);
+        let s = settings();
+        let h = HeaderMap::new();
+        let m = idx
+            .check("api", &s, &h, Some("api-version=1&subscription-key=k%2F1"), "r")
+            .unwrap();
+        assert_eq!(m.unwrap().index, 0);
+        // A (wrong) header wins over a right query key.
+        let e = idx
+            .check("api", &s, &hdr("api-key", "bad"), Some("subscription-key=k%2F1"), "r")
+            .unwrap_err();
+        assert_eq!(e.status, 401);
+    }
+
+    #[test]
+    fn suspended_or_out_of_scope_subscriptions_are_invalid() {
+        let mut a = sub("a", "k1", None);
+        a.active = false;
+        let mut b = sub("b", "k2", None);
+        b.apis = Some(vec!["other".into()]);
+        let idx = SubscriptionIndex::new(&[a, b]);
+        let s = settings();
+        assert!(idx.check("api", &s, &hdr("api-key", "k1"), None, "r").is_err());
+        assert!(idx.check("api", &s, &hdr("api-key", "k2"), None, "r").is_err());
+        assert!(idx.check("other", &s, &hdr("api-key", "k2"), None, "r").is_ok());
+    }
+
+    #[test]
+    fn optional_subscription_allows_anonymous() {
+        let idx = SubscriptionIndex::new(&[]);
+        let mut s = settings();
+        s.required = false;
+        assert_eq!(idx.check("api", &s, &HeaderMap::new(), None, "r").unwrap(), None);
+        assert!(idx.check("api", &s, &hdr("api-key", "x"), None, "r").is_err());
+    }
+}

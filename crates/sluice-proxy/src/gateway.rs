@@ -1,0 +1,374 @@
+//! The `ProxyHttp` implementation: pingora's hooks, each delegating the
+//! decision to `sluice-policy`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use sluice_policy::context::BodyMode;
+use sluice_policy::error::GatewayError;
+use sluice_policy::route::{strip_query_param, upstream_path};
+use sluice_policy::{RequestContext, stream_tag};
+
+use crate::state::GatewayState;
+
+/// Bodies up to this size are read before routing and can be replayed on a
+/// retry; it is pingora's fixed retry-buffer size.
+pub const PREREAD_LIMIT: u64 = 64 * 1024;
+
+/// APIM's health-probe path, answered by the gateway itself.
+const STATUS_PATH: &str = "/status-0123456789abcdef";
+
+/// The gateway: pingora calls its hooks for every request.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    state: Arc<GatewayState>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Gateway { state }
+    }
+}
+
+/// Write a gateway-made response (APIM's JSON error body) and end it.
+async fn respond(session: &mut Session, err: &GatewayError) -> Result<()> {
+    let body = err.body();
+    let mut resp = ResponseHeader::build(err.status, Some(4 + err.headers.len()))?;
+    resp.set_reason_phrase(Some(err.reason()))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    for (k, v) in &err.headers {
+        resp.insert_header(*k, v.as_str())?;
+    }
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await?;
+    Ok(())
+}
+
+/// The API's public URL as APIM echoes it in `WWW-Authenticate`.
+fn realm(session: &Session, api_path: &str) -> String {
+    let host = session
+        .req_header()
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}{api_path}")
+}
+
+/// A pingora error carrying a gateway-made status (413 while streaming).
+fn status_error(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), why)
+}
+
+impl Gateway {
+    /// Map a proxy failure to the gateway error the client sees.
+    fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
+        let backend = ctx
+            .backend
+            .and_then(|i| self.state.backends.get(i))
+            .map(|b| b.name.as_str())
+            .unwrap_or("backend");
+        let err = match e.etype() {
+            ErrorType::HTTPStatus(413) => {
+                let limit = ctx
+                    .api
+                    .map(|i| self.state.apis[i].config.max_request_body_bytes)
+                    .unwrap_or(0);
+                GatewayError::body_too_large(limit)
+            }
+            ErrorType::HTTPStatus(code) => GatewayError::new(
+                *code,
+                sluice_policy::error::reason_phrase(*code).to_string(),
+            ),
+            ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
+                GatewayError::gateway_timeout(&format!(
+                    "could not connect to backend '{backend}' in time"
+                ))
+            }
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                GatewayError::gateway_timeout(&format!(
+                    "backend '{backend}' did not respond in time"
+                ))
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => GatewayError::bad_gateway(&format!(
+                    "the connection to backend '{backend}' failed ({})",
+                    e.etype().as_str()
+                )),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::ReadError
+                    | ErrorType::WriteError
+                    | ErrorType::ConnectionClosed
+                    | ErrorType::ReadTimedout
+                    | ErrorType::WriteTimedout => return None,
+                    _ => GatewayError::new(400, "Bad request"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => {
+                    GatewayError::new(500, "Internal server error")
+                }
+            },
+        };
+        Some(err)
+    }
+
+    /// Read the whole (small) body before routing, keeping pingora's retry
+    /// buffer so the exact bytes are forwarded (and can be replayed).
+    async fn preread_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        limit: u64,
+    ) -> Result<Option<GatewayError>> {
+        session.enable_retry_buffering();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            buf.extend_from_slice(&chunk);
+            if buf.len() as u64 > limit {
+                return Ok(Some(GatewayError::body_too_large(limit)));
+            }
+        }
+        ctx.body_len = buf.len() as u64;
+        ctx.stream = sluice_policy::stream_flag(&buf);
+        ctx.body_mode = BodyMode::Preread;
+        Ok(None)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestContext::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let path = session.req_header().uri.path();
+        if path == STATUS_PATH {
+            let mut resp = ResponseHeader::build(200, Some(1))?;
+            resp.insert_header("content-length", "0")?;
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(true);
+        }
+        let Some(m) = self.state.router.route(path) else {
+            respond(session, &GatewayError::not_found()).await?;
+            return Ok(true);
+        };
+        let rest_offset = path.len() - m.rest.len();
+        ctx.api = Some(m.index);
+        ctx.rest_offset = rest_offset;
+        let api = &self.state.apis[m.index].config;
+
+        // Subscription key.
+        let req = session.req_header();
+        let checked = self.state.subscriptions.check(
+            &api.name,
+            &api.subscription,
+            &req.headers,
+            req.uri.query(),
+            &realm(session, &api.path),
+        );
+        match checked {
+            Ok(sub) => ctx.subscription = sub,
+            Err(e) => {
+                respond(session, &e).await?;
+                return Ok(true);
+            }
+        }
+
+        // Body: size limit, then read small bodies before routing.
+        let limit = api.max_request_body_bytes;
+        let headers = &session.req_header().headers;
+        let content_length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = headers
+            .get(http::header::TRANSFER_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        match content_length {
+            Some(n) if n > limit => {
+                respond(session, &GatewayError::body_too_large(limit)).await?;
+                return Ok(true);
+            }
+            Some(0) => {}
+            Some(n) if n <= PREREAD_LIMIT && !chunked => {
+                if let Some(e) = self.preread_body(session, ctx, limit).await? {
+                    respond(session, &e).await?;
+                    return Ok(true);
+                }
+            }
+            Some(_) => ctx.body_mode = BodyMode::Streamed,
+            None if chunked => ctx.body_mode = BodyMode::Streamed,
+            None => {}
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if ctx.body_mode != BodyMode::Streamed {
+            return Ok(());
+        }
+        let limit = ctx
+            .api
+            .map(|i| self.state.apis[i].config.max_request_body_bytes)
+            .unwrap_or(u64::MAX);
+        if let Some(b) = body {
+            ctx.body_len += b.len() as u64;
+            if ctx.body_len > limit {
+                return Err(status_error(413, "request body over the limit"));
+            }
+            ctx.body_copy.extend_from_slice(b);
+        }
+        if end_of_stream {
+            ctx.stream = stream_tag::stream_flag(&ctx.body_copy);
+            ctx.body_copy = Vec::new();
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let api = ctx
+            .api
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no API matched"))?;
+        let idx = self.state.apis[api].next_backend();
+        ctx.backend = Some(idx);
+        let b = &self.state.backends[idx];
+        let addr = b.address().await.map_err(|e| {
+            Error::because(ErrorType::ConnectNoRoute, "resolving the backend host", e)
+        })?;
+        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
+        peer.options.connection_timeout = Some(b.connect_timeout);
+        peer.options.total_connection_timeout = Some(b.connect_timeout + Duration::from_secs(5));
+        peer.options.read_timeout = Some(b.read_timeout);
+        peer.options.write_timeout = Some(b.write_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(90));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
+            return Err(Error::explain(ErrorType::InternalError, "no backend chosen"));
+        };
+        let api = &self.state.apis[api].config;
+        let b = &self.state.backends[backend];
+        let uri = &session.req_header().uri;
+        let rest = uri.path().get(ctx.rest_offset..).unwrap_or("");
+        let mut target = upstream_path(&b.base_path, rest, |d| {
+            b.deployments.get(d).map(String::as_str)
+        });
+        if let Some(q) = uri.query() {
+            let q = strip_query_param(q, &api.subscription.query_name);
+            if !q.is_empty() {
+                target.push('?');
+                target.push_str(&q);
+            }
+        }
+        let uri: http::Uri = target
+            .parse()
+            .map_err(|e| Error::because(ErrorType::InternalError, "building the upstream URI", e))?;
+        upstream.set_uri(uri);
+        upstream.insert_header(http::header::HOST, b.host_header.as_str())?;
+        for h in &self.state.credential_headers {
+            upstream.remove_header(h);
+        }
+        if let Some(key) = &b.api_key {
+            upstream.insert_header("api-key", key.expose())?;
+        }
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = client.ip().to_string();
+            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = if session.response_written().is_some() {
+            // Headers are out: nothing more can be said; the connection is cut.
+            0
+        } else {
+            match self.error_for(e, ctx) {
+                Some(err) => {
+                    if respond(session, &err).await.is_err() {
+                        tracing::debug!("could not write the error response");
+                    }
+                    err.status
+                }
+                None => 0,
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
+        // Never the query string: it may carry a subscription key.
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        tracing::debug!(
+            target: "sluice::access",
+            method = %session.req_header().method,
+            path = session.req_header().uri.path(),
+            status,
+            backend = ctx.backend.map(|i| self.state.backends[i].name.as_str()),
+            subscription = ctx.subscription.as_ref().map(|s| &*s.name),
+            elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            error = e.map(|e| e.etype().as_str()),
+        );
+    }
+}
+

@@ -1,0 +1,11 @@
+//! Sluice's data plane on pingora. This is the only crate that touches
+//! pingora's `Session` and `ProxyHttp`; everything it decides comes from
+//! `sluice-policy`, which knows nothing of pingora.
+
+mod gateway;
+mod server;
+mod state;
+
+pub use gateway::Gateway;
+pub use server::{ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening};
+pub use state::{BuildError, GatewayState};

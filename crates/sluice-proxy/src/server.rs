@@ -1,0 +1,104 @@
+//! Running the gateway as a pingora server: from the CLI (until a signal) or
+//! in a thread (tests, benches).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::Notify;
+
+use crate::gateway::Gateway;
+use crate::state::GatewayState;
+
+/// Resolve a listen address: port 0 picks a free port now (bind, read the
+/// port, release it) because pingora binds only when the server runs. The
+/// window between release and pingora's bind is tiny; the address is printed
+/// in the banner so tests and users learn the port.
+pub fn pick_listen_addr(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = TcpListener::bind(addr)?;
+    l.local_addr()
+}
+
+/// Stops a gateway started with [`spawn_in_thread`].
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownTrigger(Arc<Notify>);
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        self.0.notify_one();
+    }
+}
+
+struct NotifyWatch(Arc<Notify>);
+
+#[async_trait]
+impl ShutdownSignalWatch for NotifyWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+fn build_server(state: Arc<GatewayState>, listen: SocketAddr, threads: usize) -> Server {
+    let conf = ServerConf {
+        threads: threads.max(1),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(state),
+        "sluice data plane",
+    );
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    server
+}
+
+/// Serve until SIGINT (fast) or SIGTERM (graceful: in-flight requests finish).
+pub fn run_blocking(state: Arc<GatewayState>, listen: SocketAddr, threads: usize) {
+    build_server(state, listen, threads).run(RunArgs::default());
+}
+
+/// Serve in a background thread until the trigger fires. Returns once the
+/// listener accepts connections.
+pub fn spawn_in_thread(
+    state: Arc<GatewayState>,
+    listen: SocketAddr,
+    threads: usize,
+) -> std::io::Result<(SocketAddr, ShutdownTrigger, std::thread::JoinHandle<()>)> {
+    let listen = pick_listen_addr(listen)?;
+    let trigger = ShutdownTrigger::default();
+    let notify = trigger.0.clone();
+    let server = build_server(state, listen, threads);
+    let handle = std::thread::Builder::new()
+        .name("sluice-gateway".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(NotifyWatch(notify)),
+            })
+        })?;
+    wait_listening(listen)?;
+    Ok((listen, trigger, handle))
+}
+
+/// Poll until something accepts on `addr` (at most ~10 s).
+pub fn wait_listening(addr: SocketAddr) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The gateway's immutable runtime state, compiled once from the config.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_config::{Api, Backend, BackendTarget, Config, Secret};
+use sluice_policy::{ApiRouter, SubscriptionIndex};
+use tokio::sync::RwLock;
+
+/// Where a backend lives and how to reach it.
+#[derive(Debug)]
+pub struct BackendRuntime {
+    pub name: String,
+    pub tls: bool,
+    /// Host name for SNI and the `Host` header.
+    pub host: String,
+    pub port: u16,
+    /// `Host` header value (`host` or `host:port` when the port is not the default).
+    pub host_header: String,
+    pub base_path: String,
+    pub api_key: Option<Secret>,
+    pub deployments: HashMap<String, String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Fixed address (IP literals and simulators), else resolved through DNS with a TTL.
+    fixed: Option<SocketAddr>,
+    resolved: RwLock<Option<(Instant, Vec<SocketAddr>)>>,
+    next_addr: AtomicUsize,
+}
+
+/// How long a DNS answer for a backend host is reused.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+impl BackendRuntime {
+    fn new(b: &Backend, sims: &HashMap<String, SocketAddr>) -> Result<Self, BuildError> {
+        let (tls, host, port, base_path, fixed) = match &b.target {
+            BackendTarget::Simulator(name) => {
+                let addr = sims.get(name).ok_or_else(|| {
+                    BuildError(format!(
+                        "backend '{}' names simulator '{name}', which is not running",
+                        b.name
+                    ))
+                })?;
+                (false, addr.ip().to_string(), addr.port(), String::new(), Some(*addr))
+            }
+            BackendTarget::Url(u) => {
+                let fixed = u
+                    .host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, u.port));
+                (u.tls, u.host.clone(), u.port, u.base_path.clone(), fixed)
+            }
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let host_header = if port == default_port {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(BackendRuntime {
+            name: b.name.clone(),
+            tls,
+            host,
+            port,
+            host_header,
+            base_path,
+            api_key: b.api_key.clone(),
+            deployments: b.deployments.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            connect_timeout: b.timeouts.connect,
+            read_timeout: b.timeouts.read,
+            write_timeout: b.timeouts.write,
+            fixed,
+            resolved: RwLock::new(None),
+            next_addr: AtomicUsize::new(0),
+        })
+    }
+
+    /// An address to connect to: fixed, or from a cached DNS answer
+    /// (refreshed after [`DNS_TTL`]), rotating over the answer's addresses.
+    pub async fn address(&self) -> std::io::Result<SocketAddr> {
+        if let Some(a) = self.fixed {
+            return Ok(a);
+        }
+        {
+            let cached = self.resolved.read().await;
+            if let Some((at, addrs)) = cached.as_ref()
+                && at.elapsed() < DNS_TTL
+                && !addrs.is_empty()
+            {
+                return Ok(self.pick(addrs));
+            }
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::other(format!("no address for {}", self.host)));
+        }
+        let a = self.pick(&addrs);
+        *self.resolved.write().await = Some((Instant::now(), addrs));
+        Ok(a)
+    }
+
+    fn pick(&self, addrs: &[SocketAddr]) -> SocketAddr {
+        addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % addrs.len()]
+    }
+}
+
+/// An API with its backends resolved to indices.
+#[derive(Debug)]
+pub struct ApiRuntime {
+    pub config: Api,
+    pub backends: Vec<usize>,
+    next: AtomicUsize,
+}
+
+impl ApiRuntime {
+    /// The next backend, round robin.
+    pub fn next_backend(&self) -> usize {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.backends[i % self.backends.len()]
+    }
+}
+
+/// Everything the gateway needs to serve requests.
+#[derive(Debug)]
+pub struct GatewayState {
+    pub service_name: String,
+    pub apis: Vec<ApiRuntime>,
+    pub backends: Vec<BackendRuntime>,
+    pub router: ApiRouter,
+    pub subscriptions: SubscriptionIndex,
+    /// Header names that carry client credentials (every API's subscription
+    /// header names plus the usual ones); all are removed before forwarding.
+    pub credential_headers: Vec<http::HeaderName>,
+}
+
+/// The config cannot be turned into a running gateway (a simulator that did not start).
+#[derive(Debug)]
+pub struct BuildError(pub String);
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+impl GatewayState {
+    /// `sims` maps simulator names to the addresses they listen on.
+    pub fn new(cfg: &Config, sims: &HashMap<String, SocketAddr>) -> Result<Arc<Self>, BuildError> {
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|b| BackendRuntime::new(b, sims))
+            .collect::<Result<Vec<_>, _>>()?;
+        let index_of: HashMap<&str, usize> = cfg
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.as_str(), i))
+            .collect();
+        let mut apis = Vec::with_capacity(cfg.apis.len());
+        for a in &cfg.apis {
+            let ids = a
+                .backends
+                .iter()
+                .map(|n| {
+                    index_of.get(n.as_str()).copied().ok_or_else(|| {
+                        BuildError(format!("api '{}' names unknown backend '{n}'", a.name))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if ids.is_empty() {
+                return Err(BuildError(format!("api '{}' has no backends", a.name)));
+            }
+            apis.push(ApiRuntime {
+                config: a.clone(),
+                backends: ids,
+                next: AtomicUsize::new(0),
+            });
+        }
+        let mut credential_headers = vec![
+            http::HeaderName::from_static("api-key"),
+            http::HeaderName::from_static("ocp-apim-subscription-key"),
+            http::header::AUTHORIZATION,
+        ];
+        for a in &cfg.apis {
+            for h in &a.subscription.header_names {
+                if !credential_headers.contains(h) {
+                    credential_headers.push(h.clone());
+                }
+            }
+        }
+        Ok(Arc::new(GatewayState {
+            service_name: cfg.service_name.clone(),
+            router: ApiRouter::new(&cfg.apis),
+            subscriptions: SubscriptionIndex::new(&cfg.subscriptions),
+            apis,
+            backends,
+            credential_headers,
+        }))
+    }
+}

@@ -1,0 +1,242 @@
+//! Deterministic synthesis: token estimates, generated words, embedding vectors, ids.
+
+use base64::Engine as _;
+use rand::Rng as _;
+use rand::distr::Alphanumeric;
+use serde_json::Value;
+
+/// The hard cap on generated completion tokens.
+pub const MAX_COMPLETION_TOKENS: u64 = 4096;
+
+const WORDS: &[&str] = &[
+    "the", "sluice", "gate", "opens", "and", "water", "flows", "through", "a", "quiet", "canal",
+    "past", "old", "mills", "where", "light", "falls", "on", "stone", "bridges", "while", "boats",
+    "drift", "slowly", "toward", "harbour", "under", "grey", "clouds", "that", "carry", "rain",
+    "from", "distant", "hills", "into", "green", "valleys", "full", "of", "birds", "singing",
+    "morning", "songs", "about", "rivers", "tides", "wind",
+];
+
+/// `ceil(chars / 4)`, counting Unicode scalar values.
+pub fn text_tokens(s: &str) -> u64 {
+    (s.chars().count() as u64).div_ceil(4)
+}
+
+/// Characters of text inside a chat message `content` (string, or array of parts).
+fn content_chars(content: &Value) -> u64 {
+    match content {
+        Value::String(s) => text_tokens(s),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => text_tokens(s),
+                Value::Object(o) => o.get("text").and_then(Value::as_str).map_or(0, text_tokens),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Prompt tokens of a chat request: per message `ceil(chars/4) + 4`, plus 3.
+pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
+    let per: u64 = messages
+        .iter()
+        .map(|m| m.get("content").map_or(0, content_chars) + 4)
+        .sum();
+    per + 3
+}
+
+/// Prompt tokens of a legacy completions `prompt` (string, strings, token array(s)).
+pub fn completion_prompt_tokens(prompt: &Value) -> u64 {
+    match prompt {
+        Value::String(s) => text_tokens(s),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => text_tokens(s),
+                Value::Number(_) => 1,
+                Value::Array(toks) => toks.len() as u64,
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The embeddings `input` split into items, each with its token estimate (min 1) and a seed.
+/// Returns `None` when the shape is not an accepted input.
+pub fn embedding_inputs(input: &Value) -> Option<Vec<(u64, u64)>> {
+    fn one(v: &Value) -> Option<(u64, u64)> {
+        match v {
+            Value::String(s) => Some((text_tokens(s).max(1), fnv1a(s.as_bytes()))),
+            Value::Array(toks) if toks.iter().all(Value::is_number) => {
+                let text = Value::Array(toks.clone()).to_string();
+                Some(((toks.len() as u64).max(1), fnv1a(text.as_bytes())))
+            }
+            _ => None,
+        }
+    }
+    match input {
+        Value::String(_) => one(input).map(|x| vec![x]),
+        Value::Array(items) if items.is_empty() => None,
+        Value::Array(items) if items.iter().all(Value::is_number) => one(input).map(|x| vec![x]),
+        Value::Array(items) => items.iter().map(one).collect(),
+        _ => None,
+    }
+}
+
+/// The `i`-th generated word (one word = one completion token).
+pub fn word(i: u64) -> &'static str {
+    WORDS[(i % WORDS.len() as u64) as usize]
+}
+
+/// `n` generated words joined by spaces.
+pub fn completion_text(n: u64) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word(i));
+    }
+    out
+}
+
+/// 64-bit FNV-1a.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A deterministic unit-length vector of `dims` floats for `seed`.
+pub fn embedding_vector(seed: u64, dims: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut v: Vec<f32> = (0..dims)
+        .map(|_| {
+            // 24 random bits → [-1, 1).
+            let bits = (splitmix64(&mut state) >> 40) as f32;
+            bits / (1u32 << 23) as f32 - 1.0
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        for x in &mut v {
+            *x /= norm;
+        }
+    }
+    v
+}
+
+/// Base64 of the little-endian f32 bytes, as Azure sends for `encoding_format: "base64"`.
+pub fn embedding_base64(v: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A random alphanumeric string.
+pub fn random_alnum(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// A random version-4 UUID in its canonical text form.
+pub fn uuid_v4() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn token_estimates() {
+        assert_eq!(text_tokens(""), 0);
+        assert_eq!(text_tokens("abcd"), 1);
+        assert_eq!(text_tokens("abcde"), 2);
+        assert_eq!(text_tokens("héllo"), 2);
+        let msgs = vec![
+            json!({"role":"system","content":"You are helpful."}), // 16 chars → 4
+            json!({"role":"user","content":[{"type":"text","text":"Hi!"}]}), // 1
+            json!({"role":"assistant","content":null}),
+        ];
+        assert_eq!(chat_prompt_tokens(&msgs), (4 + 4) + (1 + 4) + 4 + 3);
+        assert_eq!(completion_prompt_tokens(&json!("12345678")), 2);
+        assert_eq!(completion_prompt_tokens(&json!(["1234", "1"])), 2);
+        assert_eq!(completion_prompt_tokens(&json!([1, 2, 3])), 3);
+        assert_eq!(completion_prompt_tokens(&json!([[1, 2], [3]])), 3);
+    }
+
+    #[test]
+    fn embedding_input_shapes() {
+        assert_eq!(embedding_inputs(&json!("")).unwrap()[0].0, 1);
+        assert_eq!(
+            embedding_inputs(&json!(["a", "abcdefgh"])).unwrap().len(),
+            2
+        );
+        let toks = embedding_inputs(&json!([1, 2, 3])).unwrap();
+        assert_eq!(toks.len(), 1);
+        assert_eq!(toks[0].0, 3);
+        assert_eq!(embedding_inputs(&json!([[1, 2], [3]])).unwrap().len(), 2);
+        assert!(embedding_inputs(&json!([])).is_none());
+        assert!(embedding_inputs(&json!(42)).is_none());
+        assert!(embedding_inputs(&json!([{"x": 1}])).is_none());
+    }
+
+    #[test]
+    fn vectors_are_deterministic_unit_vectors() {
+        let a = embedding_vector(7, 64);
+        assert_eq!(a, embedding_vector(7, 64));
+        assert_ne!(a, embedding_vector(8, 64));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+        assert!(embedding_vector(1, 0).is_empty());
+        let b64 = embedding_base64(&a);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(raw.len(), 64 * 4);
+        assert_eq!(f32::from_le_bytes(raw[0..4].try_into().unwrap()), a[0]);
+    }
+
+    #[test]
+    fn words_and_ids() {
+        assert_eq!(completion_text(0), "");
+        assert_eq!(completion_text(3), "the sluice gate");
+        assert_eq!(completion_text(100).split(' ').count(), 100);
+        let u = uuid_v4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!(random_alnum(29).len(), 29);
+    }
+}

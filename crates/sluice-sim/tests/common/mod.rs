@@ -1,0 +1,203 @@
+//! Shared helpers: start a simulator on 127.0.0.1:0 and talk to it with a hyper client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sluice_sim::{RegionConfig, SimHandle, Simulator};
+use tokio::net::TcpStream;
+
+pub async fn start(cfg: RegionConfig) -> SimHandle {
+    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .expect("simulator starts")
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the headers every simulator response carries.
+    pub fn assert_azure_headers(&self, region: &str) {
+        assert_eq!(self.header("x-ms-region"), Some(region), "{self:?}");
+        let id = self.header("apim-request-id").expect("apim-request-id");
+        assert_eq!(id.len(), 36, "uuid-looking apim-request-id: {id}");
+        assert!(self.header("x-request-id").is_some());
+    }
+}
+
+/// A simple request description.
+pub struct Call<'a> {
+    pub method: Method,
+    pub path: &'a str,
+    pub headers: Vec<(&'a str, String)>,
+    pub body: Option<Value>,
+}
+
+impl<'a> Call<'a> {
+    pub fn post(path: &'a str, body: Value) -> Self {
+        Call {
+            method: Method::POST,
+            path,
+            headers: Vec::new(),
+            body: Some(body),
+        }
+    }
+
+    pub fn get(path: &'a str) -> Self {
+        Call {
+            method: Method::GET,
+            path,
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    pub fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn build(&self, addr: SocketAddr) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path)
+            .header("host", addr.to_string());
+        for (k, v) in &self.headers {
+            b = b.header(*k, v.as_str());
+        }
+        let body = match &self.body {
+            Some(v) => {
+                b = b.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        b.body(Full::new(body)).unwrap()
+    }
+}
+
+async fn connect(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+}
+
+/// Send one request on a fresh connection; errors are returned (fault tests need them).
+pub async fn try_send(addr: SocketAddr, call: Call<'_>) -> Result<Reply, hyper::Error> {
+    let mut sender = connect(addr).await;
+    let resp = sender.send_request(call.build(addr)).await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub async fn send(addr: SocketAddr, call: Call<'_>) -> Reply {
+    try_send(addr, call).await.expect("request succeeds")
+}
+
+/// A streamed reply: every body frame with the instant it was read.
+pub struct Streamed {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub frames: Vec<(Instant, Bytes)>,
+    pub sent_at: Instant,
+}
+
+impl Streamed {
+    /// SSE `data:` payloads in order, each stamped with the arrival of the frame completing it.
+    pub fn events(&self) -> Vec<(Instant, String)> {
+        let mut out = Vec::new();
+        let mut buf = String::new();
+        for (at, frame) in &self.frames {
+            buf.push_str(std::str::from_utf8(frame).expect("utf-8 SSE"));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                let data = event
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                    .to_string();
+                out.push((*at, data));
+            }
+        }
+        assert!(buf.is_empty(), "trailing partial event: {buf:?}");
+        out
+    }
+
+    /// Parsed JSON events (everything but the final `[DONE]`), plus whether `[DONE]` ended it.
+    pub fn json_events(&self) -> (Vec<Value>, bool) {
+        let events = self.events();
+        let done = events.last().is_some_and(|(_, d)| d == "[DONE]");
+        let json = events
+            .iter()
+            .filter(|(_, d)| d != "[DONE]")
+            .map(|(_, d)| serde_json::from_str(d).expect("JSON event"))
+            .collect();
+        (json, done)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn send_streaming(addr: SocketAddr, call: Call<'_>) -> Streamed {
+    let mut sender = connect(addr).await;
+    let sent_at = Instant::now();
+    let resp = sender
+        .send_request(call.build(addr))
+        .await
+        .expect("response head");
+    let (parts, mut body) = resp.into_parts();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body frame");
+        if let Ok(data) = frame.into_data() {
+            frames.push((Instant::now(), data));
+        }
+    }
+    Streamed {
+        status: parts.status,
+        headers: parts.headers,
+        frames,
+        sent_at,
+    }
+}
+
+pub const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+pub const COMPLETIONS: &str = "/openai/deployments/davinci/completions?api-version=2024-10-21";
+pub const EMBEDDINGS: &str = "/openai/deployments/embed/embeddings?api-version=2024-10-21";
+
+pub fn chat_body(content: &str) -> Value {
+    serde_json::json!({ "messages": [{ "role": "user", "content": content }] })
+}

@@ -1,0 +1,186 @@
+//! Request traces in the shape APIM's `listTrace` returns, and request ids.
+//!
+//! A trace is `{serviceName, traceId, traceEntries{inbound, backend, outbound,
+//! on-error}}`; each entry is `{source, timestamp, elapsed, data}` with the
+//! timestamp in ISO-8601 UTC (7 fraction digits) and `elapsed` as a .NET
+//! TimeSpan `hh:mm:ss.fffffff` since the gateway received the request.
+//! Recording and the store arrive with the tracing issue; the model and its
+//! wire formats live here so every crate agrees on them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// The pipeline section an entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Inbound,
+    Backend,
+    Outbound,
+    OnError,
+}
+
+/// One trace entry.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TraceEntry {
+    pub source: String,
+    pub timestamp: String,
+    pub elapsed: String,
+    pub data: serde_json::Value,
+}
+
+/// The entries of one request, by section.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TraceEntries {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inbound: Vec<TraceEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backend: Vec<TraceEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<TraceEntry>,
+    #[serde(rename = "on-error", skip_serializing_if = "Vec::is_empty")]
+    pub on_error: Vec<TraceEntry>,
+}
+
+/// A whole trace, as `listTrace` returns it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Trace {
+    pub service_name: String,
+    pub trace_id: String,
+    pub trace_entries: TraceEntries,
+}
+
+impl Trace {
+    pub fn new(service_name: impl Into<String>, trace_id: impl Into<String>) -> Self {
+        Trace {
+            service_name: service_name.into(),
+            trace_id: trace_id.into(),
+            trace_entries: TraceEntries::default(),
+        }
+    }
+
+    /// Append an entry; `elapsed` is measured from the request's start.
+    pub fn push(
+        &mut self,
+        section: Section,
+        source: &str,
+        at: SystemTime,
+        elapsed: Duration,
+        data: serde_json::Value,
+    ) {
+        let e = TraceEntry {
+            source: source.to_string(),
+            timestamp: format_timestamp(at),
+            elapsed: format_elapsed(elapsed),
+            data,
+        };
+        let list = match section {
+            Section::Inbound => &mut self.trace_entries.inbound,
+            Section::Backend => &mut self.trace_entries.backend,
+            Section::Outbound => &mut self.trace_entries.outbound,
+            Section::OnError => &mut self.trace_entries.on_error,
+        };
+        list.push(e);
+    }
+}
+
+/// .NET TimeSpan text: `hh:mm:ss.fffffff` (100 ns ticks); days as `d.hh:...`.
+pub fn format_elapsed(d: Duration) -> String {
+    let ticks = d.as_nanos() / 100;
+    let frac = ticks % 10_000_000;
+    let secs = (ticks / 10_000_000) as u64;
+    let (days, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if days > 0 {
+        format!("{days}.{h:02}:{m:02}:{s:02}.{frac:07}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}.{frac:07}")
+    }
+}
+
+/// ISO-8601 UTC with 7 fraction digits and `Z`, e.g. `2024-06-09T22:03:57.2767400Z`.
+pub fn format_timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let frac = d.subsec_nanos() / 100;
+    let (y, mo, day) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{day:02}T{:02}:{:02}:{:02}.{frac:07}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A new random request id in GUID form (`8-4-4-4-12` hex, version 4).
+pub fn new_request_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elapsed_is_a_dotnet_timespan() {
+        assert_eq!(format_elapsed(Duration::from_nanos(258_917_400)), "00:00:00.2589174");
+        assert_eq!(format_elapsed(Duration::from_secs(3723)), "01:02:03.0000000");
+        assert_eq!(format_elapsed(Duration::from_secs(90_000)), "1.01:00:00.0000000");
+    }
+
+    #[test]
+    fn timestamps_are_iso_utc() {
+        // 2024-06-09T22:03:57.27674Z, the sample trace's first entry.
+        let t = UNIX_EPOCH + Duration::new(1_717_970_637, 276_740_000);
+        assert_eq!(format_timestamp(t), "2024-06-09T22:03:57.2767400Z");
+        assert_eq!(format_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.0000000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert!(format_timestamp(leap).starts_with("2000-02-29T"));
+    }
+
+    #[test]
+    fn trace_serialises_like_list_trace() {
+        let mut t = Trace::new("sluice", "abc");
+        t.push(
+            Section::Inbound,
+            "api-inspector",
+            UNIX_EPOCH,
+            Duration::ZERO,
+            serde_json::json!({"request": {}}),
+        );
+        t.push(Section::OnError, "forward-request", UNIX_EPOCH, Duration::ZERO, "x".into());
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["serviceName"], "sluice");
+        assert_eq!(v["traceId"], "abc");
+        assert_eq!(v["traceEntries"]["inbound"][0]["source"], "api-inspector");
+        assert_eq!(v["traceEntries"]["on-error"][0]["data"], "x");
+        assert!(v["traceEntries"].get("backend").is_none());
+    }
+
+    #[test]
+    fn request_ids_are_guids() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, new_request_id());
+    }
+}

@@ -1,0 +1,211 @@
+//! `sluice`: run the gateway, check a config, or run a simulated Azure OpenAI region.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod sims;
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version, about = "An API gateway for Azure OpenAI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the Azure OpenAI data plane as gateway.yaml describes.
+    Run {
+        /// The configuration file.
+        #[arg(short, long, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: list every problem and exit 2 if there are any.
+    Check {
+        #[arg(short, long, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Run one simulated Azure OpenAI region.
+    Sim {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Short region name (also the default for --display-region).
+        #[arg(long, default_value = "eastus")]
+        region: String,
+        /// Value of x-ms-region, e.g. "East US".
+        #[arg(long)]
+        display_region: Option<String>,
+        /// Name of an environment variable holding the api-key the simulator requires.
+        #[arg(long)]
+        api_key_env: Option<String>,
+        /// Milliseconds before the first token.
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        /// Milliseconds between tokens.
+        #[arg(long, default_value_t = 0)]
+        per_token_ms: u64,
+        /// Tokens-per-minute limit per deployment (unlimited when omitted).
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Completion length when a request sets no max_tokens.
+        #[arg(long, default_value_t = 24)]
+        completion_tokens: u32,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load(config: &std::path::Path) -> Result<sluice_config::Config, ExitCode> {
+    sluice_config::load_file(config).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "{}: {} problem(s); nothing was started",
+            config.display(),
+            errors.problems.len()
+        );
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK ({} API(s), {} backend(s), {} subscription(s), {} simulator(s))",
+                    config.display(),
+                    cfg.apis.len(),
+                    cfg.backends.len(),
+                    cfg.subscriptions.len(),
+                    cfg.simulators.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => match load(&config) {
+            Ok(cfg) => run(cfg),
+            Err(code) => code,
+        },
+        Command::Sim {
+            listen,
+            region,
+            display_region,
+            api_key_env,
+            ttft_ms,
+            per_token_ms,
+            tpm,
+            completion_tokens,
+        } => {
+            let api_key = match api_key_env {
+                Some(var) => match std::env::var(&var) {
+                    Ok(v) if !v.is_empty() => Some(v),
+                    _ => {
+                        eprintln!("sluice sim: environment variable {var} is not set");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => None,
+            };
+            let mut cfg = sluice_sim::RegionConfig::new(&region);
+            cfg.display_region = display_region.unwrap_or_else(|| region.clone());
+            cfg.api_key = api_key;
+            cfg.latency.time_to_first_token = Duration::from_millis(ttft_ms);
+            cfg.latency.per_token = Duration::from_millis(per_token_ms);
+            cfg.default_tokens_per_minute = tpm;
+            cfg.completion_tokens = completion_tokens;
+            sims::run_one(listen, cfg)
+        }
+    }
+}
+
+fn run(cfg: sluice_config::Config) -> ExitCode {
+    // Simulated regions run on their own small runtime, beside pingora's.
+    let (sim_runtime, started) = match sims::start_all(&cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("sluice: could not start the simulators: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let sim_addrs: HashMap<String, SocketAddr> =
+        started.iter().map(|s| (s.name.clone(), s.handle.addr())).collect();
+    let state = match sluice_proxy::GatewayState::new(&cfg, &sim_addrs) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let listen = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sluice: cannot listen on {}: {e}", cfg.server.listen);
+            return ExitCode::from(1);
+        }
+    };
+    print_banner(&cfg, listen, &started);
+    sluice_proxy::run_blocking(state, listen, cfg.server.threads);
+    drop(sim_runtime);
+    ExitCode::SUCCESS
+}
+
+fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::Started]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "Sluice {} — Azure OpenAI gateway", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "sluice: listening on http://{listen}");
+    for api in &cfg.apis {
+        let _ = writeln!(
+            out,
+            "  API '{}': http://{listen}{} -> backends {}",
+            api.name,
+            api.path,
+            api.backends.join(", ")
+        );
+    }
+    for s in sims {
+        let _ = writeln!(
+            out,
+            "  simulator '{}' ({}): {}",
+            s.name,
+            s.region,
+            s.handle.url()
+        );
+    }
+    if let Some(api) = cfg.apis.first() {
+        let header = api
+            .subscription
+            .header_names
+            .first()
+            .map(|h| h.as_str())
+            .unwrap_or("api-key");
+        let _ = writeln!(out, "Call it like Azure OpenAI, with a subscription key from gateway.yaml:");
+        let _ = writeln!(
+            out,
+            "  curl -s 'http://{listen}{}/deployments/gpt-4o/chat/completions?api-version=2024-10-21' \\\n    -H '{header}: <subscription key>' -H 'content-type: application/json' \\\n    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+            api.path
+        );
+        let _ = writeln!(
+            out,
+            "  Python: AzureOpenAI(azure_endpoint='http://{listen}{}', api_key=..., api_version='2024-10-21')",
+            api.path.trim_end_matches("/openai")
+        );
+    }
+    let _ = out.flush();
+}

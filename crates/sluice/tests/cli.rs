@@ -1,0 +1,245 @@
+//! The `sluice` binary as users run it: `check`, `run` and `sim` as child
+//! processes on 127.0.0.1 with free ports, stopped by PID.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::post;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// Kills the child by PID when dropped (SIGINT first: pingora's fast shutdown).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `sluice args...` and wait for a stdout line starting with `prefix`;
+/// returns the rest of that line.
+fn spawn_until(args: &[&str], dir: &Path, prefix: &str) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sluice");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let proc = Proc(child);
+    let rest = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the process printed its listening line");
+    (proc, rest)
+}
+
+fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().expect("address")
+}
+
+fn wait_connect(addr: SocketAddr) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{addr} never accepted");
+}
+
+const GOOD: &str = r#"
+server:
+  listen: 127.0.0.1:0
+  threads: 1
+simulators:
+  - name: eastus
+    region: East US
+    api_key: {file: backend.key}
+  - name: westus
+    region: West US
+    api_key: {file: backend.key}
+backends:
+  - name: eastus
+    simulator: eastus
+    api_key: {file: backend.key}
+  - name: westus
+    simulator: westus
+    api_key: {file: backend.key}
+subscriptions:
+  - name: team-a
+    primary_key: {file: team-a.key}
+apis:
+  - name: azure-openai
+    path: /openai
+    backends: [eastus, westus]
+"#;
+
+fn good_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("gateway.yaml"), GOOD).expect("write");
+    std::fs::write(dir.path().join("backend.key"), "sim-backend-key\n").expect("write");
+    std::fs::write(dir.path().join("team-a.key"), "team-a-key\n").expect("write");
+    dir
+}
+
+#[test]
+fn check_accepts_a_good_config_and_the_repo_default() {
+    let dir = good_dir();
+    let out = Command::new(BIN)
+        .args(["check", "-c", "gateway.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(BIN)
+        .args(["check", "-c", "gateway.yaml"])
+        .current_dir(&repo)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_lists_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = r#"
+server:
+  listen: nowhere
+  colour: blue
+backends:
+  - name: a
+    url: ftp://x
+    bogus: 1
+  - name: a
+    simulator: missing
+subscriptions:
+  - name: s
+    primary_key: {env: SLUICE_TEST_SURELY_UNSET_VAR}
+apis:
+  - name: api
+    path: /openai
+    backends: [a, nope]
+    subscription:
+      header_names: ["bad header"]
+"#;
+    std::fs::write(dir.path().join("bad.yaml"), yaml).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "-c", "bad.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "server.colour",
+        "backends[0].bogus",
+        "server.listen",
+        "backends[0].url",
+        "backends[1].name",
+        "backends[1].simulator",
+        "SLUICE_TEST_SURELY_UNSET_VAR",
+        "apis[0].backends[1]",
+        "apis[0].subscription.header_names[0]",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    assert!(err.contains("bad.yaml:4:"), "line numbers:\n{err}");
+}
+
+#[test]
+fn run_with_a_bad_config_exits_2_before_listening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bad.yaml"), "apis: []\nunknown: 1\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["run", "-c", "bad.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown"));
+}
+
+#[test]
+fn run_serves_simulated_regions_and_stops_on_sigint() {
+    let dir = good_dir();
+    let (proc, url) = spawn_until(&["run", "-c", "gateway.yaml"], dir.path(), "sluice: listening on");
+    let gw = addr_of(&url);
+    wait_connect(gw);
+    let mut regions = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = post(
+            gw,
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            &[("api-key", "team-a-key")],
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-ms-stream"), Some("False"));
+        regions.insert(r.header("x-ms-region").expect("region").to_string());
+    }
+    assert_eq!(regions.len(), 2, "round robin over both regions: {regions:?}");
+    let mut proc = proc;
+    Command::new("kill")
+        .args(["-INT", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    let mut exited = false;
+    for _ in 0..500 {
+        if let Ok(Some(_)) = proc.0.try_wait() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(exited, "sluice did not stop on SIGINT");
+}
+
+#[test]
+fn sim_subcommand_serves_azure_openai() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_proc, url) = spawn_until(
+        &["sim", "--listen", "127.0.0.1:0", "--region", "westus", "--display-region", "West US"],
+        dir.path(),
+        "sluice sim: region westus listening on",
+    );
+    let addr = addr_of(&url);
+    let r = post(
+        addr,
+        "/openai/deployments/x/chat/completions?api-version=2024-10-21",
+        &[],
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ms-region"), Some("West US"));
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+}

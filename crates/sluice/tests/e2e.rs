@@ -1,0 +1,437 @@
+//! End-to-end tests: the gateway and simulated regions in this process, on
+//! 127.0.0.1 port 0, driven over real HTTP. One gateway serves every test in
+//! this binary and is never stopped (stopping in-process pingora servers can
+//! abort the test process; see shared/reference/pingora.md §5.4).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{Capture, Framing, closed_port, post, request, sse_data};
+use sluice_sim::{RegionConfig, SimHandle, Simulator};
+
+const KEY: &str = "key-team-a-0123456789";
+const KEY2: &str = "key-team-a-secondary-9876";
+const BACKEND_KEY: &str = "backend-secret-key-for-sim";
+const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+const PER_TOKEN_MS: u64 = 40;
+
+struct Env {
+    gw: SocketAddr,
+    main: SimHandle,
+    capture: Capture,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(start)
+}
+
+fn start() -> Env {
+    let rt = Box::leak(Box::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    ));
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut main_cfg = RegionConfig::new("main");
+    main_cfg.display_region = "East US".into();
+    main_cfg.api_key = Some(BACKEND_KEY.into());
+    main_cfg.default_tokens_per_minute = Some(10_000_000);
+    let main = rt.block_on(Simulator::start(any, main_cfg)).expect("sim");
+    let mut slow_cfg = RegionConfig::new("slow");
+    slow_cfg.display_region = "Sweden Central".into();
+    slow_cfg.api_key = Some(BACKEND_KEY.into());
+    slow_cfg.latency.time_to_first_token = Duration::from_millis(50);
+    slow_cfg.latency.per_token = Duration::from_millis(PER_TOKEN_MS);
+    let slow = rt.block_on(Simulator::start(any, slow_cfg)).expect("sim");
+    let capture = Capture::start();
+
+    let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+    std::fs::write(dir.path().join("a.key"), KEY).expect("write");
+    std::fs::write(dir.path().join("a2.key"), KEY2).expect("write");
+    std::fs::write(dir.path().join("backend.key"), BACKEND_KEY).expect("write");
+    let yaml = format!(
+        r#"
+server:
+  listen: 127.0.0.1:0
+  threads: 2
+  max_request_body_bytes: 2000000
+backends:
+  - name: main
+    url: {main}
+    api_key: {{file: backend.key}}
+  - name: main-short
+    url: {main}
+    api_key: {{file: backend.key}}
+    timeouts: {{ read_ms: 700 }}
+  - name: slow
+    url: {slow}
+    api_key: {{file: backend.key}}
+  - name: capture
+    url: http://{capture}/base
+    api_key: {{file: backend.key}}
+    deployments: {{ gpt-4o: gpt-4o-eu }}
+  - name: dead
+    url: http://127.0.0.1:{dead}
+    timeouts: {{ connect_ms: 500 }}
+subscriptions:
+  - name: team-a
+    primary_key: {{file: a.key}}
+    secondary_key: {{file: a2.key}}
+apis:
+  - name: azure-openai
+    path: /openai
+    backends: [main]
+  - name: slow
+    path: /slow/openai
+    backends: [slow]
+  - name: capture
+    path: /capture/openai
+    backends: [capture]
+  - name: small
+    path: /small/openai
+    backends: [capture]
+    max_request_body_bytes: 1000
+  - name: short
+    path: /short/openai
+    backends: [main-short]
+  - name: dead
+    path: /dead/openai
+    backends: [dead]
+"#,
+        main = main.url(),
+        slow = slow.url(),
+        capture = capture.addr,
+        dead = closed_port(),
+    );
+    let cfg = sluice_config::load_str(&yaml, "e2e.yaml", dir.path()).expect("config is valid");
+    let state = sluice_proxy::GatewayState::new(&cfg, &HashMap::new()).expect("state");
+    let (gw, _trigger, _thread) =
+        sluice_proxy::spawn_in_thread(state, cfg.server.listen, cfg.server.threads)
+            .expect("gateway starts");
+    Env { gw, main, capture }
+}
+
+fn chat_body(stream: &str) -> String {
+    format!(r#"{{"messages":[{{"role":"user","content":"Hello there"}}],"max_tokens":8{stream}}}"#)
+}
+
+#[test]
+fn chat_completion_with_key_has_usage_and_azure_headers() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[("api-key", KEY)], &chat_body(""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(r.header("x-ms-stream"), Some("False"));
+    assert_eq!(r.header("x-ms-region"), Some("East US"));
+    assert!(r.header("apim-request-id").is_some());
+    assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+    assert!(r.header("x-ratelimit-remaining-requests").is_some());
+}
+
+#[test]
+fn secondary_key_and_ocp_header_and_query_key_are_accepted() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[("Ocp-Apim-Subscription-Key", KEY2)], &chat_body(""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let path = format!("{CHAT}&subscription-key={KEY}");
+    let r = post(e.gw, &path, &[], &chat_body(""));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn missing_key_gets_apim_401() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[], &chat_body(""));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.reason, "Access Denied");
+    assert_eq!(
+        r.text(),
+        "{ \"statusCode\": 401, \"message\": \"Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.\" }"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(format!("AzureApiManagementKey realm=\"http://{}/openai\",name=\"api-key\",type=\"header\"", e.gw).as_str())
+    );
+    assert_eq!(r.header("x-ms-stream"), None);
+}
+
+#[test]
+fn invalid_key_gets_apim_401() {
+    let e = env();
+    for key in ["wrong", "key-team-a-012345678", "key-team-a-01234567890"] {
+        let r = post(e.gw, CHAT, &[("api-key", key)], &chat_body(""));
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.json()["message"],
+            "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription."
+        );
+    }
+    let r = post(e.gw, &format!("{CHAT}&subscription-key=nope"), &[], &chat_body(""));
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn client_credentials_never_reach_the_backend() {
+    let e = env();
+    let path = format!(
+        "/capture/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&subscription-key={KEY}&x=1"
+    );
+    let r = post(
+        e.gw,
+        &path,
+        &[("x-test-id", "creds"), ("Authorization", "Bearer client-token"), ("Ocp-Apim-Subscription-Key", KEY)],
+        &chat_body(""),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = e.capture.find("creds").expect("captured");
+    // Path renamed for this backend, base path kept, query intact minus the key.
+    assert_eq!(
+        c.target,
+        "/base/openai/deployments/gpt-4o-eu/chat/completions?api-version=2024-10-21&x=1"
+    );
+    assert_eq!(c.header("api-key"), Some(BACKEND_KEY));
+    assert_eq!(c.header("authorization"), None);
+    assert_eq!(c.header("ocp-apim-subscription-key"), None);
+    assert_eq!(c.header("host"), Some(e.capture.addr.to_string().as_str()));
+    assert_eq!(c.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(c.body, chat_body("").as_bytes());
+    // Backend headers pass through.
+    assert_eq!(r.header("x-ms-region"), Some("Capture Region"));
+    assert_eq!(r.header("apim-request-id"), Some("0000-capture"));
+    assert_eq!(r.header("retry-after-ms"), Some("5"));
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("700"));
+}
+
+#[test]
+fn the_simulator_sees_only_the_backend_key() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-test-marker", "sim-key")], &chat_body(""));
+    assert_eq!(r.status, 200);
+    let h = e.main.last_request_headers().expect("seen");
+    assert_eq!(h.get("api-key").and_then(|v| v.to_str().ok()), Some(BACKEND_KEY));
+}
+
+#[test]
+fn v1_paths_are_forwarded() {
+    let e = env();
+    let r = post(
+        e.gw,
+        "/capture/openai/v1/chat/completions?api-version=preview",
+        &[("api-key", KEY), ("x-test-id", "v1")],
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        e.capture.find("v1").expect("captured").target,
+        "/base/openai/v1/chat/completions?api-version=preview"
+    );
+    let r = post(
+        e.gw,
+        "/openai/v1/chat/completions",
+        &[("api-key", KEY)],
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "chat.completion");
+}
+
+#[test]
+fn x_ms_stream_follows_the_body_like_apim() {
+    let e = env();
+    let cases = [
+        (r#"{"stream":true}"#, "True"),
+        (r#"{"stream":"TRUE"}"#, "True"),
+        (r#"{"stream":false}"#, "False"),
+        (r#"{"stream":null}"#, "False"),
+        (r#"{"messages":[{"stream":true}]}"#, "False"),
+        (r#"{}"#, "False"),
+        ("not json", "False"),
+    ];
+    for (i, (body, want)) in cases.iter().enumerate() {
+        let id = format!("xms-{i}");
+        let r = post(
+            e.gw,
+            "/capture/openai/deployments/d/chat/completions",
+            &[("api-key", KEY), ("x-test-id", &id)],
+            body,
+        );
+        assert_eq!(r.header("x-ms-stream"), Some(*want), "body {body}");
+        // The body reached the backend byte for byte.
+        assert_eq!(e.capture.find(&id).expect("captured").body, body.as_bytes());
+    }
+}
+
+#[test]
+fn large_and_chunked_bodies_stream_through_with_x_ms_stream() {
+    let e = env();
+    let filler = "x".repeat(200 * 1024);
+    let body = format!(r#"{{"messages":[{{"role":"user","content":"{filler}"}}],"stream":true}}"#);
+    for (framing, id) in [(Framing::ContentLength, "big-cl"), (Framing::Chunked, "big-chunked")] {
+        let r = request(
+            e.gw,
+            "POST",
+            "/capture/openai/deployments/d/chat/completions",
+            &[("api-key", KEY), ("x-test-id", id), ("content-type", "application/json")],
+            body.as_bytes(),
+            framing,
+        )
+        .expect("request");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-ms-stream"), Some("True"));
+        assert_eq!(e.capture.find(id).expect("captured").body.len(), body.len());
+    }
+    // A small chunked body too.
+    let r = request(
+        e.gw,
+        "POST",
+        "/capture/openai/deployments/d/chat/completions",
+        &[("api-key", KEY), ("x-test-id", "small-chunked")],
+        br#"{"stream":true}"#,
+        Framing::Chunked,
+    )
+    .expect("request");
+    assert_eq!(r.header("x-ms-stream"), Some("True"));
+}
+
+#[test]
+fn streaming_events_arrive_spread_over_time() {
+    let e = env();
+    let started = Instant::now();
+    let r = post(
+        e.gw,
+        "/slow/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        &[("api-key", KEY)],
+        &chat_body(r#","stream":true,"stream_options":{"include_usage":true}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ms-stream"), Some("True"));
+    assert_eq!(r.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    assert_eq!(r.header("x-ms-region"), Some("Sweden Central"));
+    let events = sse_data(&r.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let first: serde_json::Value = serde_json::from_str(&events[0]).expect("json");
+    assert_eq!(first["choices"], serde_json::json!([]));
+    assert!(first.get("prompt_filter_results").is_some());
+    let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).expect("json");
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+    // 8 tokens, 40 ms apart: the client must see the body in many reads spread
+    // over at least most of that time, not in one burst at the end.
+    let body_reads: Vec<Duration> = r.reads.iter().map(|(t, _)| *t).collect();
+    assert!(body_reads.len() >= 6, "only {} reads: buffered?", body_reads.len());
+    let spread = *body_reads.last().expect("reads") - body_reads[0];
+    assert!(
+        spread >= Duration::from_millis(PER_TOKEN_MS * 5),
+        "events arrived within {spread:?}: buffered"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(PER_TOKEN_MS * 7));
+}
+
+#[test]
+fn bodies_over_the_limit_get_413() {
+    let e = env();
+    let body = format!(r#"{{"prompt":"{}"}}"#, "y".repeat(2000));
+    for framing in [Framing::ContentLength, Framing::Chunked] {
+        let r = request(
+            e.gw,
+            "POST",
+            "/small/openai/deployments/d/completions",
+            &[("api-key", KEY)],
+            body.as_bytes(),
+            framing,
+        )
+        .expect("request");
+        assert_eq!(r.status, 413, "{framing:?}: {}", r.text());
+        assert_eq!(r.json()["statusCode"], 413);
+    }
+    // Server-wide limit (2 MB) with a large Content-Length: rejected before reading.
+    let big = vec![b'z'; 2_100_000];
+    let r = request(e.gw, "POST", CHAT, &[("api-key", KEY)], &big, Framing::ContentLength)
+        .expect("request");
+    assert_eq!(r.status, 413);
+}
+
+#[test]
+fn unknown_paths_get_404() {
+    let e = env();
+    for path in ["/", "/foo", "/openaix/deployments", "/status"] {
+        let r = request(e.gw, "GET", path, &[("api-key", KEY)], b"", Framing::ContentLength)
+            .expect("request");
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.text(), "{ \"statusCode\": 404, \"message\": \"Resource not found\" }");
+    }
+    let r = request(e.gw, "GET", "/status-0123456789abcdef", &[], b"", Framing::ContentLength)
+        .expect("request");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn refused_backend_gets_502() {
+    let e = env();
+    let t = Instant::now();
+    let r = post(e.gw, "/dead/openai/deployments/d/embeddings", &[("api-key", KEY)], r#"{"input":"a"}"#);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["statusCode"], 502);
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn hanging_backend_gets_504_after_the_read_timeout() {
+    let e = env();
+    let r = post(
+        e.gw,
+        "/short/openai/deployments/gpt-4o/chat/completions",
+        &[("api-key", KEY), ("x-sim-fault", "hang")],
+        &chat_body(""),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["statusCode"], 504);
+    assert!(!r.text().contains(BACKEND_KEY));
+}
+
+#[test]
+fn closed_connection_gets_502_and_slow_first_byte_still_works() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "close")], &chat_body(""));
+    assert_eq!(r.status, 502, "{}", r.text());
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-sim-fault", "slow-first-byte=300")],
+        &chat_body(""),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ms-stream"), Some("False"));
+}
+
+#[test]
+fn backend_errors_pass_through_untouched() {
+    let e = env();
+    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "status=429")], &chat_body(""));
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some());
+    assert!(r.header("retry-after-ms").is_some());
+    assert!(r.json()["error"]["code"].is_string(), "Azure's shape, not APIM's");
+    assert_eq!(r.header("x-ms-stream"), Some("False"));
+    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "status=503")], &chat_body(""));
+    assert_eq!(r.status, 503);
+    assert!(r.json()["error"].is_object());
+}
+
+#[test]
+fn embeddings_are_forwarded() {
+    let e = env();
+    let r = post(e.gw, "/openai/deployments/only-this/embeddings", &[("api-key", KEY)], r#"{"input":["a","b"]}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what building (and, with --tests, testing) Sluice needs on a fresh
+# Debian machine that has only Rust: cmake for pingora's zlib-ng build, and for
+# the tests a Python venv with the openai SDK and pytest. Idempotent and quiet
+# when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[ "${1:-}" = "--tests" ] && want_tests=1
+
+apt_pkgs=()
+command -v cmake >/dev/null 2>&1 || apt_pkgs+=(cmake)
+command -v cc >/dev/null 2>&1 || apt_pkgs+=(build-essential)
+if [ "$want_tests" = 1 ]; then
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
+fi
+if [ "${#apt_pkgs[@]}" -gt 0 ]; then
+  echo "setup: installing ${apt_pkgs[*]} with apt-get" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+fi
+
+if [ "$want_tests" = 1 ]; then
+  venv=.venv
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+    echo "setup: installing tests/python/requirements.txt into $venv" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+  fi
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest >/dev/null
+  fi
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run every check and test Sluice has: formatting, clippy, the Rust unit,
+# integration and e2e tests, and the Python e2e suite (the real openai SDK and
+# plain HTTP against the gateway binary). Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --tests
+
+echo "== cargo fmt" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== rust tests" >&2
+cargo nextest run --workspace --no-fail-fast
+echo "== python e2e" >&2
+cargo build -p sluice --bin sluice
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+SLUICE_BIN="$target_dir/debug/sluice" .venv/bin/python -m pytest -q tests/python
+echo "== all tests passed" >&2
