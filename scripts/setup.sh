@@ -12,8 +12,10 @@ want_tests=0
 apt_pkgs=()
 command -v cmake >/dev/null 2>&1 || apt_pkgs+=(cmake)
 command -v cc >/dev/null 2>&1 || apt_pkgs+=(build-essential)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || apt_pkgs+=(ca-certificates)
 if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
+  command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)  # the TLS backend test
 fi
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   echo "setup: installing ${apt_pkgs[*]} with apt-get" >&2
@@ -32,9 +34,5 @@ if [ "$want_tests" = 1 ]; then
   if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
     echo "setup: installing tests/python/requirements.txt into $venv" >&2
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
-  fi
-  if ! cargo nextest --version >/dev/null 2>&1; then
-    echo "setup: installing cargo-nextest" >&2
-    cargo install --locked cargo-nextest >/dev/null
   fi
 fi

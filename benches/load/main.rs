@@ -302,11 +302,11 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         bail!("no target left to measure");
     }
 
-    // 4-6. Scenarios × targets; Ctrl-C ends the run through the Drop guard.
+    // 4-6. Scenarios × targets; SIGINT/SIGTERM end the run through the Drop guard.
     let rows = rt.block_on(async {
         tokio::select! {
             r = measure_all(args, &targets, &key) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            sig = stop_signal() => bail!("{sig}: stopping"),
         }
     })?;
 
@@ -334,6 +334,21 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     print!("{out}");
     drop(stack);
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 fn subscription_key() -> String {

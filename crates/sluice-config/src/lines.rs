@@ -76,6 +76,8 @@ impl LineMap {
         let mut builder = Builder {
             text_lines: text.lines().collect(),
             stack: Vec::new(),
+            flow: Vec::new(),
+            resume_line: 1,
             lines: HashMap::new(),
             duplicates: Vec::new(),
         };
@@ -127,43 +129,54 @@ enum Frame {
 struct Builder<'t> {
     text_lines: Vec<&'t str>,
     stack: Vec<Frame>,
+    /// Per open collection: whether it is a flow collection.
+    flow: Vec<bool>,
+    /// First line where the next node may start.
+    resume_line: usize,
     lines: HashMap<String, usize>,
     duplicates: Vec<(String, usize)>,
 }
 
 impl Builder<'_> {
     /// The line of a node. An empty node (`-` with nothing after it) is
-    /// marked at the next token, often on a later line; use the last line
-    /// with content up to the mark instead.
+    /// marked far after its `-`, so use the first line with content since
+    /// the previous node ended instead.
     fn node_line(&self, ev: &Event, mark: &Marker) -> usize {
         let empty =
             matches!(ev, Event::Scalar(text, TScalarStyle::Plain, _, None) if text.is_empty());
         if !empty {
             return mark.line();
         }
-        let mut line = mark.line();
-        let mut limit = Some(mark.col());
-        while line > 1 {
-            let text = self.text_lines.get(line - 1).copied().unwrap_or("");
-            let upto: String = match limit {
-                Some(col) => text.chars().take(col.saturating_sub(1)).collect(),
-                None => text.to_string(),
-            };
-            let content = upto.split('#').next().unwrap_or("").trim();
-            if !content.is_empty() {
-                return line;
-            }
-            line -= 1;
-            limit = None;
-        }
-        line
+        (self.resume_line..mark.line())
+            .find(|&line| {
+                let text = self
+                    .text_lines
+                    .get(line.wrapping_sub(1))
+                    .copied()
+                    .unwrap_or("");
+                let text = text.trim_start();
+                !text.is_empty() && !text.starts_with('#')
+            })
+            .unwrap_or(mark.line())
     }
 
-    fn record_node(&mut self, path: &str, ev: &Event, mark: &Marker) {
+    /// Whether the container starting at `mark` is a flow (`[...]`/`{...}`)
+    /// collection.
+    fn is_flow(&self, mark: &Marker) -> bool {
+        let text = self
+            .text_lines
+            .get(mark.line().wrapping_sub(1))
+            .copied()
+            .unwrap_or("");
+        matches!(text.chars().nth(mark.col()), Some('[' | '{'))
+    }
+
+    fn record_node(&mut self, path: &str, ev: &Event, mark: &Marker) -> usize {
         let line = self.node_line(ev, mark);
         if !path.is_empty() {
             self.lines.entry(path.to_string()).or_insert(line);
         }
+        line
     }
 
     fn record(&mut self, path: &str, mark: &Marker) {
@@ -215,9 +228,19 @@ impl MarkedEventReceiver for Builder<'_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
             Event::Scalar(..) | Event::Alias(..) => {
-                if let Some(path) = self.place(&ev, &mark) {
-                    self.record_node(&path, &ev, &mark);
-                }
+                let line = match self.place(&ev, &mark) {
+                    Some(path) => self.record_node(&path, &ev, &mark),
+                    None => mark.line(),
+                };
+                // Where the next node may start: after this one (block
+                // scalars span the lines of their content).
+                let extra = match &ev {
+                    Event::Scalar(text, TScalarStyle::Literal | TScalarStyle::Folded, ..) => {
+                        text.lines().count().saturating_sub(1)
+                    }
+                    _ => 0,
+                };
+                self.resume_line = line + extra + 1;
             }
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 let frame = match self.place(&ev, &mark) {
@@ -236,9 +259,15 @@ impl MarkedEventReceiver for Builder<'_> {
                     None => Frame::Opaque,
                 };
                 self.stack.push(frame);
+                self.flow.push(self.is_flow(&mark));
+                self.resume_line = mark.line();
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
+                // A block collection ends at the next token (the next node
+                // may be on that line); a flow one at its closing bracket.
+                let flow = self.flow.pop().unwrap_or(false);
+                self.resume_line = mark.line() + usize::from(flow);
             }
             _ => {}
         }
@@ -316,6 +345,27 @@ other: 2
         assert_eq!(map.line_of("list[2]"), Some(6));
         assert_eq!(map.line_of("other"), Some(7));
         assert_eq!(map.duplicates(), &[("other".to_string(), 8)]);
+
+        let text = "\
+list:
+  - name: x
+    other:
+  -
+  - [a]
+  -
+  - b: |
+      x
+      y
+  - |
+    x
+    y
+  -
+z: 1
+";
+        let map = LineMap::build(text);
+        assert_eq!(map.line_of("list[1]"), Some(4));
+        assert_eq!(map.line_of("list[3]"), Some(6));
+        assert_eq!(map.line_of("list[6]"), Some(13));
     }
 
     #[test]

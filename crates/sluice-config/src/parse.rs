@@ -123,7 +123,8 @@ fn strip_location(message: &str) -> String {
 
 /// Makes serde's wording about Rust types readable for YAML authors.
 fn type_error_message(message: &str) -> String {
-    let mut message = strip_location(message);
+    // Errors from deserializing a `Value` carry no location suffix.
+    let mut message = message.to_string();
     for rust in ["u64", "u32", "u16", "usize"] {
         let suffix = format!("expected {rust}");
         if message.ends_with(&suffix) {

@@ -88,7 +88,7 @@ pub struct SimulatorRegion {
 /// A deployment served by a simulator.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimDeployment {
-    /// Model name reported in responses; `None` = the deployment name.
+    /// Model name reported in responses; `None` = not configured.
     pub model: Option<String>,
     /// Per-deployment tokens-per-minute limit; `None` = unlimited.
     pub tokens_per_minute: Option<u64>,

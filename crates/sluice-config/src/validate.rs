@@ -422,10 +422,8 @@ impl Cx<'_, '_> {
                     self.err(&dpath, message);
                 }
                 let settings = settings.unwrap_or_default();
-                if let Some(model) = &settings.model {
-                    if model.trim().is_empty() {
-                        self.err(key_path(&dpath, "model"), "must not be empty");
-                    }
+                if settings.model.as_ref().is_some_and(|m| m.trim().is_empty()) {
+                    self.err(key_path(&dpath, "model"), "must not be empty");
                 }
                 let tokens_per_minute = settings
                     .tokens_per_minute

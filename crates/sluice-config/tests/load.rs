@@ -477,7 +477,7 @@ apis:
     assert_eq!(find(&found, "server.threads").line, Some(4));
     assert_eq!(find(&found, "simulators[3]").line, Some(18));
     assert_eq!(find(&found, "backends[1]").line, Some(23));
-    assert_eq!(find(&found, "apis[3].path").line, Some(57));
+    assert_eq!(find(&found, "apis[3].path").line, Some(56));
     assert!(
         find(&found, "simulators[2].name")
             .message
@@ -630,4 +630,13 @@ apis:
     let config = load(text, &[]).unwrap();
     assert_eq!(config.backends[1].name, "c");
     assert_eq!(config.backends[1].target, config.backends[0].target);
+}
+
+#[test]
+fn the_repository_gateway_yaml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../gateway.yaml");
+    let config = load_file(&path).unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(!config.apis.is_empty());
+    assert_eq!(config.simulators.len(), 3);
+    assert_eq!(config.backends.len(), 3);
 }

@@ -26,7 +26,7 @@ impl ApiRouter {
             .enumerate()
             .map(|(i, a)| (a.path.clone(), i))
             .collect();
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         ApiRouter { prefixes }
     }
 
@@ -112,16 +112,14 @@ pub fn percent_decode(s: &str) -> Vec<u8> {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -143,6 +141,34 @@ fn hex(c: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
+    fn api(name: &str, path: &str) -> Api {
+        Api {
+            name: name.into(),
+            path: path.into(),
+            backends: vec!["b".into()],
+            subscription: sluice_config::SubscriptionSettings {
+                required: true,
+                header_names: vec![http::HeaderName::from_static("api-key")],
+                query_name: "subscription-key".into(),
+            },
+            max_request_body_bytes: 1024,
+        }
+    }
+
+    #[test]
+    fn routes_by_longest_prefix_on_segment_boundaries() {
+        let r = ApiRouter::new(&[api("root", "/openai"), api("team", "/team/openai")]);
+        let m = r.route("/openai/deployments/d/chat/completions").unwrap();
+        assert_eq!((m.index, m.rest), (0, "/deployments/d/chat/completions"));
+        assert_eq!(r.route("/openai").unwrap().rest, "");
+        let m = r.route("/team/openai/v1/embeddings").unwrap();
+        assert_eq!((m.index, m.rest), (1, "/v1/embeddings"));
+        assert!(r.route("/openaix").is_none());
+        assert!(r.route("/team/openaiv1").is_none());
+        assert!(r.route("/").is_none());
+        assert!(r.route("/team").is_none());
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(percent_decode("a%2Fb+c"), b"a/b c");
@@ -157,10 +183,22 @@ mod tests {
         let q = "api-version=2024-10-21&subscription-key=abc%3D&x=1";
         assert_eq!(query_param(q, "subscription-key").unwrap(), b"abc=");
         assert_eq!(query_param(q, "nope"), None);
-        assert_eq!(strip_query_param(q, "subscription-key"), "api-version=2024-10-21&x=1");
-        assert_eq!(strip_query_param("api-version=1", "subscription-key"), "api-version=1");
-        assert_eq!(strip_query_param("subscription-key=a", "subscription-key"), "");
-        assert_eq!(strip_query_param("subscription%2Dkey=a&b=2", "subscription-key"), "b=2");
+        assert_eq!(
+            strip_query_param(q, "subscription-key"),
+            "api-version=2024-10-21&x=1"
+        );
+        assert_eq!(
+            strip_query_param("api-version=1", "subscription-key"),
+            "api-version=1"
+        );
+        assert_eq!(
+            strip_query_param("subscription-key=a", "subscription-key"),
+            ""
+        );
+        assert_eq!(
+            strip_query_param("subscription%2Dkey=a&b=2", "subscription-key"),
+            "b=2"
+        );
     }
 
     #[test]
@@ -170,14 +208,23 @@ mod tests {
             upstream_path("", "/deployments/gpt/chat/completions", none),
             "/openai/deployments/gpt/chat/completions"
         );
-        assert_eq!(upstream_path("/base", "/v1/embeddings", none), "/base/openai/v1/embeddings");
+        assert_eq!(
+            upstream_path("/base", "/v1/embeddings", none),
+            "/base/openai/v1/embeddings"
+        );
         let map = |n: &str| (n == "gpt").then_some("gpt-eu");
         assert_eq!(
             upstream_path("", "/deployments/gpt/embeddings", map),
             "/openai/deployments/gpt-eu/embeddings"
         );
-        assert_eq!(upstream_path("", "/deployments/gpt", map), "/openai/deployments/gpt-eu");
-        assert_eq!(deployment_of("/deployments/d1/chat/completions"), Some("d1"));
+        assert_eq!(
+            upstream_path("", "/deployments/gpt", map),
+            "/openai/deployments/gpt-eu"
+        );
+        assert_eq!(
+            deployment_of("/deployments/d1/chat/completions"),
+            Some("d1")
+        );
         assert_eq!(deployment_of("/v1/chat/completions"), None);
     }
 }

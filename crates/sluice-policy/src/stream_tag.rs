@@ -45,7 +45,9 @@ mod tests {
     #[test]
     fn decides_like_apim() {
         assert!(stream_flag(br#"{"stream":true,"messages":[]}"#));
-        assert!(stream_flag(br#"{"messages":[{"content":"x"}], "stream" : true}"#));
+        assert!(stream_flag(
+            br#"{"messages":[{"content":"x"}], "stream" : true}"#
+        ));
         assert!(stream_flag(br#"{"stream":"TRUE"}"#));
         assert!(stream_flag(br#"{"stream":"tr\u0075e"}"#));
         assert!(!stream_flag(br#"{"stream":false}"#));

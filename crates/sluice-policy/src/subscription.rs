@@ -231,10 +231,19 @@ mod tests {
     fn primary_and_secondary_keys_match() {
         let idx = SubscriptionIndex::new(&[sub("a", "k1", Some("k2")), sub("b", "k3", None)]);
         let s = settings();
-        let m = idx.check("api", &s, &hdr("api-key", "k2"), None, "r").unwrap().unwrap();
+        let m = idx
+            .check("api", &s, &hdr("api-key", "k2"), None, "r")
+            .unwrap()
+            .unwrap();
         assert_eq!((m.index, &*m.name, m.slot), (0, "a", KeySlot::Secondary));
         let m = idx
-            .check("api", &s, &hdr("ocp-apim-subscription-key", "k3"), None, "r")
+            .check(
+                "api",
+                &s,
+                &hdr("ocp-apim-subscription-key", "k3"),
+                None,
+                "r",
+            )
             .unwrap()
             .unwrap();
         assert_eq!((&*m.name, m.slot), ("b", KeySlot::Primary));
@@ -244,18 +253,34 @@ mod tests {
     fn missing_and_invalid_get_apim_401s() {
         let idx = SubscriptionIndex::new(&[sub("a", "k1", None)]);
         let s = settings();
-        let e = idx.check("api", &s, &HeaderMap::new(), None, "http://h/openai").unwrap_err();
+        let e = idx
+            .check("api", &s, &HeaderMap::new(), None, "http://h/openai")
+            .unwrap_err();
         assert_eq!(e.status, 401);
-        assert!(e.message.starts_with("Access denied due to missing subscription key"));
+        assert!(
+            e.message
+                .starts_with("Access denied due to missing subscription key")
+        );
         assert_eq!(
             e.headers[0].1,
             "AzureApiManagementKey realm=\"http://h/openai\",name=\"api-key\",type=\"header\""
         );
-        let e = idx.check("api", &s, &hdr("api-key", "nope"), None, "r").unwrap_err();
-        assert!(e.message.starts_with("Access denied due to invalid subscription key"));
+        let e = idx
+            .check("api", &s, &hdr("api-key", "nope"), None, "r")
+            .unwrap_err();
+        assert!(
+            e.message
+                .starts_with("Access denied due to invalid subscription key")
+        );
         // A key that shares a prefix is still invalid.
-        assert!(idx.check("api", &s, &hdr("api-key", "k"), None, "r").is_err());
-        assert!(idx.check("api", &s, &hdr("api-key", "k11"), None, "r").is_err());
+        assert!(
+            idx.check("api", &s, &hdr("api-key", "k"), None, "r")
+                .is_err()
+        );
+        assert!(
+            idx.check("api", &s, &hdr("api-key", "k11"), None, "r")
+                .is_err()
+        );
     }
 
     #[test]
@@ -264,12 +289,24 @@ mod tests {
         let s = settings();
         let h = HeaderMap::new();
         let m = idx
-            .check("api", &s, &h, Some("api-version=1&subscription-key=k%2F1"), "r")
+            .check(
+                "api",
+                &s,
+                &h,
+                Some("api-version=1&subscription-key=k%2F1"),
+                "r",
+            )
             .unwrap();
         assert_eq!(m.unwrap().index, 0);
         // A (wrong) header wins over a right query key.
         let e = idx
-            .check("api", &s, &hdr("api-key", "bad"), Some("subscription-key=k%2F1"), "r")
+            .check(
+                "api",
+                &s,
+                &hdr("api-key", "bad"),
+                Some("subscription-key=k%2F1"),
+                "r",
+            )
             .unwrap_err();
         assert_eq!(e.status, 401);
     }
@@ -282,9 +319,18 @@ mod tests {
         b.apis = Some(vec!["other".into()]);
         let idx = SubscriptionIndex::new(&[a, b]);
         let s = settings();
-        assert!(idx.check("api", &s, &hdr("api-key", "k1"), None, "r").is_err());
-        assert!(idx.check("api", &s, &hdr("api-key", "k2"), None, "r").is_err());
-        assert!(idx.check("other", &s, &hdr("api-key", "k2"), None, "r").is_ok());
+        assert!(
+            idx.check("api", &s, &hdr("api-key", "k1"), None, "r")
+                .is_err()
+        );
+        assert!(
+            idx.check("api", &s, &hdr("api-key", "k2"), None, "r")
+                .is_err()
+        );
+        assert!(
+            idx.check("other", &s, &hdr("api-key", "k2"), None, "r")
+                .is_ok()
+        );
     }
 
     #[test]
@@ -292,7 +338,13 @@ mod tests {
         let idx = SubscriptionIndex::new(&[]);
         let mut s = settings();
         s.required = false;
-        assert_eq!(idx.check("api", &s, &HeaderMap::new(), None, "r").unwrap(), None);
-        assert!(idx.check("api", &s, &hdr("api-key", "x"), None, "r").is_err());
+        assert_eq!(
+            idx.check("api", &s, &HeaderMap::new(), None, "r").unwrap(),
+            None
+        );
+        assert!(
+            idx.check("api", &s, &hdr("api-key", "x"), None, "r")
+                .is_err()
+        );
     }
 }

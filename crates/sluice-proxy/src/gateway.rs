@@ -36,8 +36,50 @@ impl Gateway {
     }
 }
 
+/// The most request body the gateway reads and discards before answering
+/// early (401, 404, 413) so the client is not cut off mid-upload; larger
+/// bodies are left unread and the connection is closed after the answer.
+const DISCARD_LIMIT: usize = 8 * 1024 * 1024;
+
+/// How long discarding an unread request body may take.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
+
+fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Read and drop what is left of the request body, within limits. `true`
+/// when the body was consumed completely (the connection can be reused).
+async fn discard_body(session: &mut Session, continued: bool) -> bool {
+    if session.is_body_done() {
+        return true;
+    }
+    if expects_continue(session) && !continued {
+        // The client waits for 100 Continue before sending: it never will.
+        return false;
+    }
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + DISCARD_TIME;
+    loop {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => {
+                seen += chunk.len();
+                if seen > DISCARD_LIMIT {
+                    return false;
+                }
+            }
+            Ok(Ok(None)) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Write a gateway-made response (APIM's JSON error body) and end it.
-async fn respond(session: &mut Session, err: &GatewayError) -> Result<()> {
+async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> Result<()> {
     let body = err.body();
     let mut resp = ResponseHeader::build(err.status, Some(4 + err.headers.len()))?;
     resp.set_reason_phrase(Some(err.reason()))?;
@@ -46,9 +88,21 @@ async fn respond(session: &mut Session, err: &GatewayError) -> Result<()> {
     for (k, v) in &err.headers {
         resp.insert_header(*k, v.as_str())?;
     }
-    session.set_keepalive(None);
+    let too_large_to_read = err.status == 413
+        && session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > DISCARD_LIMIT);
+    if too_large_to_read || !discard_body(session, continued).await {
+        session.set_keepalive(None);
+    }
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
     Ok(())
 }
 
@@ -130,6 +184,12 @@ impl Gateway {
         limit: u64,
     ) -> Result<Option<GatewayError>> {
         session.enable_retry_buffering();
+        // A client that waits for `100 Continue` (curl does for large bodies)
+        // gets it now, since the body is read before any backend is chosen.
+        if expects_continue(session) {
+            let cont = ResponseHeader::build(100, Some(0))?;
+            session.write_response_header(Box::new(cont), false).await?;
+        }
         let mut buf = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
             buf.extend_from_slice(&chunk);
@@ -161,7 +221,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         let Some(m) = self.state.router.route(path) else {
-            respond(session, &GatewayError::not_found()).await?;
+            respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
         };
         let rest_offset = path.len() - m.rest.len();
@@ -181,7 +241,7 @@ impl ProxyHttp for Gateway {
         match checked {
             Ok(sub) => ctx.subscription = sub,
             Err(e) => {
-                respond(session, &e).await?;
+                respond(session, &e, false).await?;
                 return Ok(true);
             }
         }
@@ -199,13 +259,13 @@ impl ProxyHttp for Gateway {
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         match content_length {
             Some(n) if n > limit => {
-                respond(session, &GatewayError::body_too_large(limit)).await?;
+                respond(session, &GatewayError::body_too_large(limit), false).await?;
                 return Ok(true);
             }
             Some(0) => {}
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
                 if let Some(e) = self.preread_body(session, ctx, limit).await? {
-                    respond(session, &e).await?;
+                    respond(session, &e, true).await?;
                     return Ok(true);
                 }
             }
@@ -274,7 +334,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
-            return Err(Error::explain(ErrorType::InternalError, "no backend chosen"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no backend chosen",
+            ));
         };
         let api = &self.state.apis[api].config;
         let b = &self.state.backends[backend];
@@ -290,20 +353,28 @@ impl ProxyHttp for Gateway {
                 target.push_str(&q);
             }
         }
-        let uri: http::Uri = target
-            .parse()
-            .map_err(|e| Error::because(ErrorType::InternalError, "building the upstream URI", e))?;
+        let uri: http::Uri = target.parse().map_err(|e| {
+            Error::because(ErrorType::InternalError, "building the upstream URI", e)
+        })?;
         upstream.set_uri(uri);
         upstream.insert_header(http::header::HOST, b.host_header.as_str())?;
         for h in &self.state.credential_headers {
             upstream.remove_header(h);
+        }
+        if ctx.body_mode == BodyMode::Preread {
+            // The client's `Expect` was answered here; the body is already read.
+            upstream.remove_header(&http::header::EXPECT);
         }
         if let Some(key) = &b.api_key {
             upstream.insert_header("api-key", key.expose())?;
         }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = client.ip().to_string();
-            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip,
             };
@@ -322,6 +393,20 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i)) {
+            b.connect_failed();
+            tracing::warn!(backend = %b.name, error = %e.etype().as_str(), "cannot connect to backend");
+        }
+        e
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -334,7 +419,7 @@ impl ProxyHttp for Gateway {
         } else {
             match self.error_for(e, ctx) {
                 Some(err) => {
-                    if respond(session, &err).await.is_err() {
+                    if respond(session, &err, true).await.is_err() {
                         tracing::debug!("could not write the error response");
                     }
                     err.status
@@ -371,4 +456,3 @@ impl ProxyHttp for Gateway {
         );
     }
 }
-

@@ -7,5 +7,7 @@ mod server;
 mod state;
 
 pub use gateway::Gateway;
-pub use server::{ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening};
+pub use server::{
+    ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening,
+};
 pub use state::{BuildError, GatewayState};

@@ -45,7 +45,13 @@ impl BackendRuntime {
                         b.name
                     ))
                 })?;
-                (false, addr.ip().to_string(), addr.port(), String::new(), Some(*addr))
+                (
+                    false,
+                    addr.ip().to_string(),
+                    addr.port(),
+                    String::new(),
+                    Some(*addr),
+                )
             }
             BackendTarget::Url(u) => {
                 let fixed = u
@@ -72,7 +78,11 @@ impl BackendRuntime {
             host_header,
             base_path,
             api_key: b.api_key.clone(),
-            deployments: b.deployments.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            deployments: b
+                .deployments
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             connect_timeout: b.timeouts.connect,
             read_timeout: b.timeouts.read,
             write_timeout: b.timeouts.write,
@@ -83,7 +93,8 @@ impl BackendRuntime {
     }
 
     /// An address to connect to: fixed, or from a cached DNS answer
-    /// (refreshed after [`DNS_TTL`]), rotating over the answer's addresses.
+    /// (refreshed after [`DNS_TTL`]). The same address is used until a
+    /// connection to it fails (IPv4 answers first).
     pub async fn address(&self) -> std::io::Result<SocketAddr> {
         if let Some(a) = self.fixed {
             return Ok(a);
@@ -97,11 +108,15 @@ impl BackendRuntime {
                 return Ok(self.pick(addrs));
             }
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await?
             .collect();
+        addrs.sort_by_key(|a| a.is_ipv6());
         if addrs.is_empty() {
-            return Err(std::io::Error::other(format!("no address for {}", self.host)));
+            return Err(std::io::Error::other(format!(
+                "no address for {}",
+                self.host
+            )));
         }
         let a = self.pick(&addrs);
         *self.resolved.write().await = Some((Instant::now(), addrs));
@@ -109,7 +124,14 @@ impl BackendRuntime {
     }
 
     fn pick(&self, addrs: &[SocketAddr]) -> SocketAddr {
-        addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % addrs.len()]
+        addrs[self.next_addr.load(Ordering::Relaxed) % addrs.len()]
+    }
+
+    /// A connection failed: move on to the next resolved address.
+    pub fn connect_failed(&self) {
+        if self.fixed.is_none() {
+            self.next_addr.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -6,6 +6,13 @@
 //! `/openai/deployments/{name}/...` and the `/openai/v1/...` forms) with Azure-shaped bodies,
 //! headers, SSE streams, per-deployment token/request rate limits and injectable faults.
 //!
+//! Faults can be injected three ways: [`SimHandle::set_fault`]; a per-request header
+//! `x-sim-fault: <form>` (optionally limited to the simulators named in
+//! `x-sim-fault-region: name[,name]`); or the control endpoint `POST /_sim/fault` with
+//! `{"fault":"status=503","times":2}` (`{"fault":null}` clears). `GET /_sim/stats` returns
+//! `{"requests":N}` and `GET /` is a plain-text health check. See [`parse_fault`] for the
+//! textual forms.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use sluice_sim::{Fault, RegionConfig, Simulator};

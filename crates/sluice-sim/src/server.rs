@@ -709,8 +709,10 @@ fn prompt_filter_results() -> Value {
 
 async fn completion_response(ctx: &GenContext) -> Response<SimBody> {
     let p = &ctx.plan;
-    let delay = ctx.latency.time_to_first_token
-        + per_token_total(ctx.latency.per_token, p.completion_tokens);
+    let delay = ctx
+        .latency
+        .time_to_first_token
+        .saturating_add(per_token_total(ctx.latency.per_token, p.completion_tokens));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

@@ -133,7 +133,14 @@ pub fn new_request_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -142,9 +149,18 @@ mod tests {
 
     #[test]
     fn elapsed_is_a_dotnet_timespan() {
-        assert_eq!(format_elapsed(Duration::from_nanos(258_917_400)), "00:00:00.2589174");
-        assert_eq!(format_elapsed(Duration::from_secs(3723)), "01:02:03.0000000");
-        assert_eq!(format_elapsed(Duration::from_secs(90_000)), "1.01:00:00.0000000");
+        assert_eq!(
+            format_elapsed(Duration::from_nanos(258_917_400)),
+            "00:00:00.2589174"
+        );
+        assert_eq!(
+            format_elapsed(Duration::from_secs(3723)),
+            "01:02:03.0000000"
+        );
+        assert_eq!(
+            format_elapsed(Duration::from_secs(90_000)),
+            "1.01:00:00.0000000"
+        );
     }
 
     #[test]
@@ -167,7 +183,13 @@ mod tests {
             Duration::ZERO,
             serde_json::json!({"request": {}}),
         );
-        t.push(Section::OnError, "forward-request", UNIX_EPOCH, Duration::ZERO, "x".into());
+        t.push(
+            Section::OnError,
+            "forward-request",
+            UNIX_EPOCH,
+            Duration::ZERO,
+            "x".into(),
+        );
         let v = serde_json::to_value(&t).unwrap();
         assert_eq!(v["serviceName"], "sluice");
         assert_eq!(v["traceId"], "abc");

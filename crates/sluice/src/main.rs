@@ -144,8 +144,10 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let sim_addrs: HashMap<String, SocketAddr> =
-        started.iter().map(|s| (s.name.clone(), s.handle.addr())).collect();
+    let sim_addrs: HashMap<String, SocketAddr> = started
+        .iter()
+        .map(|s| (s.name.clone(), s.handle.addr()))
+        .collect();
     let state = match sluice_proxy::GatewayState::new(&cfg, &sim_addrs) {
         Ok(s) => s,
         Err(e) => {
@@ -168,7 +170,11 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
 
 fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::Started]) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "Sluice {} — Azure OpenAI gateway", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "Sluice {} — Azure OpenAI gateway",
+        env!("CARGO_PKG_VERSION")
+    );
     let _ = writeln!(out, "sluice: listening on http://{listen}");
     for api in &cfg.apis {
         let _ = writeln!(
@@ -195,7 +201,10 @@ fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::S
             .first()
             .map(|h| h.as_str())
             .unwrap_or("api-key");
-        let _ = writeln!(out, "Call it like Azure OpenAI, with a subscription key from gateway.yaml:");
+        let _ = writeln!(
+            out,
+            "Call it like Azure OpenAI, with a subscription key from gateway.yaml:"
+        );
         let _ = writeln!(
             out,
             "  curl -s 'http://{listen}{}/deployments/gpt-4o/chat/completions?api-version=2024-10-21' \\\n    -H '{header}: <subscription key>' -H 'content-type: application/json' \\\n    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",

@@ -68,7 +68,10 @@ pub fn start_all(cfg: &Config) -> std::io::Result<(Option<tokio::runtime::Runtim
 
 /// `sluice sim`: one region until Ctrl-C or SIGTERM.
 pub fn run_one(listen: SocketAddr, cfg: RegionConfig) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice sim: {e}");
@@ -85,13 +88,14 @@ pub fn run_one(listen: SocketAddr, cfg: RegionConfig) -> ExitCode {
             }
         };
         println!("sluice sim: region {name} listening on {}", handle.url());
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("sluice sim: {e}");
-                return ExitCode::from(1);
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("sluice sim: {e}");
+                    return ExitCode::from(1);
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

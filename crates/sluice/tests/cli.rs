@@ -3,76 +3,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use common::post;
+use common::{Proc, addr_of, post, spawn_sluice, wait_connect};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// Kills the child by PID when dropped (SIGINT first: pingora's fast shutdown).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start `sluice args...` and wait for a stdout line starting with `prefix`;
-/// returns the rest of that line.
 fn spawn_until(args: &[&str], dir: &Path, prefix: &str) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn sluice");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let prefix = prefix.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(&prefix) {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let proc = Proc(child);
-    let rest = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the process printed its listening line");
-    (proc, rest)
-}
-
-fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().expect("address")
-}
-
-fn wait_connect(addr: SocketAddr) {
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{addr} never accepted");
+    spawn_sluice(BIN, args, dir, &[], prefix)
 }
 
 const GOOD: &str = r#"
@@ -118,14 +58,22 @@ fn check_accepts_a_good_config_and_the_repo_default() {
         .current_dir(dir.path())
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(BIN)
         .args(["check", "-c", "gateway.yaml"])
         .current_dir(&repo)
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -192,7 +140,11 @@ fn run_with_a_bad_config_exits_2_before_listening() {
 #[test]
 fn run_serves_simulated_regions_and_stops_on_sigint() {
     let dir = good_dir();
-    let (proc, url) = spawn_until(&["run", "-c", "gateway.yaml"], dir.path(), "sluice: listening on");
+    let (proc, url) = spawn_until(
+        &["run", "-c", "gateway.yaml"],
+        dir.path(),
+        "sluice: listening on",
+    );
     let gw = addr_of(&url);
     wait_connect(gw);
     let mut regions = std::collections::BTreeSet::new();
@@ -207,7 +159,11 @@ fn run_serves_simulated_regions_and_stops_on_sigint() {
         assert_eq!(r.header("x-ms-stream"), Some("False"));
         regions.insert(r.header("x-ms-region").expect("region").to_string());
     }
-    assert_eq!(regions.len(), 2, "round robin over both regions: {regions:?}");
+    assert_eq!(
+        regions.len(),
+        2,
+        "round robin over both regions: {regions:?}"
+    );
     let mut proc = proc;
     Command::new("kill")
         .args(["-INT", &proc.0.id().to_string()])
@@ -228,7 +184,15 @@ fn run_serves_simulated_regions_and_stops_on_sigint() {
 fn sim_subcommand_serves_azure_openai() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_proc, url) = spawn_until(
-        &["sim", "--listen", "127.0.0.1:0", "--region", "westus", "--display-region", "West US"],
+        &[
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--region",
+            "westus",
+            "--display-region",
+            "West US",
+        ],
         dir.path(),
         "sluice sim: region westus listening on",
     );

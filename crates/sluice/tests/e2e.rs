@@ -141,7 +141,12 @@ fn chat_completion_with_key_has_usage_and_azure_headers() {
 #[test]
 fn secondary_key_and_ocp_header_and_query_key_are_accepted() {
     let e = env();
-    let r = post(e.gw, CHAT, &[("Ocp-Apim-Subscription-Key", KEY2)], &chat_body(""));
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("Ocp-Apim-Subscription-Key", KEY2)],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let path = format!("{CHAT}&subscription-key={KEY}");
     let r = post(e.gw, &path, &[], &chat_body(""));
@@ -161,7 +166,13 @@ fn missing_key_gets_apim_401() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(
         r.header("www-authenticate"),
-        Some(format!("AzureApiManagementKey realm=\"http://{}/openai\",name=\"api-key\",type=\"header\"", e.gw).as_str())
+        Some(
+            format!(
+                "AzureApiManagementKey realm=\"http://{}/openai\",name=\"api-key\",type=\"header\"",
+                e.gw
+            )
+            .as_str()
+        )
     );
     assert_eq!(r.header("x-ms-stream"), None);
 }
@@ -177,7 +188,12 @@ fn invalid_key_gets_apim_401() {
             "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription."
         );
     }
-    let r = post(e.gw, &format!("{CHAT}&subscription-key=nope"), &[], &chat_body(""));
+    let r = post(
+        e.gw,
+        &format!("{CHAT}&subscription-key=nope"),
+        &[],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 401);
 }
 
@@ -190,7 +206,11 @@ fn client_credentials_never_reach_the_backend() {
     let r = post(
         e.gw,
         &path,
-        &[("x-test-id", "creds"), ("Authorization", "Bearer client-token"), ("Ocp-Apim-Subscription-Key", KEY)],
+        &[
+            ("x-test-id", "creds"),
+            ("Authorization", "Bearer client-token"),
+            ("Ocp-Apim-Subscription-Key", KEY),
+        ],
         &chat_body(""),
     );
     assert_eq!(r.status, 200, "{}", r.text());
@@ -216,10 +236,18 @@ fn client_credentials_never_reach_the_backend() {
 #[test]
 fn the_simulator_sees_only_the_backend_key() {
     let e = env();
-    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-test-marker", "sim-key")], &chat_body(""));
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-test-marker", "sim-key")],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 200);
     let h = e.main.last_request_headers().expect("seen");
-    assert_eq!(h.get("api-key").and_then(|v| v.to_str().ok()), Some(BACKEND_KEY));
+    assert_eq!(
+        h.get("api-key").and_then(|v| v.to_str().ok()),
+        Some(BACKEND_KEY)
+    );
 }
 
 #[test]
@@ -277,12 +305,19 @@ fn large_and_chunked_bodies_stream_through_with_x_ms_stream() {
     let e = env();
     let filler = "x".repeat(200 * 1024);
     let body = format!(r#"{{"messages":[{{"role":"user","content":"{filler}"}}],"stream":true}}"#);
-    for (framing, id) in [(Framing::ContentLength, "big-cl"), (Framing::Chunked, "big-chunked")] {
+    for (framing, id) in [
+        (Framing::ContentLength, "big-cl"),
+        (Framing::Chunked, "big-chunked"),
+    ] {
         let r = request(
             e.gw,
             "POST",
             "/capture/openai/deployments/d/chat/completions",
-            &[("api-key", KEY), ("x-test-id", id), ("content-type", "application/json")],
+            &[
+                ("api-key", KEY),
+                ("x-test-id", id),
+                ("content-type", "application/json"),
+            ],
             body.as_bytes(),
             framing,
         )
@@ -316,7 +351,10 @@ fn streaming_events_arrive_spread_over_time() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-ms-stream"), Some("True"));
-    assert_eq!(r.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
     assert_eq!(r.header("x-ms-region"), Some("Sweden Central"));
     let events = sse_data(&r.body);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
@@ -328,7 +366,11 @@ fn streaming_events_arrive_spread_over_time() {
     // 8 tokens, 40 ms apart: the client must see the body in many reads spread
     // over at least most of that time, not in one burst at the end.
     let body_reads: Vec<Duration> = r.reads.iter().map(|(t, _)| *t).collect();
-    assert!(body_reads.len() >= 6, "only {} reads: buffered?", body_reads.len());
+    assert!(
+        body_reads.len() >= 6,
+        "only {} reads: buffered?",
+        body_reads.len()
+    );
     let spread = *body_reads.last().expect("reads") - body_reads[0];
     assert!(
         spread >= Duration::from_millis(PER_TOKEN_MS * 5),
@@ -356,8 +398,15 @@ fn bodies_over_the_limit_get_413() {
     }
     // Server-wide limit (2 MB) with a large Content-Length: rejected before reading.
     let big = vec![b'z'; 2_100_000];
-    let r = request(e.gw, "POST", CHAT, &[("api-key", KEY)], &big, Framing::ContentLength)
-        .expect("request");
+    let r = request(
+        e.gw,
+        "POST",
+        CHAT,
+        &[("api-key", KEY)],
+        &big,
+        Framing::ContentLength,
+    )
+    .expect("request");
     assert_eq!(r.status, 413);
 }
 
@@ -365,13 +414,30 @@ fn bodies_over_the_limit_get_413() {
 fn unknown_paths_get_404() {
     let e = env();
     for path in ["/", "/foo", "/openaix/deployments", "/status"] {
-        let r = request(e.gw, "GET", path, &[("api-key", KEY)], b"", Framing::ContentLength)
-            .expect("request");
-        assert_eq!(r.status, 404, "{path}");
-        assert_eq!(r.text(), "{ \"statusCode\": 404, \"message\": \"Resource not found\" }");
-    }
-    let r = request(e.gw, "GET", "/status-0123456789abcdef", &[], b"", Framing::ContentLength)
+        let r = request(
+            e.gw,
+            "GET",
+            path,
+            &[("api-key", KEY)],
+            b"",
+            Framing::ContentLength,
+        )
         .expect("request");
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(
+            r.text(),
+            "{ \"statusCode\": 404, \"message\": \"Resource not found\" }"
+        );
+    }
+    let r = request(
+        e.gw,
+        "GET",
+        "/status-0123456789abcdef",
+        &[],
+        b"",
+        Framing::ContentLength,
+    )
+    .expect("request");
     assert_eq!(r.status, 200);
 }
 
@@ -379,7 +445,12 @@ fn unknown_paths_get_404() {
 fn refused_backend_gets_502() {
     let e = env();
     let t = Instant::now();
-    let r = post(e.gw, "/dead/openai/deployments/d/embeddings", &[("api-key", KEY)], r#"{"input":"a"}"#);
+    let r = post(
+        e.gw,
+        "/dead/openai/deployments/d/embeddings",
+        &[("api-key", KEY)],
+        r#"{"input":"a"}"#,
+    );
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["statusCode"], 502);
     assert!(t.elapsed() < Duration::from_secs(10));
@@ -402,7 +473,12 @@ fn hanging_backend_gets_504_after_the_read_timeout() {
 #[test]
 fn closed_connection_gets_502_and_slow_first_byte_still_works() {
     let e = env();
-    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "close")], &chat_body(""));
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-sim-fault", "close")],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 502, "{}", r.text());
     let r = post(
         e.gw,
@@ -417,13 +493,26 @@ fn closed_connection_gets_502_and_slow_first_byte_still_works() {
 #[test]
 fn backend_errors_pass_through_untouched() {
     let e = env();
-    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "status=429")], &chat_body(""));
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-sim-fault", "status=429")],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 429);
     assert!(r.header("retry-after").is_some());
     assert!(r.header("retry-after-ms").is_some());
-    assert!(r.json()["error"]["code"].is_string(), "Azure's shape, not APIM's");
+    assert!(
+        r.json()["error"]["code"].is_string(),
+        "Azure's shape, not APIM's"
+    );
     assert_eq!(r.header("x-ms-stream"), Some("False"));
-    let r = post(e.gw, CHAT, &[("api-key", KEY), ("x-sim-fault", "status=503")], &chat_body(""));
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-sim-fault", "status=503")],
+        &chat_body(""),
+    );
     assert_eq!(r.status, 503);
     assert!(r.json()["error"].is_object());
 }
@@ -431,7 +520,105 @@ fn backend_errors_pass_through_untouched() {
 #[test]
 fn embeddings_are_forwarded() {
     let e = env();
-    let r = post(e.gw, "/openai/deployments/only-this/embeddings", &[("api-key", KEY)], r#"{"input":["a","b"]}"#);
+    let r = post(
+        e.gw,
+        "/openai/deployments/only-this/embeddings",
+        &[("api-key", KEY)],
+        r#"{"input":["a","b"]}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_read() {
+    use std::io::{Read, Write};
+    let e = env();
+    let body = chat_body("");
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    let mut first = [0u8; 64];
+    let n = s
+        .read(&mut first)
+        .expect("100 Continue arrives without the body being sent");
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    s.write_all(body.as_bytes()).expect("write body");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("chat.completion"), "{text}");
+}
+
+#[test]
+fn a_huge_declared_body_is_refused_without_waiting_for_it() {
+    use std::io::{Read, Write};
+    let e = env();
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\nContent-Length: 100000000\r\n\r\n{{\"mess"
+    )
+    .expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"statusCode\": 413"), "{text}");
+}
+
+#[test]
+fn an_early_401_keeps_the_connection_usable() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let e = env();
+    let body = chat_body("");
+    let s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = BufReader::new(s);
+    let read_one = |r: &mut BufReader<std::net::TcpStream>| -> (String, String) {
+        let mut status = String::new();
+        r.read_line(&mut status).expect("status");
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).expect("header");
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().expect("length");
+            }
+        }
+        let mut b = vec![0; len];
+        r.read_exact(&mut b).expect("body");
+        (status, String::from_utf8_lossy(&b).into_owned())
+    };
+    for (key, want) in [("wrong", "401"), (KEY, "200")] {
+        write!(
+            w,
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let (status, text) = read_one(&mut r);
+        assert!(
+            status.starts_with(&format!("HTTP/1.1 {want}")),
+            "{status} {text}"
+        );
+    }
 }

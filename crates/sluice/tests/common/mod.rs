@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +30,10 @@ impl Resp {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -84,8 +89,15 @@ pub fn request(
 pub fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     let mut h = vec![("Content-Type", "application/json")];
     h.extend_from_slice(headers);
-    request(addr, "POST", path, &h, body.as_bytes(), Framing::ContentLength)
-        .expect("request failed")
+    request(
+        addr,
+        "POST",
+        path,
+        &h,
+        body.as_bytes(),
+        Framing::ContentLength,
+    )
+    .expect("request failed")
 }
 
 fn read_response(s: TcpStream, sent: Instant) -> std::io::Result<Resp> {
@@ -312,6 +324,82 @@ pub fn closed_port() -> u16 {
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(body)
         .split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ").map(str::to_string)))
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        })
         .collect()
+}
+
+/// A child process stopped by PID when dropped: SIGINT (pingora's fast
+/// shutdown), then SIGKILL if it has not exited within 2 s.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the `sluice` binary with `args` in `dir` and wait (up to 60 s) for a
+/// stdout line starting with `prefix`; returns the rest of that line.
+pub fn spawn_sluice(
+    bin: &str,
+    args: &[&str],
+    dir: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    prefix: &str,
+) -> (Proc, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("SSL_CERT_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn sluice");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let proc = Proc(child);
+    let rest = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the process printed its ready line");
+    (proc, rest)
+}
+
+/// Poll until `addr` accepts a connection (at most 10 s).
+pub fn wait_connect(addr: SocketAddr) {
+    for _ in 0..1000 {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{addr} never accepted");
+}
+
+/// `http://ADDR` to an address.
+pub fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().expect("address")
 }
