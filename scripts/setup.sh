@@ -16,16 +16,28 @@ command -v cc >/dev/null 2>&1 || apt_pkgs+=(build-essential)
 if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
   command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)  # the TLS backend test
+  [ -x /bin/kill ] || [ -x /usr/bin/kill ] || apt_pkgs+=(procps)  # tests stop children by PID
 fi
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   echo "setup: installing ${apt_pkgs[*]} with apt-get" >&2
   sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "setup: need root (or sudo) to install: ${apt_pkgs[*]}" >&2
+      exit 1
+    fi
+    sudo_cmd="sudo"
+  fi
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
 fi
 
 if [ "$want_tests" = 1 ]; then
+  # Lints need rustfmt and clippy (minimal rustup profiles lack them).
+  if command -v rustup >/dev/null 2>&1; then
+    { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1 \
+      || rustup component add rustfmt clippy >&2
+  fi
   venv=.venv
   if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv" >&2

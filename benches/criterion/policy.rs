@@ -17,6 +17,7 @@ fn settings() -> SubscriptionSettings {
             HeaderName::from_static("ocp-apim-subscription-key"),
         ],
         query_name: "subscription-key".into(),
+        challenge_name: "api-key".into(),
     }
 }
 

@@ -172,6 +172,9 @@ pub struct SubscriptionSettings {
     pub header_names: Vec<http::HeaderName>,
     /// Query parameter checked when no header is present.
     pub query_name: String,
+    /// The first header name as written in the config (`header_names` are
+    /// lowercased by `http`); APIM echoes it in `WWW-Authenticate`.
+    pub challenge_name: String,
 }
 
 impl Default for SubscriptionSettings {
@@ -184,6 +187,7 @@ impl Default for SubscriptionSettings {
                 http::HeaderName::from_static("ocp-apim-subscription-key"),
             ],
             query_name: "subscription-key".to_string(),
+            challenge_name: "api-key".to_string(),
         }
     }
 }

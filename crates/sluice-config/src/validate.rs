@@ -688,6 +688,9 @@ impl Cx<'_, '_> {
                                 );
                             } else {
                                 listed.insert(name.clone(), j);
+                                if settings.header_names.is_empty() {
+                                    settings.challenge_name = header.to_string();
+                                }
                                 settings.header_names.push(name);
                             }
                         }

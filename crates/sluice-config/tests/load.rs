@@ -640,3 +640,20 @@ fn the_repository_gateway_yaml_is_valid() {
     assert_eq!(config.simulators.len(), 3);
     assert_eq!(config.backends.len(), 3);
 }
+
+#[test]
+fn the_first_header_name_is_kept_as_written_for_the_challenge() {
+    let text = "backends: [{name: b, url: 'http://127.0.0.1:1'}]\n\
+                apis:\n  - name: a\n    path: /openai\n    backends: [b]\n    subscription: {header_names: [Ocp-Apim-Subscription-Key, api-key]}\n";
+    let cfg = load(text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let s = &cfg.apis[0].subscription;
+    assert_eq!(s.challenge_name, "Ocp-Apim-Subscription-Key");
+    assert_eq!(s.header_names[0].as_str(), "ocp-apim-subscription-key");
+    let text = "backends: [{name: b, url: 'http://127.0.0.1:1'}]\napis: [{name: a, path: /openai, backends: [b]}]\n";
+    assert_eq!(
+        load(text, &[]).unwrap_or_else(|e| panic!("{e}")).apis[0]
+            .subscription
+            .challenge_name,
+        "api-key"
+    );
+}

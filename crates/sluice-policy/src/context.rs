@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use crate::stream_tag::StreamProbe;
 use crate::subscription::SubscriptionMatch;
 
 /// How the request body is being inspected.
@@ -15,7 +16,7 @@ pub enum BodyMode {
     None,
     /// Read whole before routing (small bodies): it can be replayed.
     Preread,
-    /// Streamed to the backend while a bounded copy is kept and parsed at its end.
+    /// Streamed to the backend and scanned as it passes.
     Streamed,
 }
 
@@ -35,8 +36,9 @@ pub struct RequestContext {
     pub body_mode: BodyMode,
     /// Bytes of request body seen so far. Written by the body step / body filter.
     pub body_len: u64,
-    /// Bounded copy of a streamed body, parsed at end of stream. Written and read by the body filter.
-    pub body_copy: Vec<u8>,
+    /// Scans a streamed body for its `stream` field as it passes (O(1) state).
+    /// Written and read by the body filter.
+    pub body_probe: StreamProbe,
     /// The request body's `stream` flag. Written by the body step (preread) or at
     /// the end of a streamed body; read by the response step (`x-ms-stream`).
     pub stream: bool,
@@ -54,7 +56,7 @@ impl Default for RequestContext {
             subscription: None,
             body_mode: BodyMode::None,
             body_len: 0,
-            body_copy: Vec::new(),
+            body_probe: StreamProbe::default(),
             stream: false,
             backend: None,
         }

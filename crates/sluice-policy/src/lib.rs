@@ -13,5 +13,5 @@ pub mod subscription;
 pub use context::{BodyMode, RequestContext};
 pub use error::GatewayError;
 pub use route::{ApiRouter, MatchedApi};
-pub use stream_tag::stream_flag;
+pub use stream_tag::{StreamProbe, stream_flag};
 pub use subscription::{SubscriptionIndex, SubscriptionMatch};

@@ -67,6 +67,22 @@ pub fn upstream_path<'a>(
     out
 }
 
+/// Whether a path has a `.` or `..` segment, plain or percent-encoded, or a
+/// segment hiding an encoded `/` or `\`. Such paths are refused: forwarded
+/// with the backend's credential they could reach other APIs on the backend.
+pub fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        if seg.is_empty() {
+            return false;
+        }
+        if !seg.contains('%') {
+            return seg == "." || seg == "..";
+        }
+        let d = percent_decode(seg);
+        d == b"." || d == b".." || d.contains(&b'/') || d.contains(&b'\\')
+    })
+}
+
 /// The deployment named in a deployments-style path, if any.
 pub fn deployment_of(rest: &str) -> Option<&str> {
     let after = rest.strip_prefix("/deployments/")?;
@@ -150,6 +166,7 @@ mod tests {
                 required: true,
                 header_names: vec![http::HeaderName::from_static("api-key")],
                 query_name: "subscription-key".into(),
+                challenge_name: "api-key".into(),
             },
             max_request_body_bytes: 1024,
         }
@@ -167,6 +184,29 @@ mod tests {
         assert!(r.route("/team/openaiv1").is_none());
         assert!(r.route("/").is_none());
         assert!(r.route("/team").is_none());
+    }
+
+    #[test]
+    fn dot_segments_are_found() {
+        for p in [
+            "/openai/../x",
+            "/openai/./x",
+            "/openai/%2e%2E/x",
+            "/openai/.%2e",
+            "/openai/deployments/a%2f..%2fb/chat",
+            "/openai/a%5cb",
+            "/..",
+        ] {
+            assert!(has_dot_segments(p), "{p}");
+        }
+        for p in [
+            "/openai/deployments/gpt-4.1/chat/completions",
+            "/openai/v1/x..y",
+            "/openai//x",
+            "/",
+        ] {
+            assert!(!has_dot_segments(p), "{p}");
+        }
     }
 
     #[test]

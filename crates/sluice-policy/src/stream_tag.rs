@@ -3,38 +3,305 @@
 //!
 //! APIM evaluates `content["stream"].ToString()` and compares it to "true"
 //! ignoring case, then writes the .NET boolean, so the header is `True` or
-//! `False` (capitalised). A JSON `true`, or the string `"TRUE"`, count as true;
-//! anything else, a missing field, `null`, or a body that is not JSON, is false.
-
-use serde::Deserialize;
+//! `False` (capitalised). A JSON `true`, or a string equal to "true" in any
+//! case, count as true; anything else — the field missing, `null`, `false`, a
+//! number, an object, or a body that is not a JSON object — is false. When
+//! the key appears twice the last one wins, as with Newtonsoft's JObject.
+//!
+//! [`StreamProbe`] finds the field in one pass over the bytes, fed in chunks
+//! as they stream past, holding O(1) state: no copy of the body, no tree, no
+//! re-serialisation. Inside strings it skips ahead with `memchr`.
 
 /// The header value for a flag.
 pub fn header_value(stream: bool) -> &'static str {
     if stream { "True" } else { "False" }
 }
 
-#[derive(Deserialize)]
-struct Probe {
-    // Only this field is materialised; serde skips every other one.
-    #[serde(default)]
-    stream: Option<serde_json::Value>,
+/// The flag for a whole body.
+pub fn stream_flag(body: &[u8]) -> bool {
+    let mut p = StreamProbe::default();
+    p.feed(body);
+    p.finish()
 }
 
-/// Read the top-level `stream` field of a JSON body without building a tree
-/// of it (other fields are skipped, nested `stream` keys do not count).
-pub fn stream_flag(body: &[u8]) -> bool {
-    // Cheap exit: a body that never mentions "stream" cannot set it.
-    if memchr::memmem::find(body, b"\"stream\"").is_none() {
-        return false;
+/// Where the scanner is in the JSON text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum State {
+    /// Before the top-level value.
+    #[default]
+    Start,
+    /// Inside the top-level object, expecting a key (or `}`).
+    Key,
+    /// After a top-level key, expecting `:`.
+    Colon,
+    /// After `:`, expecting the top-level value.
+    Value,
+    /// Inside a nested value (depth > 1) or a top-level scalar; see `depth`.
+    Skip,
+    /// After a top-level value, expecting `,` or `}`.
+    Comma,
+    /// The top-level object closed.
+    Done,
+    /// Not a JSON object we understand: the answer is false.
+    Invalid,
+}
+
+/// What the string being read is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StrRole {
+    /// A top-level key: compared with `stream`.
+    Key,
+    /// The value of a top-level `stream` key: compared with "true".
+    StreamValue,
+    /// Anything else: skipped.
+    Other,
+}
+
+/// An incremental scanner for the top-level `stream` field of a JSON object.
+#[derive(Debug, Clone, Default)]
+pub struct StreamProbe {
+    state: State,
+    /// Nesting depth of the value being skipped (Skip state).
+    depth: u32,
+    in_string: Option<StrRole>,
+    escaped: bool,
+    /// Up to 8 bytes of the current key or stream value, lowercased;
+    /// `cap_len` > 8 means "longer than anything we compare with".
+    cap: [u8; 8],
+    cap_len: usize,
+    /// The current top-level key is `stream`.
+    key_is_stream: bool,
+    /// Pending `\uXXXX` escape digits still to read (0 when none).
+    unicode_left: u8,
+    unicode_val: u32,
+    /// A literal (`true`, numbers...) being read as the stream value.
+    literal: bool,
+    /// The answer so far (the last `stream` key wins).
+    result: bool,
+}
+
+impl StreamProbe {
+    /// Scan the next chunk of the body.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if matches!(self.state, State::Invalid | State::Done) {
+                if self.state == State::Done && chunk.iter().any(|b| !b.is_ascii_whitespace()) {
+                    self.state = State::Invalid;
+                }
+                return;
+            }
+            if self.in_string.is_some() {
+                let used = self.string_bytes(chunk);
+                chunk = &chunk[used..];
+                continue;
+            }
+            let b = chunk[0];
+            chunk = &chunk[1..];
+            self.byte(b);
+        }
     }
-    match serde_json::from_slice::<Probe>(body) {
-        Ok(Probe {
-            stream: Some(serde_json::Value::Bool(b)),
-        }) => b,
-        Ok(Probe {
-            stream: Some(serde_json::Value::String(s)),
-        }) => s.eq_ignore_ascii_case("true"),
-        _ => false,
+
+    /// The flag once the body has ended.
+    pub fn finish(&mut self) -> bool {
+        if self.literal {
+            self.end_literal();
+        }
+        self.state == State::Done && self.result
+    }
+
+    /// Keep a byte of a key or string value, lowercased (comparisons ignore case).
+    fn capture(&mut self, b: u8) {
+        self.capture_raw(b.to_ascii_lowercase());
+    }
+
+    fn capture_raw(&mut self, b: u8) {
+        if self.cap_len < self.cap.len() {
+            self.cap[self.cap_len] = b;
+        }
+        self.cap_len = self.cap_len.saturating_add(1);
+    }
+
+    /// The captured bytes, if they fit (longer texts never match).
+    fn captured(&self) -> Option<&[u8]> {
+        self.cap.get(..self.cap_len)
+    }
+
+    /// Consume string content; returns how many bytes were used.
+    fn string_bytes(&mut self, chunk: &[u8]) -> usize {
+        let role = self.in_string.unwrap_or(StrRole::Other);
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.unicode_left > 0 {
+                let d = match (chunk[i] as char).to_digit(16) {
+                    Some(d) => d,
+                    None => {
+                        self.state = State::Invalid;
+                        return chunk.len();
+                    }
+                };
+                self.unicode_val = self.unicode_val * 16 + d;
+                self.unicode_left -= 1;
+                if self.unicode_left == 0 && role != StrRole::Other {
+                    match u8::try_from(self.unicode_val) {
+                        Ok(c) if c.is_ascii() => self.capture(c),
+                        _ => self.cap_len = usize::MAX,
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            if self.escaped {
+                self.escaped = false;
+                let c = chunk[i];
+                if c == b'u' {
+                    self.unicode_left = 4;
+                    self.unicode_val = 0;
+                } else if role != StrRole::Other {
+                    let real = match c {
+                        b'n' => b'\n',
+                        b't' => b'\t',
+                        b'r' => b'\r',
+                        b'b' => 8,
+                        b'f' => 12,
+                        other => other,
+                    };
+                    self.capture(real);
+                }
+                i += 1;
+                continue;
+            }
+            if role == StrRole::Other {
+                // Fast path: jump to the next quote or backslash.
+                match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
+                    Some(off) => i += off,
+                    None => return chunk.len(),
+                }
+            }
+            match chunk[i] {
+                b'"' => {
+                    self.end_string(role);
+                    return i + 1;
+                }
+                b'\\' => self.escaped = true,
+                c => {
+                    if role != StrRole::Other {
+                        self.capture(c);
+                    }
+                }
+            }
+            i += 1;
+        }
+        chunk.len()
+    }
+
+    fn start_string(&mut self, role: StrRole) {
+        self.in_string = Some(role);
+        self.cap_len = 0;
+        self.escaped = false;
+        self.unicode_left = 0;
+    }
+
+    fn end_string(&mut self, role: StrRole) {
+        self.in_string = None;
+        match role {
+            StrRole::Key => {
+                self.key_is_stream = self.captured() == Some(b"stream");
+                self.state = State::Colon;
+            }
+            StrRole::StreamValue => {
+                self.result = self.captured() == Some(b"true");
+                self.state = State::Comma;
+            }
+            StrRole::Other => {
+                if self.state == State::Value {
+                    self.state = State::Comma;
+                }
+            }
+        }
+    }
+
+    /// A top-level literal ended: `true`, `false`, `null` or a number.
+    fn end_literal(&mut self) {
+        self.literal = false;
+        let text = self.captured();
+        let number = self.cap[0] == b'-' || self.cap[0].is_ascii_digit();
+        if !number && !matches!(text, Some(b"true" | b"false" | b"null")) {
+            self.state = State::Invalid;
+            return;
+        }
+        if self.key_is_stream {
+            self.result = text == Some(b"true");
+        }
+        self.state = State::Comma;
+    }
+
+    fn byte(&mut self, b: u8) {
+        if self.literal {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-') {
+                self.capture_raw(b);
+                return;
+            }
+            self.end_literal();
+        }
+        if b.is_ascii_whitespace() {
+            return;
+        }
+        match self.state {
+            State::Start => {
+                self.state = if b == b'{' {
+                    State::Key
+                } else {
+                    State::Invalid
+                };
+            }
+            State::Key => match b {
+                b'"' => self.start_string(StrRole::Key),
+                b'}' => self.state = State::Done,
+                _ => self.state = State::Invalid,
+            },
+            State::Colon => {
+                self.state = if b == b':' {
+                    State::Value
+                } else {
+                    State::Invalid
+                };
+            }
+            State::Value => match b {
+                b'"' if self.key_is_stream => self.start_string(StrRole::StreamValue),
+                b'"' => self.start_string(StrRole::Other),
+                b'{' | b'[' => {
+                    if self.key_is_stream {
+                        self.result = false;
+                    }
+                    self.depth = 1;
+                    self.state = State::Skip;
+                }
+                c if c.is_ascii_alphanumeric() || c == b'-' => {
+                    // Literals keep their case: `True` is not JSON.
+                    self.literal = true;
+                    self.cap_len = 0;
+                    self.capture_raw(c);
+                }
+                _ => self.state = State::Invalid,
+            },
+            State::Skip => match b {
+                b'"' => self.start_string(StrRole::Other),
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        self.state = State::Comma;
+                    }
+                }
+                _ => {}
+            },
+            State::Comma => match b {
+                b',' => self.state = State::Key,
+                b'}' => self.state = State::Done,
+                _ => self.state = State::Invalid,
+            },
+            State::Done | State::Invalid => self.state = State::Invalid,
+        }
     }
 }
 
@@ -50,14 +317,85 @@ mod tests {
         ));
         assert!(stream_flag(br#"{"stream":"TRUE"}"#));
         assert!(stream_flag(br#"{"stream":"tr\u0075e"}"#));
+        assert!(stream_flag(br#"{"str\u0065am":true}"#));
+        assert!(stream_flag(b" {\n\t\"stream\"\n:\ntrue\n}\n"));
         assert!(!stream_flag(br#"{"stream":false}"#));
         assert!(!stream_flag(br#"{"stream":null}"#));
         assert!(!stream_flag(br#"{"stream":1}"#));
+        assert!(!stream_flag(br#"{"stream":True}"#));
+        assert!(!stream_flag(br#"{"stream":tRUE}"#));
+        assert!(!stream_flag(br#"{"a":xyz,"stream":true}"#), "not JSON");
+        assert!(!stream_flag(br#"{"stream":"true "}"#));
+        assert!(!stream_flag(br#"{"stream":"truely"}"#));
         assert!(!stream_flag(br#"{"stream":{"a":true}}"#));
+        assert!(!stream_flag(br#"{"stream":[true]}"#));
+        assert!(!stream_flag(br#"{"streams":true}"#));
         assert!(!stream_flag(br#"{"messages":[{"stream":true}]}"#));
         assert!(!stream_flag(br#"{"prompt":"\"stream\": true"}"#));
+        assert!(!stream_flag(br#"{"prompt":"\\","stream":false}"#));
+        assert!(stream_flag(br#"{"prompt":"\\","stream":true}"#));
         assert!(!stream_flag(b"not json \"stream\""));
+        assert!(!stream_flag(b"[{\"stream\":true}]"));
+        assert!(!stream_flag(br#"{"stream":true"#), "truncated");
+        assert!(!stream_flag(br#"{"stream":true}x"#), "trailing garbage");
         assert!(!stream_flag(b""));
+        assert!(stream_flag(br#"{"a":{"b":[1,{"c":"}"}]},"stream":true}"#));
+    }
+
+    #[test]
+    fn the_last_duplicate_key_wins() {
+        assert!(stream_flag(br#"{"stream":false,"stream":true}"#));
+        assert!(!stream_flag(br#"{"stream":true,"stream":false}"#));
+    }
+
+    #[test]
+    fn chunk_boundaries_do_not_matter() {
+        let bodies: [&[u8]; 4] = [
+            br#"{"messages":[{"role":"user","content":"a \"quoted\" \\ text \u00e9"}],"stream":true}"#,
+            br#"{"stream":"tr\u0075e","x":[[],{}]}"#,
+            br#"{"stream": false , "y":"stream"}"#,
+            br#"{"x":"\\\"","stream":true}"#,
+        ];
+        for body in bodies {
+            let whole = stream_flag(body);
+            for split in 0..body.len() {
+                let mut p = StreamProbe::default();
+                p.feed(&body[..split]);
+                p.feed(&body[split..]);
+                assert_eq!(
+                    p.finish(),
+                    whole,
+                    "split at {split} of {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+            let mut p = StreamProbe::default();
+            for b in body {
+                p.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(p.finish(), whole);
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_json_parser_on_valid_objects() {
+        let cases = [
+            r#"{"stream":true}"#,
+            r#"{"stream":"True"}"#,
+            r#"{"a":1,"stream":false}"#,
+            r#"{"a":[1,2,{"stream":true}],"b":"x"}"#,
+            r#"{"stream":0}"#,
+            r#"{"n":-1.5e3,"stream":true,"z":null}"#,
+        ];
+        for c in cases {
+            let v: serde_json::Value = serde_json::from_str(c).unwrap();
+            let want = match &v["stream"] {
+                serde_json::Value::Bool(b) => *b,
+                serde_json::Value::String(s) => s.eq_ignore_ascii_case("true"),
+                _ => false,
+            };
+            assert_eq!(stream_flag(c.as_bytes()), want, "{c}");
+        }
     }
 
     #[test]

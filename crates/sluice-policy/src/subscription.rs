@@ -137,11 +137,7 @@ impl SubscriptionIndex {
         query: Option<&str>,
         realm: &str,
     ) -> Result<Option<SubscriptionMatch>, GatewayError> {
-        let first_header = settings
-            .header_names
-            .first()
-            .map(|h| h.as_str())
-            .unwrap_or("api-key");
+        let first_header = settings.challenge_name.as_str();
         let key = extract_key(settings, headers, query);
         let Some(key) = key else {
             return if settings.required {
@@ -218,6 +214,7 @@ mod tests {
                 HeaderName::from_static("ocp-apim-subscription-key"),
             ],
             query_name: "subscription-key".into(),
+            challenge_name: "api-key".into(),
         }
     }
 
@@ -330,6 +327,22 @@ mod tests {
         assert!(
             idx.check("other", &s, &hdr("api-key", "k2"), None, "r")
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_challenge_names_the_header_as_configured() {
+        let idx = SubscriptionIndex::new(&[]);
+        let mut s = settings();
+        s.header_names.reverse();
+        s.challenge_name = "Ocp-Apim-Subscription-Key".into();
+        let e = idx
+            .check("api", &s, &HeaderMap::new(), None, "r")
+            .unwrap_err();
+        assert!(
+            e.headers[0]
+                .1
+                .contains("name=\"Ocp-Apim-Subscription-Key\"")
         );
     }
 

@@ -106,6 +106,14 @@ async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> 
     Ok(())
 }
 
+/// Whether the final (non-1xx) response head has gone to the client; after
+/// that nothing can be retried or replaced. A `100 Continue` does not count.
+fn final_response_written(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|r| !r.status.is_informational())
+}
+
 /// The API's public URL as APIM echoes it in `WWW-Authenticate`.
 fn realm(session: &Session, api_path: &str) -> String {
     let host = session
@@ -220,6 +228,10 @@ impl ProxyHttp for Gateway {
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(true);
         }
+        if sluice_policy::route::has_dot_segments(path) {
+            respond(session, &GatewayError::not_found(), false).await?;
+            return Ok(true);
+        }
         let Some(m) = self.state.router.route(path) else {
             respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
@@ -295,11 +307,10 @@ impl ProxyHttp for Gateway {
             if ctx.body_len > limit {
                 return Err(status_error(413, "request body over the limit"));
             }
-            ctx.body_copy.extend_from_slice(b);
+            ctx.body_probe.feed(b);
         }
         if end_of_stream {
-            ctx.stream = stream_tag::stream_flag(&ctx.body_copy);
-            ctx.body_copy = Vec::new();
+            ctx.stream = ctx.body_probe.finish();
         }
         Ok(())
     }
@@ -315,12 +326,28 @@ impl ProxyHttp for Gateway {
         let idx = self.state.apis[api].next_backend();
         ctx.backend = Some(idx);
         let b = &self.state.backends[idx];
-        let addr = b.address().await.map_err(|e| {
-            Error::because(ErrorType::ConnectNoRoute, "resolving the backend host", e)
-        })?;
+        let addr = match tokio::time::timeout(b.connect_timeout, b.address()).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return Err(Error::because(
+                    ErrorType::ConnectNoRoute,
+                    "resolving the backend host",
+                    e,
+                )
+                .into_up());
+            }
+            Err(_) => {
+                return Err(Error::explain(
+                    ErrorType::ConnectTimedout,
+                    "resolving the backend host timed out",
+                )
+                .into_up());
+            }
+        };
         let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
         peer.options.connection_timeout = Some(b.connect_timeout);
-        peer.options.total_connection_timeout = Some(b.connect_timeout + Duration::from_secs(5));
+        // `connect_ms` bounds the TCP connect and the TLS handshake together.
+        peer.options.total_connection_timeout = Some(b.connect_timeout);
         peer.options.read_timeout = Some(b.read_timeout);
         peer.options.write_timeout = Some(b.write_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(90));
@@ -389,8 +416,40 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        if !upstream_response.status.is_informational() {
+            upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        }
         Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // pingora refuses to retry POSTs by default. A failure on a reused
+        // (pooled) upstream connection is safe to retry when the body can be
+        // replayed and nothing has reached the client yet.
+        let replayable = ctx.body_mode != BodyMode::Streamed
+            && !session.as_ref().retry_buffer_truncated()
+            && !final_response_written(session);
+        if replayable {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        // Expected outcomes are not failures: a body over the limit, a client
+        // that went away.
+        matches!(e.etype(), ErrorType::HTTPStatus(400..=499))
+            || e.esource() == &ErrorSource::Downstream
     }
 
     fn fail_to_connect(
@@ -413,7 +472,7 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let code = if session.response_written().is_some() {
+        let code = if final_response_written(session) {
             // Headers are out: nothing more can be said; the connection is cut.
             0
         } else {
@@ -442,6 +501,7 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
+            .filter(|r| !r.status.is_informational())
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         tracing::debug!(
@@ -454,5 +514,78 @@ impl ProxyHttp for Gateway {
             elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
             error = e.map(|e| e.etype().as_str()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn gateway() -> Gateway {
+        let yaml = "backends: [{name: east, url: 'http://127.0.0.1:1'}]\n\
+                    apis: [{name: a, path: /openai, backends: [east], max_request_body_bytes: 100}]\n";
+        let cfg = sluice_config::load_str(yaml, "t.yaml", &std::env::temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        Gateway::new(GatewayState::new(&cfg, &HashMap::new()).unwrap())
+    }
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            api: Some(0),
+            backend: Some(0),
+            ..RequestContext::default()
+        }
+    }
+
+    #[test]
+    fn proxy_errors_map_to_apim_shaped_statuses() {
+        let g = gateway();
+        let c = ctx();
+        let status = |e: Box<Error>| {
+            g.error_for(&e, &c)
+                .map(|x| (x.status, x.message.into_owned()))
+        };
+        let (s, m) = status(Error::new_up(ErrorType::ConnectRefused)).unwrap();
+        assert_eq!(s, 502);
+        assert!(m.contains("backend 'east'"), "{m}");
+        assert_eq!(
+            status(Error::new_up(ErrorType::ConnectionClosed))
+                .unwrap()
+                .0,
+            502
+        );
+        assert_eq!(
+            status(Error::new_up(ErrorType::TLSHandshakeFailure))
+                .unwrap()
+                .0,
+            502
+        );
+        assert_eq!(
+            status(Error::new_up(ErrorType::ConnectTimedout)).unwrap().0,
+            504
+        );
+        assert_eq!(
+            status(Error::new_up(ErrorType::ReadTimedout)).unwrap().0,
+            504
+        );
+        let (s, m) = status(status_error(413, "x")).unwrap();
+        assert_eq!(
+            (s, m.as_str()),
+            (413, "Request body is too large. The limit is 100 bytes.")
+        );
+        assert_eq!(
+            status(Error::new_down(ErrorType::InvalidHTTPHeader))
+                .unwrap()
+                .0,
+            400
+        );
+        assert_eq!(
+            status(Error::new_in(ErrorType::InternalError)).unwrap().0,
+            500
+        );
+        // A client that went away gets nothing.
+        assert!(status(Error::new_down(ErrorType::ConnectionClosed)).is_none());
+        assert!(status(Error::new_down(ErrorType::ReadTimedout)).is_none());
     }
 }

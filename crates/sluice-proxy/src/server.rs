@@ -13,14 +13,12 @@ use tokio::sync::Notify;
 use crate::gateway::Gateway;
 use crate::state::GatewayState;
 
-/// Resolve a listen address: port 0 picks a free port now (bind, read the
-/// port, release it) because pingora binds only when the server runs. The
-/// window between release and pingora's bind is tiny; the address is printed
-/// in the banner so tests and users learn the port.
+/// Check a listen address before pingora binds it (it binds only when the
+/// server runs, and a failure there cannot be reported cleanly): bind it now
+/// and release it. Port 0 picks a free port this way; the window between the
+/// release and pingora's bind is tiny. The address is printed in the banner
+/// so tests and users learn the port.
 pub fn pick_listen_addr(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
     let l = TcpListener::bind(addr)?;
     l.local_addr()
 }

@@ -232,3 +232,94 @@ impl GatewayState {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        let dir = std::env::temp_dir();
+        sluice_config::load_str(yaml, "test.yaml", &dir).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const YAML: &str = r#"
+simulators:
+  - name: sim
+    region: East US
+backends:
+  - name: sim
+    simulator: sim
+  - name: azure
+    url: https://myres.openai.azure.com/base
+  - name: ip
+    url: http://127.0.0.1:9999
+apis:
+  - name: a
+    path: /openai
+    backends: [sim, azure, ip]
+    subscription: { required: false, header_names: [x-key] }
+"#;
+
+    #[test]
+    fn backends_resolve_targets_host_headers_and_credentials() {
+        let cfg = config(YAML);
+        let sims = HashMap::from([("sim".to_string(), "127.0.0.1:4321".parse().unwrap())]);
+        let st = GatewayState::new(&cfg, &sims).unwrap();
+        let sim = &st.backends[0];
+        assert_eq!(
+            (sim.tls, sim.host_header.as_str()),
+            (false, "127.0.0.1:4321")
+        );
+        let az = &st.backends[1];
+        assert_eq!((az.tls, az.port), (true, 443));
+        assert_eq!(az.host_header, "myres.openai.azure.com");
+        assert_eq!(az.base_path, "/base");
+        assert_eq!(
+            st.backends[2].fixed,
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
+        // The API's own key header is stripped as well as the usual ones.
+        let names: Vec<&str> = st.credential_headers.iter().map(|h| h.as_str()).collect();
+        assert!(names.contains(&"x-key") && names.contains(&"api-key"));
+        assert!(names.contains(&"authorization") && names.contains(&"ocp-apim-subscription-key"));
+    }
+
+    #[test]
+    fn a_simulator_that_did_not_start_is_an_error() {
+        let cfg = config(YAML);
+        let err = GatewayState::new(&cfg, &HashMap::new()).unwrap_err();
+        assert!(err.0.contains("simulator 'sim'"), "{err}");
+    }
+
+    #[test]
+    fn round_robin_over_an_apis_backends() {
+        let cfg = config(YAML);
+        let sims = HashMap::from([("sim".to_string(), "127.0.0.1:4321".parse().unwrap())]);
+        let st = GatewayState::new(&cfg, &sims).unwrap();
+        let picks: Vec<usize> = (0..6).map(|_| st.apis[0].next_backend()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn dns_answers_are_cached_and_sticky_until_a_connect_fails() {
+        let cfg = config(
+            "backends: [{name: l, url: 'http://localhost:8080'}]\napis: [{name: a, path: /openai, backends: [l]}]\n",
+        );
+        let st = GatewayState::new(&cfg, &HashMap::new()).unwrap();
+        let b = &st.backends[0];
+        let first = b.address().await.unwrap();
+        assert!(first.ip().is_loopback());
+        assert!(first.is_ipv4(), "IPv4 answers come first");
+        assert_eq!(b.address().await.unwrap(), first);
+        b.connect_failed();
+        let n = b
+            .resolved
+            .read()
+            .await
+            .as_ref()
+            .map(|(_, a)| a.len())
+            .unwrap();
+        let next = b.address().await.unwrap();
+        assert_eq!(next == first, n == 1);
+    }
+}

@@ -43,8 +43,11 @@ enum Command {
         #[arg(long)]
         display_region: Option<String>,
         /// Name of an environment variable holding the api-key the simulator requires.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "api_key_file")]
         api_key_env: Option<String>,
+        /// A file holding the api-key the simulator requires.
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
         /// Milliseconds before the first token.
         #[arg(long, default_value_t = 0)]
         ttft_ms: u64,
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             region,
             display_region,
             api_key_env,
+            api_key_file,
             ttft_ms,
             per_token_ms,
             tpm,
@@ -121,7 +125,16 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 },
-                None => None,
+                None => match api_key_file {
+                    Some(path) => match std::fs::read_to_string(&path) {
+                        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
+                        _ => {
+                            eprintln!("sluice sim: cannot read a key from {}", path.display());
+                            return ExitCode::from(2);
+                        }
+                    },
+                    None => None,
+                },
             };
             let mut cfg = sluice_sim::RegionConfig::new(&region);
             cfg.display_region = display_region.unwrap_or_else(|| region.clone());
@@ -136,6 +149,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: sluice_config::Config) -> ExitCode {
+    let listen = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sluice: cannot listen on {}: {e}", cfg.server.listen);
+            return ExitCode::from(1);
+        }
+    };
     // Simulated regions run on their own small runtime, beside pingora's.
     let (sim_runtime, started) = match sims::start_all(&cfg) {
         Ok(v) => v,
@@ -152,13 +172,6 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sluice: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let listen = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sluice: cannot listen on {}: {e}", cfg.server.listen);
             return ExitCode::from(1);
         }
     };
@@ -195,12 +208,7 @@ fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::S
         );
     }
     if let Some(api) = cfg.apis.first() {
-        let header = api
-            .subscription
-            .header_names
-            .first()
-            .map(|h| h.as_str())
-            .unwrap_or("api-key");
+        let header = &api.subscription.challenge_name;
         let _ = writeln!(
             out,
             "Call it like Azure OpenAI, with a subscription key from gateway.yaml:"

@@ -77,6 +77,24 @@ fn check_accepts_a_good_config_and_the_repo_default() {
 }
 
 #[test]
+fn the_compose_config_is_valid() {
+    // docker-compose.yml mounts demo/keys beside it, as the repository root has them.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(repo.join("deploy/compose/gateway.yaml")).expect("read");
+    let cfg = sluice_config::load_str(&text, "deploy/compose/gateway.yaml", &repo)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.backends.len(), 3);
+    let compose = std::fs::read_to_string(repo.join("docker-compose.yml")).expect("read");
+    for b in &cfg.backends {
+        assert!(
+            compose.contains(&format!("sim-{}:", b.name)),
+            "service for {}",
+            b.name
+        );
+    }
+}
+
+#[test]
 fn check_lists_every_problem_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = r#"
@@ -206,4 +224,21 @@ fn sim_subcommand_serves_azure_openai() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-ms-region"), Some("West US"));
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn run_on_a_busy_port_exits_1_with_a_message() {
+    let dir = good_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let yaml = GOOD.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    std::fs::write(dir.path().join("busy.yaml"), yaml).expect("write");
+    let out = Command::new(BIN)
+        .args(["run", "-c", "busy.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }

@@ -51,6 +51,7 @@ fn start() -> Env {
     slow_cfg.latency.per_token = Duration::from_millis(PER_TOKEN_MS);
     let slow = rt.block_on(Simulator::start(any, slow_cfg)).expect("sim");
     let capture = Capture::start();
+    let blackhole = blackhole();
 
     let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
     std::fs::write(dir.path().join("a.key"), KEY).expect("write");
@@ -80,6 +81,9 @@ backends:
   - name: dead
     url: http://127.0.0.1:{dead}
     timeouts: {{ connect_ms: 500 }}
+  - name: blackhole
+    url: http://{blackhole}
+    timeouts: {{ connect_ms: 400 }}
 subscriptions:
   - name: team-a
     primary_key: {{file: a.key}}
@@ -104,11 +108,15 @@ apis:
   - name: dead
     path: /dead/openai
     backends: [dead]
+  - name: blackhole
+    path: /blackhole/openai
+    backends: [blackhole]
 "#,
         main = main.url(),
         slow = slow.url(),
         capture = capture.addr,
         dead = closed_port(),
+        blackhole = blackhole,
     );
     let cfg = sluice_config::load_str(&yaml, "e2e.yaml", dir.path()).expect("config is valid");
     let state = sluice_proxy::GatewayState::new(&cfg, &HashMap::new()).expect("state");
@@ -116,6 +124,26 @@ apis:
         sluice_proxy::spawn_in_thread(state, cfg.server.listen, cfg.server.threads)
             .expect("gateway starts");
     Env { gw, main, capture }
+}
+
+/// A listener whose accept queue is full and never drained: new connections
+/// to it are neither accepted nor refused, so connecting times out.
+fn blackhole() -> SocketAddr {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    s.listen(0).expect("listen");
+    let addr = s.local_addr().expect("addr").as_socket().expect("inet");
+    // Fill the queue (backlog 0 admits one or two); keep everything open.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            held.push(c);
+        }
+    }
+    Box::leak(Box::new((s, held)));
+    addr
 }
 
 fn chat_body(stream: &str) -> String {
@@ -621,4 +649,65 @@ fn an_early_401_keeps_the_connection_usable() {
             "{status} {text}"
         );
     }
+}
+
+#[test]
+fn a_backend_that_never_accepts_gets_504_after_the_connect_timeout() {
+    let e = env();
+    let t = Instant::now();
+    let r = post(
+        e.gw,
+        "/blackhole/openai/deployments/d/embeddings",
+        &[("api-key", KEY)],
+        r#"{"input":"a"}"#,
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("connect"),
+        "{}",
+        r.text()
+    );
+    assert!(t.elapsed() >= Duration::from_millis(400));
+}
+
+#[test]
+fn a_failure_after_100_continue_still_gets_an_apim_error() {
+    use std::io::{Read, Write};
+    let e = env();
+    let body = r#"{"input":"a"}"#;
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST /dead/openai/deployments/d/embeddings HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    let mut first = [0u8; 64];
+    let n = s.read(&mut first).expect("read");
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 100"));
+    s.write_all(body.as_bytes()).expect("body");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&first[..n]).into_owned() + &String::from_utf8_lossy(&rest);
+    assert!(text.contains("HTTP/1.1 502"), "{text}");
+    assert!(text.contains("\"statusCode\": 502"), "{text}");
+}
+
+#[test]
+fn dot_segments_are_refused_before_reaching_a_backend() {
+    let e = env();
+    for path in [
+        "/capture/openai/../language/analyze",
+        "/capture/openai/deployments/%2e%2e/%2E%2E/x",
+        "/capture/openai/deployments/a%2f..%2fb/chat/completions",
+    ] {
+        let r = post(e.gw, path, &[("api-key", KEY), ("x-test-id", "dots")], "{}");
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+    }
+    assert!(e.capture.find("dots").is_none(), "nothing was forwarded");
 }
