@@ -46,10 +46,10 @@ fn subscription_check(c: &mut Criterion) {
             HeaderValue::from_static("0000000000000000000000000000dead-primary"),
         );
         g.bench_with_input(BenchmarkId::new("valid", n), &good, |b, h| {
-            b.iter(|| idx.check("azure-openai", &s, black_box(h), None, "http://h/openai"))
+            b.iter(|| idx.check("azure-openai", &s, black_box(h), None))
         });
         g.bench_with_input(BenchmarkId::new("invalid", n), &bad, |b, h| {
-            b.iter(|| idx.check("azure-openai", &s, black_box(h), None, "http://h/openai"))
+            b.iter(|| idx.check("azure-openai", &s, black_box(h), None))
         });
     }
     g.finish();

@@ -14,4 +14,4 @@ pub use context::{BodyMode, RequestContext};
 pub use error::GatewayError;
 pub use route::{ApiRouter, MatchedApi};
 pub use stream_tag::{StreamProbe, stream_flag};
-pub use subscription::{SubscriptionIndex, SubscriptionMatch};
+pub use subscription::{KeyError, SubscriptionIndex, SubscriptionMatch};

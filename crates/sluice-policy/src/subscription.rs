@@ -52,6 +52,26 @@ struct SubInfo {
     apis: Option<Vec<String>>,
 }
 
+/// Why the subscription step refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    /// No key in the configured headers or query parameter.
+    Missing,
+    /// An unknown key, a suspended subscription, or one not allowed on the API.
+    Invalid,
+}
+
+impl KeyError {
+    /// APIM's 401. `realm` is the API's public URL; the challenge names the
+    /// first configured header as written.
+    pub fn response(self, realm: &str, settings: &SubscriptionSettings) -> GatewayError {
+        match self {
+            KeyError::Missing => missing_key_error(realm, &settings.challenge_name),
+            KeyError::Invalid => invalid_key_error(realm, &settings.challenge_name),
+        }
+    }
+}
+
 /// All subscriptions' keys, indexed by digest.
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
@@ -128,34 +148,32 @@ impl SubscriptionIndex {
     /// The subscription step for one request to `api_name`.
     ///
     /// `Ok(None)`: the API does not require a subscription and none was sent.
-    /// `realm` is the API's public URL, echoed in `WWW-Authenticate`.
+    /// On failure, [`KeyError::response`] builds APIM's 401 (only then is the
+    /// realm needed).
     pub fn check(
         &self,
         api_name: &str,
         settings: &SubscriptionSettings,
         headers: &HeaderMap,
         query: Option<&str>,
-        realm: &str,
-    ) -> Result<Option<SubscriptionMatch>, GatewayError> {
-        let first_header = settings.challenge_name.as_str();
+    ) -> Result<Option<SubscriptionMatch>, KeyError> {
         let key = extract_key(settings, headers, query);
         let Some(key) = key else {
             return if settings.required {
-                Err(missing_key_error(realm, first_header))
+                Err(KeyError::Missing)
             } else {
                 Ok(None)
             };
         };
-        let invalid = || invalid_key_error(realm, first_header);
-        let (index, slot) = self.lookup(&key).ok_or_else(invalid)?;
+        let (index, slot) = self.lookup(&key).ok_or(KeyError::Invalid)?;
         let sub = &self.subs[index];
         if !sub.active {
-            return Err(invalid());
+            return Err(KeyError::Invalid);
         }
         if let Some(apis) = &sub.apis
             && !apis.iter().any(|a| a == api_name)
         {
-            return Err(invalid());
+            return Err(KeyError::Invalid);
         }
         Ok(Some(SubscriptionMatch {
             index,
@@ -229,18 +247,12 @@ mod tests {
         let idx = SubscriptionIndex::new(&[sub("a", "k1", Some("k2")), sub("b", "k3", None)]);
         let s = settings();
         let m = idx
-            .check("api", &s, &hdr("api-key", "k2"), None, "r")
+            .check("api", &s, &hdr("api-key", "k2"), None)
             .unwrap()
             .unwrap();
         assert_eq!((m.index, &*m.name, m.slot), (0, "a", KeySlot::Secondary));
         let m = idx
-            .check(
-                "api",
-                &s,
-                &hdr("ocp-apim-subscription-key", "k3"),
-                None,
-                "r",
-            )
+            .check("api", &s, &hdr("ocp-apim-subscription-key", "k3"), None)
             .unwrap()
             .unwrap();
         assert_eq!((&*m.name, m.slot), ("b", KeySlot::Primary));
@@ -250,9 +262,9 @@ mod tests {
     fn missing_and_invalid_get_apim_401s() {
         let idx = SubscriptionIndex::new(&[sub("a", "k1", None)]);
         let s = settings();
-        let e = idx
-            .check("api", &s, &HeaderMap::new(), None, "http://h/openai")
-            .unwrap_err();
+        let e = idx.check("api", &s, &HeaderMap::new(), None).unwrap_err();
+        assert_eq!(e, KeyError::Missing);
+        let e = e.response("http://h/openai", &s);
         assert_eq!(e.status, 401);
         assert!(
             e.message
@@ -263,21 +275,17 @@ mod tests {
             "AzureApiManagementKey realm=\"http://h/openai\",name=\"api-key\",type=\"header\""
         );
         let e = idx
-            .check("api", &s, &hdr("api-key", "nope"), None, "r")
-            .unwrap_err();
+            .check("api", &s, &hdr("api-key", "nope"), None)
+            .unwrap_err()
+            .response("r", &s);
+        assert_eq!(e.status, 401);
         assert!(
             e.message
                 .starts_with("Access denied due to invalid subscription key")
         );
         // A key that shares a prefix is still invalid.
-        assert!(
-            idx.check("api", &s, &hdr("api-key", "k"), None, "r")
-                .is_err()
-        );
-        assert!(
-            idx.check("api", &s, &hdr("api-key", "k11"), None, "r")
-                .is_err()
-        );
+        assert!(idx.check("api", &s, &hdr("api-key", "k"), None).is_err());
+        assert!(idx.check("api", &s, &hdr("api-key", "k11"), None).is_err());
     }
 
     #[test]
@@ -286,13 +294,7 @@ mod tests {
         let s = settings();
         let h = HeaderMap::new();
         let m = idx
-            .check(
-                "api",
-                &s,
-                &h,
-                Some("api-version=1&subscription-key=k%2F1"),
-                "r",
-            )
+            .check("api", &s, &h, Some("api-version=1&subscription-key=k%2F1"))
             .unwrap();
         assert_eq!(m.unwrap().index, 0);
         // A (wrong) header wins over a right query key.
@@ -302,10 +304,9 @@ mod tests {
                 &s,
                 &hdr("api-key", "bad"),
                 Some("subscription-key=k%2F1"),
-                "r",
             )
             .unwrap_err();
-        assert_eq!(e.status, 401);
+        assert_eq!(e, KeyError::Invalid);
     }
 
     #[test]
@@ -316,18 +317,9 @@ mod tests {
         b.apis = Some(vec!["other".into()]);
         let idx = SubscriptionIndex::new(&[a, b]);
         let s = settings();
-        assert!(
-            idx.check("api", &s, &hdr("api-key", "k1"), None, "r")
-                .is_err()
-        );
-        assert!(
-            idx.check("api", &s, &hdr("api-key", "k2"), None, "r")
-                .is_err()
-        );
-        assert!(
-            idx.check("other", &s, &hdr("api-key", "k2"), None, "r")
-                .is_ok()
-        );
+        assert!(idx.check("api", &s, &hdr("api-key", "k1"), None).is_err());
+        assert!(idx.check("api", &s, &hdr("api-key", "k2"), None).is_err());
+        assert!(idx.check("other", &s, &hdr("api-key", "k2"), None).is_ok());
     }
 
     #[test]
@@ -337,8 +329,9 @@ mod tests {
         s.header_names.reverse();
         s.challenge_name = "Ocp-Apim-Subscription-Key".into();
         let e = idx
-            .check("api", &s, &HeaderMap::new(), None, "r")
-            .unwrap_err();
+            .check("api", &s, &HeaderMap::new(), None)
+            .unwrap_err()
+            .response("r", &s);
         assert!(
             e.headers[0]
                 .1
@@ -351,13 +344,7 @@ mod tests {
         let idx = SubscriptionIndex::new(&[]);
         let mut s = settings();
         s.required = false;
-        assert_eq!(
-            idx.check("api", &s, &HeaderMap::new(), None, "r").unwrap(),
-            None
-        );
-        assert!(
-            idx.check("api", &s, &hdr("api-key", "x"), None, "r")
-                .is_err()
-        );
+        assert_eq!(idx.check("api", &s, &HeaderMap::new(), None).unwrap(), None);
+        assert!(idx.check("api", &s, &hdr("api-key", "x"), None).is_err());
     }
 }

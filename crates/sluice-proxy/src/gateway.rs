@@ -248,11 +248,11 @@ impl ProxyHttp for Gateway {
             &api.subscription,
             &req.headers,
             req.uri.query(),
-            &realm(session, &api.path),
         );
         match checked {
             Ok(sub) => ctx.subscription = sub,
             Err(e) => {
+                let e = e.response(&realm(session, &api.path), &api.subscription);
                 respond(session, &e, false).await?;
                 return Ok(true);
             }

@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 
 mod sims;
 
+/// mimalloc instead of glibc's allocator: the request path allocates and
+/// frees many small buffers across threads, where glibc's malloc showed up as
+/// ~12% of the gateway's CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "sluice", version, about = "An API gateway for Azure OpenAI")]
 struct Cli {
