@@ -87,6 +87,8 @@ fn routing_and_errors(c: &mut Criterion) {
         backends: vec!["b".into()],
         subscription: settings(),
         max_request_body_bytes: 1 << 22,
+        auth: sluice_config::ApiAuth::Key,
+        policies: vec![],
     })
     .collect();
     let router = ApiRouter::new(&apis);

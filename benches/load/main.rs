@@ -32,6 +32,11 @@ struct Args {
     /// (for working on the harness itself).
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// Turn on Sluice's limit and metric policies (rate_limit, token_limit with a
+    /// prompt estimate, emit_token_metric with a management listener), with limits
+    /// high enough never to refuse, to measure what they cost.
+    #[arg(long)]
+    policies: bool,
     /// nginx binary; when given and present, nginx is measured as a plain reverse proxy.
     #[arg(long)]
     nginx: Option<PathBuf>,
@@ -232,7 +237,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Sluice)
     {
-        let conf = write_gateway_config(&tmp, sim_addr, args.threads, &key)?;
+        let conf = write_gateway_config(&tmp, sim_addr, args.threads, &key, args.policies)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
         let (proc, addr) = Proc::spawn_until_line(
@@ -359,17 +364,34 @@ fn subscription_key() -> String {
     format!("sluice-load-{:x}{:x}", nanos, std::process::id())
 }
 
-fn write_gateway_config(tmp: &Path, sim: SocketAddr, threads: usize, key: &str) -> Result<PathBuf> {
+fn write_gateway_config(
+    tmp: &Path,
+    sim: SocketAddr,
+    threads: usize,
+    key: &str,
+    policies: bool,
+) -> Result<PathBuf> {
     let key_path = tmp.join("key.txt");
     std::fs::write(&key_path, format!("{key}\n"))?;
     let conf = tmp.join("gateway.yaml");
+    let (management, policy_list) = if policies {
+        (
+            "  management: { listen: 127.0.0.1:0 }\n",
+            "    policies:\n\
+             \x20     - rate_limit: { calls: 100000000, renewal_period_seconds: 60, counter_key: subscription }\n\
+             \x20     - token_limit: { counter_key: subscription, tokens_per_minute: 1000000000, remaining_tokens_header_name: x-remaining-tokens }\n\
+             \x20     - emit_token_metric: { dimensions: [subscription, api, deployment, backend_region] }\n",
+        )
+    } else {
+        ("", "")
+    };
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n\
+            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n{management}\
              backends:\n  - name: sim\n    url: http://{sim}\n\
              subscriptions:\n  - name: load\n    primary_key: {{file: {}}}\n\
-             apis:\n  - name: azure-openai\n    path: /openai\n    backends: [sim]\n",
+             apis:\n  - name: azure-openai\n    path: /openai\n    backends: [sim]\n{policy_list}",
             key_path.display()
         ),
     )?;

@@ -62,19 +62,33 @@ def _binary() -> str:
     return os.path.abspath(b)
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gw")
-    (d / "gateway.yaml").write_text(CONFIG)
-    (d / "a.key").write_text(KEY)
-    (d / "a2.key").write_text(KEY2)
-    (d / "backend.key").write_text(BACKEND_KEY)
+class Gateway:
+    """A running `sluice run` child process."""
+
+    def __init__(self, proc, url, management):
+        self.proc = proc
+        self.url = url
+        self.management = management
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_gateway(directory, config: str, env=None) -> Gateway:
+    """Write `config` as gateway.yaml in `directory`, start sluice, and wait
+    until its data plane (and management listener, if any) accept connections."""
+    (directory / "gateway.yaml").write_text(config)
     proc = subprocess.Popen(
         [_binary(), "run", "-c", "gateway.yaml"],
-        cwd=d,
+        cwd=directory,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RUST_LOG": "warn"},
+        env={**os.environ, "RUST_LOG": "warn", **(env or {})},
     )
     lines: "queue.Queue[str]" = queue.Queue()
 
@@ -83,7 +97,7 @@ def gateway(tmp_path_factory):
             lines.put(line)
 
     threading.Thread(target=pump, daemon=True).start()
-    url = None
+    url = management = None
     deadline = time.monotonic() + 60
     while url is None:
         remaining = deadline - time.monotonic()
@@ -94,22 +108,40 @@ def gateway(tmp_path_factory):
             line = lines.get(timeout=remaining)
         except queue.Empty:
             continue
+        if line.startswith("sluice: management on "):
+            management = line.split(" on ", 1)[1].split()[0].strip()
         if line.startswith("sluice: listening on "):
             url = line.split("listening on ", 1)[1].strip()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    while True:  # readiness: the port accepts connections
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
+    # The management line follows the listening line in the banner.
+    if "management:" in config:
+        while management is None:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
                 proc.kill()
-                pytest.fail("sluice never accepted connections")
-            time.sleep(0.01)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+                pytest.fail("sluice did not print its management line")
+            if line.startswith("sluice: management on "):
+                management = line.split(" on ", 1)[1].split()[0].strip()
+    for u in [url] + ([management] if management else []):
+        host, port = u.removeprefix("http://").rsplit(":", 1)
+        while True:  # readiness: the port accepts connections
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail("sluice never accepted connections")
+                time.sleep(0.01)
+    return Gateway(proc, url, management)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gw")
+    (d / "a.key").write_text(KEY)
+    (d / "a2.key").write_text(KEY2)
+    (d / "backend.key").write_text(BACKEND_KEY)
+    gw = start_gateway(d, CONFIG)
+    yield gw.url
+    gw.stop()

@@ -23,8 +23,10 @@ mod validate;
 pub use error::{ConfigErrors, Problem};
 pub use secret::Secret;
 pub use types::{
-    Api, Backend, BackendTarget, BackendUrl, Config, Server, SimDeployment, SimulatorRegion,
-    Subscription, SubscriptionSettings, Timeouts,
+    Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, CallLimit, Config, CounterKey,
+    Credential, Dimension, EmitTokenMetric, JwtKeys, Management, Policy, QuotaPeriod, Server,
+    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, TokenLimit,
+    ValidateJwt,
 };
 
 /// Loads and validates a configuration file. Relative secret `file:` paths

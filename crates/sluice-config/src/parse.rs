@@ -13,8 +13,10 @@ use serde_yaml::{Mapping, Value};
 
 use crate::lines::{Seg, format_path, index_path, key_path};
 use crate::raw::{
-    RawApi, RawApiSubscription, RawBackend, RawConfig, RawSecretFields, RawServer,
-    RawSimDeployment, RawSimulator, RawSubscription, RawTimeouts, fields_of,
+    RawApi, RawApiSubscription, RawAzureCli, RawBackend, RawBackendAuth, RawCallLimit,
+    RawClientSecret, RawConfig, RawEmitTokenMetric, RawManagedIdentity, RawManagement, RawPolicy,
+    RawSecretFields, RawServer, RawSimDeployment, RawSimulator, RawSubscription, RawTimeouts,
+    RawTokenLimit, RawValidateJwt, RawWorkloadIdentity, fields_of,
 };
 use crate::validate::Problems;
 
@@ -275,10 +277,9 @@ fn navigate<'v>(mut value: &'v mut Value, segs: &[Seg]) -> Option<&'v mut Value>
     Some(value)
 }
 
-/// Keys accepted by the mapping at `parent`, derived from the raw types.
-fn expected_keys(parent: &[Seg]) -> &'static [&'static str] {
-    // Shape of the parent path: indices become `[]`, simulator deployment
-    // names become `*`.
+/// The shape of a path: indices become `[]`, simulator deployment names
+/// become `*`, e.g. `apis[].policies[].rate_limit`.
+fn shape_of(parent: &[Seg]) -> String {
     let mut shape = String::new();
     let mut prev_key: Option<&str> = None;
     for seg in parent {
@@ -300,9 +301,26 @@ fn expected_keys(parent: &[Seg]) -> &'static [&'static str] {
             Seg::Index(_) => None,
         };
     }
-    match shape.as_str() {
+    shape
+}
+
+/// Keys accepted by the mapping at `parent`, derived from the raw types.
+fn expected_keys(parent: &[Seg]) -> &'static [&'static str] {
+    match shape_of(parent).as_str() {
         "" => fields_of::<RawConfig>(),
         "server" => fields_of::<RawServer>(),
+        "server.management" => fields_of::<RawManagement>(),
+        "backends[].auth" => fields_of::<RawBackendAuth>(),
+        "backends[].auth.managed_identity" => fields_of::<RawManagedIdentity>(),
+        "backends[].auth.workload_identity" => fields_of::<RawWorkloadIdentity>(),
+        "backends[].auth.client_secret" => fields_of::<RawClientSecret>(),
+        "backends[].auth.azure_cli" => fields_of::<RawAzureCli>(),
+        "backends[].auth.client_secret.secret" => fields_of::<RawSecretFields>(),
+        "apis[].policies[]" => fields_of::<RawPolicy>(),
+        "apis[].policies[].validate_jwt" => fields_of::<RawValidateJwt>(),
+        "apis[].policies[].rate_limit" | "apis[].policies[].quota" => fields_of::<RawCallLimit>(),
+        "apis[].policies[].token_limit" => fields_of::<RawTokenLimit>(),
+        "apis[].policies[].emit_token_metric" => fields_of::<RawEmitTokenMetric>(),
         "server.timeouts" | "backends[].timeouts" => fields_of::<RawTimeouts>(),
         "simulators[]" => fields_of::<RawSimulator>(),
         "simulators[].deployments.*" => fields_of::<RawSimDeployment>(),
@@ -326,6 +344,11 @@ fn unknown_key_message(segs: &[Seg]) -> String {
     };
     let expected = expected_keys(parent);
     if expected.is_empty() {
+        if shape_of(parent) == "backends[].auth.azure_cli" {
+            return format!(
+                "unknown key '{key}' (azure_cli takes no settings; write azure_cli: {{}})"
+            );
+        }
         return format!("unknown key '{key}'");
     }
     let closest = expected

@@ -25,6 +25,13 @@ pub(crate) struct RawServer {
     pub threads: Option<u64>,
     pub max_request_body_bytes: Option<u64>,
     pub timeouts: Option<RawTimeouts>,
+    #[serde(default, deserialize_with = "present")]
+    pub management: Option<RawManagement>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawManagement {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,7 +70,48 @@ pub(crate) struct RawBackend {
     pub api_key: Option<RawSecret>,
     pub deployments: Option<BTreeMap<String, String>>,
     pub timeouts: Option<RawTimeouts>,
+    #[serde(default, deserialize_with = "present")]
+    pub auth: Option<RawBackendAuth>,
 }
+
+/// `backends[].auth`: one credential key plus an optional scope. The
+/// credential keys may be written without a value (`azure_cli:`).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawBackendAuth {
+    #[serde(default, deserialize_with = "present")]
+    pub managed_identity: Option<RawManagedIdentity>,
+    #[serde(default, deserialize_with = "present")]
+    pub workload_identity: Option<RawWorkloadIdentity>,
+    #[serde(default, deserialize_with = "present")]
+    pub client_secret: Option<RawClientSecret>,
+    #[serde(default, deserialize_with = "present")]
+    pub azure_cli: Option<RawAzureCli>,
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawManagedIdentity {
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawWorkloadIdentity {
+    pub client_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawClientSecret {
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub secret: Option<RawSecret>,
+    pub authority_host: Option<String>,
+}
+
+/// `azure_cli: {}` takes no settings; any key inside is unknown.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawAzureCli {}
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct RawSubscription {
@@ -81,6 +129,78 @@ pub(crate) struct RawApi {
     pub backends: Option<Vec<Option<String>>>,
     pub max_request_body_bytes: Option<u64>,
     pub subscription: Option<RawApiSubscription>,
+    pub auth: Option<String>,
+    pub policies: Option<Vec<Option<RawPolicy>>>,
+}
+
+/// One `apis[].policies` entry: a mapping that should hold exactly one of
+/// these keys (checked by validation, so that an entry with two or none is
+/// reported at the entry's own path).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawPolicy {
+    #[serde(default, deserialize_with = "present")]
+    pub validate_jwt: Option<RawValidateJwt>,
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limit: Option<RawCallLimit>,
+    #[serde(default, deserialize_with = "present")]
+    pub quota: Option<RawCallLimit>,
+    #[serde(default, deserialize_with = "present")]
+    pub token_limit: Option<RawTokenLimit>,
+    #[serde(default, deserialize_with = "present")]
+    pub emit_token_metric: Option<RawEmitTokenMetric>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawValidateJwt {
+    pub openid_config_url: Option<String>,
+    pub jwks_url: Option<String>,
+    pub issuers: Option<Vec<Option<String>>>,
+    pub audiences: Option<Vec<Option<String>>>,
+    pub client_application_ids: Option<Vec<Option<String>>>,
+    pub required_roles: Option<Vec<Option<String>>>,
+    pub clock_skew_seconds: Option<u64>,
+}
+
+/// `rate_limit` and `quota`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawCallLimit {
+    pub calls: Option<u64>,
+    pub renewal_period_seconds: Option<u64>,
+    pub counter_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawTokenLimit {
+    pub counter_key: Option<String>,
+    pub tokens_per_minute: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub token_quota_period: Option<String>,
+    pub estimate_prompt_tokens: Option<bool>,
+    pub retry_after_header_name: Option<String>,
+    pub remaining_tokens_header_name: Option<String>,
+    pub remaining_quota_tokens_header_name: Option<String>,
+    pub tokens_consumed_header_name: Option<String>,
+    /// The 2024 spelling of `tokens_consumed_header_name`.
+    pub consumed_tokens_header_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawEmitTokenMetric {
+    pub dimensions: Option<Vec<Option<String>>>,
+}
+
+/// For mappings whose key alone means something (`azure_cli:`,
+/// `emit_token_metric:`): a present key with a null value deserializes to the
+/// default settings instead of `None`. Used with `#[serde(default)]`, so an
+/// absent key is still `None`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(
+        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,5 +346,16 @@ mod tests {
         );
         assert_eq!(fields_of::<RawSecretFields>(), &["env", "file"]);
         assert_eq!(fields_of::<RawConfig>().len(), 6);
+        assert_eq!(
+            fields_of::<RawPolicy>(),
+            &[
+                "validate_jwt",
+                "rate_limit",
+                "quota",
+                "token_limit",
+                "emit_token_metric"
+            ]
+        );
+        assert!(fields_of::<RawAzureCli>().is_empty());
     }
 }

@@ -34,6 +34,16 @@ pub struct Server {
     pub max_request_body_bytes: u64,
     /// Default upstream timeouts.
     pub timeouts: Timeouts,
+    /// The management listener (`/metrics`, `/health`); `None` = not started.
+    pub management: Option<Management>,
+}
+
+/// The management listener, bound separately from the data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Management {
+    /// Address to bind; port 0 picks a free port. Never equal to a non-zero
+    /// `server.listen` or simulator address.
+    pub listen: SocketAddr,
 }
 
 /// Upstream timeouts.
@@ -107,6 +117,53 @@ pub struct Backend {
     pub deployments: BTreeMap<String, String>,
     /// `server.timeouts`, overridden per field.
     pub timeouts: Timeouts,
+    /// Entra ID credential whose bearer token is sent upstream; never set
+    /// together with `api_key`.
+    pub auth: Option<BackendAuth>,
+}
+
+/// How a backend obtains an Entra ID token (`backends[].auth`).
+#[derive(Debug, Clone)]
+pub struct BackendAuth {
+    /// Where the token comes from.
+    pub credential: Credential,
+    /// Scope requested; default `https://cognitiveservices.azure.com/.default`.
+    pub scope: String,
+}
+
+/// An Entra ID credential. `Debug` never shows the client secret.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// Managed identity: system-assigned, or user-assigned when `client_id`
+    /// is set.
+    ManagedIdentity {
+        /// Client id of a user-assigned identity.
+        client_id: Option<String>,
+    },
+    /// AKS workload identity (federated token file). Unset fields fall back
+    /// to `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`.
+    WorkloadIdentity {
+        /// Application (client) id.
+        client_id: Option<String>,
+        /// Directory (tenant) id.
+        tenant_id: Option<String>,
+        /// Federated token file, already joined to the config file's
+        /// directory when written relative.
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Service principal with a client secret.
+    ClientSecret {
+        /// Directory (tenant) id or domain.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The client secret.
+        secret: Secret,
+        /// Authority host override (always `https://...`); `None` = public cloud.
+        authority_host: Option<String>,
+    },
+    /// The signed-in Azure CLI (`az account get-access-token`), for development.
+    AzureCli,
 }
 
 /// Where a backend sends requests.
@@ -161,6 +218,216 @@ pub struct Api {
     pub subscription: SubscriptionSettings,
     /// Body size limit for this API (`server.max_request_body_bytes` if unset).
     pub max_request_body_bytes: u64,
+    /// What callers must present: a subscription key, a JWT, or either.
+    pub auth: ApiAuth,
+    /// Inbound policies, in the configured order.
+    pub policies: Vec<Policy>,
+}
+
+/// How callers of an API authenticate (`apis[].auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiAuth {
+    /// A subscription key (per `Api::subscription`).
+    #[default]
+    Key,
+    /// An Entra ID bearer token, checked by the API's `validate_jwt` policy.
+    Jwt,
+    /// Either of the above.
+    KeyOrJwt,
+}
+
+/// One entry of `apis[].policies`.
+#[derive(Debug, Clone)]
+pub enum Policy {
+    /// Validate an Entra ID token (APIM validate-azure-ad-token / validate-jwt).
+    ValidateJwt(ValidateJwt),
+    /// Calls per sliding window per key (rate-limit-by-key); 429 when over.
+    RateLimit(CallLimit),
+    /// Calls per fixed period per key (quota-by-key); 403 when over.
+    Quota(CallLimit),
+    /// Tokens per minute and/or a token quota per key (azure-openai-token-limit).
+    TokenLimit(TokenLimit),
+    /// Prompt/completion/total token counters (azure-openai-emit-token-metric).
+    EmitTokenMetric(EmitTokenMetric),
+}
+
+/// Settings of a `validate_jwt` policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidateJwt {
+    /// Where the signing keys come from.
+    pub keys: JwtKeys,
+    /// Accepted `iss` values (at least one).
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values (at least one).
+    pub audiences: Vec<String>,
+    /// Allowed `appid`/`azp` values; empty = any application.
+    pub client_application_ids: Vec<String>,
+    /// Roles that must all be in the `roles` claim; empty = none required.
+    pub required_roles: Vec<String>,
+    /// Leeway for `exp`/`nbf`, 0..=600 s; default 60 s.
+    pub clock_skew: Duration,
+}
+
+/// Source of the signing keys for `validate_jwt` (an http(s) URL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeys {
+    /// An OpenID configuration document whose `jwks_uri` names the key set.
+    OpenIdConfiguration(String),
+    /// A JWKS document.
+    Jwks(String),
+}
+
+/// What a limit counts per (`counter_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CounterKey {
+    /// The caller's subscription.
+    Subscription,
+    /// The caller's identity: subscription, else the token's app/subject.
+    Identity,
+    /// The client IP address.
+    ClientIp,
+    /// The value of a request header.
+    Header(http::HeaderName),
+    /// The value of a claim of the validated JWT.
+    Claim(String),
+}
+
+/// Settings of `rate_limit` and `quota`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallLimit {
+    /// Calls allowed per period (at least 1).
+    pub calls: u64,
+    /// The window: 1..=300 s (sliding) for `rate_limit`, at least 60 s
+    /// (fixed) for `quota`.
+    pub renewal_period: Duration,
+    /// What is counted.
+    pub counter_key: CounterKey,
+}
+
+/// Settings of `token_limit`. At least one of `tokens_per_minute` and
+/// `token_quota` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimit {
+    /// What is counted.
+    pub counter_key: CounterKey,
+    /// Tokens per minute (at least 1).
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per period (at least 1).
+    pub token_quota: Option<(u64, QuotaPeriod)>,
+    /// Estimate the prompt's tokens before forwarding (default true).
+    pub estimate_prompt_tokens: bool,
+    /// Header carrying the seconds to wait on 429/403; default `Retry-After`.
+    pub retry_after_header_name: http::HeaderName,
+    /// Header for the remaining tokens of the minute, if wanted.
+    pub remaining_tokens_header_name: Option<http::HeaderName>,
+    /// Header for the remaining tokens of the quota period, if wanted.
+    pub remaining_quota_tokens_header_name: Option<http::HeaderName>,
+    /// Header for the tokens consumed by the request, if wanted.
+    pub tokens_consumed_header_name: Option<http::HeaderName>,
+}
+
+/// A token quota period: a fixed window starting at the UTC time truncated
+/// to the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaPeriod {
+    /// One hour.
+    Hourly,
+    /// One day.
+    Daily,
+    /// One week.
+    Weekly,
+    /// One calendar month.
+    Monthly,
+    /// One calendar year.
+    Yearly,
+}
+
+/// Settings of `emit_token_metric`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmitTokenMetric {
+    /// Label dimensions, in order, unique, at most 10.
+    pub dimensions: Vec<Dimension>,
+}
+
+/// A label of the token metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dimension {
+    /// Subscription name (`N/A` when the caller has none).
+    Subscription,
+    /// API name.
+    Api,
+    /// Deployment name from the request path.
+    Deployment,
+    /// Backend name.
+    Backend,
+    /// The backend's region (`x-ms-region`).
+    BackendRegion,
+    /// Client IP address.
+    ClientIp,
+    /// The caller's identity (as for [`CounterKey::Identity`]).
+    Identity,
+    /// The value of a request header.
+    Header(http::HeaderName),
+}
+
+impl Dimension {
+    /// The Prometheus label name: `subscription`, `api`, `deployment`,
+    /// `backend`, `backend_region`, `client_ip`, `identity`, or for a header
+    /// `header_` + the lowercase name with every character other than
+    /// `[a-z0-9_]` replaced by `_` (`x-user-id` -> `header_x_user_id`).
+    pub fn label(&self) -> String {
+        match self {
+            Dimension::Subscription => "subscription".to_string(),
+            Dimension::Api => "api".to_string(),
+            Dimension::Deployment => "deployment".to_string(),
+            Dimension::Backend => "backend".to_string(),
+            Dimension::BackendRegion => "backend_region".to_string(),
+            Dimension::ClientIp => "client_ip".to_string(),
+            Dimension::Identity => "identity".to_string(),
+            Dimension::Header(name) => {
+                let mut label = String::from("header_");
+                label.extend(name.as_str().chars().map(|c| {
+                    if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                }));
+                label
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dimension_labels() {
+        assert_eq!(Dimension::BackendRegion.label(), "backend_region");
+        assert_eq!(Dimension::ClientIp.label(), "client_ip");
+        assert_eq!(
+            Dimension::Header(http::HeaderName::from_static("x-user-id")).label(),
+            "header_x_user_id"
+        );
+        assert_eq!(
+            Dimension::Header(http::HeaderName::from_bytes(b"X-Team.Name").unwrap()).label(),
+            "header_x_team_name"
+        );
+    }
+
+    #[test]
+    fn credential_debug_hides_the_secret() {
+        let credential = Credential::ClientSecret {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: Secret::new("very-secret-value".into()),
+            authority_host: None,
+        };
+        let debug = format!("{credential:?}");
+        assert!(debug.contains("<redacted>") && !debug.contains("very-secret-value"));
+    }
 }
 
 /// Subscription-key settings of an API.

@@ -4,6 +4,9 @@
 //! that fail a check are replaced by placeholders so the pass can continue.
 //! The built [`Config`] is only returned when no problem was recorded.
 
+mod backend_auth;
+mod policies;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,8 +21,8 @@ use crate::raw::{
     RawTimeouts,
 };
 use crate::{
-    Api, Backend, BackendTarget, BackendUrl, Config, Problem, Secret, Server, SimDeployment,
-    SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
+    Api, Backend, BackendTarget, BackendUrl, Config, Management, Problem, Secret, Server,
+    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
 };
 
 pub(crate) const DEFAULT_SERVICE_NAME: &str = "sluice";
@@ -346,8 +349,26 @@ impl Cx<'_, '_> {
             MAX_THREADS,
             default_threads as u64,
         );
+        let listen = self.listen(raw.listen, "server.listen", DEFAULT_LISTEN);
+        let management = raw.management.map(|management| {
+            let path = "server.management.listen";
+            let addr = match self.required(management.listen, path) {
+                Some(text) => self.listen(Some(text), path, DEFAULT_SIMULATOR_LISTEN),
+                None => DEFAULT_SIMULATOR_LISTEN
+                    .parse()
+                    .expect("default listen address parses"),
+            };
+            if addr.port() != 0 && addr == listen {
+                self.err(
+                    path,
+                    "address already used by server.listen; the management listener needs its own",
+                );
+            }
+            Management { listen: addr }
+        });
         Server {
-            listen: self.listen(raw.listen, "server.listen", DEFAULT_LISTEN),
+            listen,
+            management,
             threads: threads as usize,
             max_request_body_bytes: self.positive(
                 raw.max_request_body_bytes,
@@ -367,6 +388,13 @@ impl Cx<'_, '_> {
         let mut listens: HashMap<SocketAddr, String> = HashMap::new();
         if server.listen.port() != 0 {
             listens.insert(server.listen, "server.listen".to_string());
+        }
+        if let Some(management) = &server.management
+            && management.listen.port() != 0
+        {
+            listens
+                .entry(management.listen)
+                .or_insert_with(|| "server.management.listen".to_string());
         }
         let mut out = Vec::new();
         for (i, path, raw) in self.entries(list, "simulators") {
@@ -490,7 +518,9 @@ impl Cx<'_, '_> {
                     BackendTarget::Simulator(sim)
                 }
             };
+            let has_api_key = raw.api_key.is_some();
             let api_key = self.optional_secret(raw.api_key, &key_path(&path, "api_key"));
+            let auth = self.backend_auth(raw.auth, &path, has_api_key);
             let deployments_path = key_path(&path, "deployments");
             let deployments = raw.deployments.unwrap_or_default();
             for (client_name, backend_name) in &deployments {
@@ -509,6 +539,7 @@ impl Cx<'_, '_> {
                 api_key,
                 deployments,
                 timeouts,
+                auth,
             });
         }
         out
@@ -644,12 +675,16 @@ impl Cx<'_, '_> {
             );
             let subscription =
                 self.subscription_settings(raw.subscription, &key_path(&path, "subscription"));
+            let auth = self.api_auth(raw.auth, &key_path(&path, "auth"));
+            let policies = self.policies(raw.policies, &path, auth, &subscription);
             out.push(Api {
                 name,
                 path: api_path,
                 backends,
                 subscription,
                 max_request_body_bytes,
+                auth,
+                policies,
             });
         }
         out
@@ -781,6 +816,62 @@ fn check_api_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an absolute `http[s]://host[:port][/path][?query]` URL (the query
+/// only when `allow_query`) and returns whether it is https. Messages do not
+/// repeat the URL.
+fn check_http_url(url: &str, allow_query: bool) -> Result<bool, String> {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".to_string());
+    }
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) if allow_query => (base, Some(query)),
+        _ => (url, None),
+    };
+    if let Some(query) = query {
+        if query.contains('#') {
+            return Err("must not contain a fragment ('#...')".to_string());
+        }
+        let query_ok = query
+            .bytes()
+            .all(|b| is_unreserved(b) || is_sub_delim_or_path(b) || b == b'?');
+        if !query_ok {
+            return Err("has characters that are not allowed in a URL query".to_string());
+        }
+    }
+    match parse_backend_url(base) {
+        Ok(url) => Ok(url.tls),
+        Err(message) if message.starts_with("must be an absolute URL") => {
+            Err("must be an absolute http:// or https:// URL".to_string())
+        }
+        Err(message) if message.starts_with("must not contain user info") => {
+            Err("must not contain user info ('user@')".to_string())
+        }
+        Err(message) => Err(message),
+    }
+}
+
+/// RFC 3986 sub-delimiters plus `/`, `%`, `:` and `@`: what a URL path (or
+/// query) may hold besides unreserved characters.
+fn is_sub_delim_or_path(b: u8) -> bool {
+    matches!(
+        b,
+        b'/' | b'%'
+            | b'!'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b';'
+            | b'='
+            | b':'
+            | b'@'
+    )
+}
+
 /// Parses `http[s]://host[:port][/base/path]`. Error messages do not repeat
 /// the URL (it could carry credentials).
 fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
@@ -852,26 +943,9 @@ fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
         },
     };
     let base_path = path.trim_end_matches('/');
-    let path_ok = base_path.bytes().all(|b| {
-        is_unreserved(b)
-            || matches!(
-                b,
-                b'/' | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'@'
-            )
-    });
+    let path_ok = base_path
+        .bytes()
+        .all(|b| is_unreserved(b) || is_sub_delim_or_path(b));
     if !path_ok {
         return Err("has characters that are not allowed in a URL path".to_string());
     }
@@ -943,6 +1017,38 @@ mod tests {
         }
         let message = parse_backend_url("https://user:hunter2@host").unwrap_err();
         assert!(!message.contains("hunter2"));
+    }
+
+    #[test]
+    fn http_urls() {
+        assert_eq!(
+            check_http_url(
+                "https://login.example/t/v2.0/.well-known/openid-configuration?appid=a&x=1",
+                true
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            check_http_url("http://127.0.0.1:8081/keys", true),
+            Ok(false)
+        );
+        assert_eq!(check_http_url("https://login.example", false), Ok(true));
+        for (bad, allow_query) in [
+            ("https://login.example/?a=1", false),
+            ("https://login.example/?a=1#f", true),
+            ("https://login.example/?a=<b>", true),
+            ("https://login.example/a b", true),
+            ("login.example", true),
+            ("ftp://login.example", true),
+            ("https://", true),
+        ] {
+            assert!(check_http_url(bad, allow_query).is_err(), "{bad}");
+        }
+        let message = check_http_url("https://u:hunter2@login.example", true).unwrap_err();
+        assert!(
+            !message.contains("hunter2") && !message.contains("api_key"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -336,7 +336,7 @@ apis:
   - name: a
     path: /openai
     backends: [b]
-    policies: []
+    routing: []
     subscription:
       header: api-key
 ";
@@ -351,7 +351,7 @@ apis:
         ("backends[0].weight", 20),
         ("backends[0].timeouts.reed_ms", 23),
         ("subscriptions[0].tier", 27),
-        ("apis[0].policies", 32),
+        ("apis[0].routing", 32),
         ("apis[0].subscription.header", 34),
     ];
     for (path, line) in expected {

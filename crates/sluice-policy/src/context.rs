@@ -3,10 +3,27 @@
 //! Policies keep nothing per request in `self`: it all lives here. Each field
 //! says which step writes it and which read it.
 
+use std::net::IpAddr;
 use std::time::Instant;
+
+use http::HeaderName;
+use sluice_auth::Caller;
+use sluice_limits::Reservation;
+use sluice_tokens::{Operation, RequestEstimate, Usage, UsageScanner};
 
 use crate::stream_tag::StreamProbe;
 use crate::subscription::SubscriptionMatch;
+
+/// Tokens reserved by one `token_limit` step, reconciled at the end.
+#[derive(Debug, Clone)]
+pub struct TokenCharge {
+    /// Index of the step in the API's policy list.
+    pub step: usize,
+    /// What was reserved (the prompt estimate, or 0).
+    pub estimated: u64,
+    pub tpm: Option<Reservation>,
+    pub quota: Option<Reservation>,
+}
 
 /// How the request body is being inspected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,6 +62,57 @@ pub struct RequestContext {
     /// Index of the backend chosen. Written by backend selection; read by the
     /// upstream request step and error mapping.
     pub backend: Option<usize>,
+    /// The client's address. Written at inbound; read by limits and metrics.
+    pub client_ip: Option<IpAddr>,
+    /// The caller of a valid JWT. Written by `validate_jwt`; read by claim- and
+    /// identity-keyed limits and metrics.
+    pub caller: Option<Caller>,
+    /// What the request is (chat, completions, embeddings). Written at inbound
+    /// when a step needs usage; read by the usage scanner.
+    pub operation: Option<Operation>,
+    /// The deployment (from the path, or the body's `model`). Written at
+    /// inbound; read by metrics and the tokenizer choice.
+    pub deployment: Option<String>,
+    /// Prompt estimate from a body read before routing. Written at inbound;
+    /// read by `token_limit` and the usage scanner.
+    pub estimate: Option<RequestEstimate>,
+    /// Token reservations to reconcile. Written by `token_limit`; read at finish.
+    pub token_charges: Vec<TokenCharge>,
+    /// Headers the policies add to the response (remaining/consumed tokens).
+    /// Written at inbound; read by the response step.
+    pub response_headers: Vec<(HeaderName, String)>,
+    /// Request header values kept for metric dimensions. Written at inbound; read at finish.
+    pub metric_headers: Vec<(HeaderName, String)>,
+    /// Backend status. Written when the response head arrives; read at finish.
+    pub upstream_status: u16,
+    /// The backend's `x-ms-region`. Written with the response head; read by metrics.
+    pub backend_region: Option<String>,
+    /// Reads usage from the response body. Written at response start and per chunk.
+    pub usage_scanner: Option<UsageScanner>,
+    /// The usage of the exchange. Written at finish.
+    pub usage: Option<Usage>,
+    /// The Entra ID token for the chosen backend. Written by backend
+    /// selection; read by the upstream request step.
+    pub backend_bearer: Option<std::sync::Arc<str>>,
+    /// The credential kind that failed to give a token (for the 503).
+    pub identity_failure: Option<&'static str>,
+    /// Ask the backend for an uncompressed answer (usage must be readable).
+    /// Written at inbound; read by the upstream request step.
+    pub strip_accept_encoding: bool,
+}
+
+impl RequestContext {
+    /// Who the caller is for limits and metrics: the subscription's name,
+    /// else the JWT's application id or subject.
+    pub fn identity(&self) -> Option<String> {
+        if let Some(s) = &self.subscription {
+            return Some(format!("subscription:{}", s.name));
+        }
+        self.caller
+            .as_ref()
+            .and_then(|c| c.identity())
+            .map(|id| format!("app:{id}"))
+    }
 }
 
 impl Default for RequestContext {
@@ -59,6 +127,21 @@ impl Default for RequestContext {
             body_probe: StreamProbe::default(),
             stream: false,
             backend: None,
+            client_ip: None,
+            caller: None,
+            operation: None,
+            deployment: None,
+            estimate: None,
+            token_charges: Vec::new(),
+            response_headers: Vec::new(),
+            metric_headers: Vec::new(),
+            upstream_status: 0,
+            backend_region: None,
+            usage_scanner: None,
+            usage: None,
+            backend_bearer: None,
+            identity_failure: None,
+            strip_accept_encoding: false,
         }
     }
 }

@@ -13,7 +13,7 @@ pub struct GatewayError {
     pub status: u16,
     pub message: Cow<'static, str>,
     /// Extra response headers (for example `WWW-Authenticate`, `Retry-After`).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(http::HeaderName, String)>,
 }
 
 impl GatewayError {
@@ -25,7 +25,15 @@ impl GatewayError {
         }
     }
 
+    /// Add a header; `name` must be a lowercase static header name.
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers
+            .push((http::HeaderName::from_static(name), value.into()));
+        self
+    }
+
+    /// Add a header whose name comes from configuration.
+    pub fn with_header_name(mut self, name: http::HeaderName, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
     }

@@ -6,12 +6,16 @@
 
 pub mod context;
 pub mod error;
+pub mod metrics;
+pub mod pipeline;
 pub mod route;
 pub mod stream_tag;
 pub mod subscription;
 
 pub use context::{BodyMode, RequestContext};
 pub use error::GatewayError;
+pub use metrics::TokenMetrics;
+pub use pipeline::{ApiPipeline, InboundRequest, Shared};
 pub use route::{ApiRouter, MatchedApi};
 pub use stream_tag::{StreamProbe, stream_flag};
 pub use subscription::{KeyError, SubscriptionIndex, SubscriptionMatch};

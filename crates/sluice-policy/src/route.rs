@@ -169,6 +169,8 @@ mod tests {
                 challenge_name: "api-key".into(),
             },
             max_request_body_bytes: 1024,
+            auth: sluice_config::ApiAuth::Key,
+            policies: vec![],
         }
     }
 

@@ -13,7 +13,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use sluice_policy::context::BodyMode;
 use sluice_policy::error::GatewayError;
 use sluice_policy::route::{strip_query_param, upstream_path};
-use sluice_policy::{RequestContext, stream_tag};
+use sluice_policy::{InboundRequest, RequestContext, stream_tag};
 
 use crate::state::GatewayState;
 
@@ -86,7 +86,7 @@ async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> 
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
     for (k, v) in &err.headers {
-        resp.insert_header(*k, v.as_str())?;
+        resp.insert_header(k.clone(), v.as_str())?;
     }
     let too_large_to_read = err.status == 413
         && session
@@ -114,17 +114,6 @@ fn final_response_written(session: &Session) -> bool {
         .is_some_and(|r| !r.status.is_informational())
 }
 
-/// The API's public URL as APIM echoes it in `WWW-Authenticate`.
-fn realm(session: &Session, api_path: &str) -> String {
-    let host = session
-        .req_header()
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    format!("http://{host}{api_path}")
-}
-
 /// A pingora error carrying a gateway-made status (413 while streaming).
 fn status_error(status: u16, why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
@@ -146,6 +135,13 @@ impl Gateway {
                     .unwrap_or(0);
                 GatewayError::body_too_large(limit)
             }
+            ErrorType::HTTPStatus(503) if ctx.identity_failure.is_some() => GatewayError::new(
+                503,
+                format!(
+                    "Backend authentication failed: could not obtain an Entra ID token for backend '{backend}' with {}.",
+                    ctx.identity_failure.unwrap_or("its credential")
+                ),
+            ),
             ErrorType::HTTPStatus(code) => GatewayError::new(
                 *code,
                 sluice_policy::error::reason_phrase(*code).to_string(),
@@ -190,7 +186,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestContext,
         limit: u64,
-    ) -> Result<Option<GatewayError>> {
+    ) -> Result<std::result::Result<Bytes, GatewayError>> {
         session.enable_retry_buffering();
         // A client that waits for `100 Continue` (curl does for large bodies)
         // gets it now, since the body is read before any backend is chosen.
@@ -202,13 +198,13 @@ impl Gateway {
         while let Some(chunk) = session.read_request_body().await? {
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > limit {
-                return Ok(Some(GatewayError::body_too_large(limit)));
+                return Ok(Err(GatewayError::body_too_large(limit)));
             }
         }
         ctx.body_len = buf.len() as u64;
         ctx.stream = sluice_policy::stream_flag(&buf);
         ctx.body_mode = BodyMode::Preread;
-        Ok(None)
+        Ok(Ok(buf.freeze()))
     }
 }
 
@@ -237,26 +233,10 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         let rest_offset = path.len() - m.rest.len();
-        ctx.api = Some(m.index);
+        let api_index = m.index;
+        ctx.api = Some(api_index);
         ctx.rest_offset = rest_offset;
-        let api = &self.state.apis[m.index].config;
-
-        // Subscription key.
-        let req = session.req_header();
-        let checked = self.state.subscriptions.check(
-            &api.name,
-            &api.subscription,
-            &req.headers,
-            req.uri.query(),
-        );
-        match checked {
-            Ok(sub) => ctx.subscription = sub,
-            Err(e) => {
-                let e = e.response(&realm(session, &api.path), &api.subscription);
-                respond(session, &e, false).await?;
-                return Ok(true);
-            }
-        }
+        let api = &self.state.apis[api_index].config;
 
         // Body: size limit, then read small bodies before routing.
         let limit = api.max_request_body_bytes;
@@ -269,6 +249,7 @@ impl ProxyHttp for Gateway {
             .get(http::header::TRANSFER_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let mut body = None;
         match content_length {
             Some(n) if n > limit => {
                 respond(session, &GatewayError::body_too_large(limit), false).await?;
@@ -276,14 +257,59 @@ impl ProxyHttp for Gateway {
             }
             Some(0) => {}
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
-                if let Some(e) = self.preread_body(session, ctx, limit).await? {
-                    respond(session, &e, true).await?;
-                    return Ok(true);
+                match self.preread_body(session, ctx, limit).await? {
+                    Ok(b) => body = Some(b),
+                    Err(e) => {
+                        respond(session, &e, true).await?;
+                        return Ok(true);
+                    }
                 }
             }
             Some(_) => ctx.body_mode = BodyMode::Streamed,
             None if chunked => ctx.body_mode = BodyMode::Streamed,
             None => {}
+        }
+
+        // Authentication and the API's policies, in order.
+        let pipeline = &self.state.pipelines[api_index];
+        let verdict = {
+            let req = session.req_header();
+            let inbound = InboundRequest {
+                headers: &req.headers,
+                query: req.uri.query(),
+                client_ip: session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
+                rest_path: req.uri.path().get(rest_offset..).unwrap_or(""),
+                body: body.as_deref(),
+                host: req
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost"),
+            };
+            pipeline.inbound(&inbound, ctx, &self.state.shared).await
+        };
+        if let Err(e) = verdict {
+            // Reservations made before the refusal are returned at `logging`.
+            respond(session, &e, true).await?;
+            return Ok(true);
+        }
+        for h in pipeline.header_dimensions() {
+            let v = session
+                .req_header()
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if let Some(v) = v {
+                ctx.metric_headers.push((h.clone(), v));
+            }
+        }
+        if pipeline.needs_usage() {
+            // Usage must be readable: no compressed answers from the backend.
+            ctx.strip_accept_encoding = true;
         }
         Ok(false)
     }
@@ -344,6 +370,24 @@ impl ProxyHttp for Gateway {
                 .into_up());
             }
         };
+        if let Some(provider) = &b.token_provider {
+            match provider.token().await {
+                Ok(t) => ctx.backend_bearer = Some(t),
+                Err(e) => {
+                    tracing::warn!(
+                        backend = %b.name,
+                        credential = provider.kind(),
+                        error = %e,
+                        "cannot obtain an Entra ID token for the backend"
+                    );
+                    ctx.identity_failure = Some(provider.kind());
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "no Entra ID token for the backend",
+                    ));
+                }
+            }
+        }
         let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
         peer.options.connection_timeout = Some(b.connect_timeout);
         // `connect_ms` bounds the TCP connect and the TLS handshake together.
@@ -395,6 +439,12 @@ impl ProxyHttp for Gateway {
         if let Some(key) = &b.api_key {
             upstream.insert_header("api-key", key.expose())?;
         }
+        if let Some(token) = &ctx.backend_bearer {
+            upstream.insert_header(http::header::AUTHORIZATION, format!("Bearer {token}"))?;
+        }
+        if ctx.strip_accept_encoding {
+            upstream.remove_header(&http::header::ACCEPT_ENCODING);
+        }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = client.ip().to_string();
             let xff = match upstream
@@ -416,8 +466,29 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if !upstream_response.status.is_informational() {
-            upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        if upstream_response.status.is_informational() {
+            return Ok(());
+        }
+        upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        for (name, value) in &ctx.response_headers {
+            upstream_response.insert_header(name.clone(), value.as_str())?;
+        }
+        if let Some(api) = ctx.api {
+            let header = |n: &str| {
+                upstream_response
+                    .headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let content_type = header("content-type");
+            let region = header("x-ms-region");
+            self.state.pipelines[api].start_response(
+                ctx,
+                upstream_response.status.as_u16(),
+                content_type.as_deref(),
+                region.as_deref(),
+            );
         }
         Ok(())
     }
@@ -498,7 +569,26 @@ impl ProxyHttp for Gateway {
         format!("{} {}", req.method, req.uri.path())
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<Duration>> {
+        if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
+            self.state.pipelines[api].response_chunk(ctx, b);
+        }
+        Ok(None)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        if let Some(api) = ctx.api {
+            let backend = ctx.backend.map(|i| self.state.backends[i].name.clone());
+            self.state.pipelines[api]
+                .finish(ctx, &self.state.shared, backend.as_deref())
+                .await;
+        }
         let status = session
             .response_written()
             .filter(|r| !r.status.is_informational())

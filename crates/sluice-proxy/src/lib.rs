@@ -3,11 +3,12 @@
 //! `sluice-policy`, which knows nothing of pingora.
 
 mod gateway;
+mod management;
 mod server;
 mod state;
 
 pub use gateway::Gateway;
 pub use server::{
-    ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening,
+    Listeners, ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening,
 };
 pub use state::{BuildError, GatewayState};

@@ -11,6 +11,7 @@ use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::Notify;
 
 use crate::gateway::Gateway;
+use crate::management::ManagementApp;
 use crate::state::GatewayState;
 
 /// Check a listen address before pingora binds it (it binds only when the
@@ -43,7 +44,16 @@ impl ShutdownSignalWatch for NotifyWatch {
     }
 }
 
-fn build_server(state: Arc<GatewayState>, listen: SocketAddr, threads: usize) -> Server {
+/// Where the gateway listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Listeners {
+    /// The data plane.
+    pub data: SocketAddr,
+    /// The management listener (`/metrics`, `/health`), if configured.
+    pub management: Option<SocketAddr>,
+}
+
+fn build_server(state: Arc<GatewayState>, listen: Listeners, threads: usize) -> Server {
     let conf = ServerConf {
         threads: threads.max(1),
         grace_period_seconds: Some(0),
@@ -54,16 +64,24 @@ fn build_server(state: Arc<GatewayState>, listen: SocketAddr, threads: usize) ->
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(state),
+        Gateway::new(state.clone()),
         "sluice data plane",
     );
-    proxy.add_tcp(&listen.to_string());
+    proxy.add_tcp(&listen.data.to_string());
     server.add_service(proxy);
+    if let Some(addr) = listen.management {
+        let mut mgmt = pingora::services::listening::Service::new(
+            "sluice management".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(ManagementApp::new(state)),
+        );
+        mgmt.add_tcp(&addr.to_string());
+        server.add_service(mgmt);
+    }
     server
 }
 
 /// Serve until SIGINT (fast) or SIGTERM (graceful: in-flight requests finish).
-pub fn run_blocking(state: Arc<GatewayState>, listen: SocketAddr, threads: usize) {
+pub fn run_blocking(state: Arc<GatewayState>, listen: Listeners, threads: usize) {
     build_server(state, listen, threads).run(RunArgs::default());
 }
 
@@ -71,10 +89,13 @@ pub fn run_blocking(state: Arc<GatewayState>, listen: SocketAddr, threads: usize
 /// listener accepts connections.
 pub fn spawn_in_thread(
     state: Arc<GatewayState>,
-    listen: SocketAddr,
+    listen: Listeners,
     threads: usize,
-) -> std::io::Result<(SocketAddr, ShutdownTrigger, std::thread::JoinHandle<()>)> {
-    let listen = pick_listen_addr(listen)?;
+) -> std::io::Result<(Listeners, ShutdownTrigger, std::thread::JoinHandle<()>)> {
+    let listen = Listeners {
+        data: pick_listen_addr(listen.data)?,
+        management: listen.management.map(pick_listen_addr).transpose()?,
+    };
     let trigger = ShutdownTrigger::default();
     let notify = trigger.0.clone();
     let server = build_server(state, listen, threads);
@@ -85,7 +106,10 @@ pub fn spawn_in_thread(
                 shutdown_signal: Box::new(NotifyWatch(notify)),
             })
         })?;
-    wait_listening(listen)?;
+    wait_listening(listen.data)?;
+    if let Some(m) = listen.management {
+        wait_listening(m)?;
+    }
     Ok((listen, trigger, handle))
 }
 

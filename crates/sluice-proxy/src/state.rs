@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_config::{Api, Backend, BackendTarget, Config, Secret};
-use sluice_policy::{ApiRouter, SubscriptionIndex};
+use sluice_config::{Api, Backend, BackendTarget, Config, Credential, Policy, Secret};
+use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
+use sluice_limits::{MemoryStore, SystemClock};
+use sluice_policy::{ApiPipeline, ApiRouter, Shared, SubscriptionIndex, TokenMetrics};
 use tokio::sync::RwLock;
 
 /// Where a backend lives and how to reach it.
@@ -26,6 +28,8 @@ pub struct BackendRuntime {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    /// Gets Entra ID tokens for this backend (`auth:`), if configured.
+    pub token_provider: Option<Arc<TokenProvider>>,
     /// Fixed address (IP literals and simulators), else resolved through DNS with a TTL.
     fixed: Option<SocketAddr>,
     resolved: RwLock<Option<(Instant, Vec<SocketAddr>)>>,
@@ -64,6 +68,47 @@ impl BackendRuntime {
                 (u.tls, u.host.clone(), u.port, u.base_path.clone(), fixed)
             }
         };
+        let token_provider = match &b.auth {
+            None => None,
+            Some(auth) => {
+                let config = match &auth.credential {
+                    Credential::ManagedIdentity { client_id } => {
+                        CredentialConfig::ManagedIdentity {
+                            client_id: client_id.clone(),
+                        }
+                    }
+                    Credential::WorkloadIdentity {
+                        client_id,
+                        tenant_id,
+                        token_file,
+                    } => CredentialConfig::WorkloadIdentity {
+                        client_id: client_id.clone(),
+                        tenant_id: tenant_id.clone(),
+                        token_file: token_file.clone(),
+                    },
+                    Credential::ClientSecret {
+                        tenant_id,
+                        client_id,
+                        secret,
+                        authority_host,
+                    } => CredentialConfig::ClientSecret {
+                        tenant_id: tenant_id.clone(),
+                        client_id: client_id.clone(),
+                        secret: secret.expose().to_string(),
+                        authority_host: authority_host.clone(),
+                    },
+                    Credential::AzureCli => CredentialConfig::AzureCli,
+                };
+                let options = ProviderOptions {
+                    scope: auth.scope.clone(),
+                    transport: None,
+                };
+                Some(
+                    TokenProvider::new(config, options)
+                        .map_err(|e| BuildError(format!("backend '{}': {e}", b.name)))?,
+                )
+            }
+        };
         let default_port = if tls { 443 } else { 80 };
         let host_header = if port == default_port {
             host.clone()
@@ -86,6 +131,7 @@ impl BackendRuntime {
             connect_timeout: b.timeouts.connect,
             read_timeout: b.timeouts.read,
             write_timeout: b.timeouts.write,
+            token_provider,
             fixed,
             resolved: RwLock::new(None),
             next_addr: AtomicUsize::new(0),
@@ -158,7 +204,12 @@ pub struct GatewayState {
     pub apis: Vec<ApiRuntime>,
     pub backends: Vec<BackendRuntime>,
     pub router: ApiRouter,
-    pub subscriptions: SubscriptionIndex,
+    /// Each API's compiled policies, by API index.
+    pub pipelines: Vec<ApiPipeline>,
+    /// What the pipelines share: subscriptions, the counter store, metrics.
+    pub shared: Shared,
+    /// Metrics served on the management listener.
+    pub registry: prometheus::Registry,
     /// Header names that carry client credentials (every API's subscription
     /// header names plus the usual ones); all are removed before forwarding.
     pub credential_headers: Vec<http::HeaderName>,
@@ -222,10 +273,50 @@ impl GatewayState {
                 }
             }
         }
+        let registry = prometheus::Registry::new();
+        let dimensions: Vec<_> = cfg
+            .apis
+            .iter()
+            .flat_map(|a| a.policies.iter())
+            .filter_map(|p| match p {
+                Policy::EmitTokenMetric(m) => Some(m.dimensions.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let any_metric = cfg
+            .apis
+            .iter()
+            .flat_map(|a| a.policies.iter())
+            .any(|p| matches!(p, Policy::EmitTokenMetric(_)));
+        let metrics = if any_metric {
+            Some(Arc::new(
+                TokenMetrics::new(&registry, &dimensions)
+                    .map_err(|e| BuildError(format!("token metrics: {e}")))?,
+            ))
+        } else {
+            None
+        };
+        let fetch: Arc<dyn sluice_auth::Fetch> = Arc::new(
+            sluice_auth::HttpFetch::new(Duration::from_secs(10))
+                .map_err(|e| BuildError(format!("JWT key fetcher: {e}")))?,
+        );
+        let pipelines = cfg
+            .apis
+            .iter()
+            .map(|a| ApiPipeline::new(a, fetch.clone()))
+            .collect();
+        let shared = Shared {
+            subscriptions: Arc::new(SubscriptionIndex::new(&cfg.subscriptions)),
+            store: Arc::new(MemoryStore::new(Arc::new(SystemClock))),
+            metrics,
+        };
         Ok(Arc::new(GatewayState {
             service_name: cfg.service_name.clone(),
             router: ApiRouter::new(&cfg.apis),
-            subscriptions: SubscriptionIndex::new(&cfg.subscriptions),
+            pipelines,
+            shared,
+            registry,
             apis,
             backends,
             credential_headers,

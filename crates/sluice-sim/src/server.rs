@@ -528,10 +528,19 @@ async fn openai(
         .and_then(|d| d.tokens_per_minute)
         .or(shared.cfg.default_tokens_per_minute);
 
-    let plan = match plan_request(op, &body, &shared.cfg) {
+    let mut plan = match plan_request(op, &body, &shared.cfg) {
         Ok(p) => p,
         Err(msg) => return bad_request(&msg),
     };
+    // Prompt tokens are counted with the real tokenizer for the model family,
+    // the same count the gateway estimates, so usage matches what it charges.
+    let tok_op = match op {
+        Op::Chat => sluice_tokens::Operation::ChatCompletions,
+        Op::Completions => sluice_tokens::Operation::Completions,
+        Op::Embeddings => sluice_tokens::Operation::Embeddings,
+    };
+    let counted = sluice_tokens::estimate_request(tok_op, Some(&deployment), &bytes).prompt_tokens;
+    plan.prompt_tokens = u64::from(counted).max(1);
 
     let api_version = query_param(parts.uri.query(), "api-version").unwrap_or("unknown");
     let admission = match tpm {

@@ -9,11 +9,11 @@ use serde_json::Value;
 pub const MAX_COMPLETION_TOKENS: u64 = 4096;
 
 const WORDS: &[&str] = &[
-    "the", "sluice", "gate", "opens", "and", "water", "flows", "through", "a", "quiet", "canal",
+    "the", "lock", "gate", "opens", "and", "water", "flows", "through", "a", "quiet", "canal",
     "past", "old", "mills", "where", "light", "falls", "on", "stone", "bridges", "while", "boats",
     "drift", "slowly", "toward", "harbour", "under", "grey", "clouds", "that", "carry", "rain",
     "from", "distant", "hills", "into", "green", "valleys", "full", "of", "birds", "singing",
-    "morning", "songs", "about", "rivers", "tides", "wind",
+    "morning", "songs", "about", "rivers", "waves", "wind",
 ];
 
 /// `ceil(chars / 4)`, counting Unicode scalar values.
@@ -229,9 +229,30 @@ mod tests {
     }
 
     #[test]
+    fn every_generated_word_is_one_token_in_both_encodings() {
+        // Usage reports one completion token per word; a gateway counting the
+        // streamed words with a real tokenizer must get the same number.
+        use sluice_tokens::{Encoding, count_text};
+        let mut bad = Vec::new();
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            for w in WORDS {
+                // Words after the first are streamed with a leading space.
+                if count_text(enc, &format!(" {w}")) != 1 {
+                    bad.push(format!("{w} ({enc:?})"));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "not one token: {bad:?}");
+        // The first word of every completion is streamed without a space.
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            assert_eq!(count_text(enc, WORDS[0]), 1);
+        }
+    }
+
+    #[test]
     fn words_and_ids() {
         assert_eq!(completion_text(0), "");
-        assert_eq!(completion_text(3), "the sluice gate");
+        assert_eq!(completion_text(3), "the lock gate");
         assert_eq!(completion_text(100).split(' ').count(), 100);
         let u = uuid_v4();
         assert_eq!(u.len(), 36);

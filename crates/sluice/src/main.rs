@@ -155,13 +155,31 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: sluice_config::Config) -> ExitCode {
-    let listen = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
+    // Token counting (token_limit, emit_token_metric, the simulators) builds
+    // its tokenizer vocabularies once; do it in the background now rather
+    // than on the first request.
+    std::thread::spawn(|| {
+        sluice_tokens::preload(sluice_tokens::Encoding::O200kBase);
+        sluice_tokens::preload(sluice_tokens::Encoding::Cl100kBase);
+    });
+    let data = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("sluice: cannot listen on {}: {e}", cfg.server.listen);
             return ExitCode::from(1);
         }
     };
+    let management = match cfg.server.management.as_ref().map(|m| m.listen) {
+        None => None,
+        Some(addr) => match sluice_proxy::pick_listen_addr(addr) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("sluice: cannot listen on {addr} (management): {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let listen = sluice_proxy::Listeners { data, management };
     // Simulated regions run on their own small runtime, beside pingora's.
     let (sim_runtime, started) = match sims::start_all(&cfg) {
         Ok(v) => v,
@@ -187,7 +205,12 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::Started]) {
+fn print_banner(
+    cfg: &sluice_config::Config,
+    listeners: sluice_proxy::Listeners,
+    sims: &[sims::Started],
+) {
+    let listen = listeners.data;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -195,6 +218,9 @@ fn print_banner(cfg: &sluice_config::Config, listen: SocketAddr, sims: &[sims::S
         env!("CARGO_PKG_VERSION")
     );
     let _ = writeln!(out, "sluice: listening on http://{listen}");
+    if let Some(m) = listeners.management {
+        let _ = writeln!(out, "sluice: management on http://{m} (/metrics, /health)");
+    }
     for api in &cfg.apis {
         let _ = writeln!(
             out,

@@ -120,9 +120,13 @@ apis:
     );
     let cfg = sluice_config::load_str(&yaml, "e2e.yaml", dir.path()).expect("config is valid");
     let state = sluice_proxy::GatewayState::new(&cfg, &HashMap::new()).expect("state");
-    let (gw, _trigger, _thread) =
-        sluice_proxy::spawn_in_thread(state, cfg.server.listen, cfg.server.threads)
-            .expect("gateway starts");
+    let listen = sluice_proxy::Listeners {
+        data: cfg.server.listen,
+        management: None,
+    };
+    let (listeners, _trigger, _thread) =
+        sluice_proxy::spawn_in_thread(state, listen, cfg.server.threads).expect("gateway starts");
+    let gw = listeners.data;
     Env { gw, main, capture }
 }
 

@@ -1,0 +1,442 @@
+//! The validator: key cache, fetch pacing, verification.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::errors::ErrorKind;
+use serde_json::{Map, Value};
+
+use crate::keys::{CachedKey, KeyMap, jwks_uri, parse_jwks};
+use crate::token::{TokenHeader, bearer_token, check_claims, parse_header};
+use crate::{Caller, Clock, Fetch, JwtError, JwtSettings, KeysSource, SystemClock};
+
+/// Keys older than this are refreshed in the background (Entra ID's guidance is to refresh daily).
+const KEYS_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// While no keys are cached, fetches are paced by the smaller of this and `refetch_min_interval`, so that a
+/// gateway started before its identity provider was reachable recovers quickly.
+const EMPTY_CACHE_RETRY: Duration = Duration::from_secs(5);
+
+/// Validates bearer tokens against one tenant's keys and one set of claim rules. Cheap to share: wrap it in an
+/// `Arc` or keep one per route. Meant for a tokio runtime: key fetches run as tasks there, so a caller that goes
+/// away does not cancel a fetch other callers wait for (outside a runtime they run inline, without the daily
+/// background refresh).
+#[derive(Debug)]
+pub struct JwtValidator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: JwtSettings,
+    fetch: Arc<dyn Fetch>,
+    clock: Arc<dyn Clock>,
+    /// The current keys; replaced whole after every fetch attempt. Read on every validation.
+    cache: RwLock<Arc<KeySet>>,
+    /// Held while fetching, so that concurrent misses share one fetch.
+    gate: tokio::sync::Mutex<()>,
+    /// Monotonic milliseconds of the last fetch attempt, plus one; 0 means never.
+    last_attempt_ms: AtomicU64,
+    /// A background refresh of stale keys is queued or running.
+    background: AtomicBool,
+}
+
+/// One state of the key cache.
+#[derive(Debug)]
+struct KeySet {
+    /// Incremented by every fetch attempt, failed or not.
+    generation: u64,
+    keys: Arc<KeyMap>,
+    /// Monotonic time of the last successful fetch.
+    fetched_at: Option<Duration>,
+}
+
+/// How a refresh request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// This request fetched the keys.
+    Fetched,
+    /// Another fetch attempt finished while this one waited; its result is in the cache.
+    Shared,
+    /// Too soon after the previous attempt; nothing was fetched.
+    Paced,
+    /// The fetch failed; the cache keeps its previous keys.
+    Failed,
+}
+
+/// Why no key verified the token.
+enum Lookup {
+    /// No cached key fits the token; a refetch may help.
+    NotFound,
+    /// A key was found and the token is refused.
+    Refused(JwtError),
+}
+
+impl JwtValidator {
+    /// A validator using the system clock. Does no I/O: keys are fetched on first use or by [`Self::prefetch`].
+    pub fn new(settings: JwtSettings, fetch: Arc<dyn Fetch>) -> Self {
+        Self::with_clock(settings, fetch, Arc::new(SystemClock::new()))
+    }
+
+    /// A validator reading time from `clock` (tests drive expiry and fetch pacing with a fake clock).
+    pub fn with_clock(settings: JwtSettings, fetch: Arc<dyn Fetch>, clock: Arc<dyn Clock>) -> Self {
+        let empty = KeySet {
+            generation: 0,
+            keys: Arc::new(KeyMap::default()),
+            fetched_at: None,
+        };
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                fetch,
+                clock,
+                cache: RwLock::new(Arc::new(empty)),
+                gate: tokio::sync::Mutex::new(()),
+                last_attempt_ms: AtomicU64::new(0),
+                background: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Validates the raw `Authorization` header value (`Bearer <token>`, the scheme in any case) and says who the
+    /// caller is. A cached key makes this a read lock plus one signature check.
+    pub async fn validate(&self, authorization: Option<&str>) -> Result<Caller, JwtError> {
+        let token = bearer_token(authorization)?;
+        let header = parse_header(token)?;
+        let inner = &self.inner;
+        let snapshot = inner.snapshot();
+        inner.refresh_if_stale(&snapshot);
+        let claims = match verify(&snapshot.keys, token, &header) {
+            Ok(claims) => claims,
+            Err(Lookup::Refused(e)) => return Err(e),
+            Err(Lookup::NotFound) => {
+                inner.refresh(snapshot.generation).await;
+                let snapshot = inner.snapshot();
+                match verify(&snapshot.keys, token, &header) {
+                    Ok(claims) => claims,
+                    Err(Lookup::Refused(e)) => return Err(e),
+                    Err(Lookup::NotFound) if snapshot.keys.is_empty() => {
+                        return Err(JwtError::KeysUnavailable);
+                    }
+                    Err(Lookup::NotFound) => return Err(JwtError::UnknownKey),
+                }
+            }
+        };
+        check_claims(&claims, &inner.settings, inner.clock.unix_now())?;
+        Ok(Caller::from_claims(claims))
+    }
+
+    /// Fetches the keys now, to warm the cache at startup. Subject to the same pacing as refetches. Returns
+    /// `KeysUnavailable` if this fetch failed (the reason is logged), or if it was paced and no keys are cached.
+    pub async fn prefetch(&self) -> Result<(), JwtError> {
+        let seen = self.inner.snapshot().generation;
+        match self.inner.refresh(seen).await {
+            Refresh::Fetched => Ok(()),
+            Refresh::Failed => Err(JwtError::KeysUnavailable),
+            Refresh::Shared | Refresh::Paced if self.inner.snapshot().keys.is_empty() => {
+                Err(JwtError::KeysUnavailable)
+            }
+            Refresh::Shared | Refresh::Paced => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    fn snapshot(&self) -> Arc<KeySet> {
+        self.cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether a fetch may start at `now`, given the previous attempt.
+    fn may_fetch(&self, now: Duration, cache_empty: bool) -> bool {
+        let last = self.last_attempt_ms.load(Ordering::Acquire);
+        if last == 0 {
+            return true;
+        }
+        let pace = if cache_empty {
+            self.settings.refetch_min_interval.min(EMPTY_CACHE_RETRY)
+        } else {
+            self.settings.refetch_min_interval
+        };
+        let since = now.saturating_sub(Duration::from_millis(last - 1));
+        since >= pace
+    }
+
+    /// Refreshes the keys unless another attempt finished since `seen` was the current generation. The fetch
+    /// runs as its own task, so it completes (for everyone waiting) even if this caller is dropped.
+    async fn refresh(self: &Arc<Self>, seen: u64) -> Refresh {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let inner = Arc::clone(self);
+                handle
+                    .spawn(async move { inner.refresh_now(seen).await })
+                    .await
+                    .unwrap_or(Refresh::Failed)
+            }
+            Err(_) => self.refresh_now(seen).await,
+        }
+    }
+
+    async fn refresh_now(&self, seen: u64) -> Refresh {
+        let _gate = self.gate.lock().await;
+        let current = self.snapshot();
+        if current.generation != seen {
+            return Refresh::Shared;
+        }
+        let now = self.clock.monotonic();
+        if !self.may_fetch(now, current.keys.is_empty()) {
+            return Refresh::Paced;
+        }
+        let millis = u64::try_from(now.as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_attempt_ms.store(millis + 1, Ordering::Release);
+
+        let result = self.load().await;
+
+        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        let previous = Arc::clone(&cache);
+        match result {
+            Ok(keys) => {
+                tracing::info!(
+                    keys = keys.len(),
+                    source = self.source_url(),
+                    "loaded JWT signing keys"
+                );
+                *cache = Arc::new(KeySet {
+                    generation: previous.generation + 1,
+                    keys: Arc::new(keys),
+                    fetched_at: Some(now),
+                });
+                Refresh::Fetched
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    %reason,
+                    cached_keys = previous.keys.len(),
+                    "cannot load JWT signing keys"
+                );
+                *cache = Arc::new(KeySet {
+                    generation: previous.generation + 1,
+                    keys: Arc::clone(&previous.keys),
+                    fetched_at: previous.fetched_at,
+                });
+                Refresh::Failed
+            }
+        }
+    }
+
+    /// Starts a background refresh when the cached keys are older than a day (at most one at a time, paced like
+    /// any fetch). The cached keys stay in use meanwhile, and after a failure.
+    fn refresh_if_stale(self: &Arc<Self>, snapshot: &KeySet) {
+        let Some(fetched_at) = snapshot.fetched_at else {
+            return;
+        };
+        let now = self.clock.monotonic();
+        if now.saturating_sub(fetched_at) < KEYS_MAX_AGE || !self.may_fetch(now, false) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.background.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        let seen = snapshot.generation;
+        handle.spawn(async move {
+            let _clear = ClearOnDrop(&inner.background);
+            inner.refresh_now(seen).await;
+        });
+    }
+
+    fn source_url(&self) -> &str {
+        match &self.settings.keys_source {
+            KeysSource::OpenIdConfiguration(url) | KeysSource::Jwks(url) => url,
+        }
+    }
+
+    /// Fetches the OpenID configuration (if configured) and the key set.
+    async fn load(&self) -> Result<KeyMap, String> {
+        let jwks_url = match &self.settings.keys_source {
+            KeysSource::Jwks(url) => url.clone(),
+            KeysSource::OpenIdConfiguration(url) => {
+                let doc = self
+                    .fetch
+                    .get(url)
+                    .await
+                    .map_err(|e| format!("GET {url}: {e}"))?;
+                jwks_uri(&doc).map_err(|e| format!("{url}: {e}"))?
+            }
+        };
+        let doc = self
+            .fetch
+            .get(&jwks_url)
+            .await
+            .map_err(|e| format!("GET {jwks_url}: {e}"))?;
+        parse_jwks(&doc).map_err(|e| format!("{jwks_url}: {e}"))
+    }
+}
+
+/// Clears a flag when dropped (also when the task holding it is cancelled).
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Verifies the token with the key it names (or, without a `kid`, with each key of its algorithm).
+fn verify(keys: &KeyMap, token: &str, header: &TokenHeader) -> Result<Map<String, Value>, Lookup> {
+    match &header.kid {
+        Some(kid) => {
+            let key = keys.get(kid).ok_or(Lookup::NotFound)?;
+            if key.alg != header.alg {
+                return Err(Lookup::Refused(JwtError::UnsupportedAlgorithm));
+            }
+            decode(token, key).map_err(Lookup::Refused)
+        }
+        None => {
+            if keys.is_empty() {
+                return Err(Lookup::NotFound);
+            }
+            let mut candidates = keys.all().iter().filter(|k| k.alg == header.alg).peekable();
+            if candidates.peek().is_none() {
+                return Err(Lookup::Refused(JwtError::UnsupportedAlgorithm));
+            }
+            for key in candidates {
+                match decode(token, key) {
+                    Err(JwtError::BadSignature) => continue,
+                    other => return other.map_err(Lookup::Refused),
+                }
+            }
+            Err(Lookup::Refused(JwtError::BadSignature))
+        }
+    }
+}
+
+/// Checks the signature with jsonwebtoken (pinned to the key's one algorithm) and returns the claims.
+fn decode(token: &str, key: &CachedKey) -> Result<Map<String, Value>, JwtError> {
+    match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
+        Ok(data) => Ok(data.claims),
+        Err(e) => Err(match e.kind() {
+            ErrorKind::InvalidSignature
+            | ErrorKind::InvalidRsaKey(_)
+            | ErrorKind::InvalidKeyFormat
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidEddsaKey => JwtError::BadSignature,
+            ErrorKind::InvalidAlgorithm
+            | ErrorKind::UnsupportedAlgorithm
+            | ErrorKind::MissingAlgorithm
+            | ErrorKind::InvalidAlgorithmName => JwtError::UnsupportedAlgorithm,
+            _ => JwtError::Malformed,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Debug, Default)]
+    struct MemoryFetch {
+        docs: HashMap<String, Vec<u8>>,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Fetch for MemoryFetch {
+        async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.docs.get(url).cloned().ok_or_else(|| "404".to_owned())
+        }
+    }
+
+    #[derive(Debug)]
+    struct ManualClock(Mutex<Duration>);
+
+    impl Clock for ManualClock {
+        fn unix_now(&self) -> Duration {
+            *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        fn monotonic(&self) -> Duration {
+            *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    fn validator(
+        docs: &[(&str, &str)],
+        interval: Duration,
+    ) -> (JwtValidator, Arc<MemoryFetch>, Arc<ManualClock>) {
+        let fetch = Arc::new(MemoryFetch {
+            docs: docs
+                .iter()
+                .map(|(u, d)| (u.to_string(), d.as_bytes().to_vec()))
+                .collect(),
+            calls: AtomicUsize::new(0),
+        });
+        let clock = Arc::new(ManualClock(Mutex::new(Duration::from_secs(1000))));
+        let settings = JwtSettings {
+            keys_source: KeysSource::OpenIdConfiguration("mem://config".into()),
+            issuers: vec![],
+            audiences: vec![],
+            client_application_ids: vec![],
+            required_roles: vec![],
+            clock_skew: Duration::ZERO,
+            refetch_min_interval: interval,
+        };
+        let v = JwtValidator::with_clock(settings, fetch.clone(), clock.clone());
+        (v, fetch, clock)
+    }
+
+    #[test]
+    fn pacing_is_shorter_while_nothing_is_cached() {
+        let (v, _, _) = validator(&[], Duration::from_secs(30));
+        let t = Duration::from_secs(100);
+        assert!(v.inner.may_fetch(t, true), "never fetched");
+        v.inner.last_attempt_ms.store(100_000 + 1, Ordering::SeqCst);
+        assert!(!v.inner.may_fetch(t + Duration::from_secs(4), true));
+        assert!(v.inner.may_fetch(t + EMPTY_CACHE_RETRY, true));
+        assert!(!v.inner.may_fetch(t + Duration::from_secs(29), false));
+        assert!(v.inner.may_fetch(t + Duration::from_secs(30), false));
+        // A clock reading before the last attempt never allows a fetch early.
+        assert!(!v.inner.may_fetch(Duration::ZERO, false));
+
+        let (short, _, _) = validator(&[], Duration::from_secs(1));
+        short
+            .inner
+            .last_attempt_ms
+            .store(100_000 + 1, Ordering::SeqCst);
+        assert!(short.inner.may_fetch(t + Duration::from_secs(1), true));
+    }
+
+    #[tokio::test]
+    async fn a_configuration_without_a_usable_key_set_leaves_keys_unavailable() {
+        let (v, fetch, _) = validator(
+            &[("mem://config", r#"{"issuer":"x"}"#)],
+            Duration::from_secs(30),
+        );
+        assert_eq!(v.prefetch().await, Err(JwtError::KeysUnavailable));
+        assert_eq!(fetch.calls.load(Ordering::SeqCst), 1);
+
+        let (v, fetch, _) = validator(
+            &[
+                ("mem://config", r#"{"jwks_uri":"mem://keys"}"#),
+                ("mem://keys", r#"{"keys":[]}"#),
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(v.prefetch().await, Err(JwtError::KeysUnavailable));
+        assert_eq!(fetch.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            v.inner.snapshot().generation,
+            1,
+            "a failed attempt is a generation"
+        );
+    }
+}

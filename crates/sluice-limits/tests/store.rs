@@ -1,0 +1,182 @@
+//! The memory store through the `CounterStore` trait, as the policies use it: concurrency on a multi-threaded
+//! runtime, and the reserve → refuse → wait Retry-After → succeed cycle with APIM's messages.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sluice_limits::{
+    Clock, CounterStore, Exceeded, Limit, ManualClock, MemoryStore, Period, SystemClock, Usage,
+    Window, rate_limit_message, retry_after_secs, token_limit_message, token_quota_message,
+};
+
+const T0: u64 = 1_700_000_040_000;
+
+fn store() -> (Arc<ManualClock>, Arc<dyn CounterStore>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store: Arc<dyn CounterStore> = Arc::new(MemoryStore::new(clock.clone()));
+    (clock, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reservations_on_one_key_never_exceed_the_limit() {
+    let (_clock, store) = store();
+    let limit = Limit::new(1_000, Window::Sliding(Duration::from_secs(60)));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (store, limit, admitted) = (store.clone(), limit.clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                if store.reserve("shared", &limit, 1).await.is_ok() {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task finished");
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+    assert_eq!(store.peek("shared", &limit).await.used, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reserve_and_reconcile_keep_exact_totals_on_many_keys() {
+    let (_clock, store) = store();
+    let tpm = Limit::new(10_000, Window::Sliding(Duration::from_secs(60)));
+    let quota = Limit::new(1_000_000, Window::Calendar(Period::Monthly));
+    let keys: Vec<String> = (0..8).map(|i| format!("team-{i}")).collect();
+    // Per key: the sum of the actual amounts of admitted requests.
+    let charged: Arc<Vec<AtomicU64>> =
+        Arc::new((0..keys.len()).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for worker in 0..16u64 {
+        let (store, tpm, quota, keys, charged) = (
+            store.clone(),
+            tpm.clone(),
+            quota.clone(),
+            keys.clone(),
+            charged.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200u64 {
+                let k = usize::try_from((worker + i) % 8).unwrap_or(0);
+                // Reserve an estimate of 100, then charge the real usage (37..=162).
+                let actual = 37 + (worker * 31 + i * 17) % 126;
+                let Ok(tokens) = store.reserve(&keys[k], &tpm, 100).await else {
+                    continue;
+                };
+                let Ok(calls) = store.reserve(&keys[k], &quota, 100).await else {
+                    store.reconcile(&tokens, 0).await;
+                    continue;
+                };
+                tokio::task::yield_now().await;
+                store.reconcile(&tokens, actual).await;
+                store.reconcile(&calls, actual).await;
+                charged[k].fetch_add(actual, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task finished");
+    }
+    for (k, key) in keys.iter().enumerate() {
+        let expected = charged[k].load(Ordering::Relaxed);
+        assert!(expected > 0);
+        assert_eq!(store.peek(key, &tpm).await.used, expected, "{key}");
+        assert_eq!(store.peek(key, &quota).await.used, expected, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_caller_that_waits_retry_after_gets_in() {
+    let (clock, store) = store();
+    let limit = Limit::new(5, Window::Sliding(Duration::from_secs(60)));
+    for i in 0..5 {
+        clock.advance(Duration::from_millis(1_234));
+        store
+            .reserve("sub-1", &limit, 1)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} refused: {e:?}"));
+    }
+    clock.advance(Duration::from_millis(10_000));
+    let refused = store
+        .reserve("sub-1", &limit, 1)
+        .await
+        .expect_err("sixth call refused");
+    assert_eq!(refused.used, 5);
+    // The header and the message say the same whole number of seconds, rounded up.
+    // The first call (at +1.234 s) expires at +61.234 s; it is now +16.170 s.
+    assert_eq!(refused.retry_after, Duration::from_millis(45_064));
+    let secs = retry_after_secs(refused.retry_after);
+    assert_eq!(secs, 46);
+    assert_eq!(
+        rate_limit_message(refused.retry_after),
+        "Rate limit is exceeded. Try again in 46 seconds."
+    );
+    // A client honouring the header gets in.
+    clock.advance(Duration::from_secs(secs));
+    store
+        .reserve("sub-1", &limit, 1)
+        .await
+        .expect("admitted after Retry-After");
+}
+
+#[tokio::test]
+async fn token_limit_flow_estimate_then_usage() {
+    let (clock, store) = store();
+    let tpm = Limit::new(1_000, Window::Sliding(Duration::from_secs(60)));
+    let daily = Limit::new(1_500, Window::Calendar(Period::Daily));
+    // Estimated prompt 300; the response reports 900 in total.
+    let reservation = store.reserve("app", &tpm, 300).await.expect("fits");
+    assert_eq!(reservation.remaining(), 700);
+    store.reconcile(&reservation, 900).await;
+    assert_eq!(
+        store.peek("app", &tpm).await,
+        Usage {
+            used: 900,
+            remaining: 100,
+            retry_after: None
+        }
+    );
+    // A 200-token prompt does not fit in the remaining 100 until the first call's tokens expire.
+    clock.advance(Duration::from_secs(20));
+    let Exceeded { retry_after, .. } = store.reserve("app", &tpm, 200).await.expect_err("over");
+    assert_eq!(retry_after, Duration::from_secs(40));
+    assert_eq!(
+        token_limit_message(retry_after),
+        "Token limit is exceeded. Try again in 40 seconds."
+    );
+    // The quota counts the same usage until the end of the UTC day.
+    let q = store.reserve("app", &daily, 0).await.expect("fits");
+    store.reconcile(&q, 1_500).await;
+    let over = store
+        .reserve("app", &daily, 0)
+        .await
+        .expect_err("quota spent");
+    let day_ms = 86_400_000;
+    assert_eq!(
+        over.retry_after,
+        Duration::from_millis(day_ms - (T0 + 20_000) % day_ms)
+    );
+    assert!(
+        token_quota_message(over.retry_after)
+            .starts_with("Token quota is exceeded. Try again in 1 hours, 45 minutes and ")
+    );
+}
+
+#[tokio::test]
+async fn system_clock_store_works() {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = MemoryStore::new(clock);
+    // Sliding, so that no window boundary can fall between the steps.
+    let limit = Limit::new(2, Window::Sliding(Duration::from_secs(3_600)));
+    let first = store.reserve("k", &limit, 1).await.expect("fits");
+    store.reconcile(&first, 2).await;
+    let refused = store.reserve("k", &limit, 1).await.expect_err("full");
+    assert!(refused.retry_after <= Duration::from_secs(3_600));
+    assert_eq!(store.purge_expired(), 0);
+    assert_eq!(store.len(), 1);
+}

@@ -1,0 +1,412 @@
+//! Prompt-token estimates from request bodies.
+
+use serde_json::{Map, Value};
+
+use crate::count::count;
+use crate::{Encoding, Operation, encoding_for_model};
+
+/// Tokens charged per chat message for its framing (OpenAI cookbook).
+const TOKENS_PER_MESSAGE: u64 = 3;
+/// Extra token when a message has a `name` (OpenAI cookbook).
+const TOKENS_PER_NAME: u64 = 1;
+/// Tokens priming the reply, once per request (OpenAI cookbook).
+const REPLY_PRIMING: u64 = 3;
+/// Fixed estimate per image part, as APIM's token-limit policy uses.
+const IMAGE_TOKENS: u64 = 1200;
+
+/// What the gateway learns from a request body before forwarding it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestEstimate {
+    /// Estimated prompt tokens (0 for [`Operation::Other`] or an unreadable body).
+    pub prompt_tokens: u32,
+    /// `max_completion_tokens`, else `max_tokens`, when present as a non-negative integer.
+    pub max_completion_tokens: Option<u32>,
+    /// The top-level `"stream": true`.
+    pub stream: bool,
+    /// `stream_options.include_usage` is `true`.
+    pub include_usage: bool,
+    /// The body's `model` (the v1 API names the model there), if it is a string.
+    pub model: Option<String>,
+}
+
+/// Reads a request body before it is forwarded.
+///
+/// `deployment` is the deployment from the path, when the path has one; otherwise the body's
+/// `model` picks the vocabulary ([`encoding_for_model`]); embeddings always use cl100k, the
+/// vocabulary of every OpenAI embedding model.
+///
+/// * Chat: per message 3 tokens plus the tokens of each string field (role, content, name, …),
+///   +1 for a `name`, +3 once for the reply priming (the OpenAI cookbook's scheme). A `content`
+///   list counts its text (and refusal) parts and 1200 tokens per image part, as APIM does; other
+///   non-string fields (e.g. `tool_calls`) and the request's `tools`/`functions` count as the
+///   tokens of their JSON text, a rough but deterministic estimate.
+/// * Completions: `prompt` — a string, a list of strings, or token array(s) (their length).
+/// * Embeddings: `input`, with the same shapes.
+///
+/// Invalid JSON, or a body that is not an object, gives `RequestEstimate::default()`.
+pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) -> RequestEstimate {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return RequestEstimate::default();
+    };
+    let model = obj.get("model").and_then(Value::as_str).map(str::to_owned);
+    let encoding = match (op, deployment.filter(|d| !d.is_empty())) {
+        (Operation::Embeddings, _) => Encoding::Cl100kBase,
+        (_, Some(d)) => encoding_for_model(d),
+        (_, None) => encoding_for_model(model.as_deref().unwrap_or("")),
+    };
+    let prompt = match op {
+        Operation::ChatCompletions => chat_tokens(encoding, &obj),
+        Operation::Completions => obj.get("prompt").map_or(0, |p| input_tokens(encoding, p)),
+        Operation::Embeddings => obj.get("input").map_or(0, |i| input_tokens(encoding, i)),
+        Operation::Other => 0,
+    };
+    let max_completion_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_u64))
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    RequestEstimate {
+        prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+        max_completion_tokens,
+        stream: obj.get("stream").and_then(Value::as_bool) == Some(true),
+        include_usage: obj
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true),
+        model,
+    }
+}
+
+fn chat_tokens(enc: Encoding, obj: &Map<String, Value>) -> u64 {
+    let mut n = 0u64;
+    if let Some(Value::Array(messages)) = obj.get("messages") {
+        for message in messages {
+            let Value::Object(fields) = message else {
+                continue;
+            };
+            n = n.saturating_add(TOKENS_PER_MESSAGE);
+            for (key, value) in fields {
+                let t = match (key.as_str(), value) {
+                    (_, Value::String(s)) => count(enc, s),
+                    ("content", Value::Array(parts)) => content_parts(enc, parts),
+                    (_, Value::Null | Value::Bool(_) | Value::Number(_)) => 0,
+                    (_, other) => json_tokens(enc, other),
+                };
+                n = n.saturating_add(t);
+                if key == "name" {
+                    n = n.saturating_add(TOKENS_PER_NAME);
+                }
+            }
+        }
+        n = n.saturating_add(REPLY_PRIMING);
+    }
+    for key in ["tools", "functions"] {
+        if let Some(v) = obj.get(key).filter(|v| v.is_array() || v.is_object()) {
+            n = n.saturating_add(json_tokens(enc, v));
+        }
+    }
+    n
+}
+
+/// Tokens of a chat `content` list: text and refusal parts by their text, images at a fixed cost,
+/// anything else by a `text` field if it has one.
+fn content_parts(enc: Encoding, parts: &[Value]) -> u64 {
+    parts
+        .iter()
+        .map(|part| match part {
+            Value::String(s) => count(enc, s),
+            Value::Object(p) => {
+                let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+                match kind {
+                    "image_url" | "image" | "input_image" => IMAGE_TOKENS,
+                    "refusal" => str_field(enc, p, "refusal"),
+                    _ => str_field(enc, p, "text"),
+                }
+            }
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
+fn str_field(enc: Encoding, obj: &Map<String, Value>, key: &str) -> u64 {
+    obj.get(key)
+        .and_then(Value::as_str)
+        .map_or(0, |s| count(enc, s))
+}
+
+/// Tokens of a `prompt`/`input`: a string, a token array, or a list of strings / token arrays.
+fn input_tokens(enc: Encoding, v: &Value) -> u64 {
+    match v {
+        Value::String(s) => count(enc, s),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => count(enc, s),
+                Value::Number(_) => 1,
+                Value::Array(tokens) => tokens.len() as u64,
+                _ => 0,
+            })
+            .fold(0u64, u64::saturating_add),
+        _ => 0,
+    }
+}
+
+/// Tokens of a JSON value's compact text.
+fn json_tokens(enc: Encoding, v: &Value) -> u64 {
+    serde_json::to_string(v).map_or(0, |s| count(enc, &s))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::count_text;
+
+    fn chat(deployment: Option<&str>, body: &Value) -> RequestEstimate {
+        estimate_request(
+            Operation::ChatCompletions,
+            deployment,
+            body.to_string().as_bytes(),
+        )
+    }
+
+    fn cookbook_messages() -> Value {
+        json!([
+            {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+            {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+            {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+            {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+            {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+            {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+        ])
+    }
+
+    #[test]
+    fn chat_matches_the_cookbook() {
+        // The cookbook's (and tiktoken-rs's) published totals for these messages.
+        let body = json!({"messages": cookbook_messages()});
+        assert_eq!(chat(Some("gpt-4-0613"), &body).prompt_tokens, 129);
+        assert_eq!(chat(Some("gpt-35-turbo"), &body).prompt_tokens, 129);
+        assert_eq!(chat(Some("gpt-4o"), &body).prompt_tokens, 124);
+        // Without a deployment the body's model decides.
+        let v1 = json!({"model": "gpt-4", "messages": cookbook_messages()});
+        let e = chat(None, &v1);
+        assert_eq!(e.prompt_tokens, 129);
+        assert_eq!(e.model.as_deref(), Some("gpt-4"));
+    }
+
+    #[test]
+    fn chat_agrees_with_tiktoken_rs() {
+        use tiktoken_rs::{ChatCompletionRequestMessage as M, num_tokens_from_messages};
+        let msgs = [
+            ("system", None, "Be brief."),
+            ("user", Some("alice"), "What's 2+2? Answer in 𝔘𝔫𝔦𝔠𝔬𝔡𝔢."),
+            ("assistant", None, "4"),
+        ];
+        let ours = json!({"messages": msgs.iter().map(|(r, n, c)| {
+            let mut m = json!({"role": r, "content": c});
+            if let Some(n) = n { m["name"] = json!(n); }
+            m
+        }).collect::<Vec<_>>()});
+        let theirs: Vec<M> = msgs
+            .iter()
+            .map(|(r, n, c)| M {
+                role: (*r).into(),
+                name: n.map(Into::into),
+                content: Some((*c).into()),
+                ..Default::default()
+            })
+            .collect();
+        for model in ["gpt-4o", "gpt-4"] {
+            let expected = num_tokens_from_messages(model, &theirs).unwrap() as u32;
+            assert_eq!(chat(Some(model), &ours).prompt_tokens, expected, "{model}");
+        }
+    }
+
+    #[test]
+    fn chat_parts_images_name_and_tools() {
+        let enc = Encoding::O200kBase;
+        let c = |s: &str| count_text(enc, s);
+        let body = json!({
+            "messages": [{
+                "role": "user",
+                "name": "bob",
+                "content": [
+                    {"type": "text", "text": "Describe these pictures."},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "high"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                ],
+            }],
+        });
+        let expected = 3 + c("user") + c("bob") + 1 + c("Describe these pictures.") + 2 * 1200 + 3;
+        assert_eq!(chat(Some("gpt-4o"), &body).prompt_tokens, expected);
+
+        let tools = json!([{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let mut with_tools = body.clone();
+        with_tools["tools"] = tools.clone();
+        assert_eq!(
+            chat(Some("gpt-4o"), &with_tools).prompt_tokens,
+            expected + c(&tools.to_string())
+        );
+        let mut with_functions = body.clone();
+        with_functions["functions"] = json!([{"name": "f", "parameters": {}}]);
+        with_functions["tools"] = Value::Null;
+        assert_eq!(
+            chat(Some("gpt-4o"), &with_functions).prompt_tokens,
+            expected + c(r#"[{"name":"f","parameters":{}}]"#)
+        );
+    }
+
+    #[test]
+    fn chat_tool_call_history_and_null_content() {
+        let enc = Encoding::Cl100kBase;
+        let c = |s: &str| count_text(enc, s);
+        let calls = json!([{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]);
+        let body = json!({"messages": [
+            {"role": "assistant", "content": null, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21°C"},
+            "not a message",
+        ]});
+        let expected = 3
+            + c("assistant")
+            + c(&calls.to_string())
+            + 3
+            + c("tool")
+            + c("call_1")
+            + c("Sunny, 21°C")
+            + 3;
+        assert_eq!(chat(Some("gpt-4"), &body).prompt_tokens, expected);
+    }
+
+    #[test]
+    fn flags_and_limits() {
+        let body = json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": 50,
+            "max_completion_tokens": 70,
+        });
+        let e = chat(Some("gpt-4o"), &body);
+        assert!(e.stream && e.include_usage);
+        assert_eq!(e.max_completion_tokens, Some(70));
+        assert_eq!(e.prompt_tokens, 3 + 1 + 1 + 3);
+        assert_eq!(e.model, None);
+
+        let body = json!({"messages": [], "stream": "yes", "stream_options": {"include_usage": 1},
+            "max_tokens": 5_000_000_000u64});
+        let e = chat(Some("gpt-4o"), &body);
+        assert!(!e.stream && !e.include_usage);
+        assert_eq!(e.max_completion_tokens, Some(u32::MAX));
+        assert_eq!(e.prompt_tokens, 3);
+
+        let body = json!({"messages": [], "max_tokens": -1, "stream": false});
+        let e = chat(None, &body);
+        assert_eq!(e.max_completion_tokens, None);
+        assert!(!e.stream);
+    }
+
+    #[test]
+    fn completions_prompts() {
+        let enc = Encoding::Cl100kBase;
+        let c = |s: &str| count_text(enc, s);
+        let est = |body: Value| {
+            estimate_request(
+                Operation::Completions,
+                Some("gpt-35-turbo-instruct"),
+                body.to_string().as_bytes(),
+            )
+        };
+        assert_eq!(
+            est(json!({"prompt": "Once upon a time"})).prompt_tokens,
+            c("Once upon a time")
+        );
+        assert_eq!(
+            est(json!({"prompt": ["Once upon", " a time"], "max_tokens": 9})),
+            RequestEstimate {
+                prompt_tokens: c("Once upon") + c(" a time"),
+                max_completion_tokens: Some(9),
+                ..Default::default()
+            }
+        );
+        assert_eq!(est(json!({"prompt": [1, 2, 3, 4]})).prompt_tokens, 4);
+        assert_eq!(est(json!({"prompt": [[1, 2], [3]]})).prompt_tokens, 3);
+        assert_eq!(est(json!({"prompt": null})).prompt_tokens, 0);
+        assert_eq!(est(json!({})).prompt_tokens, 0);
+    }
+
+    #[test]
+    fn embeddings_inputs() {
+        let c = |s: &str| count_text(Encoding::Cl100kBase, s);
+        let est = |dep: Option<&str>, body: Value| {
+            estimate_request(Operation::Embeddings, dep, body.to_string().as_bytes()).prompt_tokens
+        };
+        let text = "The food was delicious and the waiter was very friendly.";
+        assert_eq!(est(Some("embed"), json!({"input": text})), c(text));
+        // Embedding models are cl100k whatever the deployment is called.
+        let ru = "Привет, как дела? Это тест.";
+        assert_eq!(est(Some("gpt-4o"), json!({"input": ru})), 13);
+        assert_eq!(count_text(Encoding::O200kBase, ru), 9);
+        assert_eq!(
+            est(None, json!({"input": [text, "hello world"], "model": "x"})),
+            c(text) + 2
+        );
+        assert_eq!(est(Some("e"), json!({"input": [10, 20, 30]})), 3);
+        assert_eq!(
+            est(Some("e"), json!({"input": [[10, 20], [30, 40, 50]]})),
+            5
+        );
+        assert_eq!(est(Some("e"), json!({"input": 5})), 0);
+    }
+
+    #[test]
+    fn unreadable_bodies_give_the_default() {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"{\"messages\": [",
+            b"[1,2,3]",
+            b"\"text\"",
+            b"null",
+            b"\xff\xfe",
+        ] {
+            for op in [
+                Operation::ChatCompletions,
+                Operation::Completions,
+                Operation::Embeddings,
+                Operation::Other,
+            ] {
+                assert_eq!(
+                    estimate_request(op, Some("gpt-4o"), body),
+                    RequestEstimate::default()
+                );
+            }
+        }
+        // Deep nesting is refused by serde_json's recursion limit, not a stack overflow.
+        let deep = format!(
+            "{{\"messages\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            estimate_request(Operation::ChatCompletions, None, deep.as_bytes()),
+            RequestEstimate::default()
+        );
+        // Messages that are not a list, or odd shapes, are tolerated.
+        let odd = json!({"messages": {"role": "user"}, "tools": 5});
+        assert_eq!(chat(None, &odd).prompt_tokens, 0);
+    }
+
+    #[test]
+    fn other_operations_read_flags_only() {
+        let body = json!({"model": "gpt-4o", "input": "hello", "stream": true});
+        let e = estimate_request(Operation::Other, None, body.to_string().as_bytes());
+        assert_eq!(e.prompt_tokens, 0);
+        assert!(e.stream);
+        assert_eq!(e.model.as_deref(), Some("gpt-4o"));
+    }
+}
