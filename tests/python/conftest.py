@@ -81,12 +81,15 @@ class Gateway:
 
 def start_gateway(directory, config: str, env=None) -> Gateway:
     """Write `config` as gateway.yaml in `directory`, start sluice, and wait
-    until its data plane (and management listener, if any) accept connections."""
+    until its data plane (and management listener, if any) accept connections.
+    Its log (stderr) goes to `directory/sluice.log`."""
     (directory / "gateway.yaml").write_text(config)
+    log = open(directory / "sluice.log", "w")
     proc = subprocess.Popen(
         [_binary(), "run", "-c", "gateway.yaml"],
         cwd=directory,
         stdout=subprocess.PIPE,
+        stderr=log,
         text=True,
         env={**os.environ, "RUST_LOG": "warn", **(env or {})},
     )

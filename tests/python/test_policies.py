@@ -83,7 +83,7 @@ apis:
     path: /limited/openai
     backends: [keyed]
     policies:
-      - rate_limit: {{calls: 3, renewal_period_seconds: 3, counter_key: subscription}}
+      - rate_limit: {{calls: 3, renewal_period_seconds: 5, counter_key: subscription}}
   - name: quota
     path: /quota/openai
     backends: [keyed]
@@ -104,6 +104,11 @@ apis:
     backends: [keyed]
     policies:
       - token_limit: {{counter_key: subscription, tokens_per_minute: 60}}
+  - name: token-quota
+    path: /token-quota/openai
+    backends: [keyed]
+    policies:
+      - token_limit: {{counter_key: subscription, token_quota: 50, token_quota_period: hourly}}
 """
     gw = start_gateway(d, config, env={"IDENTITY_ENDPOINT": mi.endpoint, "IDENTITY_HEADER": mi.HEADER})
     yield {"gw": gw, "entra": entra, "mi": mi}
@@ -193,7 +198,7 @@ def test_rate_limit_429_with_retry_after_then_success(env):
         c.chat.completions.create(max_tokens=1, **CHAT)
     resp = e.value.response
     retry_after = int(resp.headers["retry-after"])
-    assert 1 <= retry_after <= 3
+    assert 1 <= retry_after <= 5
     assert resp.json() == {"statusCode": 429, "message": f"Rate limit is exceeded. Try again in {retry_after} seconds."}
     # Another subscription has its own counter.
     sdk(env, "/limited", key=KEY_B).chat.completions.create(max_tokens=1, **CHAT)
@@ -267,8 +272,90 @@ def test_token_limit_429_once_the_minute_is_spent(env):
     assert resp.json() == {"statusCode": 429, "message": f"Token limit is exceeded. Try again in {secs} seconds."}
 
 
+def test_token_quota_403_once_the_hour_is_spent(env):
+    c = sdk(env, "/token-quota", key=KEY_A)
+    c.chat.completions.create(max_tokens=60, **CHAT)  # more than the hourly quota of 50
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        c.chat.completions.create(max_tokens=1, **CHAT)
+    resp = e.value.response
+    body = resp.json()
+    assert body["statusCode"] == 403
+    assert re.fullmatch(r"Token quota is exceeded\. Try again in .*\d+ minutes and \d+ seconds\.", body["message"]), body
+    assert 1 <= int(resp.headers["retry-after"]) <= 3600
+
+
 def test_metrics_for_entra_callers_name_the_app(env):
     sdk(env, "/entra", token=env["entra"].token()).chat.completions.create(max_tokens=2, **CHAT)
     text = httpx.get(env["gw"].management + "/metrics", timeout=10).text
     assert f'identity="app:{FakeEntra.APP_ID}"' in text
     assert httpx.get(env["gw"].management + "/health", timeout=10).status_code == 200
+
+
+# --- failures of the identity providers ------------------------------------------------------
+
+def test_no_managed_identity_token_gives_503_and_a_log_line_without_secrets(tmp_path):
+    """The identity endpoint refuses (wrong header): the gateway answers 503
+    and logs the credential type, never the identity header or a key."""
+    mi = FakeManagedIdentity(MI_TOKEN)
+    (tmp_path / "a.key").write_text(KEY_A)
+    (tmp_path / "mi.token").write_text(MI_TOKEN)
+    config = """
+server: { listen: 127.0.0.1:0, threads: 1 }
+simulators: [{name: s, region: East US, api_key: {file: mi.token}}]
+backends: [{name: mi, simulator: s, auth: {managed_identity: {}}}]
+subscriptions: [{name: team-a, primary_key: {file: a.key}}]
+apis: [{name: api, path: /openai, backends: [mi]}]
+"""
+    wrong_header = "this-is-not-the-identity-header"
+    gw = start_gateway(tmp_path, config, env={"IDENTITY_ENDPOINT": mi.endpoint, "IDENTITY_HEADER": wrong_header})
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            sdk({"gw": gw}, "", key=KEY_A).chat.completions.create(max_tokens=1, **CHAT)
+        assert e.value.status_code == 503
+        body = e.value.response.json()
+        assert body == {
+            "statusCode": 503,
+            "message": "Backend authentication failed: could not obtain an Entra ID token for backend 'mi' with managed_identity.",
+        }
+    finally:
+        gw.stop()
+        mi.server.stop()
+    log = (tmp_path / "sluice.log").read_text()
+    assert "managed_identity" in log
+    for secret in (wrong_header, KEY_A, MI_TOKEN):
+        assert secret not in log
+
+
+def test_unreachable_signing_keys_give_503(tmp_path):
+    entra = FakeEntra()
+    (tmp_path / "a.key").write_text(KEY_A)
+    (tmp_path / "backend.key").write_text(BACKEND_KEY)
+    dead = entra.server.url
+    entra.server.stop()
+    entra.server.httpd.server_close()
+    config = f"""
+server: {{ listen: 127.0.0.1:0, threads: 1 }}
+simulators: [{{name: s, region: East US, api_key: {{file: backend.key}}}}]
+backends: [{{name: s, simulator: s, api_key: {{file: backend.key}}}}]
+apis:
+  - name: api
+    path: /openai
+    backends: [s]
+    auth: jwt
+    policies:
+      - validate_jwt: {{jwks_url: {dead}/keys, issuers: [{entra.issuer}], audiences: [{entra.AUDIENCE}]}}
+"""
+    gw = start_gateway(tmp_path, config)
+    try:
+        token = entra.token()
+        r = httpx.post(
+            gw.url + "/openai/deployments/gpt-4o/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": "Bearer " + token},
+            timeout=30,
+        )
+        assert r.status_code == 503
+        assert r.json() == {"statusCode": 503, "message": "Unable to validate JWT: signing keys are unavailable."}
+        assert token not in (tmp_path / "sluice.log").read_text()
+    finally:
+        gw.stop()

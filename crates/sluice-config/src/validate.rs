@@ -125,6 +125,18 @@ pub(crate) fn build(
     let backends = cx.backends(raw.backends, &server);
     let subscriptions = cx.subscriptions(raw.subscriptions);
     let apis = cx.apis(raw.apis, &server);
+    if server.management.is_none() {
+        for (i, api) in apis.iter().enumerate() {
+            for (j, p) in api.policies.iter().enumerate() {
+                if matches!(p, crate::Policy::EmitTokenMetric(_)) {
+                    cx.err(
+                        format!("apis[{i}].policies[{j}].emit_token_metric"),
+                        "token metrics are served on the management listener: set server.management.listen",
+                    );
+                }
+            }
+        }
+    }
     Config {
         service_name,
         server,

@@ -54,9 +54,19 @@ fn header(name: &'static str) -> HeaderName {
 
 /// One backend and one API whose extra lines (indented for the API
 /// mapping) are appended.
-fn api_with(extra: &str) -> String {
+/// One API with `extra` appended to it, and no server section.
+fn api_no_server(extra: &str) -> String {
     format!(
         "backends:\n  - name: b\n    url: https://b.example\napis:\n  - name: a\n    path: /openai\n    backends: [b]\n{extra}"
+    )
+}
+
+/// One API with `extra` appended to it; a management listener is configured
+/// (at the end, so line numbers in the API stay put) since token metrics need one.
+fn api_with(extra: &str) -> String {
+    format!(
+        "backends:\n  - name: b\n    url: https://b.example\napis:\n  - name: a\n    path: /openai\n    backends: [b]\n{extra}\
+         server:\n  management: {{ listen: 127.0.0.1:0 }}\n"
     )
 }
 
@@ -316,7 +326,12 @@ fn full_example_resolves() {
 #[test]
 fn defaults() {
     let config = load(&api_with("")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.server.management, None);
+    assert_eq!(
+        config.server.management,
+        Some(sluice_config::Management {
+            listen: "127.0.0.1:0".parse().unwrap()
+        })
+    );
     assert!(config.backends[0].auth.is_none());
     assert_eq!(config.apis[0].auth, ApiAuth::Key);
     assert!(config.apis[0].policies.is_empty());
@@ -382,7 +397,7 @@ apis:
 fn management_listener_problems() {
     let found = problems(&format!(
         "server:\n  listen: 127.0.0.1:8080\n  management: {{ listen: 127.0.0.1:8080 }}\n{}",
-        api_with("")
+        api_no_server("")
     ));
     let p = find(&found, "server.management.listen");
     assert_eq!(p.line, Some(3));
@@ -390,7 +405,7 @@ fn management_listener_problems() {
 
     let found = problems(&format!(
         "server:\n  management:\n    listen: localhost:9090\n{}",
-        api_with("")
+        api_no_server("")
     ));
     assert_eq!(find(&found, "server.management.listen").line, Some(3));
     assert!(
@@ -399,7 +414,10 @@ fn management_listener_problems() {
             .contains("not an IP:PORT")
     );
 
-    let found = problems(&format!("server:\n  management: {{}}\n{}", api_with("")));
+    let found = problems(&format!(
+        "server:\n  management: {{}}\n{}",
+        api_no_server("")
+    ));
     assert_eq!(
         find(&found, "server.management.listen").message,
         "is required"
@@ -840,12 +858,32 @@ fn counter_keys_must_be_backed_by_earlier_steps() {
         paths(&found),
         ["apis[0].policies[0].token_limit.counter_key".to_string()].into()
     );
-    assert!(found[0].message.contains("identified callers"));
+    assert!(found[0].message.contains("identified before this entry"));
+    // With auth: jwt or key_or_jwt, token callers are known only after validate_jwt.
+    for auth in ["jwt", "key_or_jwt"] {
+        let found = problems(&api_with(&format!(
+            "    auth: {auth}\n    policies:\n{identity}{JWT}"
+        )));
+        assert!(
+            paths(&found).contains("apis[0].policies[0].token_limit.counter_key"),
+            "{auth}: {found:#?}"
+        );
+    }
+    // A claim key under key_or_jwt would put every key caller in one counter.
+    let found = problems(&api_with(&format!(
+        "    auth: key_or_jwt\n    policies:\n{JWT}      - rate_limit: {{ calls: 1, renewal_period_seconds: 1, counter_key: 'claim:oid' }}\n"
+    )));
+    assert!(
+        found
+            .iter()
+            .any(|p| p.message.contains("cannot be used with auth: key_or_jwt")),
+        "{found:#?}"
+    );
     // ... which any of these provides.
     for extra in [
         String::new(),
-        format!("    auth: jwt\n    policies:\n{identity}{JWT}"),
-        format!("    auth: key_or_jwt\n    policies:\n{identity}{JWT}"),
+        format!("    auth: jwt\n    policies:\n{JWT}{identity}"),
+        format!("    auth: key_or_jwt\n    policies:\n{JWT}{identity}"),
         format!("    subscription: {{ required: false }}\n    policies:\n{JWT}{identity}"),
     ] {
         let text = if extra.is_empty() {
@@ -856,9 +894,9 @@ fn counter_keys_must_be_backed_by_earlier_steps() {
         load(&text).unwrap_or_else(|e| panic!("{text}\n{e}"));
     }
     // The subscription dimension is fine anywhere.
-    let text = api_with(
-        "    auth: jwt\n    policies:\n      - emit_token_metric: { dimensions: [subscription, identity] }\n",
-    ) + JWT;
+    let text = api_with(&format!(
+        "    auth: jwt\n    policies:\n      - emit_token_metric: {{ dimensions: [subscription, identity] }}\n{JWT}"
+    ));
     load(&text).unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -1068,4 +1106,16 @@ fn the_documented_full_example_is_valid() {
     assert!(config.backends.iter().any(|b| b.auth.is_some()));
     assert_eq!(config.apis[0].policies.len(), 3);
     assert_eq!(config.apis[1].auth, ApiAuth::Jwt);
+}
+
+#[test]
+fn token_metrics_need_the_management_listener() {
+    let text = "backends: [{name: b, url: 'https://b.example'}]\n\
+                apis:\n  - name: a\n    path: /openai\n    backends: [b]\n    policies:\n      - emit_token_metric: {}\n";
+    let found = problems(text);
+    assert_eq!(
+        paths(&found),
+        ["apis[0].policies[0].emit_token_metric".to_string()].into()
+    );
+    assert!(found[0].message.contains("server.management.listen"));
 }

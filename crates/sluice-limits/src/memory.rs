@@ -449,35 +449,25 @@ impl Counter {
     fn adjust(&mut self, window: &Window, now: u64, reservation: &Reservation, actual: u64) {
         self.advance(window, now);
         let reserved = reservation.amount;
+        if actual > reserved && matches!(self, Counter::Sliding { .. }) {
+            // Units beyond the reservation were consumed while the request ran (a
+            // response's tokens): they count from now, so a response that outlives
+            // the window is still charged in full.
+            self.charge(window, now, actual - reserved);
+            return;
+        }
         match self {
             Counter::Sliding { slots, used } => {
-                let position = slots
-                    .iter()
-                    .position(|slot| slot.index >= reservation.bucket);
-                let existing = position.filter(|&i| slots[i].index == reservation.bucket);
-                if actual < reserved {
-                    if let Some(i) = existing {
-                        let give_back = (reserved - actual).min(slots[i].amount);
-                        slots[i].amount -= give_back;
-                        *used = used.saturating_sub(give_back);
-                    }
-                    return;
+                // Give back what was reserved but not used, from the slot it was
+                // charged to, if that slot still counts.
+                if let Some(slot) = slots
+                    .iter_mut()
+                    .find(|slot| slot.index == reservation.bucket)
+                {
+                    let give_back = reserved.saturating_sub(actual).min(slot.amount);
+                    slot.amount -= give_back;
+                    *used = used.saturating_sub(give_back);
                 }
-                let extra = actual - reserved;
-                if let Some(i) = existing {
-                    slots[i].amount = slots[i].amount.saturating_add(extra);
-                } else if reservation.charged_at.saturating_add(sliding_len(window)) > now {
-                    // The reservation charged nothing (or its slot was emptied): add the slot where it belongs.
-                    let slot = Slot {
-                        index: reservation.bucket,
-                        last: reservation.charged_at,
-                        amount: extra,
-                    };
-                    slots.insert(position.unwrap_or(slots.len()), slot);
-                } else {
-                    return;
-                }
-                *used = used.saturating_add(extra);
             }
             Counter::Fixed { start, used, .. } => {
                 if *start != reservation.bucket {
@@ -674,7 +664,7 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_applies_to_the_slot_charged_even_after_time_moved_on() {
+    fn reconcile_up_counts_the_extra_from_now_and_down_gives_back_from_the_slot_charged() {
         let (clock, store) = store_at(T0);
         let limit = sliding(1_000, 60);
         let early = reserve(&store, "k", &limit, 10).expect("fits");
@@ -682,30 +672,43 @@ mod tests {
         reserve(&store, "k", &limit, 10).expect("fits");
         store.reconcile_now(&early, 40);
         assert_eq!(store.peek_now("k", &limit).used, 50);
-        // The early slot, with its corrected amount, expires a window after it was charged.
+        // The early reservation (10) expires a window after it was charged; the
+        // extra 30, consumed at T0+30s, counts until T0+90s.
         clock.set(T0 + 60_000);
-        assert_eq!(store.peek_now("k", &limit).used, 10);
-        // A correction to an expired slot is dropped, up or down.
-        store.reconcile_now(&early, 500);
+        assert_eq!(store.peek_now("k", &limit).used, 40);
+        // Giving back from an expired slot changes nothing.
         store.reconcile_now(&early, 0);
-        assert_eq!(store.peek_now("k", &limit).used, 10);
+        assert_eq!(store.peek_now("k", &limit).used, 40);
+        clock.set(T0 + 90_000);
+        assert_eq!(store.peek_now("k", &limit).used, 0);
     }
 
     #[test]
-    fn reconcile_of_a_zero_reservation_charges_its_own_slot_even_after_a_purge() {
+    fn a_response_that_outlives_the_window_is_still_charged() {
+        let (clock, store) = store_at(T0);
+        let limit = sliding(1_000, 60);
+        // A long stream: reserved at the start, reconciled 90 s later.
+        let r = reserve(&store, "k", &limit, 20).expect("fits");
+        clock.set(T0 + 90_000);
+        store.reconcile_now(&r, 900);
+        let u = store.peek_now("k", &limit);
+        assert_eq!((u.used, u.remaining), (880, 120));
+        assert_eq!(retry_ms(reserve(&store, "k", &limit, 200)), 60_000);
+    }
+
+    #[test]
+    fn reconcile_of_a_zero_reservation_charges_the_usage_even_after_a_purge() {
         let (clock, store) = store_at(T0);
         let limit = sliding(1_000, 60);
         // A token limit that does not estimate reserves 0 and charges the usage afterwards.
         let zero = reserve(&store, "k", &limit, 0).expect("fits");
         assert_eq!((zero.amount(), zero.remaining()), (0, 1_000));
         clock.set(T0 + 20_000);
-        let other = reserve(&store, "k", &limit, 5).expect("fits");
+        reserve(&store, "k", &limit, 5).expect("fits");
         store.reconcile_now(&zero, 300);
         assert_eq!(store.peek_now("k", &limit).used, 305);
-        // The late charge sits in the slot of its reservation, before the newer one.
-        clock.set(T0 + 60_000);
-        assert_eq!(store.peek_now("k", &limit).used, 5);
-        store.reconcile_now(&other, 5);
+        clock.set(T0 + 80_000);
+        assert_eq!(store.peek_now("k", &limit).used, 0);
 
         // The counter of an idle key is purged while its request runs; the usage still counts.
         let zero = reserve(&store, "idle", &limit, 0).expect("fits");

@@ -133,9 +133,12 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     -> Result<Reservation, Exceeded>;
 
     /// Corrects a reservation once the real amount is known. `actual` may be lower or higher than the amount reserved;
-    /// higher may push the window over its limit, which later requests then wait out. The correction applies to the
-    /// window bucket the reservation was charged to, even if time has moved on; a correction to an expired bucket is
-    /// dropped.
+    /// higher may push the window over its limit, which later requests then wait out.
+    ///
+    /// Fixed and calendar windows: the correction applies to the window the reservation was charged to; once that
+    /// window has ended it is dropped. Sliding windows: unused units are given back from the slot they were charged to
+    /// (if it still counts); units beyond the reservation are charged now, since they were consumed while the request
+    /// ran — so a response that outlives the window is still charged in full.
     async fn reconcile(&self, reservation: &Reservation, actual: u64);
 
     /// The counter's current state, without charging.

@@ -14,6 +14,26 @@ use sluice_tokens::{Operation, RequestEstimate, Usage, UsageScanner};
 use crate::stream_tag::StreamProbe;
 use crate::subscription::SubscriptionMatch;
 
+/// A backend bearer token; `Debug` prints nothing of it.
+#[derive(Clone)]
+pub struct Bearer(std::sync::Arc<str>);
+
+impl Bearer {
+    pub fn new(token: std::sync::Arc<str>) -> Self {
+        Bearer(token)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
 /// Tokens reserved by one `token_limit` step, reconciled at the end.
 #[derive(Debug, Clone)]
 pub struct TokenCharge {
@@ -92,8 +112,8 @@ pub struct RequestContext {
     /// The usage of the exchange. Written at finish.
     pub usage: Option<Usage>,
     /// The Entra ID token for the chosen backend. Written by backend
-    /// selection; read by the upstream request step.
-    pub backend_bearer: Option<std::sync::Arc<str>>,
+    /// selection (reset on every attempt); read by the upstream request step.
+    pub backend_bearer: Option<Bearer>,
     /// The credential kind that failed to give a token (for the 503).
     pub identity_failure: Option<&'static str>,
     /// Ask the backend for an uncompressed answer (usage must be readable).
@@ -102,16 +122,18 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// Who the caller is for limits and metrics: the subscription's name,
-    /// else the JWT's application id or subject.
+    /// Who the caller is for limits and metrics: `subscription:<name>`, else
+    /// the JWT's `app:<appid/azp>`, else `sub:<subject>`.
     pub fn identity(&self) -> Option<String> {
         if let Some(s) = &self.subscription {
             return Some(format!("subscription:{}", s.name));
         }
-        self.caller
-            .as_ref()
-            .and_then(|c| c.identity())
-            .map(|id| format!("app:{id}"))
+        let caller = self.caller.as_ref()?;
+        match (&caller.app_id, &caller.subject) {
+            (Some(app), _) => Some(format!("app:{app}")),
+            (None, Some(sub)) => Some(format!("sub:{sub}")),
+            (None, None) => None,
+        }
     }
 }
 

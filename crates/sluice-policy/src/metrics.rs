@@ -20,9 +20,11 @@ impl TokenMetrics {
     /// Register the counters in `registry` with labels for `dimensions`
     /// (duplicates are ignored; order is kept).
     pub fn new(registry: &Registry, dimensions: &[Dimension]) -> prometheus::Result<Self> {
+        // One label per name: two header dimensions can map to the same label
+        // name on different APIs (`x-a` and `x_a`); the first one names it.
         let mut labels: Vec<Dimension> = Vec::new();
         for d in dimensions {
-            if !labels.contains(d) {
+            if !labels.iter().any(|l| l.label() == d.label()) {
                 labels.push(d.clone());
             }
         }
@@ -69,6 +71,7 @@ impl TokenMetrics {
             .iter()
             .map(|d| value(d).unwrap_or_default())
             .collect();
+
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
         if let Ok(c) = self.prompt.get_metric_with_label_values(&values) {
             c.inc_by(prompt);

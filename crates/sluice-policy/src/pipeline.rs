@@ -177,16 +177,8 @@ impl ApiPipeline {
         self.authenticate(req, ctx, shared)?;
         if self.needs_usage {
             let op = Operation::from_path(req.rest_path);
-            let deployment = crate::route::deployment_of(req.rest_path);
             ctx.operation = Some(op);
-            ctx.deployment = deployment.map(str::to_string);
-            if let Some(body) = req.body {
-                let e = estimate_request(op, deployment, body);
-                if ctx.deployment.is_none() {
-                    ctx.deployment = e.model.clone();
-                }
-                ctx.estimate = Some(e);
-            }
+            ctx.deployment = crate::route::deployment_of(req.rest_path).map(str::to_string);
         }
         let key_or_jwt_with_key = self.api.auth == ApiAuth::KeyOrJwt && ctx.subscription.is_some();
         for (i, step) in self.steps.iter().enumerate() {
@@ -222,6 +214,11 @@ impl ApiPipeline {
                 }
                 Step::Metric(_) => {}
             }
+        }
+        // A stream without a usage chunk is charged and measured as the prompt
+        // estimate plus the streamed tokens: estimate it if no step did.
+        if self.needs_usage && ctx.estimate.is_none() && ctx.stream {
+            estimate(req, ctx).await;
         }
         Ok(())
     }
@@ -269,6 +266,9 @@ impl ApiPipeline {
     ) -> Result<(), GatewayError> {
         let (cfg, tpm, quota) = (&t.cfg, t.tpm.as_ref(), t.quota.as_ref());
         let key = counter_key(&cfg.counter_key, req, ctx, "tokens");
+        if ctx.estimate.is_none() && (cfg.estimate_prompt_tokens || ctx.stream) {
+            estimate(req, ctx).await;
+        }
         // Streams are always estimated, as APIM does; otherwise only when asked.
         let amount = match &ctx.estimate {
             Some(e) if cfg.estimate_prompt_tokens || e.stream => u64::from(e.prompt_tokens),
@@ -382,9 +382,11 @@ impl ApiPipeline {
         for step in &self.steps {
             let Step::Metric(dims) = step else { continue };
             metrics.record(
-                |d| {
-                    dims.contains(d)
-                        .then(|| self.dimension_value(d, ctx, backend))
+                |label| {
+                    let name = label.label();
+                    dims.iter()
+                        .find(|d| d.label() == name)
+                        .map(|d| self.dimension_value(d, ctx, backend))
                 },
                 u.prompt_tokens,
                 u.completion_tokens,
@@ -435,6 +437,35 @@ impl ApiPipeline {
             _ => Vec::new(),
         })
     }
+}
+
+/// Bodies larger than this are tokenized on the blocking pool, off the
+/// proxy's worker threads.
+const BLOCKING_ESTIMATE_BYTES: usize = 8 * 1024;
+
+/// Estimate the prompt of a body read before routing (after authentication
+/// and only when a step needs it: tokenizing costs ~µs per 100 bytes).
+async fn estimate(req: &InboundRequest<'_>, ctx: &mut RequestContext) {
+    let Some(body) = req.body else { return };
+    let op = ctx.operation.unwrap_or(Operation::Other);
+    let e = if body.len() <= BLOCKING_ESTIMATE_BYTES {
+        estimate_request(op, ctx.deployment.as_deref(), body)
+    } else {
+        let body = body.to_vec();
+        let deployment = ctx.deployment.clone();
+        match tokio::task::spawn_blocking(move || {
+            estimate_request(op, deployment.as_deref(), &body)
+        })
+        .await
+        {
+            Ok(e) => e,
+            Err(_) => return,
+        }
+    };
+    if ctx.deployment.is_none() {
+        ctx.deployment = e.model.clone();
+    }
+    ctx.estimate = Some(e);
 }
 
 fn calls(c: &CallLimit, quota: bool) -> Step {
@@ -499,5 +530,278 @@ fn counter_key(
                 .and_then(|caller| caller.claim_str(c))
                 .unwrap_or_default()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use sluice_limits::{ManualClock, MemoryStore};
+
+    #[derive(Debug)]
+    struct NoFetch;
+
+    #[async_trait::async_trait]
+    impl Fetch for NoFetch {
+        async fn get(&self, _url: &str) -> Result<Vec<u8>, String> {
+            Err("no network in unit tests".into())
+        }
+    }
+
+    fn setup(policies: &str) -> (ApiPipeline, Shared, Arc<MemoryStore>) {
+        let yaml = format!(
+            "backends: [{{name: b, url: 'http://127.0.0.1:1'}}]\n\
+             subscriptions: [{{name: team-a, primary_key: {{env: K}}}}]\n\
+             apis:\n  - name: api\n    path: /openai\n    backends: [b]\n    policies:\n{policies}"
+        );
+        let env = |n: &str| (n == "K").then(|| "key-a".to_string());
+        let cfg =
+            sluice_config::load_str_with_env(&yaml, "t.yaml", std::path::Path::new("."), &env)
+                .unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(MemoryStore::new(Arc::new(ManualClock::new(
+            1_700_000_000_000,
+        ))));
+        let shared = Shared {
+            subscriptions: Arc::new(SubscriptionIndex::new(&cfg.subscriptions)),
+            store: store.clone(),
+            metrics: None,
+        };
+        (
+            ApiPipeline::new(&cfg.apis[0], Arc::new(NoFetch)),
+            shared,
+            store,
+        )
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    const CHAT: &str = "/deployments/gpt-4o/chat/completions";
+
+    fn request<'a>(h: &'a HeaderMap, body: Option<&'a [u8]>) -> InboundRequest<'a> {
+        InboundRequest {
+            headers: h,
+            query: None,
+            client_ip: Some("10.0.0.7".parse().unwrap()),
+            rest_path: CHAT,
+            body,
+            host: "gw",
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_reserved_then_reconciled_to_the_reported_usage() {
+        let (p, shared, store) = setup(
+            "      - token_limit: {counter_key: subscription, tokens_per_minute: 1000, remaining_tokens_header_name: x-rem, tokens_consumed_header_name: x-used}\n",
+        );
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let mut ctx = RequestContext::default();
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        let est = ctx.estimate.as_ref().unwrap().prompt_tokens;
+        assert_eq!(est, 10);
+        assert!(
+            ctx.response_headers
+                .contains(&(HeaderName::from_static("x-used"), "10".into()))
+        );
+        assert!(
+            ctx.response_headers
+                .contains(&(HeaderName::from_static("x-rem"), "990".into()))
+        );
+        p.start_response(&mut ctx, 200, Some("application/json"), Some("East US"));
+        p.response_chunk(
+            &mut ctx,
+            br#"{"usage":{"prompt_tokens":10,"completion_tokens":25,"total_tokens":35}}"#,
+        );
+        p.finish(&mut ctx, &shared, Some("b")).await;
+        let limit = Limit {
+            limit: 1000,
+            window: Window::Sliding(Duration::from_secs(60)),
+        };
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 35);
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_is_charged_nothing() {
+        let (p, shared, store) =
+            setup("      - token_limit: {counter_key: client_ip, tokens_per_minute: 1000}\n");
+        let h = headers(&[("api-key", "key-a")]);
+        let mut ctx = RequestContext::default();
+        let body = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 429, Some("application/json"), None);
+        p.finish(&mut ctx, &shared, None).await;
+        let limit = Limit {
+            limit: 1000,
+            window: Window::Sliding(Duration::from_secs(60)),
+        };
+        assert_eq!(store.peek("tokens|ip:10.0.0.7", &limit).await.used, 0);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_and_quota_answer_like_apim() {
+        let (p, shared, _) = setup(
+            "      - rate_limit: {calls: 2, renewal_period_seconds: 10, counter_key: 'header:x-team'}\n\
+             \x20     - quota: {calls: 3, renewal_period_seconds: 3600, counter_key: subscription}\n",
+        );
+        let h = headers(&[("api-key", "key-a"), ("x-team", "red")]);
+        for _ in 0..2 {
+            p.inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+                .await
+                .unwrap();
+        }
+        let e = p
+            .inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 429);
+        assert_eq!(
+            e.message,
+            "Rate limit is exceeded. Try again in 10 seconds."
+        );
+        assert_eq!(e.headers[0].1, "10");
+        // Another header value has its own counter; the quota (per subscription) then runs out.
+        let h2 = headers(&[("api-key", "key-a"), ("x-team", "blue")]);
+        p.inbound(&request(&h2, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap();
+        let e = p
+            .inbound(&request(&h2, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 403);
+        assert!(
+            e.message
+                .starts_with("Out of call volume quota. Quota will be replenished in "),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn authentication_comes_first() {
+        let (p, shared, _) = setup(
+            "      - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n",
+        );
+        let h = headers(&[]);
+        let e = p
+            .inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(e.headers[0].1.contains("realm=\"http://gw/openai\""));
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_returned_when_a_later_step_refuses() {
+        let (p, shared, store) = setup(
+            "      - token_limit: {counter_key: subscription, tokens_per_minute: 1000}\n\
+             \x20     - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n",
+        );
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let limit = Limit {
+            limit: 1000,
+            window: Window::Sliding(Duration::from_secs(60)),
+        };
+        let mut first = RequestContext::default();
+        p.inbound(&request(&h, Some(body)), &mut first, &shared)
+            .await
+            .unwrap();
+        let mut second = RequestContext::default();
+        let e = p
+            .inbound(&request(&h, Some(body)), &mut second, &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 429);
+        assert_eq!(
+            store.peek("tokens|sub:team-a", &limit).await.used,
+            20,
+            "both reserved 10"
+        );
+        // The refused request ends without a backend answer: its tokens come back.
+        p.finish(&mut second, &shared, None).await;
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 10);
+    }
+
+    #[tokio::test]
+    async fn token_limit_refuses_then_admits_after_retry_after() {
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (p, mut shared, _) =
+            setup("      - token_limit: {counter_key: subscription, tokens_per_minute: 100}\n");
+        shared.store = Arc::new(MemoryStore::new(clock.clone()));
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let mut ctx = RequestContext::default();
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(
+            &mut ctx,
+            br#"{"usage":{"prompt_tokens":10,"completion_tokens":90,"total_tokens":100}}"#,
+        );
+        p.finish(&mut ctx, &shared, None).await;
+        let e = p
+            .inbound(
+                &request(&h, Some(body)),
+                &mut RequestContext::default(),
+                &shared,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 429);
+        let secs: u64 = e.headers[0].1.parse().unwrap();
+        assert_eq!(
+            e.message,
+            format!("Token limit is exceeded. Try again in {secs} seconds.")
+        );
+        assert!((1..=60).contains(&secs));
+        clock.advance(Duration::from_secs(secs));
+        p.inbound(
+            &request(&h, Some(body)),
+            &mut RequestContext::default(),
+            &shared,
+        )
+        .await
+        .expect("admitted once Retry-After has passed");
+    }
+
+    #[test]
+    fn counter_keys_of_different_kinds_never_collide() {
+        let h = headers(&[("x-team", "team-a")]);
+        let ctx = RequestContext {
+            subscription: Some(crate::SubscriptionMatch {
+                index: 0,
+                name: Arc::from("team-a"),
+                slot: crate::subscription::KeySlot::Primary,
+            }),
+            ..RequestContext::default()
+        };
+        let req = request(&h, None);
+        let by_sub = counter_key(&CounterKey::Subscription, &req, &ctx, "calls");
+        let by_hdr = counter_key(
+            &CounterKey::Header(HeaderName::from_static("x-team")),
+            &req,
+            &ctx,
+            "calls",
+        );
+        let by_id = counter_key(&CounterKey::Identity, &req, &ctx, "calls");
+        assert_ne!(by_sub, by_hdr);
+        assert_ne!(by_sub, by_id);
+        assert_ne!(
+            by_sub,
+            counter_key(&CounterKey::Subscription, &req, &ctx, "tokens")
+        );
     }
 }

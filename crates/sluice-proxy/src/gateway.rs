@@ -370,22 +370,33 @@ impl ProxyHttp for Gateway {
                 .into_up());
             }
         };
+        // Per attempt: a retry may pick a backend without `auth`.
+        ctx.backend_bearer = None;
+        ctx.identity_failure = None;
         if let Some(provider) = &b.token_provider {
-            match provider.token().await {
-                Ok(t) => ctx.backend_bearer = Some(t),
-                Err(e) => {
-                    tracing::warn!(
-                        backend = %b.name,
-                        credential = provider.kind(),
-                        error = %e,
-                        "cannot obtain an Entra ID token for the backend"
-                    );
-                    ctx.identity_failure = Some(provider.kind());
-                    return Err(Error::explain(
-                        ErrorType::HTTPStatus(503),
-                        "no Entra ID token for the backend",
-                    ));
+            let failure = match tokio::time::timeout(b.connect_timeout, provider.token()).await {
+                Ok(Ok(t)) => {
+                    ctx.backend_bearer = Some(sluice_policy::context::Bearer::new(t));
+                    None
                 }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "no token within the backend's connect timeout ({} ms)",
+                    b.connect_timeout.as_millis()
+                )),
+            };
+            if let Some(error) = failure {
+                tracing::warn!(
+                    backend = %b.name,
+                    credential = provider.kind(),
+                    %error,
+                    "cannot obtain an Entra ID token for the backend"
+                );
+                ctx.identity_failure = Some(provider.kind());
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no Entra ID token for the backend",
+                ));
             }
         }
         let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
@@ -440,7 +451,10 @@ impl ProxyHttp for Gateway {
             upstream.insert_header("api-key", key.expose())?;
         }
         if let Some(token) = &ctx.backend_bearer {
-            upstream.insert_header(http::header::AUTHORIZATION, format!("Bearer {token}"))?;
+            upstream.insert_header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            )?;
         }
         if ctx.strip_accept_encoding {
             upstream.remove_header(&http::header::ACCEPT_ENCODING);
@@ -470,8 +484,11 @@ impl ProxyHttp for Gateway {
             return Ok(());
         }
         upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
-        for (name, value) in &ctx.response_headers {
-            upstream_response.insert_header(name.clone(), value.as_str())?;
+        if upstream_response.status.is_success() {
+            // Remaining/consumed tokens describe a charge; failed calls are refunded.
+            for (name, value) in &ctx.response_headers {
+                upstream_response.insert_header(name.clone(), value.as_str())?;
+            }
         }
         if let Some(api) = ctx.api {
             let header = |n: &str| {

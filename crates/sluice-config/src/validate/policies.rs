@@ -580,17 +580,24 @@ impl Cx<'_, '_> {
                 };
                 self.err(&key_path_, message);
             }
+            CounterKey::Claim(claim) if cx.auth == ApiAuth::KeyOrJwt => self.err(
+                &key_path_,
+                format!(
+                    "counter_key 'claim:{claim}' cannot be used with auth: key_or_jwt: callers \
+                     with a key have no token, so they would all share one counter; use identity"
+                ),
+            ),
             CounterKey::Identity
-                if !cx.keyed_by_subscription()
-                    && cx.auth == ApiAuth::Key
-                    && !cx.jwt_before(index) =>
+                if !((cx.auth == ApiAuth::Key && cx.keyed_by_subscription())
+                    || cx.jwt_before(index)) =>
             {
                 self.err(
                     &key_path_,
                     format!(
-                        "counter_key 'identity' needs identified callers: use auth: key with \
-                         subscription.required: true, or auth: jwt or key_or_jwt, or put a \
-                         validate_jwt entry earlier in {policies}"
+                        "counter_key 'identity' needs callers identified before this entry: use \
+                         auth: key with subscription.required: true, or put a validate_jwt entry \
+                         earlier in {policies} (with auth: jwt or key_or_jwt, token callers are \
+                         only known after validate_jwt)"
                     ),
                 );
             }

@@ -1,0 +1,152 @@
+//! Per-request costs of issue #3's steps: the JWT check (keys cached), each
+//! limiter's reserve (+ reconcile), the prompt estimate, and the usage scan
+//! of a streamed response.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsa::RsaPrivateKey;
+use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+use rsa::traits::PublicKeyParts;
+use sluice_auth::{Fetch, JwtSettings, JwtValidator, KeysSource};
+use sluice_limits::{CounterStore, Limit, MemoryStore, Period, SystemClock, Window};
+use sluice_tokens::{Encoding, Operation, UsageScanner, estimate_request};
+
+/// Serves one JWKS from memory (no network in the bench).
+#[derive(Debug)]
+struct MemoryJwks(Vec<u8>);
+
+#[async_trait::async_trait]
+impl Fetch for MemoryJwks {
+    async fn get(&self, _url: &str) -> Result<Vec<u8>, String> {
+        Ok(self.0.clone())
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn jwt(c: &mut Criterion) {
+    let pem = include_str!("../../crates/sluice-auth/tests/fixtures/test_only_signing_a.pem");
+    let key = RsaPrivateKey::from_pkcs1_pem(pem).expect("fixture key");
+    let der = key.to_pkcs1_der().expect("der");
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "RSA", "use": "sig", "kid": "k1",
+        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+    }]});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": "https://login.microsoftonline.com/t/v2.0", "aud": "https://cognitiveservices.azure.com",
+        "exp": now + 3600, "nbf": now - 10, "iat": now - 10, "azp": "app", "sub": "s", "roles": ["Caller"],
+    });
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("k1".into());
+    let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(der.as_bytes()))
+        .expect("sign");
+    let bearer = format!("Bearer {token}");
+    let v = JwtValidator::new(
+        JwtSettings {
+            keys_source: KeysSource::Jwks("http://jwks.invalid/keys".into()),
+            issuers: vec!["https://login.microsoftonline.com/t/v2.0".into()],
+            audiences: vec!["https://cognitiveservices.azure.com".into()],
+            client_application_ids: vec!["app".into()],
+            required_roles: vec!["Caller".into()],
+            clock_skew: Duration::from_secs(60),
+            refetch_min_interval: Duration::from_secs(30),
+        },
+        Arc::new(MemoryJwks(serde_json::to_vec(&jwks).expect("json"))),
+    );
+    let rt = runtime();
+    rt.block_on(v.validate(Some(&bearer))).expect("valid token");
+    c.bench_function("jwt_validate_cached_rs256", |b| {
+        b.iter(|| rt.block_on(v.validate(Some(black_box(&bearer)))))
+    });
+}
+
+fn limits(c: &mut Criterion) {
+    let rt = runtime();
+    let store = MemoryStore::new(Arc::new(SystemClock));
+    let mut g = c.benchmark_group("limiter_reserve_reconcile");
+    let cases = [
+        (
+            "rate_limit_sliding_60s",
+            Window::Sliding(Duration::from_secs(60)),
+        ),
+        ("quota_fixed_1h", Window::Fixed(Duration::from_secs(3600))),
+        ("token_quota_monthly", Window::Calendar(Period::Monthly)),
+    ];
+    for (name, window) in cases {
+        let limit = Limit {
+            limit: u64::MAX / 2,
+            window,
+        };
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let r = store
+                        .reserve(black_box("calls|sub:team-a"), &limit, 1)
+                        .await;
+                    if let Ok(r) = r {
+                        store.reconcile(&r, 1).await;
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn tokens(c: &mut Criterion) {
+    sluice_tokens::preload(Encoding::O200kBase);
+    let mut g = c.benchmark_group("prompt_estimate");
+    for words in [50usize, 5_000] {
+        let text =
+            "The quick brown fox jumps over the lazy dog near the canal. ".repeat(words / 12);
+        let body = serde_json::to_vec(&serde_json::json!({
+            "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": text}],
+            "max_tokens": 64
+        }))
+        .expect("json");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(body.len()), &body, |b, body| {
+            b.iter(|| estimate_request(Operation::ChatCompletions, Some("gpt-4o"), black_box(body)))
+        });
+    }
+    g.finish();
+    // A 24-token Azure stream with the usage chunk, as the gateway sees it.
+    let mut sse = String::from(
+        "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{}}]}\n\n",
+    );
+    for i in 0..24 {
+        sse.push_str(&format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\" word{i}\"}},\"finish_reason\":null,\"index\":0}}],\"created\":1,\"id\":\"c\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"usage\":null}}\n\n"
+        ));
+    }
+    sse.push_str("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":24,\"total_tokens\":34}}\n\ndata: [DONE]\n\n");
+    let events: Vec<&[u8]> = sse.split_inclusive("\n\n").map(str::as_bytes).collect();
+    c.bench_function("usage_scan_stream_24_events", |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::new(true, Encoding::O200kBase, 10);
+            for e in &events {
+                s.feed(black_box(e));
+            }
+            s.finish()
+        })
+    });
+}
+
+criterion_group!(benches, jwt, limits, tokens);
+criterion_main!(benches);
