@@ -29,7 +29,7 @@ if [ "${#apt_pkgs[@]}" -gt 0 ]; then
     sudo_cmd="sudo"
   fi
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
 fi
 
 if [ "$want_tests" = 1 ]; then

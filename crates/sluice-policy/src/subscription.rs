@@ -184,25 +184,20 @@ impl SubscriptionIndex {
 }
 
 /// The key a request carries, headers first (in configured order), then the
-/// query parameter only when none of the headers is present. An empty value
-/// counts as absent.
+/// query parameter only when no header carries one. An empty value counts as
+/// absent.
 pub fn extract_key(
     settings: &SubscriptionSettings,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Option<Vec<u8>> {
-    let mut any_header = false;
     for name in &settings.header_names {
         if let Some(v) = headers.get(name) {
-            any_header = true;
             let v = v.as_bytes().trim_ascii();
             if !v.is_empty() {
                 return Some(v.to_vec());
             }
         }
-    }
-    if any_header {
-        return None;
     }
     let v = query_param(query?, &settings.query_name)?;
     (!v.is_empty()).then_some(v)
@@ -307,6 +302,16 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(e, KeyError::Invalid);
+        // An empty header is no key: the query parameter is used.
+        let m = idx
+            .check(
+                "api",
+                &s,
+                &hdr("api-key", " "),
+                Some("subscription-key=k%2F1"),
+            )
+            .unwrap();
+        assert_eq!(m.unwrap().index, 0);
     }
 
     #[test]
