@@ -119,3 +119,38 @@ class FakeManagedIdentity:
 
     def fetches(self) -> int:
         return sum(1 for p, _ in self.server.hits if p == "/msi/token")
+
+
+class CaptureBackend:
+    """An Azure OpenAI stand-in that records every request's headers and
+    answers a minimal chat completion (for checking what a backend receives)."""
+
+    def __init__(self):
+        outer = self
+        self.requests = []
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                outer.requests.append((self.path, dict(self.headers)))
+                body = json.dumps({
+                    "id": "chatcmpl-capture", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()

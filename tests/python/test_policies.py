@@ -11,7 +11,7 @@ import pytest
 from openai import AzureOpenAI
 
 from conftest import start_gateway
-from fakes import FakeEntra, FakeManagedIdentity
+from fakes import CaptureBackend, FakeEntra, FakeManagedIdentity
 
 API_VERSION = "2024-10-21"
 KEY_A = "policies-team-a-key"
@@ -359,3 +359,67 @@ apis:
         assert token not in (tmp_path / "sluice.log").read_text()
     finally:
         gw.stop()
+
+
+def test_backends_never_see_the_callers_credentials(tmp_path):
+    """Entra ID and key callers, to an api-key backend and to a managed-identity
+    backend: each backend gets only its own credential."""
+    entra = FakeEntra()
+    mi = FakeManagedIdentity(MI_TOKEN)
+    keyed, managed = CaptureBackend(), CaptureBackend()
+    (tmp_path / "a.key").write_text(KEY_A)
+    (tmp_path / "backend.key").write_text(BACKEND_KEY)
+    jwt_step = f"""      - validate_jwt:
+          openid_config_url: {entra.openid_url}
+          issuers: [{entra.issuer}]
+          audiences: [{entra.AUDIENCE}]
+"""
+    config = f"""
+server: {{ listen: 127.0.0.1:0, threads: 1 }}
+backends:
+  - {{name: keyed, url: "{keyed.url}", api_key: {{file: backend.key}}}}
+  - {{name: managed, url: "{managed.url}", auth: {{managed_identity: {{}}}}}}
+subscriptions: [{{name: team-a, primary_key: {{file: a.key}}}}]
+apis:
+  - name: to-keyed
+    path: /keyed/openai
+    backends: [keyed]
+    auth: key_or_jwt
+    policies:
+{jwt_step}  - name: to-managed
+    path: /managed/openai
+    backends: [managed]
+    auth: key_or_jwt
+    policies:
+{jwt_step}"""
+    gw = start_gateway(tmp_path, config, env={"IDENTITY_ENDPOINT": mi.endpoint, "IDENTITY_HEADER": mi.HEADER})
+    token = entra.token()
+    try:
+        for prefix in ("/keyed", "/managed"):
+            sdk({"gw": gw}, prefix, token=token).chat.completions.create(max_tokens=1, **CHAT)
+            sdk({"gw": gw}, prefix, key=KEY_A).chat.completions.create(max_tokens=1, **CHAT)
+            r = httpx.post(
+                gw.url + prefix + "/openai/deployments/gpt-4o/chat/completions?subscription-key=" + KEY_A,
+                json={"messages": [{"role": "user", "content": "hi"}]},
+                headers={"Ocp-Apim-Subscription-Key": KEY_A},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        gw.stop()
+        for s in (entra.server, mi.server, keyed, managed):
+            s.stop()
+    assert len(keyed.requests) == 3 and len(managed.requests) == 3
+    for backend, expected in ((keyed, {"api-key": BACKEND_KEY}), (managed, {"authorization": "Bearer " + MI_TOKEN})):
+        for path, headers in backend.requests:
+            lowered = {k.lower(): v for k, v in headers.items()}
+            assert KEY_A not in path, path
+            for secret in (token, KEY_A):
+                assert all(secret not in v for v in lowered.values()), (path, lowered)
+            for name, value in expected.items():
+                assert lowered.get(name) == value, lowered
+            assert "ocp-apim-subscription-key" not in lowered
+            if backend is keyed:
+                assert "authorization" not in lowered
+            else:
+                assert "api-key" not in lowered

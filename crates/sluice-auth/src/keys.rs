@@ -46,6 +46,13 @@ impl KeyMap {
         self.keys.len()
     }
 
+    /// Whether some key of `self` is no longer published in `next` (a key was
+    /// retired or revoked).
+    pub(crate) fn drops_any_of(&self, next: &KeyMap) -> bool {
+        self.by_kid.keys().any(|kid| !next.by_kid.contains_key(kid))
+            || self.keys.len() > next.keys.len()
+    }
+
     /// The key published under `kid`.
     pub(crate) fn get(&self, kid: &str) -> Option<&CachedKey> {
         self.by_kid.get(kid).map(|&i| &self.keys[i])

@@ -1,5 +1,6 @@
 //! The validator: key cache, fetch pacing, verification.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -27,6 +28,17 @@ pub struct JwtValidator {
     inner: Arc<Inner>,
 }
 
+/// The most accepted tokens remembered at once.
+const ACCEPTED_CAPACITY: usize = 4096;
+
+/// A token that passed every check.
+#[derive(Debug)]
+struct Accepted {
+    caller: Caller,
+    valid_from: f64,
+    valid_until: f64,
+}
+
 #[derive(Debug)]
 struct Inner {
     settings: JwtSettings,
@@ -34,6 +46,12 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// The current keys; replaced whole after every fetch attempt. Read on every validation.
     cache: RwLock<Arc<KeySet>>,
+    /// Tokens that passed every check, with the times they are valid between
+    /// (skew applied). SDK clients send the same token for up to an hour, so
+    /// most requests skip parsing and the signature check. Bounded; an entry
+    /// is never served outside its validity; emptied when a fetch finds that
+    /// a key was removed from the JWKS.
+    accepted: RwLock<HashMap<Box<str>, Accepted>>,
     /// Held while fetching, so that concurrent misses share one fetch.
     gate: tokio::sync::Mutex<()>,
     /// Monotonic milliseconds of the last fetch attempt, plus one; 0 means never.
@@ -92,6 +110,7 @@ impl JwtValidator {
                 fetch,
                 clock,
                 cache: RwLock::new(Arc::new(empty)),
+                accepted: RwLock::new(HashMap::new()),
                 gate: tokio::sync::Mutex::new(()),
                 last_attempt_ms: AtomicU64::new(0),
                 background: AtomicBool::new(false),
@@ -103,8 +122,12 @@ impl JwtValidator {
     /// caller is. A cached key makes this a read lock plus one signature check.
     pub async fn validate(&self, authorization: Option<&str>) -> Result<Caller, JwtError> {
         let token = bearer_token(authorization)?;
-        let header = parse_header(token)?;
         let inner = &self.inner;
+        let now = inner.clock.unix_now().as_secs_f64();
+        if let Some(caller) = inner.accepted_caller(token, now) {
+            return Ok(caller);
+        }
+        let header = parse_header(token)?;
         let snapshot = inner.snapshot();
         inner.refresh_if_stale(&snapshot);
         let claims = match verify(&snapshot.keys, token, &header) {
@@ -124,7 +147,17 @@ impl JwtValidator {
             }
         };
         check_claims(&claims, &inner.settings, inner.clock.unix_now())?;
-        Ok(Caller::from_claims(claims))
+        let skew = inner.settings.clock_skew.as_secs_f64();
+        let valid_until = claims.get("exp").and_then(Value::as_f64).map(|e| e + skew);
+        let valid_from = claims
+            .get("nbf")
+            .and_then(Value::as_f64)
+            .map_or(f64::NEG_INFINITY, |n| n - skew);
+        let caller = Caller::from_claims(claims);
+        if let Some(valid_until) = valid_until {
+            inner.remember(token, &caller, valid_from, valid_until, now);
+        }
+        Ok(caller)
     }
 
     /// Fetches the keys now, to warm the cache at startup. Subject to the same pacing as refetches. Returns
@@ -139,6 +172,36 @@ impl JwtValidator {
             }
             Refresh::Shared | Refresh::Paced => Ok(()),
         }
+    }
+}
+
+impl Inner {
+    /// The caller of a token accepted earlier, if it is still within its validity.
+    fn accepted_caller(&self, token: &str, now: f64) -> Option<Caller> {
+        let accepted = self.accepted.read().unwrap_or_else(PoisonError::into_inner);
+        let a = accepted.get(token)?;
+        (now >= a.valid_from && now < a.valid_until).then(|| a.caller.clone())
+    }
+
+    fn remember(&self, token: &str, caller: &Caller, valid_from: f64, valid_until: f64, now: f64) {
+        let mut accepted = self
+            .accepted
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if accepted.len() >= ACCEPTED_CAPACITY {
+            accepted.retain(|_, a| a.valid_until > now);
+            if accepted.len() >= ACCEPTED_CAPACITY {
+                accepted.clear();
+            }
+        }
+        accepted.insert(
+            token.into(),
+            Accepted {
+                caller: caller.clone(),
+                valid_from,
+                valid_until,
+            },
+        );
     }
 }
 
@@ -199,6 +262,14 @@ impl Inner {
         let previous = Arc::clone(&cache);
         match result {
             Ok(keys) => {
+                if previous.keys.drops_any_of(&keys) {
+                    // A retired (possibly revoked) key: tokens it signed are
+                    // checked again instead of being served from memory.
+                    self.accepted
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                }
                 tracing::info!(
                     keys = keys.len(),
                     source = self.source_url(),
