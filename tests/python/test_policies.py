@@ -104,6 +104,15 @@ apis:
     backends: [keyed]
     policies:
       - token_limit: {{counter_key: subscription, tokens_per_minute: 60}}
+  - name: big
+    path: /big/openai
+    backends: [keyed]
+    policies:
+      - token_limit:
+          counter_key: subscription
+          tokens_per_minute: 1000000
+          remaining_tokens_header_name: x-sluice-remaining-tokens
+          tokens_consumed_header_name: x-sluice-consumed-tokens
   - name: token-quota
     path: /token-quota/openai
     backends: [keyed]
@@ -259,6 +268,25 @@ def test_tokens_charged_equal_the_simulators_usage(env):
     )
     assert total == usage_a.total_tokens + usage_b.total_tokens + charged_c + usage_d.total_tokens
     assert 'backend_region="West US"' in text and 'deployment="gpt-4o"' in text
+
+
+def test_large_streamed_requests_are_charged_their_prompt_too(env):
+    """A body over 64 KiB is streamed to the backend (not read first): its
+    prompt is estimated from a bounded copy once it has passed, so a stream
+    without a usage chunk is still charged prompt + completion."""
+    c = sdk(env, "/big", key=KEY_A)
+    big = dict(model="gpt-4o", messages=[{"role": "user", "content": "canal water lock gate " * 6000}])
+    raw_a = c.chat.completions.with_raw_response.create(max_tokens=3, stream=True, **big)
+    assert int(raw_a.headers["x-sluice-consumed-tokens"]) == 0, "not estimated before forwarding"
+    assert len([ch for ch in raw_a.parse() if ch.choices and ch.choices[0].delta.content]) == 3
+    raw_b = c.chat.completions.with_raw_response.create(
+        max_tokens=3, stream=True, stream_options={"include_usage": True}, **big
+    )
+    rem_b, est_b = _remaining(raw_b)
+    usage_b = [ch.usage for ch in raw_b.parse() if ch.usage][-1]
+    assert usage_b.prompt_tokens > 20000
+    charged_a = 1000000 - rem_b - est_b
+    assert charged_a == usage_b.total_tokens, (charged_a, usage_b)
 
 
 def test_token_limit_429_once_the_minute_is_spent(env):

@@ -116,6 +116,10 @@ pub struct RequestContext {
     pub backend_bearer: Option<Bearer>,
     /// The credential kind that failed to give a token (for the 503).
     pub identity_failure: Option<&'static str>,
+    /// A bounded copy of a body streamed to the backend (over 64 KiB or
+    /// chunked), kept when a step needs its prompt estimate; `None` once it
+    /// outgrew the cap. Written by the body filter; estimated at its end.
+    pub streamed_body_copy: Option<Vec<u8>>,
     /// Ask the backend for an uncompressed answer (usage must be readable).
     /// Written at inbound; read by the upstream request step.
     pub strip_accept_encoding: bool,
@@ -164,6 +168,7 @@ impl Default for RequestContext {
             backend_bearer: None,
             identity_failure: None,
             strip_accept_encoding: false,
+            streamed_body_copy: None,
         }
     }
 }

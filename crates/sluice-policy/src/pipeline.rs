@@ -155,6 +155,14 @@ impl ApiPipeline {
         }
     }
 
+    /// A body streamed to the backend has ended: estimate its prompt from the
+    /// copy kept meanwhile, for charging a stream that reports no usage.
+    pub async fn streamed_body_done(&self, ctx: &mut RequestContext, body: Vec<u8>) {
+        if self.needs_usage && ctx.estimate.is_none() {
+            estimate_owned(ctx, body).await;
+        }
+    }
+
     /// Whether the response's usage is read (token_limit, emit_token_metric).
     pub fn needs_usage(&self) -> bool {
         self.needs_usage
@@ -447,21 +455,28 @@ const BLOCKING_ESTIMATE_BYTES: usize = 8 * 1024;
 /// and only when a step needs it: tokenizing costs ~µs per 100 bytes).
 async fn estimate(req: &InboundRequest<'_>, ctx: &mut RequestContext) {
     let Some(body) = req.body else { return };
-    let op = ctx.operation.unwrap_or(Operation::Other);
-    let e = if body.len() <= BLOCKING_ESTIMATE_BYTES {
-        estimate_request(op, ctx.deployment.as_deref(), body)
+    if body.len() <= BLOCKING_ESTIMATE_BYTES {
+        let op = ctx.operation.unwrap_or(Operation::Other);
+        let e = estimate_request(op, ctx.deployment.as_deref(), body);
+        set_estimate(ctx, e);
     } else {
-        let body = body.to_vec();
-        let deployment = ctx.deployment.clone();
-        match tokio::task::spawn_blocking(move || {
-            estimate_request(op, deployment.as_deref(), &body)
-        })
-        .await
-        {
-            Ok(e) => e,
-            Err(_) => return,
-        }
-    };
+        estimate_owned(ctx, body.to_vec()).await;
+    }
+}
+
+/// Estimate on tokio's blocking pool, off the proxy's worker threads.
+async fn estimate_owned(ctx: &mut RequestContext, body: Vec<u8>) {
+    let op = ctx.operation.unwrap_or(Operation::Other);
+    let deployment = ctx.deployment.clone();
+    if let Ok(e) =
+        tokio::task::spawn_blocking(move || estimate_request(op, deployment.as_deref(), &body))
+            .await
+    {
+        set_estimate(ctx, e);
+    }
+}
+
+fn set_estimate(ctx: &mut RequestContext, e: sluice_tokens::RequestEstimate) {
     if ctx.deployment.is_none() {
         ctx.deployment = e.model.clone();
     }

@@ -21,6 +21,10 @@ use crate::state::GatewayState;
 /// retry; it is pingora's fixed retry-buffer size.
 pub const PREREAD_LIMIT: u64 = 64 * 1024;
 
+/// The largest streamed request body copied to estimate its prompt (token
+/// limits and metrics); a larger one is charged only what the backend reports.
+const STREAMED_ESTIMATE_LIMIT: usize = 1024 * 1024;
+
 /// APIM's health-probe path, answered by the gateway itself.
 const STATUS_PATH: &str = "/status-0123456789abcdef";
 
@@ -310,6 +314,10 @@ impl ProxyHttp for Gateway {
         if pipeline.needs_usage() {
             // Usage must be readable: no compressed answers from the backend.
             ctx.strip_accept_encoding = true;
+            if ctx.body_mode == BodyMode::Streamed {
+                // Keep a bounded copy to estimate the prompt once it has passed.
+                ctx.streamed_body_copy = Some(Vec::new());
+            }
         }
         Ok(false)
     }
@@ -334,9 +342,21 @@ impl ProxyHttp for Gateway {
                 return Err(status_error(413, "request body over the limit"));
             }
             ctx.body_probe.feed(b);
+            if let Some(copy) = ctx.streamed_body_copy.as_mut() {
+                if copy.len() + b.len() <= STREAMED_ESTIMATE_LIMIT {
+                    copy.extend_from_slice(b);
+                } else {
+                    ctx.streamed_body_copy = None;
+                }
+            }
         }
         if end_of_stream {
             ctx.stream = ctx.body_probe.finish();
+            if let (Some(api), Some(copy)) = (ctx.api, ctx.streamed_body_copy.take()) {
+                self.state.pipelines[api]
+                    .streamed_body_done(ctx, copy)
+                    .await;
+            }
         }
         Ok(())
     }
