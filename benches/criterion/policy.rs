@@ -4,21 +4,14 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use sluice_config::{Api, Secret, Subscription, SubscriptionSettings};
 use sluice_policy::error::error_body;
 use sluice_policy::{ApiRouter, SubscriptionIndex, stream_flag};
 
 fn settings() -> SubscriptionSettings {
-    SubscriptionSettings {
-        required: true,
-        header_names: vec![
-            HeaderName::from_static("api-key"),
-            HeaderName::from_static("ocp-apim-subscription-key"),
-        ],
-        query_name: "subscription-key".into(),
-        challenge_name: "api-key".into(),
-    }
+    // api-key, then Ocp-Apim-Subscription-Key; query subscription-key.
+    SubscriptionSettings::default()
 }
 
 fn subscription_check(c: &mut Criterion) {

@@ -162,12 +162,7 @@ mod tests {
             name: name.into(),
             path: path.into(),
             backends: vec!["b".into()],
-            subscription: sluice_config::SubscriptionSettings {
-                required: true,
-                header_names: vec![http::HeaderName::from_static("api-key")],
-                query_name: "subscription-key".into(),
-                challenge_name: "api-key".into(),
-            },
+            subscription: sluice_config::SubscriptionSettings::default(),
             max_request_body_bytes: 1024,
             auth: sluice_config::ApiAuth::Key,
             policies: vec![],

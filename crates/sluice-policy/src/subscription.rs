@@ -206,7 +206,7 @@ pub fn extract_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
+    use http::HeaderValue;
     use sluice_config::Secret;
 
     fn sub(name: &str, p: &str, s: Option<&str>) -> Subscription {
@@ -220,15 +220,8 @@ mod tests {
     }
 
     fn settings() -> SubscriptionSettings {
-        SubscriptionSettings {
-            required: true,
-            header_names: vec![
-                HeaderName::from_static("api-key"),
-                HeaderName::from_static("ocp-apim-subscription-key"),
-            ],
-            query_name: "subscription-key".into(),
-            challenge_name: "api-key".into(),
-        }
+        // api-key, then Ocp-Apim-Subscription-Key; query subscription-key.
+        SubscriptionSettings::default()
     }
 
     fn hdr(name: &'static str, v: &str) -> HeaderMap {

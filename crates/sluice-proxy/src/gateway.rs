@@ -92,14 +92,8 @@ async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> 
     for (k, v) in &err.headers {
         resp.insert_header(k.clone(), v.as_str())?;
     }
-    let too_large_to_read = err.status == 413
-        && session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > DISCARD_LIMIT);
+    let too_large_to_read =
+        err.status == 413 && content_length(session).is_some_and(|n| n > DISCARD_LIMIT as u64);
     if too_large_to_read || !discard_body(session, continued).await {
         session.set_keepalive(None);
     }
@@ -108,6 +102,16 @@ async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> 
         .write_response_body(Some(Bytes::from(body)), true)
         .await?;
     Ok(())
+}
+
+/// The request's declared `Content-Length`, if any and well formed.
+fn content_length(session: &Session) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Whether the final (non-1xx) response head has gone to the client; after
@@ -244,12 +248,10 @@ impl ProxyHttp for Gateway {
 
         // Body: size limit, then read small bodies before routing.
         let limit = api.max_request_body_bytes;
-        let headers = &session.req_header().headers;
-        let content_length = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let chunked = headers
+        let content_length = content_length(session);
+        let chunked = session
+            .req_header()
+            .headers
             .get(http::header::TRANSFER_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));

@@ -528,19 +528,10 @@ async fn openai(
         .and_then(|d| d.tokens_per_minute)
         .or(shared.cfg.default_tokens_per_minute);
 
-    let mut plan = match plan_request(op, &body, &shared.cfg) {
+    let plan = match plan_request(op, &body, &bytes, &deployment, &shared.cfg) {
         Ok(p) => p,
         Err(msg) => return bad_request(&msg),
     };
-    // Prompt tokens are counted with the real tokenizer for the model family,
-    // the same count the gateway estimates, so usage matches what it charges.
-    let tok_op = match op {
-        Op::Chat => sluice_tokens::Operation::ChatCompletions,
-        Op::Completions => sluice_tokens::Operation::Completions,
-        Op::Embeddings => sluice_tokens::Operation::Embeddings,
-    };
-    let counted = sluice_tokens::estimate_request(tok_op, Some(&deployment), &bytes).prompt_tokens;
-    plan.prompt_tokens = u64::from(counted).max(1);
 
     let api_version = query_param(parts.uri.query(), "api-version").unwrap_or("unknown");
     let admission = match tpm {
@@ -589,7 +580,8 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     /// Embeddings: `(tokens, seed)` per input.
-    inputs: Vec<(u64, u64)>,
+    /// Seeds of the embedding vectors, one per input.
+    inputs: Vec<u64>,
     dimensions: usize,
     base64: bool,
 }
@@ -604,7 +596,21 @@ fn optional_u64(body: &Value, key: &str) -> Result<Option<u64>, String> {
     }
 }
 
-fn plan_request(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String> {
+/// Validate a request and plan the answer. Prompt tokens are counted from the
+/// raw body with the real tokenizer for the model family — the count the
+/// gateway estimates — so the usage reported matches what it charges.
+fn plan_request(
+    op: Op,
+    body: &Value,
+    raw: &[u8],
+    deployment: &str,
+    cfg: &RegionConfig,
+) -> Result<Plan, String> {
+    let tok_op = match op {
+        Op::Chat => sluice_tokens::Operation::ChatCompletions,
+        Op::Completions => sluice_tokens::Operation::Completions,
+        Op::Embeddings => sluice_tokens::Operation::Embeddings,
+    };
     let mut plan = Plan {
         prompt_tokens: 0,
         completion_tokens: 0,
@@ -617,9 +623,9 @@ fn plan_request(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String
     };
     match op {
         Op::Chat | Op::Completions => {
-            plan.prompt_tokens = if op == Op::Chat {
+            if op == Op::Chat {
                 match body.get("messages") {
-                    Some(Value::Array(m)) if !m.is_empty() => synth::chat_prompt_tokens(m),
+                    Some(Value::Array(m)) if !m.is_empty() => {}
                     Some(Value::Array(_)) => {
                         return Err("'messages' must contain at least one message.".into());
                     }
@@ -628,13 +634,11 @@ fn plan_request(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String
                 }
             } else {
                 match body.get("prompt") {
-                    Some(p @ (Value::String(_) | Value::Array(_))) => {
-                        synth::completion_prompt_tokens(p)
-                    }
+                    Some(Value::String(_) | Value::Array(_)) => {}
                     Some(_) => return Err("'prompt' must be a string or an array.".into()),
                     None => return Err("Missing required parameter: 'prompt'.".into()),
                 }
-            };
+            }
             let max = match optional_u64(body, "max_completion_tokens")? {
                 Some(m) => Some(m),
                 None => optional_u64(body, "max_tokens")?,
@@ -667,7 +671,6 @@ fn plan_request(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String
                  and must not be empty."
                     .to_string()
             })?;
-            plan.prompt_tokens = plan.inputs.iter().map(|(t, _)| t).sum();
             if let Some(d) = optional_u64(body, "dimensions")? {
                 if d == 0 || d > 16_384 {
                     return Err("'dimensions' must be between 1 and 16384.".into());
@@ -682,6 +685,8 @@ fn plan_request(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String
             };
         }
     }
+    let counted = sluice_tokens::estimate_request(tok_op, Some(deployment), raw).prompt_tokens;
+    plan.prompt_tokens = u64::from(counted).max(1);
     Ok(plan)
 }
 
@@ -772,7 +777,7 @@ async fn embeddings_response(ctx: &GenContext) -> Response<SimBody> {
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, (_, seed))| {
+        .map(|(i, seed)| {
             let v = synth::embedding_vector(*seed, p.dimensions);
             let embedding = if p.base64 {
                 Value::String(synth::embedding_base64(&v))
@@ -1152,10 +1157,16 @@ mod tests {
         assert!(header_fault(&h, &cfg).is_err());
     }
 
+    /// `plan_request` on a JSON value, as the handler calls it on a body.
+    fn plan(op: Op, body: &Value, cfg: &RegionConfig) -> Result<Plan, String> {
+        let raw = serde_json::to_vec(body).expect("json");
+        plan_request(op, body, &raw, "gpt-4o", cfg)
+    }
+
     #[test]
     fn plans_validate_and_count() {
         let cfg = RegionConfig::new("x");
-        let p = plan_request(
+        let p = plan(
             Op::Chat,
             &json!({"messages":[{"role":"user","content":"abcd"}],"max_tokens":5}),
             &cfg,
@@ -1165,43 +1176,44 @@ mod tests {
             (p.prompt_tokens, p.completion_tokens, p.finish_reason),
             (8, 5, "length")
         );
-        let p = plan_request(
+        let p = plan(
             Op::Chat,
             &json!({"messages":[{"role":"user","content":"a"}]}),
             &cfg,
         )
         .unwrap();
         assert_eq!((p.completion_tokens, p.finish_reason), (24, "stop"));
-        let p = plan_request(
+        let p = plan(
             Op::Chat,
             &json!({"messages":[{"content":"a"}],"max_completion_tokens":99999,"max_tokens":1}),
             &cfg,
         )
         .unwrap();
         assert_eq!(p.completion_tokens, 4096);
-        assert!(plan_request(Op::Chat, &json!({}), &cfg).is_err());
-        assert!(plan_request(Op::Chat, &json!({"messages":[]}), &cfg).is_err());
-        assert!(plan_request(Op::Chat, &json!({"messages":"hi"}), &cfg).is_err());
-        assert!(plan_request(Op::Chat, &json!({"messages":[{}],"max_tokens":-1}), &cfg).is_err());
-        assert!(plan_request(Op::Chat, &json!({"messages":[{}],"stream":"yes"}), &cfg).is_err());
-        assert!(plan_request(Op::Completions, &json!({"messages":[{}]}), &cfg).is_err());
-        assert!(plan_request(Op::Embeddings, &json!({"prompt":"x"}), &cfg).is_err());
-        let p = plan_request(
+        assert!(plan(Op::Chat, &json!({}), &cfg).is_err());
+        assert!(plan(Op::Chat, &json!({"messages":[]}), &cfg).is_err());
+        assert!(plan(Op::Chat, &json!({"messages":"hi"}), &cfg).is_err());
+        assert!(plan(Op::Chat, &json!({"messages":[{}],"max_tokens":-1}), &cfg).is_err());
+        assert!(plan(Op::Chat, &json!({"messages":[{}],"stream":"yes"}), &cfg).is_err());
+        assert!(plan(Op::Completions, &json!({"messages":[{}]}), &cfg).is_err());
+        assert!(plan(Op::Embeddings, &json!({"prompt":"x"}), &cfg).is_err());
+        let p = plan(
             Op::Embeddings,
             &json!({"input":["abcd","abcdefgh"],"dimensions":8,"encoding_format":"base64"}),
             &cfg,
         )
         .unwrap();
-        assert_eq!((p.prompt_tokens, p.dimensions, p.base64), (3, 8, true));
+        // cl100k: "abcd" and "abcdefgh" are one token each.
+        assert_eq!((p.prompt_tokens, p.dimensions, p.base64), (2, 8, true));
         assert!(
-            plan_request(
+            plan(
                 Op::Embeddings,
                 &json!({"input":"x","encoding_format":"hex"}),
                 &cfg
             )
             .is_err()
         );
-        assert!(plan_request(Op::Embeddings, &json!({"input":"x","dimensions":0}), &cfg).is_err());
+        assert!(plan(Op::Embeddings, &json!({"input":"x","dimensions":0}), &cfg).is_err());
     }
 
     #[test]

@@ -16,62 +16,16 @@ const WORDS: &[&str] = &[
     "morning", "songs", "about", "rivers", "waves", "wind",
 ];
 
-/// `ceil(chars / 4)`, counting Unicode scalar values.
-pub fn text_tokens(s: &str) -> u64 {
-    (s.chars().count() as u64).div_ceil(4)
-}
-
-/// Characters of text inside a chat message `content` (string, or array of parts).
-fn content_chars(content: &Value) -> u64 {
-    match content {
-        Value::String(s) => text_tokens(s),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| match p {
-                Value::String(s) => text_tokens(s),
-                Value::Object(o) => o.get("text").and_then(Value::as_str).map_or(0, text_tokens),
-                _ => 0,
-            })
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// Prompt tokens of a chat request: per message `ceil(chars/4) + 4`, plus 3.
-pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
-    let per: u64 = messages
-        .iter()
-        .map(|m| m.get("content").map_or(0, content_chars) + 4)
-        .sum();
-    per + 3
-}
-
-/// Prompt tokens of a legacy completions `prompt` (string, strings, token array(s)).
-pub fn completion_prompt_tokens(prompt: &Value) -> u64 {
-    match prompt {
-        Value::String(s) => text_tokens(s),
-        Value::Array(items) => items
-            .iter()
-            .map(|i| match i {
-                Value::String(s) => text_tokens(s),
-                Value::Number(_) => 1,
-                Value::Array(toks) => toks.len() as u64,
-                _ => 0,
-            })
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// The embeddings `input` split into items, each with its token estimate (min 1) and a seed.
-/// Returns `None` when the shape is not an accepted input.
-pub fn embedding_inputs(input: &Value) -> Option<Vec<(u64, u64)>> {
-    fn one(v: &Value) -> Option<(u64, u64)> {
+/// The embeddings `input` split into items, each with the seed of its vector
+/// (usage is counted separately, with the real tokenizer). Returns `None` when
+/// the shape is not an accepted input.
+pub fn embedding_inputs(input: &Value) -> Option<Vec<u64>> {
+    fn one(v: &Value) -> Option<u64> {
         match v {
-            Value::String(s) => Some((text_tokens(s).max(1), fnv1a(s.as_bytes()))),
+            Value::String(s) => Some(fnv1a(s.as_bytes())),
             Value::Array(toks) if toks.iter().all(Value::is_number) => {
                 let text = Value::Array(toks.clone()).to_string();
-                Some(((toks.len() as u64).max(1), fnv1a(text.as_bytes())))
+                Some(fnv1a(text.as_bytes()))
             }
             _ => None,
         }
@@ -179,33 +133,15 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn token_estimates() {
-        assert_eq!(text_tokens(""), 0);
-        assert_eq!(text_tokens("abcd"), 1);
-        assert_eq!(text_tokens("abcde"), 2);
-        assert_eq!(text_tokens("héllo"), 2);
-        let msgs = vec![
-            json!({"role":"system","content":"You are helpful."}), // 16 chars → 4
-            json!({"role":"user","content":[{"type":"text","text":"Hi!"}]}), // 1
-            json!({"role":"assistant","content":null}),
-        ];
-        assert_eq!(chat_prompt_tokens(&msgs), (4 + 4) + (1 + 4) + 4 + 3);
-        assert_eq!(completion_prompt_tokens(&json!("12345678")), 2);
-        assert_eq!(completion_prompt_tokens(&json!(["1234", "1"])), 2);
-        assert_eq!(completion_prompt_tokens(&json!([1, 2, 3])), 3);
-        assert_eq!(completion_prompt_tokens(&json!([[1, 2], [3]])), 3);
-    }
-
-    #[test]
     fn embedding_input_shapes() {
-        assert_eq!(embedding_inputs(&json!("")).unwrap()[0].0, 1);
+        assert_eq!(embedding_inputs(&json!("")).unwrap().len(), 1);
         assert_eq!(
             embedding_inputs(&json!(["a", "abcdefgh"])).unwrap().len(),
             2
         );
         let toks = embedding_inputs(&json!([1, 2, 3])).unwrap();
         assert_eq!(toks.len(), 1);
-        assert_eq!(toks[0].0, 3);
+        assert_eq!(toks[0], fnv1a(b"[1,2,3]"));
         assert_eq!(embedding_inputs(&json!([[1, 2], [3]])).unwrap().len(), 2);
         assert!(embedding_inputs(&json!([])).is_none());
         assert!(embedding_inputs(&json!(42)).is_none());
