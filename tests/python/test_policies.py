@@ -20,6 +20,7 @@ KEY_C = "policies-team-c-key"
 BACKEND_KEY = "policies-backend-key"
 MI_TOKEN = "mi-token-issued-by-the-fake-endpoint"
 TPM = 5000
+DEFAULT_COMPLETION_TOKENS = 1024  # token_limit.default_completion_tokens
 
 
 @pytest.fixture(scope="module")
@@ -238,25 +239,26 @@ def test_tokens_charged_equal_the_simulators_usage(env):
     raw_a = c.chat.completions.with_raw_response.create(max_tokens=7, **CHAT)
     rem_a, est_a = _remaining(raw_a)
     usage_a = raw_a.parse().usage
-    assert rem_a == TPM - est_a
+    # Reserved up front: the prompt estimate plus the max_tokens allowed.
+    assert rem_a == TPM - est_a - 7
     assert est_a == usage_a.prompt_tokens, "the prompt estimate uses the same tokenizer as the backend"
     # B: streamed with include_usage; usage from the stream's last chunk.
     raw_b = c.chat.completions.with_raw_response.create(
         max_tokens=6, stream=True, stream_options={"include_usage": True}, **CHAT
     )
     rem_b, est_b = _remaining(raw_b)
-    assert rem_b == TPM - usage_a.total_tokens - est_b, "A was charged its actual usage"
+    assert rem_b == TPM - usage_a.total_tokens - est_b - 6, "A was charged its actual usage"
     usage_b = [ch.usage for ch in raw_b.parse() if ch.usage][-1]
     # C: streamed without usage: charged the prompt estimate + the streamed tokens.
     raw_c = c.chat.completions.with_raw_response.create(max_tokens=5, stream=True, **CHAT)
     rem_c, est_c = _remaining(raw_c)
-    assert rem_c == TPM - usage_a.total_tokens - usage_b.total_tokens - est_c, "B was charged its actual usage"
+    assert rem_c == TPM - usage_a.total_tokens - usage_b.total_tokens - est_c - 5, "B was charged its actual usage"
     chunks_c = [ch for ch in raw_c.parse() if ch.choices and ch.choices[0].delta.content]
     assert len(chunks_c) == 5
     # D: checks what C was charged.
     raw_d = c.chat.completions.with_raw_response.create(max_tokens=1, **CHAT)
     rem_d, est_d = _remaining(raw_d)
-    charged_c = TPM - usage_a.total_tokens - usage_b.total_tokens - est_d - rem_d
+    charged_c = TPM - usage_a.total_tokens - usage_b.total_tokens - est_d - 1 - rem_d
     assert charged_c == est_c + 5
     usage_d = raw_d.parse().usage
     # Metrics on the management listener add up to the same totals.
@@ -273,7 +275,9 @@ def test_tokens_charged_equal_the_simulators_usage(env):
 def test_large_streamed_requests_are_charged_their_prompt_too(env):
     """A body over 64 KiB is streamed to the backend (not read first): its
     prompt is estimated from a bounded copy once it has passed, so a stream
-    without a usage chunk is still charged prompt + completion."""
+    without a usage chunk is still charged prompt + completion. Its
+    max_tokens cannot be read before forwarding either: it reserves the
+    default completion allowance."""
     c = sdk(env, "/big", key=KEY_A)
     big = dict(model="gpt-4o", messages=[{"role": "user", "content": "canal water lock gate " * 6000}])
     raw_a = c.chat.completions.with_raw_response.create(max_tokens=3, stream=True, **big)
@@ -285,15 +289,16 @@ def test_large_streamed_requests_are_charged_their_prompt_too(env):
     rem_b, est_b = _remaining(raw_b)
     usage_b = [ch.usage for ch in raw_b.parse() if ch.usage][-1]
     assert usage_b.prompt_tokens > 20000
-    charged_a = 1000000 - rem_b - est_b
+    assert est_b == 0
+    charged_a = 1000000 - rem_b - DEFAULT_COMPLETION_TOKENS
     assert charged_a == usage_b.total_tokens, (charged_a, usage_b)
 
 
 def test_token_limit_429_once_the_minute_is_spent(env):
     c = sdk(env, "/tight", key=KEY_B)
-    c.chat.completions.create(max_tokens=80, **CHAT)  # uses more than the 60 tokens per minute
+    c.chat.completions.create(max_tokens=40, **CHAT)  # reserves and uses most of the 60 tokens per minute
     with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(max_tokens=1, **CHAT)
+        c.chat.completions.create(max_tokens=30, **CHAT)
     resp = e.value.response
     secs = int(resp.headers["retry-after"])
     assert 1 <= secs <= 60
@@ -302,9 +307,9 @@ def test_token_limit_429_once_the_minute_is_spent(env):
 
 def test_token_quota_403_once_the_hour_is_spent(env):
     c = sdk(env, "/token-quota", key=KEY_A)
-    c.chat.completions.create(max_tokens=60, **CHAT)  # more than the hourly quota of 50
+    c.chat.completions.create(max_tokens=30, **CHAT)  # most of the hourly quota of 50
     with pytest.raises(openai.PermissionDeniedError) as e:
-        c.chat.completions.create(max_tokens=1, **CHAT)
+        c.chat.completions.create(max_tokens=20, **CHAT)
     resp = e.value.response
     body = resp.json()
     assert body["statusCode"] == 403
@@ -451,3 +456,18 @@ apis:
                 assert "authorization" not in lowered
             else:
                 assert "api-key" not in lowered
+
+
+def test_a_request_that_could_never_fit_gets_400_not_429(env):
+    c = sdk(env, "/tight", key=KEY_A)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(max_tokens=80, **CHAT)  # more than the 60 tokens per minute
+    body = e.value.response.json()
+    assert body["statusCode"] == 400
+    assert re.fullmatch(
+        r"Token limit is exceeded: this request may use up to \d+ tokens \(about \d+ in the prompt and up to 80 in the completion\), "
+        r"more than the limit of 60 tokens allows\. Waiting will not help: lower max_tokens or shorten the prompt\.",
+        body["message"],
+    ), body
+    # A request that names no maximum is given what fits, not refused.
+    assert c.chat.completions.create(**CHAT).choices

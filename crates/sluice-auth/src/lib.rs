@@ -16,6 +16,7 @@
 //! Each failure is a [`JwtError`] whose text is the message for APIM's 401 body; no error text, log line or
 //! `Debug` output ever contains the token.
 
+mod accepted;
 mod caller;
 mod clock;
 mod error;

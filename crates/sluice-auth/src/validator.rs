@@ -1,6 +1,5 @@
 //! The validator: key cache, fetch pacing, verification.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -8,6 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::errors::ErrorKind;
 use serde_json::{Map, Value};
 
+use crate::accepted::{AcceptedTokens, TokenDigest, digest};
 use crate::keys::{CachedKey, KeyMap, jwks_uri, parse_jwks};
 use crate::token::{TokenHeader, bearer_token, check_claims, parse_header};
 use crate::{Caller, Clock, Fetch, JwtError, JwtSettings, KeysSource, SystemClock};
@@ -31,14 +31,6 @@ pub struct JwtValidator {
 /// The most accepted tokens remembered at once.
 const ACCEPTED_CAPACITY: usize = 4096;
 
-/// A token that passed every check.
-#[derive(Debug)]
-struct Accepted {
-    caller: Caller,
-    valid_from: f64,
-    valid_until: f64,
-}
-
 #[derive(Debug)]
 struct Inner {
     settings: JwtSettings,
@@ -46,12 +38,14 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// The current keys; replaced whole after every fetch attempt. Read on every validation.
     cache: RwLock<Arc<KeySet>>,
-    /// Tokens that passed every check, with the times they are valid between
-    /// (skew applied). SDK clients send the same token for up to an hour, so
-    /// most requests skip parsing and the signature check. Bounded; an entry
-    /// is never served outside its validity; emptied when a fetch finds that
-    /// a key was removed from the JWKS.
-    accepted: RwLock<HashMap<Box<str>, Accepted>>,
+    /// Tokens that passed every check, by SHA-256 digest (never the token
+    /// itself), with the times they are valid between (skew applied). SDK
+    /// clients send the same token for up to an hour, so most requests skip
+    /// parsing and the signature check. Bounded (when full, the entry expiring
+    /// soonest is forgotten); an entry is never served outside its validity;
+    /// emptied when a fetch finds that a key was removed from the JWKS. Its
+    /// `Debug` prints sizes only.
+    accepted: RwLock<AcceptedTokens>,
     /// Held while fetching, so that concurrent misses share one fetch.
     gate: tokio::sync::Mutex<()>,
     /// Monotonic milliseconds of the last fetch attempt, plus one; 0 means never.
@@ -110,7 +104,7 @@ impl JwtValidator {
                 fetch,
                 clock,
                 cache: RwLock::new(Arc::new(empty)),
-                accepted: RwLock::new(HashMap::new()),
+                accepted: RwLock::new(AcceptedTokens::new(ACCEPTED_CAPACITY)),
                 gate: tokio::sync::Mutex::new(()),
                 last_attempt_ms: AtomicU64::new(0),
                 background: AtomicBool::new(false),
@@ -124,7 +118,8 @@ impl JwtValidator {
         let token = bearer_token(authorization)?;
         let inner = &self.inner;
         let now = inner.clock.unix_now().as_secs_f64();
-        if let Some(caller) = inner.accepted_caller(token, now) {
+        let key = digest(token);
+        if let Some(caller) = inner.accepted_caller(&key, now) {
             return Ok(caller);
         }
         let header = parse_header(token)?;
@@ -155,7 +150,7 @@ impl JwtValidator {
             .map_or(f64::NEG_INFINITY, |n| n - skew);
         let caller = Caller::from_claims(claims);
         if let Some(valid_until) = valid_until {
-            inner.remember(token, &caller, valid_from, valid_until, now);
+            inner.remember(key, &caller, valid_from, valid_until, now);
         }
         Ok(caller)
     }
@@ -177,31 +172,25 @@ impl JwtValidator {
 
 impl Inner {
     /// The caller of a token accepted earlier, if it is still within its validity.
-    fn accepted_caller(&self, token: &str, now: f64) -> Option<Caller> {
-        let accepted = self.accepted.read().unwrap_or_else(PoisonError::into_inner);
-        let a = accepted.get(token)?;
-        (now >= a.valid_from && now < a.valid_until).then(|| a.caller.clone())
+    fn accepted_caller(&self, key: &TokenDigest, now: f64) -> Option<Caller> {
+        self.accepted
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key, now)
     }
 
-    fn remember(&self, token: &str, caller: &Caller, valid_from: f64, valid_until: f64, now: f64) {
-        let mut accepted = self
-            .accepted
+    fn remember(
+        &self,
+        key: TokenDigest,
+        caller: &Caller,
+        valid_from: f64,
+        valid_until: f64,
+        now: f64,
+    ) {
+        self.accepted
             .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if accepted.len() >= ACCEPTED_CAPACITY {
-            accepted.retain(|_, a| a.valid_until > now);
-            if accepted.len() >= ACCEPTED_CAPACITY {
-                accepted.clear();
-            }
-        }
-        accepted.insert(
-            token.into(),
-            Accepted {
-                caller: caller.clone(),
-                valid_from,
-                valid_until,
-            },
-        );
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, caller.clone(), valid_from, valid_until, now);
     }
 }
 
@@ -444,6 +433,14 @@ mod tests {
         docs: &[(&str, &str)],
         interval: Duration,
     ) -> (JwtValidator, Arc<MemoryFetch>, Arc<ManualClock>) {
+        validator_with_skew(docs, interval, Duration::ZERO)
+    }
+
+    fn validator_with_skew(
+        docs: &[(&str, &str)],
+        interval: Duration,
+        clock_skew: Duration,
+    ) -> (JwtValidator, Arc<MemoryFetch>, Arc<ManualClock>) {
         let fetch = Arc::new(MemoryFetch {
             docs: docs
                 .iter()
@@ -458,7 +455,7 @@ mod tests {
             audiences: vec![],
             client_application_ids: vec![],
             required_roles: vec![],
-            clock_skew: Duration::ZERO,
+            clock_skew,
             refetch_min_interval: interval,
         };
         let v = JwtValidator::with_clock(settings, fetch.clone(), clock.clone());
@@ -484,6 +481,190 @@ mod tests {
             .last_attempt_ms
             .store(100_000 + 1, Ordering::SeqCst);
         assert!(short.inner.may_fetch(t + Duration::from_secs(1), true));
+    }
+
+    fn claims_caller(sub: &str) -> Caller {
+        let mut claims = Map::new();
+        claims.insert("sub".into(), Value::String(sub.into()));
+        Caller::from_claims(claims)
+    }
+
+    fn set_clock(clock: &ManualClock, secs: u64) {
+        *clock.0.lock().unwrap_or_else(PoisonError::into_inner) = Duration::from_secs(secs);
+    }
+
+    /// A validator whose tenant publishes the test-only key `a` under `key-a`, and a token it signed.
+    fn validator_with_key(
+        claims: &Value,
+    ) -> (JwtValidator, Arc<MemoryFetch>, Arc<ManualClock>, String) {
+        validator_with_key_and_skew(claims, Duration::ZERO)
+    }
+
+    fn validator_with_key_and_skew(
+        claims: &Value,
+        clock_skew: Duration,
+    ) -> (JwtValidator, Arc<MemoryFetch>, Arc<ManualClock>, String) {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+        use rsa::traits::PublicKeyParts;
+
+        let pem = include_str!("../tests/fixtures/test_only_signing_a.pem");
+        let private = rsa::RsaPrivateKey::from_pkcs1_pem(pem).expect("fixture key");
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "RSA", "use": "sig", "kid": "key-a",
+            "n": URL_SAFE_NO_PAD.encode(private.n().to_bytes_be()),
+            "e": URL_SAFE_NO_PAD.encode(private.e().to_bytes_be()),
+        }]})
+        .to_string();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("key-a".into());
+        let der = private.to_pkcs1_der().expect("DER");
+        let signing = jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes());
+        let token = jsonwebtoken::encode(&header, claims, &signing).expect("sign");
+        let (v, fetch, clock) = validator_with_skew(
+            &[
+                ("mem://config", r#"{"jwks_uri":"mem://keys"}"#),
+                ("mem://keys", &jwks),
+            ],
+            Duration::from_secs(30),
+            clock_skew,
+        );
+        (v, fetch, clock, token)
+    }
+
+    #[tokio::test]
+    async fn the_memory_serves_a_token_within_its_validity_widened_by_the_skew() {
+        let claims = serde_json::json!({"sub": "s-1", "nbf": 900, "exp": 2000});
+        let (v, _, _, token) = validator_with_key_and_skew(&claims, Duration::from_secs(300));
+        v.validate(Some(&format!("Bearer {token}")))
+            .await
+            .expect("valid");
+        let accepted = v
+            .inner
+            .accepted
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = digest(&token);
+        assert!(accepted.get(&key, 600.0).is_some(), "nbf - skew");
+        assert!(accepted.get(&key, 599.9).is_none());
+        assert!(
+            accepted.get(&key, 2299.9).is_some(),
+            "exp + skew (exclusive)"
+        );
+        assert!(accepted.get(&key, 2300.0).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_accepted_token_is_remembered_by_digest_and_served_without_keys() {
+        let claims = serde_json::json!({"sub": "s-1", "nbf": 900, "exp": 2000});
+        let (v, fetch, clock, token) = validator_with_key(&claims);
+        let auth = format!("Bearer {token}");
+        let caller = v.validate(Some(&auth)).await.expect("valid");
+        assert_eq!(caller.subject.as_deref(), Some("s-1"));
+        {
+            let accepted = v
+                .inner
+                .accepted
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            assert_eq!(accepted.len(), 1);
+            assert_eq!(accepted.get(&digest(&token), 1000.0), Some(caller.clone()));
+            assert_eq!(accepted.get(&digest(&token), 899.0), None, "nbf kept");
+            assert_eq!(accepted.get(&digest(&token), 2000.0), None, "exp kept");
+        }
+        // With the keys gone, only the memory can accept it.
+        *v.inner
+            .cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(KeySet {
+            generation: 99,
+            keys: Arc::new(KeyMap::default()),
+            fetched_at: None,
+        });
+        let calls = fetch.calls.load(Ordering::SeqCst);
+        assert_eq!(v.validate(Some(&auth)).await, Ok(caller));
+        assert_eq!(
+            fetch.calls.load(Ordering::SeqCst),
+            calls,
+            "no fetch on a hit"
+        );
+        // Once expired it is not served, and falls through to the full check.
+        set_clock(&clock, 2000);
+        assert_eq!(v.validate(Some(&auth)).await, Err(JwtError::Expired));
+    }
+
+    #[tokio::test]
+    async fn a_token_without_exp_is_not_remembered() {
+        // check_claims refuses a token without `exp`, so it never reaches the memory either way.
+        let (v, _, _, token) = validator_with_key(&serde_json::json!({"sub": "s"}));
+        assert_eq!(
+            v.validate(Some(&format!("Bearer {token}"))).await,
+            Err(JwtError::Malformed)
+        );
+        let accepted = v
+            .inner
+            .accepted
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(accepted.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_hits_only_within_its_validity_and_never_for_another_token() {
+        let (v, fetch, clock) = validator(&[], Duration::from_secs(30));
+        // Clock at 1000 s; not a real token: only the memory can accept it.
+        v.inner
+            .remember(digest("a.b.c"), &claims_caller("m"), 900.0, 1100.0, 1000.0);
+        let hit = v
+            .validate(Some("Bearer a.b.c"))
+            .await
+            .expect("served from memory");
+        assert_eq!(hit.subject.as_deref(), Some("m"));
+        assert_eq!(fetch.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            v.validate(Some("Bearer a.b.d")).await,
+            Err(JwtError::Malformed),
+            "another token is checked in full"
+        );
+        set_clock(&clock, 1100);
+        assert_eq!(
+            v.validate(Some("Bearer a.b.c")).await,
+            Err(JwtError::Malformed)
+        );
+    }
+
+    #[tokio::test]
+    async fn debug_output_holds_no_token() {
+        let claims = serde_json::json!({"sub": "s-1", "exp": 2000});
+        let (v, _, _, token) = validator_with_key(&claims);
+        let caller = v
+            .validate(Some(&format!("Bearer {token}")))
+            .await
+            .expect("valid");
+        let mut key_hex = String::new();
+        for b in digest(&token) {
+            key_hex.push_str(&format!("{b:02x}"));
+        }
+        let texts = [
+            format!("{v:?}"),
+            format!("{v:#?}"),
+            format!("{:?}", v.inner.accepted),
+            format!("{:?}", parse_header(&token)),
+            format!("{caller:?}"),
+        ];
+        for text in &texts {
+            for part in std::iter::once(token.as_str()).chain(token.split('.')) {
+                assert!(!text.contains(part), "{text} holds part of the token");
+            }
+            assert!(!text.contains(&key_hex), "{text} holds the digest");
+            assert!(!text.contains(&format!("{:?}", digest(&token))), "{text}");
+        }
+        assert!(
+            texts[0].contains("AcceptedTokens { len: 1, capacity: 4096, .. }"),
+            "{}",
+            texts[0]
+        );
     }
 
     #[tokio::test]

@@ -8,25 +8,30 @@
 //! The pipeline: a path -> line map from yaml-rust2 marked events
 //! (`lines`), typed parsing with serde that records unknown keys and type
 //! errors (`parse`), then semantic validation and secret resolution
-//! (`validate`). See `docs/configuration.md` for the schema.
+//! (`validate`). Both stages append to one `problems::Problems` list.
+//! Dependencies go one way: `validate` -> `parse` -> (`raw`, `lines`,
+//! `problems`); `parse` never calls into `validate`. See
+//! `docs/configuration.md` for the schema.
 
 use std::path::Path;
 
 mod error;
 mod lines;
 mod parse;
+mod problems;
 mod raw;
 mod secret;
 mod types;
 mod validate;
 
 pub use error::{ConfigErrors, Problem};
+pub use ipnet::IpNet;
 pub use secret::Secret;
 pub use types::{
     Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, CallLimit, Config, CounterKey,
-    Credential, Dimension, EmitTokenMetric, JwtKeys, Management, Policy, QuotaPeriod, Server,
-    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, TokenLimit,
-    ValidateJwt,
+    Counters, Credential, Dimension, EmitTokenMetric, FIXED_CREDENTIAL_HEADERS, JwtKeys,
+    Management, Policy, QuotaPeriod, Server, SimDeployment, SimulatorRegion, Subscription,
+    SubscriptionSettings, Timeouts, TokenLimit, ValidateJwt,
 };
 
 /// Loads and validates a configuration file. Relative secret `file:` paths
@@ -67,7 +72,7 @@ pub fn load_str_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
     let lines = lines::LineMap::build(text);
-    let mut problems = validate::Problems::new(&lines);
+    let mut problems = problems::Problems::new(&lines);
     if let Some(parsed) = parse::parse(text, &mut problems) {
         let config = validate::build(parsed, &mut problems, env, base_dir);
         if problems.is_empty() {

@@ -12,13 +12,13 @@ use std::collections::HashSet;
 use serde_yaml::{Mapping, Value};
 
 use crate::lines::{Seg, format_path, index_path, key_path};
+use crate::problems::Problems;
 use crate::raw::{
     RawApi, RawApiSubscription, RawAzureCli, RawBackend, RawBackendAuth, RawCallLimit,
-    RawClientSecret, RawConfig, RawEmitTokenMetric, RawManagedIdentity, RawManagement, RawPolicy,
-    RawSecretFields, RawServer, RawSimDeployment, RawSimulator, RawSubscription, RawTimeouts,
-    RawTokenLimit, RawValidateJwt, RawWorkloadIdentity, fields_of,
+    RawClientSecret, RawConfig, RawCounters, RawEmitTokenMetric, RawManagedIdentity, RawManagement,
+    RawPolicy, RawSecretFields, RawServer, RawSimDeployment, RawSimulator, RawSubscription,
+    RawTimeouts, RawTokenLimit, RawValidateJwt, RawWorkloadIdentity, fields_of,
 };
-use crate::validate::Problems;
 
 /// Names present in each list of the file, read before typed parsing so that
 /// an entry with a type error still counts as a reference target.
@@ -310,6 +310,7 @@ fn expected_keys(parent: &[Seg]) -> &'static [&'static str] {
         "" => fields_of::<RawConfig>(),
         "server" => fields_of::<RawServer>(),
         "server.management" => fields_of::<RawManagement>(),
+        "server.counters" => fields_of::<RawCounters>(),
         "backends[].auth" => fields_of::<RawBackendAuth>(),
         "backends[].auth.managed_identity" => fields_of::<RawManagedIdentity>(),
         "backends[].auth.workload_identity" => fields_of::<RawWorkloadIdentity>(),

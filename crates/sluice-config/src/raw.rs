@@ -27,11 +27,23 @@ pub(crate) struct RawServer {
     pub timeouts: Option<RawTimeouts>,
     #[serde(default, deserialize_with = "present")]
     pub management: Option<RawManagement>,
+    pub trusted_proxies: Option<Vec<Option<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub counters: Option<RawCounters>,
+    pub shutdown_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct RawManagement {
     pub listen: Option<String>,
+    pub max_label_values: Option<u64>,
+}
+
+/// `server.counters`: the in-memory counter store.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawCounters {
+    pub max_keys: Option<u64>,
+    pub purge_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +188,7 @@ pub(crate) struct RawTokenLimit {
     pub token_quota: Option<u64>,
     pub token_quota_period: Option<String>,
     pub estimate_prompt_tokens: Option<bool>,
+    pub default_completion_tokens: Option<u64>,
     pub retry_after_header_name: Option<String>,
     pub remaining_tokens_header_name: Option<String>,
     pub remaining_quota_tokens_header_name: Option<String>,
@@ -343,6 +356,10 @@ mod tests {
         assert_eq!(
             fields_of::<RawTimeouts>(),
             &["connect_ms", "read_ms", "write_ms"]
+        );
+        assert_eq!(
+            fields_of::<RawCounters>(),
+            &["max_keys", "purge_interval_seconds"]
         );
         assert_eq!(fields_of::<RawSecretFields>(), &["env", "file"]);
         assert_eq!(fields_of::<RawConfig>().len(), 6);

@@ -4,7 +4,39 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::HeaderName;
+use ipnet::IpNet;
+
 use crate::Secret;
+
+/// Request headers that always carry a credential, lowercase. With the
+/// subscription key headers of every API they make up
+/// [`Config::credential_headers`].
+pub const FIXED_CREDENTIAL_HEADERS: [&str; 6] = [
+    "api-key",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "ocp-apim-subscription-key",
+    "apim-debug-authorization",
+];
+
+/// [`FIXED_CREDENTIAL_HEADERS`] followed by `subscription_headers`, each
+/// once, in that order.
+pub(crate) fn credential_headers<'a>(
+    subscription_headers: impl IntoIterator<Item = &'a HeaderName>,
+) -> Vec<HeaderName> {
+    let mut out: Vec<HeaderName> = FIXED_CREDENTIAL_HEADERS
+        .iter()
+        .map(|name| HeaderName::from_static(name))
+        .collect();
+    for name in subscription_headers {
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
+}
 
 /// A fully validated configuration with defaults applied and secrets resolved.
 #[derive(Debug, Clone)]
@@ -23,6 +55,26 @@ pub struct Config {
     pub apis: Vec<Api>,
 }
 
+impl Config {
+    /// Every request header that carries a client credential: the fixed
+    /// [`FIXED_CREDENTIAL_HEADERS`] (`api-key`, `authorization`,
+    /// `proxy-authorization`, `cookie`, `ocp-apim-subscription-key`,
+    /// `apim-debug-authorization`) then each subscription key header
+    /// configured on any API (`apis[].subscription.header_names`), each once.
+    /// `HeaderName`s are lowercase, so comparing with `==` ignores case.
+    ///
+    /// Validation refuses these as `header:` counter keys and metric
+    /// dimensions; the proxy removes them before forwarding. The list is
+    /// small: compute it once at start-up, not per request.
+    pub fn credential_headers(&self) -> Vec<HeaderName> {
+        credential_headers(
+            self.apis
+                .iter()
+                .flat_map(|api| api.subscription.header_names.iter()),
+        )
+    }
+}
+
 /// The gateway listener.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -36,6 +88,46 @@ pub struct Server {
     pub timeouts: Timeouts,
     /// The management listener (`/metrics`, `/health`); `None` = not started.
     pub management: Option<Management>,
+    /// Peers whose `X-Forwarded-For` is believed (`server.trusted_proxies`);
+    /// empty = none, the TCP peer is always the client. A bare address is a
+    /// `/32` or `/128`. The client IP is the right-most `X-Forwarded-For`
+    /// address that is not itself in this list, and only when the TCP peer
+    /// is in it.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The in-memory counter store of the limits.
+    pub counters: Counters,
+    /// On SIGTERM: how long in-flight requests (open streams included) may
+    /// run after the listeners stop accepting; 0..=3600 s, default 60 s.
+    pub shutdown_timeout: Duration,
+}
+
+/// Default of `Server::shutdown_timeout`, in seconds.
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 60;
+/// Upper bound of `server.shutdown_timeout_seconds`.
+pub(crate) const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 3600;
+
+/// The in-memory counter store behind `rate_limit`, `quota` and
+/// `token_limit` (`server.counters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Most counters held at once (at least 1); at the cap the least
+    /// recently used one is dropped (`sluice_counter_evictions_total`).
+    pub max_keys: u64,
+    /// How often idle counters are purged, 1..=3600 s.
+    pub purge_interval: Duration,
+}
+
+/// Upper bound of `server.counters.purge_interval_seconds`.
+pub(crate) const MAX_PURGE_INTERVAL_SECONDS: u64 = 3600;
+
+impl Default for Counters {
+    /// 1,000,000 keys, purged every 10 s.
+    fn default() -> Self {
+        Counters {
+            max_keys: 1_000_000,
+            purge_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The management listener, bound separately from the data plane.
@@ -44,16 +136,24 @@ pub struct Management {
     /// Address to bind; port 0 picks a free port. Never equal to a non-zero
     /// `server.listen` or simulator address.
     pub listen: SocketAddr,
+    /// Distinct values kept per metric for a label fed by client input
+    /// (`header:*`, `client_ip`, `identity`, `deployment`); later new values
+    /// are reported as `other`. At least 1, default 1000.
+    pub max_label_values: usize,
 }
+
+/// Default of `Management::max_label_values`.
+pub(crate) const DEFAULT_MAX_LABEL_VALUES: u64 = 1000;
 
 /// Upstream timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// TCP/TLS connect.
+    /// One budget for reaching the backend: DNS resolution, obtaining the
+    /// backend's Entra ID token, TCP connect and TLS handshake together.
     pub connect: Duration,
-    /// Waiting for (each chunk of) the upstream response.
+    /// Idle time allowed between two reads from the backend (not a total).
     pub read: Duration,
-    /// Sending the request upstream.
+    /// Sending the request upstream (each write).
     pub write: Duration,
 }
 
@@ -316,6 +416,11 @@ pub struct TokenLimit {
     pub token_quota: Option<(u64, QuotaPeriod)>,
     /// Estimate the prompt's tokens before forwarding (default true).
     pub estimate_prompt_tokens: bool,
+    /// Completion tokens reserved at admission when the request sets none of
+    /// `max_tokens`, `max_completion_tokens`, `max_output_tokens` (those,
+    /// times `n`, are reserved otherwise); default 1024. The reservation is
+    /// reconciled to the actual usage at the end of the exchange.
+    pub default_completion_tokens: u64,
     /// Header carrying the seconds to wait on 429/403; default `Retry-After`.
     pub retry_after_header_name: http::HeaderName,
     /// Header for the remaining tokens of the minute, if wanted.

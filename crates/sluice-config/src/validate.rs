@@ -8,20 +8,26 @@ mod backend_auth;
 mod policies;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
 
-use crate::lines::{LineMap, index_path, key_path};
+use crate::lines::{index_path, key_path};
 use crate::parse::{KnownNames, Parsed};
+use crate::problems::Problems;
 use crate::raw::{
-    RawApi, RawApiSubscription, RawBackend, RawSecret, RawServer, RawSimulator, RawSubscription,
-    RawTimeouts,
+    RawApi, RawApiSubscription, RawBackend, RawCounters, RawSecret, RawServer, RawSimulator,
+    RawSubscription, RawTimeouts,
+};
+use crate::types::{
+    DEFAULT_MAX_LABEL_VALUES, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, FIXED_CREDENTIAL_HEADERS,
+    MAX_PURGE_INTERVAL_SECONDS, MAX_SHUTDOWN_TIMEOUT_SECONDS,
 };
 use crate::{
-    Api, Backend, BackendTarget, BackendUrl, Config, Management, Problem, Secret, Server,
+    Api, Backend, BackendTarget, BackendUrl, Config, Counters, Management, Secret, Server,
     SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
 };
 
@@ -33,62 +39,6 @@ pub(crate) const MAX_THREADS: u64 = 256;
 pub(crate) const DEFAULT_COMPLETION_TOKENS: u64 = 24;
 pub(crate) const DEFAULT_EMBEDDING_DIMENSIONS: u64 = 1536;
 pub(crate) const MAX_EMBEDDING_DIMENSIONS: u64 = 8192;
-
-/// Collected problems; lines are looked up from the path when recorded.
-#[derive(Debug)]
-pub(crate) struct Problems<'a> {
-    lines: &'a LineMap,
-    list: Vec<Problem>,
-}
-
-impl<'a> Problems<'a> {
-    pub(crate) fn new(lines: &'a LineMap) -> Self {
-        Problems {
-            lines,
-            list: Vec::new(),
-        }
-    }
-
-    /// Records a problem at `path`, with the line of that path (or of its
-    /// nearest ancestor in the file).
-    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        let path = path.into();
-        let line = self.lines.line_of(&path);
-        self.push_at(line, path, message);
-    }
-
-    /// Records a problem with an explicit line.
-    pub(crate) fn push_at(
-        &mut self,
-        line: Option<usize>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) {
-        let problem = Problem {
-            path: path.into(),
-            line,
-            message: message.into(),
-        };
-        if !self.list.contains(&problem) {
-            self.list.push(problem);
-        }
-    }
-
-    pub(crate) fn lines(&self) -> &'a LineMap {
-        self.lines
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    /// The problems in source order; those without a line come last.
-    pub(crate) fn into_sorted(self) -> Vec<Problem> {
-        let mut list = self.list;
-        list.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
-        list
-    }
-}
 
 /// Validates `parsed`, resolves its secrets and builds the config. The result
 /// is meaningful only if `problems` is still empty afterwards.
@@ -103,10 +53,12 @@ pub(crate) fn build(
         poisoned,
         names,
     } = parsed;
+    let credentials = credential_headers(raw.apis.as_deref());
     let mut cx = Cx {
         problems,
         poisoned: &poisoned,
         names: &names,
+        credentials: &credentials,
         env,
         base_dir,
     };
@@ -147,10 +99,40 @@ pub(crate) fn build(
     }
 }
 
+/// Request headers that carry a credential, each with where it was
+/// configured (`None` for the fixed ones): the same set as
+/// [`Config::credential_headers`], read from the raw file so that an API can
+/// be checked against the subscription headers of APIs after it.
+type CredentialHeaders = HashMap<HeaderName, Option<String>>;
+
+fn credential_headers(apis: Option<&[Option<RawApi>]>) -> CredentialHeaders {
+    let mut out: CredentialHeaders = FIXED_CREDENTIAL_HEADERS
+        .iter()
+        .map(|name| (HeaderName::from_static(name), None))
+        .collect();
+    for (i, api) in apis.unwrap_or_default().iter().enumerate() {
+        let Some(names) = api
+            .as_ref()
+            .and_then(|api| api.subscription.as_ref())
+            .and_then(|subscription| subscription.header_names.as_ref())
+        else {
+            continue;
+        };
+        for (k, name) in names.iter().enumerate() {
+            if let Some(Ok(name)) = name.as_ref().map(|n| HeaderName::from_bytes(n.as_bytes())) {
+                out.entry(name)
+                    .or_insert_with(|| Some(format!("apis[{i}].subscription.header_names[{k}]")));
+            }
+        }
+    }
+    out
+}
+
 struct Cx<'c, 'p> {
     problems: &'c mut Problems<'p>,
     poisoned: &'c HashSet<String>,
     names: &'c KnownNames,
+    credentials: &'c CredentialHeaders,
     env: &'c dyn Fn(&str) -> Option<String>,
     base_dir: &'c Path,
 }
@@ -270,14 +252,61 @@ impl Cx<'_, '_> {
     /// `base` with the fields present in `raw` replaced.
     fn timeouts(&mut self, raw: Option<RawTimeouts>, path: &str, base: Timeouts) -> Timeouts {
         let raw = raw.unwrap_or_default();
-        let mut ms = |value: Option<u64>, key: &str, default: Duration| {
-            let default_ms = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
-            Duration::from_millis(self.positive(value, &key_path(path, key), default_ms))
+        // A value that fails the check is reported and replaced by the base.
+        let mut ms = |value: Option<u64>, key: &str| -> Option<Duration> {
+            let value = value?;
+            let checked = self.positive(Some(value), &key_path(path, key), 0);
+            (checked != 0).then(|| Duration::from_millis(checked))
         };
         Timeouts {
-            connect: ms(raw.connect_ms, "connect_ms", base.connect),
-            read: ms(raw.read_ms, "read_ms", base.read),
-            write: ms(raw.write_ms, "write_ms", base.write),
+            connect: ms(raw.connect_ms, "connect_ms").unwrap_or(base.connect),
+            read: ms(raw.read_ms, "read_ms").unwrap_or(base.read),
+            write: ms(raw.write_ms, "write_ms").unwrap_or(base.write),
+        }
+    }
+
+    /// `server.trusted_proxies`: IP addresses (a `/32` or `/128`) and CIDR
+    /// networks, each listed once.
+    fn trusted_proxies(&mut self, raw: Option<Vec<Option<String>>>) -> Vec<IpNet> {
+        let list_path = "server.trusted_proxies";
+        let mut seen: HashMap<IpNet, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (j, item_path, text) in self.entries(raw, list_path) {
+            let net = match parse_ip_net(&text) {
+                Ok(net) => net,
+                Err(message) => {
+                    self.err(&item_path, message);
+                    continue;
+                }
+            };
+            if let Some(first) = seen.get(&net) {
+                self.err(
+                    &item_path,
+                    format!("'{text}' is listed twice (also at {list_path}[{first}])"),
+                );
+                continue;
+            }
+            seen.insert(net, j);
+            out.push(net);
+        }
+        out
+    }
+
+    /// `server.counters`.
+    fn counters(&mut self, raw: Option<RawCounters>) -> Counters {
+        let raw = raw.unwrap_or_default();
+        let default = Counters::default();
+        let max_keys = self.positive(raw.max_keys, "server.counters.max_keys", default.max_keys);
+        let purge = self.in_range(
+            raw.purge_interval_seconds,
+            "server.counters.purge_interval_seconds",
+            1,
+            MAX_PURGE_INTERVAL_SECONDS,
+            default.purge_interval.as_secs(),
+        );
+        Counters {
+            max_keys,
+            purge_interval: Duration::from_secs(purge),
         }
     }
 
@@ -376,11 +405,31 @@ impl Cx<'_, '_> {
                     "address already used by server.listen; the management listener needs its own",
                 );
             }
-            Management { listen: addr }
+            let max_label_values = self.positive(
+                management.max_label_values,
+                "server.management.max_label_values",
+                DEFAULT_MAX_LABEL_VALUES,
+            );
+            Management {
+                listen: addr,
+                max_label_values: usize::try_from(max_label_values).unwrap_or(usize::MAX),
+            }
         });
+        let trusted_proxies = self.trusted_proxies(raw.trusted_proxies);
+        let counters = self.counters(raw.counters);
+        let shutdown_timeout = self.in_range(
+            raw.shutdown_timeout_seconds,
+            "server.shutdown_timeout_seconds",
+            0,
+            MAX_SHUTDOWN_TIMEOUT_SECONDS,
+            DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        );
         Server {
             listen,
             management,
+            trusted_proxies,
+            counters,
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
             threads: threads as usize,
             max_request_body_bytes: self.positive(
                 raw.max_request_body_bytes,
@@ -802,6 +851,32 @@ impl NameRule {
     }
 }
 
+/// An IP address (becomes a `/32` or `/128`) or a CIDR network whose host
+/// bits are zero (`10.0.0.0/8`, `fd00::/8`).
+fn parse_ip_net(text: &str) -> Result<IpNet, String> {
+    const SHAPE: &str = "an IP address or CIDR network such as 10.0.0.0/8, 127.0.0.1 or ::1";
+    let trimmed = text.trim();
+    if trimmed.contains('/') {
+        let net: IpNet = trimmed
+            .parse()
+            .map_err(|_| format!("'{text}' is not {SHAPE}"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "'{text}' has bits set after the prefix length: write the network as {} \
+                 (or {} for this address alone)",
+                net.trunc(),
+                IpNet::from(net.addr())
+            ));
+        }
+        Ok(net)
+    } else {
+        let addr: IpAddr = trimmed
+            .parse()
+            .map_err(|_| format!("'{text}' is not {SHAPE} (host names are not resolved)"))?;
+        Ok(IpNet::from(addr))
+    }
+}
+
 /// RFC 3986 unreserved characters.
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -1079,6 +1154,32 @@ mod tests {
             "/OpenAI",
         ] {
             assert!(check_api_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ip_nets() {
+        let net = |s: &str| parse_ip_net(s).map(|n| n.to_string());
+        assert_eq!(net("10.0.0.0/8").unwrap(), "10.0.0.0/8");
+        assert_eq!(net(" 127.0.0.1 ").unwrap(), "127.0.0.1/32");
+        assert_eq!(net("::1").unwrap(), "::1/128");
+        assert_eq!(net("fd00::/8").unwrap(), "fd00::/8");
+        assert_eq!(net("0.0.0.0/0").unwrap(), "0.0.0.0/0");
+        let message = net("10.0.0.1/8").unwrap_err();
+        assert!(
+            message.contains("10.0.0.0/8") && message.contains("10.0.0.1/32"),
+            "{message}"
+        );
+        for bad in [
+            "",
+            "localhost",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "[::1]",
+            "10.0.0.1:80",
+            "::1/129",
+        ] {
+            assert!(parse_ip_net(bad).is_err(), "{bad}");
         }
     }
 

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use sluice_config::{
-    BackendTarget, BackendUrl, Config, ConfigErrors, Problem, SimDeployment, load_file,
-    load_str_with_env,
+    BackendTarget, BackendUrl, Config, ConfigErrors, Counters, IpNet, Problem, SimDeployment,
+    Timeouts, load_file, load_str_with_env,
 };
 
 fn env_from(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
@@ -68,6 +68,16 @@ fn minimal_config_gets_defaults() {
     assert_eq!(config.server.timeouts.connect, Duration::from_secs(5));
     assert_eq!(config.server.timeouts.read, Duration::from_secs(300));
     assert_eq!(config.server.timeouts.write, Duration::from_secs(60));
+    assert_eq!(config.server.timeouts, Timeouts::default());
+    assert!(config.server.trusted_proxies.is_empty());
+    assert_eq!(config.server.counters.max_keys, 1_000_000);
+    assert_eq!(
+        config.server.counters.purge_interval,
+        Duration::from_secs(10)
+    );
+    assert_eq!(config.server.counters, Counters::default());
+    assert_eq!(config.server.shutdown_timeout, Duration::from_secs(60));
+    assert!(config.server.management.is_none());
     assert!(config.simulators.is_empty());
     assert!(config.subscriptions.is_empty());
     let backend = &config.backends[0];
@@ -103,6 +113,10 @@ server:
   threads: 4
   max_request_body_bytes: 2097152
   timeouts: { connect_ms: 1000, read_ms: 2000, write_ms: 3000 }
+  trusted_proxies: [10.0.0.0/8, 127.0.0.1, '::1', 'fd00::/8']
+  counters: { max_keys: 5000, purge_interval_seconds: 3600 }
+  shutdown_timeout_seconds: 0
+  management: { listen: 127.0.0.1:0, max_label_values: 1 }
 simulators:
   - name: eastus
     listen: 127.0.0.1:0
@@ -174,6 +188,31 @@ fn full_config_resolves() {
     assert_eq!(config.server.timeouts.connect, Duration::from_millis(1000));
     assert_eq!(config.server.timeouts.read, Duration::from_millis(2000));
     assert_eq!(config.server.timeouts.write, Duration::from_millis(3000));
+    let proxies: Vec<String> = config
+        .server
+        .trusted_proxies
+        .iter()
+        .map(IpNet::to_string)
+        .collect();
+    assert_eq!(
+        proxies,
+        ["10.0.0.0/8", "127.0.0.1/32", "::1/128", "fd00::/8"]
+    );
+    assert!(
+        config.server.trusted_proxies[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap())
+    );
+    assert_eq!(
+        config.server.counters,
+        Counters {
+            max_keys: 5000,
+            purge_interval: Duration::from_secs(3600)
+        }
+    );
+    assert_eq!(config.server.shutdown_timeout, Duration::ZERO);
+    assert_eq!(
+        config.server.management.as_ref().unwrap().max_label_values,
+        1
+    );
 
     let [east, west] = &config.simulators[..] else {
         panic!("two simulators expected")
@@ -655,5 +694,193 @@ fn the_first_header_name_is_kept_as_written_for_the_challenge() {
             .subscription
             .challenge_name,
         "api-key"
+    );
+}
+
+#[test]
+fn backend_timeouts_can_set_what_the_server_leaves_unset() {
+    let text = "\
+backends:
+  - name: b
+    url: https://b.example
+    timeouts: { write_ms: 30000 }
+  - name: c
+    url: https://c.example
+apis:
+  - {name: a, path: /openai, backends: [b, c]}
+";
+    let config = load(text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.backends[0].timeouts,
+        Timeouts {
+            write: Duration::from_secs(30),
+            ..Timeouts::default()
+        }
+    );
+    assert_eq!(config.backends[1].timeouts, Timeouts::default());
+}
+
+#[test]
+fn trusted_proxies_in_block_form_and_empty() {
+    let text = format!(
+        "server:\n  trusted_proxies:\n    - 192.168.0.0/16\n    - ::1\n    - 2001:db8::/32\n{MINIMAL}"
+    );
+    let config = load(&text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let proxies: Vec<String> = config
+        .server
+        .trusted_proxies
+        .iter()
+        .map(IpNet::to_string)
+        .collect();
+    assert_eq!(proxies, ["192.168.0.0/16", "::1/128", "2001:db8::/32"]);
+    // In flow style an IPv6 address starting with ':' must be quoted (YAML
+    // syntax); the docs say so.
+    let config = load(
+        &format!("server: {{trusted_proxies: ['::1', 10.0.0.0/8]}}\n{MINIMAL}"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.trusted_proxies.len(), 2);
+    let found = problems(&format!("server: {{trusted_proxies: [::1]}}\n{MINIMAL}"));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let config = load(&format!("server: {{trusted_proxies: []}}\n{MINIMAL}"), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.server.trusted_proxies.is_empty());
+    // `counters:` with no value means all defaults.
+    let config =
+        load(&format!("server:\n  counters:\n{MINIMAL}"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.counters, Counters::default());
+}
+
+#[test]
+fn new_server_settings_are_checked_together() {
+    let text = "\
+server:
+  timeouts: { read_ms: 0, write_ms: 0 }
+  trusted_proxies:
+    - 10.0.0.0/8
+    - localhost
+    - 10.0.0.1/8
+    - 10.0.0.0/33
+    - 10.0.0.0/8
+    -
+  counters: { max_keys: 0, purge_interval_seconds: 3601 }
+  shutdown_timeout_seconds: 3601
+  management: { listen: 127.0.0.1:0, max_label_values: 0 }
+backends:
+  - name: b
+    url: https://b.example
+    timeouts: { read_ms: 0, write_ms: 0, connect_ms: 0 }
+apis:
+  - {name: a, path: /openai, backends: [b]}
+";
+    let found = problems(text);
+    let expected = [
+        ("server.timeouts.read_ms", 2),
+        ("server.timeouts.write_ms", 2),
+        ("server.trusted_proxies[1]", 5),
+        ("server.trusted_proxies[2]", 6),
+        ("server.trusted_proxies[3]", 7),
+        ("server.trusted_proxies[4]", 8),
+        ("server.trusted_proxies[5]", 9),
+        ("server.counters.max_keys", 10),
+        ("server.counters.purge_interval_seconds", 10),
+        ("server.shutdown_timeout_seconds", 11),
+        ("server.management.max_label_values", 12),
+        ("backends[0].timeouts.read_ms", 16),
+        ("backends[0].timeouts.write_ms", 16),
+        ("backends[0].timeouts.connect_ms", 16),
+    ];
+    for (path, line) in expected {
+        assert_eq!(find(&found, path).line, Some(line), "line of {path}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    let at = |path: &str| find(&found, path).message.clone();
+    assert_eq!(at("server.timeouts.read_ms"), "must be at least 1");
+    assert_eq!(at("backends[0].timeouts.write_ms"), "must be at least 1");
+    assert!(
+        at("server.trusted_proxies[1]").contains("'localhost' is not an IP address or CIDR"),
+        "{}",
+        at("server.trusted_proxies[1]")
+    );
+    assert!(at("server.trusted_proxies[2]").contains("10.0.0.0/8"));
+    assert!(at("server.trusted_proxies[3]").contains("not an IP address or CIDR"));
+    assert_eq!(
+        at("server.trusted_proxies[4]"),
+        "'10.0.0.0/8' is listed twice (also at server.trusted_proxies[0])"
+    );
+    assert_eq!(at("server.trusted_proxies[5]"), "empty entry");
+    assert_eq!(at("server.counters.max_keys"), "must be at least 1");
+    assert_eq!(
+        at("server.counters.purge_interval_seconds"),
+        "must be between 1 and 3600"
+    );
+    assert_eq!(
+        at("server.shutdown_timeout_seconds"),
+        "must be between 0 and 3600"
+    );
+    assert_eq!(
+        at("server.management.max_label_values"),
+        "must be at least 1"
+    );
+
+    let found = problems(&format!(
+        "server:\n  counters: {{purge_interval_seconds: 0}}\n{MINIMAL}"
+    ));
+    assert_eq!(
+        paths(&found),
+        ["server.counters.purge_interval_seconds".to_string()].into()
+    );
+}
+
+#[test]
+fn new_server_settings_type_errors_and_unknown_keys() {
+    let text = "\
+server:
+  trusted_proxies: 10.0.0.0/8
+  counters: { max_keys: -1, purge_every: 5 }
+  shutdown_timeout_seconds: soon
+  timeouts: { first_byte_ms: 5, read_ms: [1] }
+  management: { listen: 127.0.0.1:0, max_label_value: 5 }
+backends:
+  - name: b
+    url: https://b.example
+    timeouts: { raed_ms: 1 }
+apis:
+  - {name: a, path: /openai, backends: [b]}
+";
+    let found = problems(text);
+    let expected = [
+        ("server.trusted_proxies", 2),
+        ("server.counters.max_keys", 3),
+        ("server.counters.purge_every", 3),
+        ("server.shutdown_timeout_seconds", 4),
+        ("server.timeouts.first_byte_ms", 5),
+        ("server.timeouts.read_ms", 5),
+        ("server.management.max_label_value", 6),
+        ("backends[0].timeouts.raed_ms", 10),
+    ];
+    for (path, line) in expected {
+        assert_eq!(find(&found, path).line, Some(line), "line of {path}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    let at = |path: &str| find(&found, path).message.clone();
+    assert!(at("server.trusted_proxies").contains("expected a sequence"));
+    assert!(at("server.counters.max_keys").contains("expected a non-negative integer"));
+    assert_eq!(
+        at("server.counters.purge_every"),
+        "unknown key 'purge_every' (expected one of: max_keys, purge_interval_seconds)"
+    );
+    assert_eq!(
+        at("server.timeouts.first_byte_ms"),
+        "unknown key 'first_byte_ms' (expected one of: connect_ms, read_ms, write_ms)"
+    );
+    assert_eq!(
+        at("server.management.max_label_value"),
+        "unknown key 'max_label_value' (did you mean 'max_label_values'?)"
+    );
+    assert_eq!(
+        at("backends[0].timeouts.raed_ms"),
+        "unknown key 'raed_ms' (did you mean 'read_ms'?)"
     );
 }

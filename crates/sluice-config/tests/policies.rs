@@ -75,6 +75,7 @@ server:
   listen: 127.0.0.1:8080
   management:
     listen: 127.0.0.1:9090
+    max_label_values: 250
 backends:
   - name: mi
     url: https://mi.example
@@ -121,6 +122,7 @@ apis:
           token_quota: 1000000
           token_quota_period: daily
           estimate_prompt_tokens: false
+          default_completion_tokens: 4096
           retry_after_header_name: X-Retry-In
           remaining_tokens_header_name: x-ratelimit-remaining-tokens-sluice
           remaining_quota_tokens_header_name: x-quota-remaining
@@ -159,7 +161,8 @@ fn full_example_resolves() {
     assert_eq!(
         config.server.management,
         Some(Management {
-            listen: "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
+            listen: "127.0.0.1:9090".parse::<SocketAddr>().unwrap(),
+            max_label_values: 250,
         })
     );
 
@@ -241,6 +244,7 @@ fn full_example_resolves() {
             tokens_per_minute: Some(10_000),
             token_quota: Some((1_000_000, QuotaPeriod::Daily)),
             estimate_prompt_tokens: false,
+            default_completion_tokens: 4096,
             retry_after_header_name: header("x-retry-in"),
             remaining_tokens_header_name: Some(header("x-ratelimit-remaining-tokens-sluice")),
             remaining_quota_tokens_header_name: Some(header("x-quota-remaining")),
@@ -329,7 +333,8 @@ fn defaults() {
     assert_eq!(
         config.server.management,
         Some(sluice_config::Management {
-            listen: "127.0.0.1:0".parse().unwrap()
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_label_values: 1000,
         })
     );
     assert!(config.backends[0].auth.is_none());
@@ -348,6 +353,7 @@ fn defaults() {
         panic!("{:?}", config.apis[0].policies)
     };
     assert!(tokens.estimate_prompt_tokens);
+    assert_eq!(tokens.default_completion_tokens, 1024);
     assert_eq!(tokens.retry_after_header_name, http::header::RETRY_AFTER);
     assert_eq!(tokens.remaining_tokens_header_name, None);
     assert_eq!(tokens.remaining_quota_tokens_header_name, None);
@@ -1118,4 +1124,184 @@ fn token_metrics_need_the_management_listener() {
         ["apis[0].policies[0].emit_token_metric".to_string()].into()
     );
     assert!(found[0].message.contains("server.management.listen"));
+}
+
+#[test]
+fn credential_headers_are_never_counter_keys_or_labels() {
+    let text = "\
+server:
+  management: { listen: 127.0.0.1:0 }
+backends:
+  - name: b
+    url: https://b.example
+apis:
+  - name: a
+    path: /openai
+    backends: [b]
+    policies:
+      - rate_limit: { calls: 1, renewal_period_seconds: 1, counter_key: 'header:Authorization' }
+      - quota: { calls: 1, renewal_period_seconds: 60, counter_key: 'header:API-KEY' }
+      - token_limit: { counter_key: 'header:x-team-key', tokens_per_minute: 1 }
+      - rate_limit: { calls: 1, renewal_period_seconds: 1, counter_key: 'header:Ocp-Apim-Subscription-Key' }
+      - quota: { calls: 1, renewal_period_seconds: 60, counter_key: 'header:proxy-authorization' }
+      - token_limit: { counter_key: 'header:x-team', tokens_per_minute: 1 }
+      - emit_token_metric:
+          dimensions: [api, 'header:Cookie', 'header:apim-debug-authorization', 'header:X-Team-Key', 'header:x-user-id']
+  - name: later
+    path: /later/openai
+    backends: [b]
+    subscription: { header_names: [X-Team-Key] }
+";
+    let found = problems(text);
+    let expected = [
+        (
+            "apis[0].policies[0].rate_limit.counter_key",
+            11,
+            "authorization",
+        ),
+        ("apis[0].policies[1].quota.counter_key", 12, "api-key"),
+        (
+            "apis[0].policies[2].token_limit.counter_key",
+            13,
+            "x-team-key",
+        ),
+        (
+            "apis[0].policies[3].rate_limit.counter_key",
+            14,
+            "ocp-apim-subscription-key",
+        ),
+        (
+            "apis[0].policies[4].quota.counter_key",
+            15,
+            "proxy-authorization",
+        ),
+        (
+            "apis[0].policies[6].emit_token_metric.dimensions[1]",
+            18,
+            "cookie",
+        ),
+        (
+            "apis[0].policies[6].emit_token_metric.dimensions[2]",
+            18,
+            "apim-debug-authorization",
+        ),
+        (
+            "apis[0].policies[6].emit_token_metric.dimensions[3]",
+            18,
+            "x-team-key",
+        ),
+    ];
+    for (path, line, header) in expected {
+        let p = find(&found, path);
+        assert_eq!(p.line, Some(line), "line of {path}");
+        assert!(
+            p.message
+                .starts_with(&format!("header '{header}' carries a credential")),
+            "{p:?}"
+        );
+        assert!(p.message.contains("must not be used as"), "{p:?}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    let at = |path: &str| find(&found, path).message.clone();
+    assert!(at("apis[0].policies[0].rate_limit.counter_key").contains("as a counter key"));
+    assert!(
+        at("apis[0].policies[6].emit_token_metric.dimensions[1]").contains("as a metric label")
+    );
+    // A configured subscription header says where it was configured.
+    assert!(
+        at("apis[0].policies[2].token_limit.counter_key")
+            .contains("apis[1].subscription.header_names[0]")
+    );
+}
+
+#[test]
+fn credential_headers_of_a_config() {
+    let text = "\
+backends: [{name: b, url: 'https://b.example'}]
+apis:
+  - {name: a, path: /openai, backends: [b], subscription: {header_names: [X-Key, api-key]}}
+  - {name: c, path: /c/openai, backends: [b], subscription: {header_names: [x-key, X-Other-Key]}}
+  - name: d
+    path: /d/openai
+    backends: [b]
+    policies:
+      - rate_limit: { calls: 1, renewal_period_seconds: 1, counter_key: 'header:x-team' }
+";
+    let config = load(text).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<String> = config
+        .credential_headers()
+        .iter()
+        .map(|h| h.as_str().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "api-key",
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "ocp-apim-subscription-key",
+            "apim-debug-authorization",
+            "x-key",
+            "x-other-key",
+        ]
+    );
+    assert_eq!(
+        sluice_config::FIXED_CREDENTIAL_HEADERS.len(),
+        6,
+        "the fixed list"
+    );
+    let defaults = load(&api_with("")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        defaults.credential_headers().len(),
+        sluice_config::FIXED_CREDENTIAL_HEADERS.len()
+    );
+}
+
+#[test]
+fn default_completion_tokens() {
+    let config = load(&api_with(
+        "    policies:\n\
+         \x20     - token_limit: { counter_key: client_ip, tokens_per_minute: 5, default_completion_tokens: 0 }\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let [Policy::TokenLimit(tokens)] = &config.apis[0].policies[..] else {
+        panic!("{:?}", config.apis[0].policies)
+    };
+    assert_eq!(tokens.default_completion_tokens, 0);
+
+    let found = problems(&api_with(
+        "    policies:\n\
+         \x20     - token_limit: { counter_key: client_ip, tokens_per_minute: 5, default_completion_tokens: -1 }\n\
+         \x20     - token_limit: { counter_key: client_ip, tokens_per_minute: 5, default_completion_tokens: lots }\n\
+         \x20     - token_limit: { counter_key: client_ip, tokens_per_minute: 5, default_completion: 5 }\n",
+    ));
+    let expected = [
+        (
+            "apis[0].policies[0].token_limit.default_completion_tokens",
+            9,
+        ),
+        (
+            "apis[0].policies[1].token_limit.default_completion_tokens",
+            10,
+        ),
+        ("apis[0].policies[2].token_limit.default_completion", 11),
+    ];
+    for (path, line) in expected {
+        assert_eq!(find(&found, path).line, Some(line), "line of {path}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    assert!(
+        find(
+            &found,
+            "apis[0].policies[0].token_limit.default_completion_tokens"
+        )
+        .message
+        .contains("expected a non-negative integer")
+    );
+    assert!(
+        find(&found, "apis[0].policies[2].token_limit.default_completion")
+            .message
+            .starts_with("unknown key")
+    );
 }

@@ -12,18 +12,28 @@
 //! once the real amount is known (the response's `usage`). [`MemoryStore`] is the in-process store; a shared store
 //! (Redis) can implement the same trait without the policies changing.
 //!
+//! Counter keys are chosen by clients (a header, a claim, the client address), so the state they create is bounded:
+//! - [`client_key`] turns a client's value into a fixed-size key (a truncated SHA-256, the same in every process and
+//!   on every machine, so replicas sharing a store agree on it);
+//! - [`MemoryStore`] holds at most a fixed number of counters ([`MemoryStore::with_max_keys`], 1,000,000 by
+//!   default): at the cap a new key evicts the least recently used counter, counted by [`MemoryStore::evictions`];
+//! - idle counters are dropped by [`MemoryStore::purge_expired`], which is never run on the request path: the
+//!   embedding process calls it periodically from a background task.
+//!
 //! Time comes from a [`Clock`] (milliseconds since the UNIX epoch, wall clock) so that tests drive it with a
 //! [`ManualClock`] and calendar periods agree across replicas.
 //!
 //! The message helpers ([`rate_limit_message`] and friends) produce APIM's texts for the 429/403 bodies.
 
 mod clock;
+mod key;
 mod memory;
 mod messages;
 mod store;
 mod window;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use key::client_key;
 pub use memory::MemoryStore;
 pub use messages::{
     call_quota_message, rate_limit_message, retry_after_secs, token_limit_message,

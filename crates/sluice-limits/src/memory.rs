@@ -17,23 +17,69 @@
 //! A fixed counter holds the current window's bounds and its total; a charge in a later window starts from zero.
 //! Retry-After is the time until the window ends.
 //!
-//! # Memory
+//! # Memory: a cap on the number of counters
 //!
-//! Counters are kept in a [`DashMap`] keyed by (key, limit), each behind its own mutex: operations on different keys
-//! run in parallel and never take a global lock, and looking up an existing key allocates nothing. Counters whose
-//! charges have all expired are dropped by [`MemoryStore::purge_expired`], which the store also runs by itself
-//! whenever the number of counters has doubled since the last purge (so memory stays within about twice the number
-//! of live counters, at an amortised constant cost per new key).
+//! Counter keys come from clients (a header, a claim, the client address), so the number of counters is what a client
+//! decides. The store therefore holds at most `max_keys` counters ([`MemoryStore::with_max_keys`]; 1,000,000 by
+//! default, [`MemoryStore::DEFAULT_MAX_KEYS`]). At the cap, a new key makes room by evicting the *least recently used*
+//! counter; that key starts afresh if it comes back (its window forgets what it had counted), and
+//! [`MemoryStore::evictions`] counts the evictions. A counter is *used* by [`reserve`](CounterStore::reserve) and
+//! [`reconcile`](CounterStore::reconcile); [`peek`](CounterStore::peek) does not count as a use.
+//!
+//! ## Layout, and what "least recently used" means exactly
+//!
+//! Counters are spread over shards by a hash of (key, limit) keyed at random in each process (so clients cannot aim
+//! their keys at one shard). Each shard is a read-write lock over a hash index and a dense vector of counters, each
+//! counter behind its own mutex. Looking up an existing key takes only its shard's read lock, so operations on
+//! different keys run in parallel and no lock is global, and it allocates nothing. Each use stamps the counter with
+//! the next value of its shard's logical clock (one relaxed atomic add on the shard, which the read lock already
+//! touches), so recency is a strict order within a shard.
+//!
+//! The cap is split between the shards (`max_keys / shards`, the remainder spread one each over the first shards), and
+//! a new key is inserted under its shard's write lock: if that shard holds its share, it evicts one of its own
+//! counters first. So [`len`](MemoryStore::len) never exceeds the cap, and an eviction locks one shard only. The counter
+//! evicted is chosen as follows:
+//!
+//! - a shard holding at most `EVICTION_SAMPLE` (16) counters compares all of them and evicts its least recently used
+//!   exactly;
+//! - a larger shard compares 16 of its counters drawn uniformly at random (with replacement) and evicts the least
+//!   recently used of those (the approximation of Redis's `allkeys-lru`, with 16 samples). The counter evicted is
+//!   among the shard's least recently used fraction `p` with probability `1 − (1 − p)^16`: among the oldest quarter
+//!   99% of the time, and more recent than the median with probability `2^-16`.
+//!
+//! The number of shards is four per CPU rounded up to a power of two (as `dashmap` does), but at most one per 1,024
+//! keys of cap, and at least one. So a store with a cap below 2,048 has a single shard, and with a cap of at most 16
+//! its eviction is the exact least recently used of the whole store. With several shards, recency is compared within
+//! the new key's shard, which holds a uniformly random share of the keys (at the default cap on 16 CPUs: 64 shards of
+//! 15,625), and a shard can reach its share slightly before the store reaches the cap: the shards' counts vary by
+//! about `1/sqrt(share)` (0.8% for 15,625, 3% for the smallest share of 1,024).
+//!
+//! The work an eviction adds to a request is bounded: 16 random draws and atomic loads, and the removal of one entry
+//! (under the write lock of one shard, which any new key takes anyway). Nothing on the request path scans the store.
+//!
+//! ## Idle counters are purged off the request path
+//!
+//! Counters whose charges have all expired are dropped by [`MemoryStore::purge_expired`], which the store never runs
+//! by itself: call it periodically from a background task (the proxy does, every `server.counters.purge_interval`).
+//! It takes each shard's write lock in turn for one pass over that shard, so it never blocks requests on other shards,
+//! and gives memory back when a shard has shrunk to less than half its allocation.
+//!
+//! A counter with a live charge is never purged. A counter holding only a reservation of 0 (a token limit that does
+//! not estimate) is idle and may be purged while its request runs; reconciling that reservation upwards recreates the
+//! counter and charges the usage. Reconciling a reservation whose counter was *evicted* changes nothing (the key
+//! started afresh, and the new counter never held that charge), and reconciling down a counter that is gone gives
+//! nothing back: no panic, no count below zero.
 
 use std::borrow::Borrow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
+use rand::Rng;
 
 use crate::clock::Clock;
 use crate::store::{CounterId, CounterStore, Exceeded, Reservation, Usage};
@@ -41,15 +87,27 @@ use crate::window::{Limit, Window, duration_millis};
 
 /// Slots per sliding window.
 const SLOTS_PER_WINDOW: u64 = 60;
-/// The store purges by itself once it holds at least this many counters (and twice as many as after the last purge).
-const MIN_PURGE_THRESHOLD: usize = 1_024;
+/// Counters compared to choose the one to evict: all of them in a shard this small, else this many at random.
+pub(crate) const EVICTION_SAMPLE: usize = 16;
+/// A shard is given at least this many keys of the cap (so a cap below twice this means one shard).
+const MIN_KEYS_PER_SHARD: usize = 1_024;
 
-/// An in-process [`CounterStore`]: exact per replica, shared by nothing else.
+/// An in-process [`CounterStore`]: exact per replica, shared by nothing else, holding at most a fixed number of
+/// counters.
+///
+/// At the cap ([`with_max_keys`](Self::with_max_keys), 1,000,000 by default) a new key evicts the least recently
+/// used counter (exactly, in a store whose cap is at most 16; else the least recently used of 16 counters of the new
+/// key's shard drawn at random), and [`evictions`](Self::evictions) counts it. A reserve or a reconcile is a use, a
+/// peek is not. Nothing on the request path scans the store: idle counters are dropped only by
+/// [`purge_expired`](Self::purge_expired), which a background task should call periodically. Lookups of existing keys
+/// take one shard's read lock and allocate nothing.
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
-    counters: DashMap<CounterKey, Mutex<Counter>>,
-    /// Number of counters at which a new key triggers a purge.
-    purge_threshold: AtomicUsize,
+    /// Picks a counter's shard; keyed at random per store.
+    shard_hasher: RandomState,
+    shards: Box<[Padded<RwLock<Shard>>]>,
+    max_keys: usize,
+    evictions: AtomicU64,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -57,77 +115,138 @@ impl fmt::Debug for MemoryStore {
         // Keys are left out: they may come from request headers.
         f.debug_struct("MemoryStore")
             .field("clock", &self.clock)
-            .field("counters", &self.counters.len())
+            .field("counters", &self.len())
+            .field("max_keys", &self.max_keys)
+            .field("shards", &self.shards.len())
+            .field("evictions", &self.evictions())
             .finish_non_exhaustive()
     }
 }
 
 impl MemoryStore {
-    /// An empty store reading time from `clock`.
+    /// The cap of [`MemoryStore::new`]: 1,000,000 counters.
+    pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+    /// An empty store reading time from `clock`, holding at most [`DEFAULT_MAX_KEYS`](Self::DEFAULT_MAX_KEYS)
+    /// counters.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_max_keys(clock, Self::DEFAULT_MAX_KEYS)
+    }
+
+    /// An empty store reading time from `clock`, holding at most `max_keys` counters (a cap of 0 is taken as 1). At
+    /// the cap, a new key evicts the least recently used counter (see [`MemoryStore`]).
+    pub fn with_max_keys(clock: Arc<dyn Clock>, max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        Self::with_shards(clock, max_keys, shard_count(max_keys, cpus))
+    }
+
+    /// `max_keys` (at least 1) split over `shards` (at least 1, at most `max_keys`).
+    fn with_shards(clock: Arc<dyn Clock>, max_keys: usize, shards: usize) -> Self {
+        let shards = shards.clamp(1, max_keys);
+        let (share, extra) = (max_keys / shards, max_keys % shards);
         Self {
             clock,
-            counters: DashMap::new(),
-            purge_threshold: AtomicUsize::new(MIN_PURGE_THRESHOLD),
+            shard_hasher: RandomState::new(),
+            shards: (0..shards)
+                .map(|i| Padded(RwLock::new(Shard::new(share + usize::from(i < extra)))))
+                .collect(),
+            max_keys,
+            evictions: AtomicU64::new(0),
         }
     }
 
     /// Drops every counter that no longer holds a live charge (all of a sliding window's charges expired, or a fixed
-    /// window that has ended or is empty), and returns how many were dropped. The store also does this by itself as
-    /// it grows; calling it periodically keeps memory tight between bursts of new keys.
+    /// window that has ended or is empty), and returns how many were dropped.
+    ///
+    /// The store never calls this by itself (requests never pay for a scan): call it periodically from a background
+    /// task. It locks one shard at a time for a pass over it, and gives memory back from shards that shrank.
     pub fn purge_expired(&self) -> usize {
-        let before = self.counters.len();
         let now = self.clock.now_millis();
-        self.counters.retain(|key, counter| {
-            let counter = counter.get_mut().unwrap_or_else(PoisonError::into_inner);
-            !counter.is_idle(&key.0.limit.window, now)
-        });
-        let after = self.counters.len();
-        self.purge_threshold.store(
-            after.saturating_mul(2).max(MIN_PURGE_THRESHOLD),
-            Ordering::Relaxed,
-        );
-        before.saturating_sub(after)
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let mut shard = write(&shard.0);
+            let mut i = 0;
+            while let Some(entry) = shard.entries.get_mut(i) {
+                let counter = entry
+                    .counter
+                    .get_mut()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if counter.is_idle(&entry.id.limit.window, now) {
+                    shard.remove(i);
+                    dropped += 1;
+                } else {
+                    i += 1;
+                }
+            }
+            let keep = shard.entries.len() * 2;
+            shard.entries.shrink_to(keep);
+            shard.index.shrink_to(keep);
+        }
+        dropped
     }
 
-    /// Number of counters held (live or not yet purged).
+    /// Number of counters held (live or not yet purged); never more than the cap.
     pub fn len(&self) -> usize {
-        self.counters.len()
+        self.shards
+            .iter()
+            .map(|shard| read(&shard.0).entries.len())
+            .sum()
     }
 
     /// Whether the store holds no counter.
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty()
+        self.shards
+            .iter()
+            .all(|shard| read(&shard.0).entries.is_empty())
+    }
+
+    /// How many counters have been evicted to make room for new keys since the store was created (a monotonic
+    /// count, for a `sluice_counter_evictions_total` metric). Purges are not counted.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    fn shard_of(&self, lookup: &Lookup<'_>) -> &RwLock<Shard> {
+        let mut hasher = self.shard_hasher.build_hasher();
+        hash_parts(lookup.parts(), &mut hasher);
+        let n = self.shards.len();
+        // The remainder is below `n`, so the cast back is lossless.
+        let i = (hasher.finish() % n as u64) as usize;
+        &self.shards[i].0
+    }
+
+    /// Inserts a new counter for `id` into `shard` (evicting one at its share of the cap); returns its position.
+    fn insert(&self, shard: &mut Shard, id: Arc<CounterId>) -> usize {
+        if shard.insert(id) {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        shard.entries.len() - 1
     }
 
     fn reserve_now(&self, key: &str, limit: &Limit, amount: u64) -> Result<Reservation, Exceeded> {
         let lookup = Lookup { key, limit };
-        if let Some(entry) = self.counters.get(&lookup as &dyn CounterIdView) {
-            return self.reserve_in(&entry.key().0, entry.value(), amount);
+        let shard = self.shard_of(&lookup);
+        {
+            let shard = read(shard);
+            if let Some(i) = shard.position(&lookup) {
+                return self.reserve_in(&shard, i, amount);
+            }
         }
-        let id = Arc::new(CounterId {
-            key: key.into(),
-            limit: limit.clone(),
-        });
-        let entry = self
-            .counters
-            .entry(CounterKey(id))
-            .or_insert_with(|| Mutex::new(Counter::new(&limit.window)));
-        let result = self.reserve_in(&entry.key().0, entry.value(), amount);
-        drop(entry);
-        self.purge_if_grown();
-        result
+        let mut shard = write(shard);
+        let i = match shard.position(&lookup) {
+            // Another request created it meanwhile.
+            Some(i) => i,
+            None => self.insert(&mut shard, Arc::new(CounterId::new(key, limit))),
+        };
+        self.reserve_in(&shard, i, amount)
     }
 
-    fn reserve_in(
-        &self,
-        id: &Arc<CounterId>,
-        counter: &Mutex<Counter>,
-        amount: u64,
-    ) -> Result<Reservation, Exceeded> {
-        let mut counter = lock(counter);
+    fn reserve_in(&self, shard: &Shard, i: usize, amount: u64) -> Result<Reservation, Exceeded> {
+        let entry = shard.touch(i);
+        let mut counter = lock(&entry.counter);
         let now = self.clock.now_millis();
-        let limit = &id.limit;
+        let limit = &entry.id.limit;
         counter.advance(&limit.window, now);
         let used = counter.used();
         if !fits(used, amount, limit.limit) {
@@ -141,7 +260,7 @@ impl MemoryStore {
         }
         let (bucket, charged_at) = counter.charge(&limit.window, now, amount);
         Ok(Reservation {
-            id: Arc::clone(id),
+            id: Arc::clone(&entry.id),
             bucket,
             charged_at,
             amount,
@@ -150,33 +269,49 @@ impl MemoryStore {
     }
 
     fn reconcile_now(&self, reservation: &Reservation, actual: u64) {
-        if actual == reservation.amount {
-            return;
-        }
+        let up = match actual.cmp(&reservation.amount) {
+            std::cmp::Ordering::Equal => return,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Greater => true,
+        };
         let id = &reservation.id;
-        let window = &id.limit.window;
         let lookup = Lookup {
             key: &id.key,
             limit: &id.limit,
         };
-        if let Some(entry) = self.counters.get(&lookup as &dyn CounterIdView) {
-            let mut counter = lock(entry.value());
-            counter.adjust(window, self.clock.now_millis(), reservation, actual);
-            return;
+        let shard = self.shard_of(&lookup);
+        {
+            let shard = read(shard);
+            let found = shard.position(&lookup);
+            // Read after the lookup, under the read lock: an eviction sets the flag before it releases the write
+            // lock, so a counter missing (or recreated) because it was evicted is seen as evicted here.
+            if id.evicted.load(Ordering::Relaxed) {
+                // The key started afresh; the new counter (if any) never held this charge.
+                return;
+            }
+            if let Some(i) = found {
+                self.adjust_in(&shard, i, reservation, actual);
+                return;
+            }
         }
-        if actual < reservation.amount {
+        if !up {
             // Nothing is counted, so there is nothing to give back.
             return;
         }
         // The counter was purged (it held nothing live, e.g. after a reservation of 0): recreate it for the charge,
         // which `adjust` drops if the reservation's bucket has expired.
-        let entry = self
-            .counters
-            .entry(CounterKey(Arc::clone(id)))
-            .or_insert_with(|| Mutex::new(Counter::new(window)));
-        lock(entry.value()).adjust(window, self.clock.now_millis(), reservation, actual);
-        drop(entry);
-        self.purge_if_grown();
+        let mut shard = write(shard);
+        let i = match shard.position(&lookup) {
+            Some(i) => i,
+            None => self.insert(&mut shard, Arc::clone(id)),
+        };
+        self.adjust_in(&shard, i, reservation, actual);
+    }
+
+    fn adjust_in(&self, shard: &Shard, i: usize, reservation: &Reservation, actual: u64) {
+        let entry = shard.touch(i);
+        let window = &entry.id.limit.window;
+        lock(&entry.counter).adjust(window, self.clock.now_millis(), reservation, actual);
     }
 
     fn peek_now(&self, key: &str, limit: &Limit) -> Usage {
@@ -193,15 +328,11 @@ impl MemoryStore {
                 retry_after,
             }
         };
-        match self.counters.get(&lookup as &dyn CounterIdView) {
-            Some(entry) => usage(&mut lock(entry.value())),
+        let shard = read(self.shard_of(&lookup));
+        match shard.position(&lookup) {
+            // Not a use: the counter's recency is left alone.
+            Some(i) => usage(&mut lock(&shard.entries[i].counter)),
             None => usage(&mut Counter::new(&limit.window)),
-        }
-    }
-
-    fn purge_if_grown(&self) {
-        if self.counters.len() >= self.purge_threshold.load(Ordering::Relaxed) {
-            self.purge_expired();
         }
     }
 }
@@ -226,6 +357,13 @@ impl CounterStore for MemoryStore {
     }
 }
 
+/// Shards for a cap of `max_keys` on a machine with `cpus` CPUs: four per CPU rounded up to a power of two (as
+/// `dashmap` does), but at most one per [`MIN_KEYS_PER_SHARD`] keys, and at least one.
+fn shard_count(max_keys: usize, cpus: usize) -> usize {
+    let by_cpu = cpus.saturating_mul(4).next_power_of_two();
+    (max_keys / MIN_KEYS_PER_SHARD).clamp(1, by_cpu)
+}
+
 /// Whether a charge of `amount` fits: `used + amount <= limit`, and a charge of 0 needs `used < limit`.
 fn fits(used: u64, amount: u64, limit: u64) -> bool {
     used.checked_add(amount.max(1))
@@ -237,8 +375,114 @@ fn lock(counter: &Mutex<Counter>) -> MutexGuard<'_, Counter> {
     counter.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
+    // As for `lock`: a shard's index and entries are updated together without anything that panics in between.
+    shard.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(shard: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+    shard.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
+}
+
+// ---- Shards ----
+
+/// Keeps each shard's lock on its own cache lines, so that traffic on one shard does not slow its neighbours.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// A part of the store: its counters, indexed by (key, limit).
+struct Shard {
+    /// Where each counter is in `entries`.
+    index: HashMap<CounterKey, usize>,
+    /// The counters, densely (so that eviction can draw them at random), in no particular order.
+    entries: Vec<Entry>,
+    /// The most counters this shard holds: its share of the store's cap.
+    cap: usize,
+    /// Logical clock of this shard's counters' uses.
+    tick: AtomicU64,
+}
+
+struct Entry {
+    id: Arc<CounterId>,
+    /// The shard's `tick` at this counter's latest use.
+    last_used: AtomicU64,
+    counter: Mutex<Counter>,
+}
+
+impl Shard {
+    fn new(cap: usize) -> Self {
+        Self {
+            index: HashMap::new(),
+            entries: Vec::new(),
+            cap,
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    fn position(&self, lookup: &Lookup<'_>) -> Option<usize> {
+        self.index.get(lookup as &dyn CounterIdView).copied()
+    }
+
+    /// Marks the counter at `i` as used now, and returns it.
+    fn touch(&self, i: usize) -> &Entry {
+        let entry = &self.entries[i];
+        let now = self.tick.fetch_add(1, Ordering::Relaxed);
+        entry.last_used.store(now, Ordering::Relaxed);
+        entry
+    }
+
+    /// Appends a new counter for `id` (whose caller then [`touch`](Self::touch)es it), first evicting the least recently
+    /// used counter if the shard is full; returns whether one was evicted.
+    fn insert(&mut self, id: Arc<CounterId>) -> bool {
+        let victim = if self.entries.len() >= self.cap {
+            self.victim()
+        } else {
+            None
+        };
+        if let Some(victim) = victim {
+            let gone = self.remove(victim);
+            gone.id.evicted.store(true, Ordering::Relaxed);
+        }
+        let counter = Mutex::new(Counter::new(&id.limit.window));
+        self.index
+            .insert(CounterKey(Arc::clone(&id)), self.entries.len());
+        self.entries.push(Entry {
+            id,
+            last_used: AtomicU64::new(0),
+            counter,
+        });
+        victim.is_some()
+    }
+
+    /// The position of the counter to evict: the least recently used of all counters if there are at most
+    /// [`EVICTION_SAMPLE`], else of that many drawn at random. `None` if the shard is empty.
+    fn victim(&self) -> Option<usize> {
+        let n = self.entries.len();
+        let last_used = |i: &usize| self.entries[*i].last_used.load(Ordering::Relaxed);
+        if n <= EVICTION_SAMPLE {
+            return (0..n).min_by_key(last_used);
+        }
+        let mut rng = rand::rng();
+        (0..EVICTION_SAMPLE)
+            .map(|_| rng.random_range(0..n))
+            .min_by_key(last_used)
+    }
+
+    /// Removes the counter at `i` (moving the last one into its place).
+    fn remove(&mut self, i: usize) -> Entry {
+        let entry = self.entries.swap_remove(i);
+        self.index.remove(&*entry.id as &dyn CounterIdView);
+        if let Some(moved) = self.entries.get(i)
+            && let Some(position) = self.index.get_mut(&*moved.id as &dyn CounterIdView)
+        {
+            *position = i;
+        }
+        entry
+    }
 }
 
 // ---- Map keys: (key, limit), looked up by borrowed parts without allocating. ----
@@ -392,19 +636,18 @@ impl Counter {
                 let len = sliding_len(window);
                 let expiry =
                     |slot: &Slot| millis(slot.last.saturating_add(len).saturating_sub(now));
-                if needed > limit {
-                    // Never fits: until the last charge expires (a whole window if nothing is counted).
-                    return slots.back().map_or(millis(len), expiry);
-                }
-                let must_free = used.saturating_add(needed).saturating_sub(limit);
-                let mut freed = 0u64;
+                // Exact (in u128): what must expire for `needed` more to fit.
+                let must_free =
+                    (u128::from(used) + u128::from(needed)).saturating_sub(u128::from(limit));
+                let mut freed = 0u128;
                 for slot in slots {
-                    freed = freed.saturating_add(slot.amount);
+                    freed += u128::from(slot.amount);
                     if freed >= must_free {
                         return expiry(slot);
                     }
                 }
-                // Unreachable while `used` is the slots' sum; a whole window is a safe answer.
+                // `needed > limit` never fits (more than `used` must expire): until the last charge expires, a whole
+                // window if nothing is counted.
                 slots.back().map_or(millis(len), expiry)
             }
             Counter::Fixed { end, .. } => millis(end.saturating_sub(now)),
@@ -449,13 +692,9 @@ impl Counter {
     fn adjust(&mut self, window: &Window, now: u64, reservation: &Reservation, actual: u64) {
         self.advance(window, now);
         let reserved = reservation.amount;
-        if actual > reserved && matches!(self, Counter::Sliding { .. }) {
-            // Units beyond the reservation were consumed while the request ran (a
-            // response's tokens): they count from now, so a response that outlives
-            // the window is still charged in full.
-            self.charge(window, now, actual - reserved);
-            return;
-        }
+        // At most one of them is not 0.
+        let unused = reserved.saturating_sub(actual);
+        let extra = actual.saturating_sub(reserved);
         match self {
             Counter::Sliding { slots, used } => {
                 // Give back what was reserved but not used, from the slot it was
@@ -464,22 +703,22 @@ impl Counter {
                     .iter_mut()
                     .find(|slot| slot.index == reservation.bucket)
                 {
-                    let give_back = reserved.saturating_sub(actual).min(slot.amount);
+                    let give_back = unused.min(slot.amount);
                     slot.amount -= give_back;
                     *used = used.saturating_sub(give_back);
                 }
             }
             Counter::Fixed { start, used, .. } => {
-                if *start != reservation.bucket {
-                    return;
+                if *start == reservation.bucket {
+                    *used = used.saturating_sub(unused).saturating_add(extra);
                 }
-                *used = if actual < reserved {
-                    used.saturating_sub(reserved - actual)
-                } else {
-                    used.saturating_add(actual - reserved)
-                };
+                return;
             }
         }
+        // Sliding: units beyond the reservation were consumed while the request
+        // ran (a response's tokens): they count from now, so a response that
+        // outlives the window is still charged in full.
+        self.charge(window, now, extra);
     }
 
     /// Whether the counter holds nothing that still counts at `now`.
@@ -542,14 +781,27 @@ mod tests {
 
     fn slot_count(store: &MemoryStore, key: &str, limit: &Limit) -> usize {
         let lookup = Lookup { key, limit };
-        let entry = store
-            .counters
-            .get(&lookup as &dyn CounterIdView)
-            .expect("counter exists");
-        match &*lock(entry.value()) {
+        let shard = read(store.shard_of(&lookup));
+        let i = shard.position(&lookup).expect("counter exists");
+        match &*lock(&shard.entries[i].counter) {
             Counter::Sliding { slots, .. } => slots.len(),
             Counter::Fixed { .. } => 1,
         }
+    }
+
+    /// Whether the store holds a counter for `key` under `limit`.
+    fn holds(store: &MemoryStore, key: &str, limit: &Limit) -> bool {
+        let lookup = Lookup { key, limit };
+        read(store.shard_of(&lookup)).position(&lookup).is_some()
+    }
+
+    /// Counters held by each shard.
+    fn shard_lens(store: &MemoryStore) -> Vec<usize> {
+        store
+            .shards
+            .iter()
+            .map(|shard| read(&shard.0).entries.len())
+            .collect()
     }
 
     #[test]
@@ -720,15 +972,7 @@ mod tests {
         assert!(store.purge_expired() >= 1);
         let gone = Reservation::new("gone", &limit, 0, T0, 10, 0);
         store.reconcile_now(&gone, 1);
-        assert!(
-            store
-                .counters
-                .get(&Lookup {
-                    key: "gone",
-                    limit: &limit
-                } as &dyn CounterIdView)
-                .is_none()
-        );
+        assert!(!holds(&store, "gone", &limit));
     }
 
     #[test]
@@ -829,6 +1073,7 @@ mod tests {
         let limit = Limit::new(2, Window::Fixed(Duration::from_secs(300)));
         let first = reserve(&store, "k", &limit, 1).expect("fits");
         assert_eq!(first.remaining(), 1);
+        assert_eq!(first.bucket(), window_start);
         reserve(&store, "k", &limit, 1).expect("fits");
         let refused = reserve(&store, "k", &limit, 1).expect_err("full");
         assert_eq!(
@@ -958,7 +1203,10 @@ mod tests {
             }
         );
         assert!(store.is_empty());
-        reserve(&store, "k", &limit, 5).expect("fits");
+        let r = reserve(&store, "k", &limit, 5).expect("fits");
+        assert!(!store.is_empty());
+        // A 60 s window has 1 s slots; the bucket is the slot's index.
+        assert_eq!(r.bucket(), T0 / 1_000);
         let usage = store.peek_now("k", &limit);
         assert_eq!(
             usage,
@@ -983,10 +1231,13 @@ mod tests {
         }
         reserve(&store, "long", &long, 1).expect("fits");
         reserve(&store, "checked", &long, 0).expect("fits");
+        reserve(&store, "quota-checked", &quota, 0).expect("fits");
+        let returned = reserve(&store, "quota-returned", &quota, 3).expect("fits");
+        store.reconcile_now(&returned, 0);
         assert_eq!(
             store.purge_expired(),
-            1,
-            "only the key that never charged is idle"
+            3,
+            "only the keys that hold no charge are idle"
         );
         clock.set(T0 + 1_000);
         assert_eq!(store.purge_expired(), 100);
@@ -994,20 +1245,6 @@ mod tests {
         clock.set(T0 + 60_000);
         assert_eq!(store.purge_expired(), 101);
         assert!(store.is_empty());
-    }
-
-    #[test]
-    fn the_store_purges_by_itself_as_keys_come_and_go() {
-        let (clock, store) = store_at(T0);
-        let limit = sliding(10, 1);
-        for batch in 0..50u64 {
-            clock.set(T0 + batch * 1_000);
-            for i in 0..100 {
-                reserve(&store, &format!("{batch}-{i}"), &limit, 1).expect("fits");
-                assert!(store.len() <= MIN_PURGE_THRESHOLD);
-            }
-        }
-        assert!(store.len() >= 100, "the live batch is kept");
     }
 
     #[test]
@@ -1038,7 +1275,262 @@ mod tests {
         let printed = format!("{reservation:?} {store:?}");
         assert!(!printed.contains("very-secret"), "{printed}");
         assert!(printed.contains("amount: 1"), "{printed}");
+        assert!(
+            printed.contains("counters: 1, max_keys: 1000000, shards: "),
+            "{printed}"
+        );
+        assert!(printed.contains("evictions: 0"), "{printed}");
         assert_eq!(reservation.key(), "sk-very-secret-header-value");
         assert_eq!(reservation.limit(), &limit);
+    }
+
+    // ---- The cap, eviction and purging ----
+
+    fn capped(max_keys: usize) -> (Arc<ManualClock>, MemoryStore) {
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = MemoryStore::with_max_keys(clock.clone(), max_keys);
+        (clock, store)
+    }
+
+    #[test]
+    fn at_the_cap_the_least_recently_used_counter_is_evicted() {
+        let limit = sliding(10, 60);
+        // A store of at most 16 counters compares them all: the eviction order is exact every time.
+        for _ in 0..20 {
+            let (_clock, store) = capped(4);
+            assert_eq!(store.shards.len(), 1);
+            let mut reservations = Vec::new();
+            for key in ["a", "b", "c", "d"] {
+                reservations.push(reserve(&store, key, &limit, 1).expect("fits"));
+            }
+            reserve(&store, "a", &limit, 1).expect("fits");
+            assert_eq!((store.len(), store.evictions()), (4, 0));
+            reserve(&store, "e", &limit, 1).expect("fits");
+            assert!(!holds(&store, "b", &limit), "b was the least recently used");
+            assert_eq!((store.len(), store.evictions()), (4, 1));
+            // A reconcile is a use; a peek and a reconcile that changes nothing are not.
+            store.reconcile_now(&reservations[2], 3);
+            assert_eq!(store.peek_now("d", &limit).used, 1);
+            store.reconcile_now(&reservations[3], 1);
+            reserve(&store, "f", &limit, 1).expect("fits");
+            assert!(!holds(&store, "d", &limit), "d was the least recently used");
+            reserve(&store, "g", &limit, 1).expect("fits");
+            assert!(!holds(&store, "a", &limit), "then a");
+            for key in ["c", "e", "f", "g"] {
+                assert!(holds(&store, key, &limit), "{key}");
+            }
+            assert_eq!((store.len(), store.evictions()), (4, 3));
+        }
+    }
+
+    #[test]
+    fn a_shard_of_sample_size_is_still_exact() {
+        let limit = sliding(10, 60);
+        for _ in 0..20 {
+            let (_clock, store) = capped(EVICTION_SAMPLE);
+            for i in 0..EVICTION_SAMPLE {
+                reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+            }
+            // Use all but k7 again: k7 is now the least recently used.
+            for i in (0..EVICTION_SAMPLE).filter(|&i| i != 7) {
+                reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+            }
+            reserve(&store, "new", &limit, 1).expect("fits");
+            assert!(!holds(&store, "k7", &limit));
+            assert_eq!(store.len(), EVICTION_SAMPLE);
+        }
+    }
+
+    #[test]
+    fn an_evicted_key_starts_afresh() {
+        let (_clock, store) = capped(1);
+        let limit = sliding(1, 60);
+        reserve(&store, "a", &limit, 1).expect("fits");
+        assert!(reserve(&store, "a", &limit, 1).is_err());
+        reserve(&store, "b", &limit, 1).expect("fits");
+        assert_eq!((store.len(), store.evictions()), (1, 1));
+        reserve(&store, "a", &limit, 1).expect("a starts afresh");
+        assert_eq!(store.evictions(), 2);
+        // A cap of 0 is taken as 1.
+        let (_clock, none) = capped(0);
+        reserve(&none, "a", &limit, 1).expect("fits");
+        reserve(&none, "b", &limit, 1).expect("fits");
+        assert_eq!((none.len(), none.evictions()), (1, 1));
+    }
+
+    #[test]
+    fn the_cap_holds_under_many_distinct_keys() {
+        let limit = sliding(10, 60);
+        let (_clock, store) = capped(100);
+        for i in 0..10_000 {
+            reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+            assert!(store.len() <= 100);
+        }
+        assert_eq!((store.len(), store.evictions()), (100, 9_900));
+
+        // Several shards: each holds its share of the cap, which sums to the cap.
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = MemoryStore::with_shards(clock, 4_099, 4);
+        let caps: Vec<usize> = store.shards.iter().map(|s| read(&s.0).cap).collect();
+        assert_eq!(caps, [1_025, 1_025, 1_025, 1_024]);
+        for i in 0..20_000 {
+            reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+            if i % 100 == 0 {
+                assert!(store.len() <= 4_099);
+            }
+        }
+        assert_eq!(shard_lens(&store), caps);
+        assert_eq!(store.len(), 4_099);
+        assert_eq!(store.evictions(), 20_000 - 4_099);
+        // Every counter is found again through its shard.
+        for i in 19_000..20_000 {
+            assert!(holds(&store, &format!("k{i}"), &limit), "k{i}");
+        }
+    }
+
+    #[test]
+    fn sampled_eviction_keeps_the_recently_used_counters() {
+        // 1,000 counters in one shard: each eviction draws 16 at random.
+        let (_clock, store) = capped(1_000);
+        assert_eq!(store.shards.len(), 1);
+        let limit = sliding(10, 60);
+        for i in 0..1_000 {
+            reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+        }
+        for i in 0..100 {
+            reserve(&store, &format!("new{i}"), &limit, 1).expect("fits");
+        }
+        assert_eq!((store.len(), store.evictions()), (1_000, 100));
+        // Evicting one of the newest 10% needs all 16 draws among them: about 1e-16 per eviction.
+        for i in 900..1_000 {
+            assert!(holds(&store, &format!("k{i}"), &limit), "k{i}");
+        }
+        for i in 0..100 {
+            assert!(holds(&store, &format!("new{i}"), &limit), "new{i}");
+        }
+    }
+
+    #[test]
+    fn reconciling_an_evicted_counter_changes_nothing() {
+        let (clock, store) = capped(2);
+        let limit = sliding(100, 60);
+        let old = reserve(&store, "a", &limit, 10).expect("fits");
+        reserve(&store, "b", &limit, 1).expect("fits");
+        reserve(&store, "c", &limit, 1).expect("fits");
+        assert!(!holds(&store, "a", &limit));
+        // Up: the counter is not recreated (it would evict another).
+        store.reconcile_now(&old, 100);
+        assert!(!holds(&store, "a", &limit));
+        assert_eq!((store.len(), store.evictions()), (2, 1));
+        store.reconcile_now(&old, 0);
+        assert!(!holds(&store, "a", &limit));
+
+        // The key comes back in the same slot: the old reservation does not touch the new counter.
+        clock.set(T0 + 100);
+        let new = reserve(&store, "a", &limit, 5).expect("fits");
+        assert_eq!(new.bucket(), old.bucket());
+        store.reconcile_now(&old, 0);
+        assert_eq!(store.peek_now("a", &limit).used, 5);
+        store.reconcile_now(&old, 50);
+        assert_eq!(store.peek_now("a", &limit).used, 5);
+        // A purged (not evicted) counter is still recreated by a reconcile up.
+        clock.set(T0 + 60_100);
+        assert_eq!(store.purge_expired(), 2);
+        store.reconcile_now(&new, 40);
+        assert_eq!(store.peek_now("a", &limit).used, 35);
+        assert_eq!(store.evictions(), 2);
+    }
+
+    #[test]
+    fn reserve_never_purges() {
+        let (clock, store) = capped(10_000);
+        let limit = sliding(10, 1);
+        for batch in 0..30u64 {
+            clock.set(T0 + batch * 1_000);
+            for i in 0..100 {
+                reserve(&store, &format!("{batch}-{i}"), &limit, 1).expect("fits");
+            }
+        }
+        // Every earlier batch has expired, yet nothing was dropped until a purge.
+        assert_eq!(store.len(), 3_000);
+        assert_eq!(store.purge_expired(), 2_900);
+        assert_eq!(store.len(), 100);
+        assert_eq!(store.evictions(), 0);
+    }
+
+    #[test]
+    fn purge_keeps_counters_with_live_charges_and_gives_memory_back() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = MemoryStore::with_shards(clock.clone(), 10_000, 1);
+        let limit = sliding(10, 1);
+        let long = sliding(10, 60);
+        for i in 0..1_000 {
+            reserve(&store, &format!("k{i}"), &limit, 1).expect("fits");
+        }
+        let live: Vec<Reservation> = (0..100)
+            .map(|i| reserve(&store, &format!("live{i}"), &long, 2).expect("fits"))
+            .collect();
+        clock.set(T0 + 1_000);
+        assert_eq!(store.purge_expired(), 1_000);
+        assert_eq!(store.len(), 100);
+        {
+            let shard = read(&store.shards[0].0);
+            assert!(
+                (200..=256).contains(&shard.entries.capacity()),
+                "{}",
+                shard.entries.capacity()
+            );
+            assert!(shard.index.capacity() >= 200 && shard.index.capacity() < 1_000);
+            // The index still points at the right entries after the moves.
+            for (key, &i) in &shard.index {
+                assert!(Arc::ptr_eq(&key.0, &shard.entries[i].id));
+            }
+        }
+        for (i, r) in live.iter().enumerate() {
+            store.reconcile_now(r, 1);
+            assert_eq!(store.peek_now(&format!("live{i}"), &long).used, 1);
+        }
+    }
+
+    #[test]
+    fn map_keys_compare_and_hash_as_their_borrowed_lookups() {
+        let limit = sliding(10, 60);
+        let key = |k: &str, l: &Limit| CounterKey(Arc::new(CounterId::new(k, l)));
+        assert!(key("a", &limit) == key("a", &limit));
+        assert!(key("a", &limit) != key("b", &limit));
+        assert!(key("a", &limit) != key("a", &sliding(11, 60)));
+        let state = RandomState::new();
+        let lookup = Lookup {
+            key: "a",
+            limit: &limit,
+        };
+        assert_eq!(
+            state.hash_one(key("a", &limit)),
+            state.hash_one(&lookup as &dyn CounterIdView)
+        );
+    }
+
+    #[test]
+    fn shards_scale_with_the_cap_and_the_cpus() {
+        assert_eq!(shard_count(1_000_000, 16), 64);
+        assert_eq!(shard_count(1_000_000, 2), 8);
+        assert_eq!(shard_count(1_000_000, 3), 16);
+        assert_eq!(shard_count(1_000_000, 0), 1);
+        assert_eq!(shard_count(2_047, 64), 1);
+        assert_eq!(shard_count(2_048, 64), 2);
+        assert_eq!(shard_count(10_240, 64), 10);
+        assert_eq!(shard_count(1, 64), 1);
+        let (_clock, store) = capped(1_000_000);
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        assert_eq!(store.shards.len(), shard_count(1_000_000, cpus));
+        assert_eq!(
+            store.shards.iter().map(|s| read(&s.0).cap).sum::<usize>(),
+            1_000_000
+        );
+        let (_clock, default) = store_at(T0);
+        assert_eq!(default.max_keys, MemoryStore::DEFAULT_MAX_KEYS);
+        // More shards than keys are not made.
+        let store = MemoryStore::with_shards(Arc::new(ManualClock::new(T0)), 3, 8);
+        assert_eq!(store.shards.len(), 3);
     }
 }

@@ -2,15 +2,31 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::window::Limit;
 
 /// A counter's identity: the caller's key and the limit it is counted against.
-#[derive(PartialEq, Eq, Hash)]
+///
+/// One `CounterId` is shared by a [`MemoryStore`](crate::MemoryStore) counter and the reservations charged to it, so
+/// that a reservation can tell whether *its* counter was evicted.
 pub(crate) struct CounterId {
     pub(crate) key: Box<str>,
     pub(crate) limit: Limit,
+    /// Set (under the shard's write lock) when the store evicts this counter to make room: a later reconcile of a
+    /// reservation charged to it is dropped, since the key has started afresh.
+    pub(crate) evicted: AtomicBool,
+}
+
+impl CounterId {
+    pub(crate) fn new(key: &str, limit: &Limit) -> Self {
+        Self {
+            key: key.into(),
+            limit: limit.clone(),
+            evicted: AtomicBool::new(false),
+        }
+    }
 }
 
 /// A successful reservation: what was charged where, so that [`CounterStore::reconcile`] can correct it later.
@@ -40,10 +56,7 @@ impl Reservation {
         remaining: u64,
     ) -> Self {
         Self {
-            id: Arc::new(CounterId {
-                key: key.into(),
-                limit: limit.clone(),
-            }),
+            id: Arc::new(CounterId::new(key, limit)),
             bucket,
             charged_at: charged_at_millis,
             amount,

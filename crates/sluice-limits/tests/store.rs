@@ -1,5 +1,6 @@
 //! The memory store through the `CounterStore` trait, as the policies use it: concurrency on a multi-threaded
-//! runtime, and the reserve → refuse → wait Retry-After → succeed cycle with APIM's messages.
+//! runtime, the reserve → refuse → wait Retry-After → succeed cycle with APIM's messages, and the bounds on
+//! client-driven state (the cap with its evictions, and purging beside the requests).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use sluice_limits::{
     Clock, CounterStore, Exceeded, Limit, ManualClock, MemoryStore, Period, SystemClock, Usage,
-    Window, rate_limit_message, retry_after_secs, token_limit_message, token_quota_message,
+    Window, client_key, rate_limit_message, retry_after_secs, token_limit_message,
+    token_quota_message,
 };
 
 const T0: u64 = 1_700_000_040_000;
@@ -179,4 +181,60 @@ async fn system_clock_store_works() {
     assert!(refused.retry_after <= Duration::from_secs(3_600));
     assert_eq!(store.purge_expired(), 0);
     assert_eq!(store.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_new_keys_never_exceed_the_cap() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = Arc::new(MemoryStore::with_max_keys(clock, 3_000));
+    let limit = Limit::new(5, Window::Sliding(Duration::from_secs(60)));
+    let mut tasks = Vec::new();
+    for worker in 0..16u64 {
+        let (store, limit) = (store.clone(), limit.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1_000u64 {
+                // Distinct keys, each reconciled (some of them after their counter was evicted).
+                let key = client_key("calls", "ip", format!("{worker}.{i}").as_bytes());
+                let r = store
+                    .reserve(&key, &limit, 1)
+                    .await
+                    .expect("a new key fits");
+                if i % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                store.reconcile(&r, 2).await;
+                assert!(store.len() <= 3_000);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task finished");
+    }
+    assert!(store.len() <= 3_000);
+    // Every new key was inserted once; all but those still held were evicted.
+    assert_eq!(
+        store.evictions(),
+        16_000 - u64::try_from(store.len()).unwrap_or(0)
+    );
+    assert!(store.len() > 2_000, "shards fill up to their share");
+    assert_eq!(store.purge_expired(), 0);
+}
+
+#[tokio::test]
+async fn purge_off_the_request_path_keeps_live_reservations_reconcilable() {
+    let (clock, _) = store();
+    let store = MemoryStore::with_max_keys(clock.clone(), 10);
+    let tpm = Limit::new(1_000, Window::Sliding(Duration::from_secs(60)));
+    // A streamed request that reserved nothing up front, and one that reserved its prompt.
+    let zero = store.reserve("a", &tpm, 0).await.expect("fits");
+    let prompt = store.reserve("b", &tpm, 100).await.expect("fits");
+    clock.advance(Duration::from_secs(30));
+    // The background purge runs meanwhile: "a" holds nothing live, "b" does.
+    assert_eq!(store.purge_expired(), 1);
+    assert_eq!(store.len(), 1);
+    store.reconcile(&zero, 400).await;
+    store.reconcile(&prompt, 700).await;
+    assert_eq!(store.peek("a", &tpm).await.used, 400);
+    assert_eq!(store.peek("b", &tpm).await.used, 700);
+    assert_eq!(store.evictions(), 0);
 }

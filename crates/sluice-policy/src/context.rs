@@ -34,13 +34,32 @@ impl std::fmt::Debug for Bearer {
     }
 }
 
+/// Counts a request as in flight while it lives (a graceful shutdown waits
+/// for the count to reach zero).
+#[derive(Debug)]
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Tokens reserved by one `token_limit` step, reconciled at the end.
 #[derive(Debug, Clone)]
 pub struct TokenCharge {
-    /// Index of the step in the API's policy list.
-    pub step: usize,
-    /// What was reserved (the prompt estimate, or 0).
+    /// The prompt estimate (0 when the step does not estimate).
     pub estimated: u64,
+    /// What was reserved: the prompt estimate plus the completion allowed.
+    /// A success whose usage is unknown is charged this.
+    pub reserved: u64,
     pub tpm: Option<Reservation>,
     pub quota: Option<Reservation>,
 }
@@ -123,6 +142,9 @@ pub struct RequestContext {
     /// Ask the backend for an uncompressed answer (usage must be readable).
     /// Written at inbound; read by the upstream request step.
     pub strip_accept_encoding: bool,
+    /// Keeps the request counted as in flight. Written at creation; dropped
+    /// with the context.
+    pub in_flight: Option<InFlight>,
 }
 
 impl RequestContext {
@@ -169,6 +191,7 @@ impl Default for RequestContext {
             identity_failure: None,
             strip_accept_encoding: false,
             streamed_body_copy: None,
+            in_flight: None,
         }
     }
 }

@@ -2,15 +2,61 @@
 //! counters: prompt, completion and total tokens, labelled by the dimensions
 //! each API configures.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use prometheus::{IntCounterVec, Opts, Registry};
 use sluice_config::Dimension;
+
+/// The value a client-driven label reports once it has seen its cap of
+/// distinct values.
+pub const OTHER: &str = "other";
+
+/// The distinct values a client-driven label has reported, up to a cap.
+#[derive(Debug)]
+struct SeenValues {
+    cap: usize,
+    values: Mutex<HashSet<Box<str>>>,
+}
+
+impl SeenValues {
+    /// `value` itself while it is known or there is room for it, else [`OTHER`].
+    fn admit<'a>(&self, value: &'a str) -> &'a str {
+        let mut seen = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < self.cap {
+            seen.insert(value.into());
+            return value;
+        }
+        OTHER
+    }
+}
+
+/// Whether a dimension's values come from the client (a header, the
+/// address, the caller's identity, the deployment named in the path) and
+/// so must be bounded. Subscription, API, backend and region names come
+/// from the config or the backends.
+pub fn client_driven(d: &Dimension) -> bool {
+    matches!(
+        d,
+        Dimension::Header(_) | Dimension::ClientIp | Dimension::Identity | Dimension::Deployment
+    )
+}
 
 /// The three token counters. Their label set is the union of every API's
 /// dimensions (Prometheus needs one label set per metric name); an API that
 /// does not use a dimension leaves that label empty.
+///
+/// Labels whose values come from the client keep at most `max_label_values`
+/// distinct values each; later new values are reported as `other`, so a
+/// client cannot grow the registry (or the `/metrics` page) without bound.
 #[derive(Debug, Clone)]
 pub struct TokenMetrics {
     labels: Vec<Dimension>,
+    /// Per label: the bounded set of values seen, for client-driven labels.
+    seen: Arc<Vec<Option<SeenValues>>>,
     prompt: IntCounterVec,
     completion: IntCounterVec,
     total: IntCounterVec,
@@ -18,8 +64,13 @@ pub struct TokenMetrics {
 
 impl TokenMetrics {
     /// Register the counters in `registry` with labels for `dimensions`
-    /// (duplicates are ignored; order is kept).
-    pub fn new(registry: &Registry, dimensions: &[Dimension]) -> prometheus::Result<Self> {
+    /// (duplicates are ignored; order is kept). Client-driven labels keep at
+    /// most `max_label_values` distinct values.
+    pub fn new(
+        registry: &Registry,
+        dimensions: &[Dimension],
+        max_label_values: usize,
+    ) -> prometheus::Result<Self> {
         // One label per name: two header dimensions can map to the same label
         // name on different APIs (`x-a` and `x_a`); the first one names it.
         let mut labels: Vec<Dimension> = Vec::new();
@@ -35,7 +86,17 @@ impl TokenMetrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let seen = labels
+            .iter()
+            .map(|d| {
+                client_driven(d).then(|| SeenValues {
+                    cap: max_label_values,
+                    values: Mutex::new(HashSet::new()),
+                })
+            })
+            .collect();
         Ok(TokenMetrics {
+            seen: Arc::new(seen),
             prompt: make(
                 "sluice_prompt_tokens_total",
                 "Prompt tokens of responses that passed the gateway (reported by the backend, or estimated for streams without usage).",
@@ -72,7 +133,14 @@ impl TokenMetrics {
             .map(|d| value(d).unwrap_or_default())
             .collect();
 
-        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let values: Vec<&str> = values
+            .iter()
+            .zip(self.seen.iter())
+            .map(|(v, seen)| match seen {
+                Some(seen) => seen.admit(v),
+                None => v.as_str(),
+            })
+            .collect();
         if let Ok(c) = self.prompt.get_metric_with_label_values(&values) {
             c.inc_by(prompt);
         }
@@ -100,6 +168,7 @@ mod tests {
                 Dimension::Api,
                 Dimension::Subscription,
             ],
+            10,
         )
         .unwrap();
         assert_eq!(m.labels().len(), 2);
@@ -123,5 +192,72 @@ mod tests {
         );
         assert!(text.contains(r#"sluice_completion_tokens_total{api="",subscription="team-a"} 5"#));
         assert!(text.contains(r#"sluice_tokens_total{api="",subscription="team-a"} 15"#));
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&r.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn client_driven_labels_keep_a_bounded_set_of_values() {
+        let r = Registry::new();
+        let team = Dimension::Header(http::HeaderName::from_static("x-team"));
+        let m = TokenMetrics::new(&r, &[Dimension::Subscription, team.clone()], 2).unwrap();
+        let record = |sub: &str, t: &str| {
+            m.record(
+                |d| match d {
+                    Dimension::Subscription => Some(sub.to_string()),
+                    _ => Some(t.to_string()),
+                },
+                1,
+                1,
+                2,
+            )
+        };
+        record("s", "red");
+        record("s", "blue");
+        record("s", "green");
+        record("s", "white");
+        record("s", "red");
+        // Subscriptions come from the config: never folded.
+        for i in 0..5 {
+            record(&format!("sub-{i}"), "red");
+        }
+        let t = text(&r);
+        assert!(
+            t.contains(r#"sluice_tokens_total{header_x_team="red",subscription="s"} 4"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"sluice_tokens_total{header_x_team="blue",subscription="s"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"sluice_tokens_total{header_x_team="other",subscription="s"} 4"#),
+            "{t}"
+        );
+        assert!(!t.contains("green") && !t.contains("white"), "{t}");
+        assert!(
+            t.contains(r#"sluice_tokens_total{header_x_team="red",subscription="sub-4"} 2"#),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn which_dimensions_are_client_driven() {
+        assert!(client_driven(&Dimension::ClientIp));
+        assert!(client_driven(&Dimension::Identity));
+        assert!(client_driven(&Dimension::Deployment));
+        assert!(client_driven(&Dimension::Header(
+            http::HeaderName::from_static("x")
+        )));
+        assert!(!client_driven(&Dimension::Subscription));
+        assert!(!client_driven(&Dimension::Api));
+        assert!(!client_driven(&Dimension::Backend));
+        assert!(!client_driven(&Dimension::BackendRegion));
     }
 }

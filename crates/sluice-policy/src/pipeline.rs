@@ -21,8 +21,8 @@ use sluice_config::{
     Api, ApiAuth, CallLimit, CounterKey, Dimension, JwtKeys, Policy, QuotaPeriod, TokenLimit,
 };
 use sluice_limits::{
-    CounterStore, Limit, Period, Window, call_quota_message, rate_limit_message, retry_after_secs,
-    token_limit_message, token_quota_message,
+    CounterStore, Limit, Period, Window, call_quota_message, client_key, rate_limit_message,
+    retry_after_secs, token_limit_message, token_quota_message,
 };
 use sluice_tokens::{Operation, UsageScanner, encoding_for_model, estimate_request};
 
@@ -83,6 +83,9 @@ pub struct ApiPipeline {
     jwt: Option<Arc<JwtValidator>>,
     /// Some step needs the response's usage (token_limit, emit_token_metric).
     needs_usage: bool,
+    /// Index of the first step that needs the request body (`token_limit`);
+    /// the steps before it run before the body is read.
+    body_from: usize,
 }
 
 fn period(p: QuotaPeriod) -> Period {
@@ -146,9 +149,14 @@ impl ApiPipeline {
                 }
             }
         }
+        let body_from = steps
+            .iter()
+            .position(|s| matches!(s, Step::Tokens(_)))
+            .unwrap_or(steps.len());
         ApiPipeline {
             api_name: Arc::from(api.name.as_str()),
             api: api.clone(),
+            body_from,
             steps,
             jwt,
             needs_usage,
@@ -173,9 +181,26 @@ impl ApiPipeline {
         self.jwt.as_ref()
     }
 
-    /// Authentication, then every policy in order. `Err` is the answer to
-    /// send instead of forwarding.
+    /// Authentication, then every policy in order, as one call (for callers
+    /// that have the whole request at once). The proxy calls
+    /// [`ApiPipeline::inbound_head`] and [`ApiPipeline::inbound_body`] instead,
+    /// reading the body in between.
     pub async fn inbound(
+        &self,
+        req: &InboundRequest<'_>,
+        ctx: &mut RequestContext,
+        shared: &Shared,
+    ) -> Result<(), GatewayError> {
+        self.inbound_head(req, ctx, shared).await?;
+        self.inbound_body(req, ctx, shared).await
+    }
+
+    /// The steps that need only the request head, run before any body is
+    /// read: authentication (subscription key), every `validate_jwt` step,
+    /// then the call limits listed before the first step that needs the body.
+    /// A request refused here is answered without reading its body. `Err` is
+    /// the answer to send instead of forwarding.
+    pub async fn inbound_head(
         &self,
         req: &InboundRequest<'_>,
         ctx: &mut RequestContext,
@@ -183,45 +208,44 @@ impl ApiPipeline {
     ) -> Result<(), GatewayError> {
         ctx.client_ip = req.client_ip;
         self.authenticate(req, ctx, shared)?;
+        let key_or_jwt_with_key = self.api.auth == ApiAuth::KeyOrJwt && ctx.subscription.is_some();
+        // Identity first: a JWT refused costs no reservation.
+        for step in &self.steps {
+            if let Step::Jwt(v) = step {
+                if key_or_jwt_with_key {
+                    continue;
+                }
+                let auth = req
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                match v.validate(auth).await {
+                    Ok(caller) => ctx.caller = Some(caller),
+                    Err(e) => return Err(jwt_error(&e)),
+                }
+            }
+        }
+        for step in &self.steps[..self.body_from] {
+            self.run_step(step, req, ctx, shared).await?;
+        }
+        Ok(())
+    }
+
+    /// The remaining steps, once the body (when small enough to read before
+    /// forwarding) is in `req.body`.
+    pub async fn inbound_body(
+        &self,
+        req: &InboundRequest<'_>,
+        ctx: &mut RequestContext,
+        shared: &Shared,
+    ) -> Result<(), GatewayError> {
         if self.needs_usage {
             let op = Operation::from_path(req.rest_path);
             ctx.operation = Some(op);
             ctx.deployment = crate::route::deployment_of(req.rest_path).map(str::to_string);
         }
-        let key_or_jwt_with_key = self.api.auth == ApiAuth::KeyOrJwt && ctx.subscription.is_some();
-        for (i, step) in self.steps.iter().enumerate() {
-            match step {
-                Step::Jwt(v) => {
-                    if key_or_jwt_with_key {
-                        continue;
-                    }
-                    let auth = req
-                        .headers
-                        .get(http::header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    match v.validate(auth).await {
-                        Ok(caller) => ctx.caller = Some(caller),
-                        Err(e) => return Err(jwt_error(&e)),
-                    }
-                }
-                Step::Calls { limit, key, quota } => {
-                    let k = counter_key(key, req, ctx, if *quota { "quota" } else { "calls" });
-                    if let Err(ex) = shared.store.reserve(&k, limit, 1).await {
-                        let secs = retry_after_secs(ex.retry_after).to_string();
-                        return Err(if *quota {
-                            GatewayError::new(403, call_quota_message(ex.retry_after))
-                                .with_header("retry-after", secs)
-                        } else {
-                            GatewayError::new(429, rate_limit_message(ex.retry_after))
-                                .with_header("retry-after", secs)
-                        });
-                    }
-                }
-                Step::Tokens(t) => {
-                    self.token_step(i, t, req, ctx, shared).await?;
-                }
-                Step::Metric(_) => {}
-            }
+        for step in &self.steps[self.body_from..] {
+            self.run_step(step, req, ctx, shared).await?;
         }
         // A stream without a usage chunk is charged and measured as the prompt
         // estimate plus the streamed tokens: estimate it if no step did.
@@ -229,6 +253,36 @@ impl ApiPipeline {
             estimate(req, ctx).await;
         }
         Ok(())
+    }
+
+    async fn run_step(
+        &self,
+        step: &Step,
+        req: &InboundRequest<'_>,
+        ctx: &mut RequestContext,
+        shared: &Shared,
+    ) -> Result<(), GatewayError> {
+        match step {
+            // Run by `inbound_head`, before everything else.
+            Step::Jwt(_) | Step::Metric(_) => Ok(()),
+            Step::Calls { limit, key, quota } => {
+                let k = counter_key(key, req, ctx, if *quota { "quota" } else { "calls" });
+                match shared.store.reserve(&k, limit, 1).await {
+                    Ok(_) => Ok(()),
+                    Err(ex) => {
+                        let secs = retry_after_secs(ex.retry_after).to_string();
+                        Err(if *quota {
+                            GatewayError::new(403, call_quota_message(ex.retry_after))
+                                .with_header("retry-after", secs)
+                        } else {
+                            GatewayError::new(429, rate_limit_message(ex.retry_after))
+                                .with_header("retry-after", secs)
+                        })
+                    }
+                }
+            }
+            Step::Tokens(t) => self.token_step(t, req, ctx, shared).await,
+        }
     }
 
     fn authenticate(
@@ -266,7 +320,6 @@ impl ApiPipeline {
 
     async fn token_step(
         &self,
-        step: usize,
         t: &TokenStep,
         req: &InboundRequest<'_>,
         ctx: &mut RequestContext,
@@ -274,17 +327,32 @@ impl ApiPipeline {
     ) -> Result<(), GatewayError> {
         let (cfg, tpm, quota) = (&t.cfg, t.tpm.as_ref(), t.quota.as_ref());
         let key = counter_key(&cfg.counter_key, req, ctx, "tokens");
-        if ctx.estimate.is_none() && (cfg.estimate_prompt_tokens || ctx.stream) {
+        if ctx.estimate.is_none() {
             estimate(req, ctx).await;
         }
-        // Streams are always estimated, as APIM does; otherwise only when asked.
-        let amount = match &ctx.estimate {
-            Some(e) if cfg.estimate_prompt_tokens || e.stream => u64::from(e.prompt_tokens),
+        // Streams always have their prompt estimated, as APIM does; other
+        // requests only when asked.
+        let prompt = match &ctx.estimate {
+            Some(e) if cfg.estimate_prompt_tokens || ctx.stream => u64::from(e.prompt_tokens),
             _ => 0,
         };
+        let smallest = [tpm, quota]
+            .into_iter()
+            .flatten()
+            .map(|l| l.limit)
+            .min()
+            .unwrap_or(u64::MAX);
+        let plan = reservation(
+            prompt,
+            ctx.operation.unwrap_or(Operation::Other),
+            ctx.estimate.as_ref(),
+            cfg.default_completion_tokens,
+            smallest,
+        )?;
+        let amount = plan.total();
         let mut charge = TokenCharge {
-            step,
-            estimated: amount,
+            estimated: prompt,
+            reserved: amount,
             tpm: None,
             quota: None,
         };
@@ -324,7 +392,7 @@ impl ApiPipeline {
                 .push((h.clone(), r.remaining().to_string()));
         }
         if let Some(h) = &cfg.tokens_consumed_header_name {
-            ctx.response_headers.push((h.clone(), amount.to_string()));
+            ctx.response_headers.push((h.clone(), prompt.to_string()));
         }
         ctx.token_charges.push(charge);
         Ok(())
@@ -343,7 +411,10 @@ impl ApiPipeline {
         if !self.needs_usage || !(200..300).contains(&status) {
             return;
         }
-        let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
+        // `ctx.stream` is the one meaning of "stream" (see `stream_tag`); a
+        // backend that answers a stream with JSON (it should not) is still
+        // read as JSON.
+        let sse = ctx.stream && content_type.is_none_or(|c| c.starts_with("text/event-stream"));
         let model = ctx
             .deployment
             .as_deref()
@@ -371,10 +442,10 @@ impl ApiPipeline {
         let answered_ok = (200..300).contains(&ctx.upstream_status);
         for charge in std::mem::take(&mut ctx.token_charges) {
             // Reported/counted tokens; a failed or refused call consumed
-            // none; a success whose usage is unknown keeps the estimate.
+            // none; a success whose usage is unknown keeps its reservation.
             let actual = match (&ctx.usage, answered_ok) {
                 (Some(u), _) => u.total_tokens,
-                (None, true) => charge.estimated,
+                (None, true) => charge.reserved,
                 (None, false) => 0,
             };
             if let Some(r) = &charge.tpm {
@@ -511,9 +582,71 @@ fn jwt_error(e: &JwtError) -> GatewayError {
     GatewayError::new(status, e.to_string())
 }
 
+/// What a `token_limit` step reserves at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReservationPlan {
+    prompt: u64,
+    completion: u64,
+}
+
+impl ReservationPlan {
+    fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// The tokens a request may use, reserved before it is forwarded so that
+/// concurrent requests cannot together overrun a limit: the prompt estimate
+/// plus the completion the request allows (`max_completion_tokens`,
+/// `max_tokens` or `max_output_tokens`, times `n`). Chat and completions
+/// calls that name no maximum are given `default_completion` per choice,
+/// lowered so the reservation fits `smallest_limit` (a request that names
+/// nothing is never refused for that default alone). Embeddings generate
+/// nothing; other operations reserve only an explicit maximum.
+///
+/// A request whose reservation cannot fit the smallest of its limits even
+/// in an empty window gets a 400: waiting would never cure it.
+fn reservation(
+    prompt: u64,
+    op: Operation,
+    estimate: Option<&sluice_tokens::RequestEstimate>,
+    default_completion: u64,
+    smallest_limit: u64,
+) -> Result<ReservationPlan, GatewayError> {
+    let choices = u64::from(estimate.and_then(|e| e.choices).unwrap_or(1));
+    let explicit = estimate.and_then(|e| e.max_completion_tokens);
+    let completion = match (op, explicit) {
+        (Operation::Embeddings, _) => 0,
+        (_, Some(max)) => u64::from(max).saturating_mul(choices),
+        (Operation::ChatCompletions | Operation::Completions, None) => default_completion
+            .saturating_mul(choices)
+            .min(smallest_limit.saturating_sub(prompt)),
+        (Operation::Other, None) => 0,
+    };
+    let plan = ReservationPlan { prompt, completion };
+    if plan.total() > smallest_limit {
+        return Err(GatewayError::new(
+            400,
+            format!(
+                "Token limit is exceeded: this request may use up to {} tokens (about {} in the prompt and up to {} in the completion), more than the limit of {} tokens allows. Waiting will not help: lower max_tokens or shorten the prompt.",
+                plan.total(),
+                plan.prompt,
+                plan.completion,
+                smallest_limit
+            ),
+        ));
+    }
+    Ok(plan)
+}
+
 /// The counter a request is charged to. Keys are namespaced by what they
 /// are (`sub:`, `ip:`, `hdr:`, `claim:`, `id:`) so values of different kinds
-/// never share a counter; `kind` separates call and token counters.
+/// never share a counter; `kind` separates call and token counters. Values
+/// that come from the client (identity, address, header, claim) are hashed
+/// to a fixed size with a hash that is the same in every process
+/// ([`sluice_limits::client_key`]), so a long or hostile value costs no more
+/// memory than a short one and replicas agree on the key. Subscription
+/// names come from the config and stay readable.
 fn counter_key(
     key: &CounterKey,
     req: &InboundRequest<'_>,
@@ -525,25 +658,26 @@ fn counter_key(
             "{kind}|sub:{}",
             ctx.subscription.as_ref().map(|s| &*s.name).unwrap_or("")
         ),
-        CounterKey::Identity => format!("{kind}|id:{}", ctx.identity().unwrap_or_default()),
-        CounterKey::ClientIp => format!(
-            "{kind}|ip:{}",
-            req.client_ip.map(|i| i.to_string()).unwrap_or_default()
+        CounterKey::Identity => {
+            client_key(kind, "id", ctx.identity().unwrap_or_default().as_bytes())
+        }
+        CounterKey::ClientIp => {
+            let ip = req.client_ip.map(|i| i.to_string()).unwrap_or_default();
+            client_key(kind, "ip", ip.as_bytes())
+        }
+        CounterKey::Header(h) => client_key(
+            kind,
+            &format!("hdr:{}", h.as_str()),
+            req.headers.get(h).map(|v| v.as_bytes()).unwrap_or(b""),
         ),
-        CounterKey::Header(h) => format!(
-            "{kind}|hdr:{}:{}",
-            h.as_str(),
-            req.headers
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        ),
-        CounterKey::Claim(c) => format!(
-            "{kind}|claim:{c}:{}",
+        CounterKey::Claim(c) => client_key(
+            kind,
+            &format!("claim:{c}"),
             ctx.caller
                 .as_ref()
                 .and_then(|caller| caller.claim_str(c))
                 .unwrap_or_default()
+                .as_bytes(),
         ),
     }
 }
@@ -616,20 +750,21 @@ mod tests {
             "      - token_limit: {counter_key: subscription, tokens_per_minute: 1000, remaining_tokens_header_name: x-rem, tokens_consumed_header_name: x-used}\n",
         );
         let h = headers(&[("api-key", "key-a")]);
-        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":40}"#;
         let mut ctx = RequestContext::default();
         p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
             .await
             .unwrap();
         let est = ctx.estimate.as_ref().unwrap().prompt_tokens;
         assert_eq!(est, 10);
+        // Consumed: the prompt estimate; reserved: prompt plus max_tokens.
         assert!(
             ctx.response_headers
                 .contains(&(HeaderName::from_static("x-used"), "10".into()))
         );
         assert!(
             ctx.response_headers
-                .contains(&(HeaderName::from_static("x-rem"), "990".into()))
+                .contains(&(HeaderName::from_static("x-rem"), "950".into()))
         );
         p.start_response(&mut ctx, 200, Some("application/json"), Some("East US"));
         p.response_chunk(
@@ -724,7 +859,7 @@ mod tests {
              \x20     - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n",
         );
         let h = headers(&[("api-key", "key-a")]);
-        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":5}"#;
         let limit = Limit {
             limit: 1000,
             window: Window::Sliding(Duration::from_secs(60)),
@@ -741,12 +876,12 @@ mod tests {
         assert_eq!(e.status, 429);
         assert_eq!(
             store.peek("tokens|sub:team-a", &limit).await.used,
-            20,
-            "both reserved 10"
+            30,
+            "both reserved 10 + 5"
         );
         // The refused request ends without a backend answer: its tokens come back.
         p.finish(&mut second, &shared, None).await;
-        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 10);
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 15);
     }
 
     #[tokio::test]
@@ -818,5 +953,245 @@ mod tests {
             by_sub,
             counter_key(&CounterKey::Subscription, &req, &ctx, "tokens")
         );
+    }
+
+    fn estimate_with(max: Option<u32>, choices: Option<u32>) -> sluice_tokens::RequestEstimate {
+        sluice_tokens::RequestEstimate {
+            prompt_tokens: 10,
+            max_completion_tokens: max,
+            choices,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reservations_cover_the_completion_the_request_allows() {
+        let chat = Operation::ChatCompletions;
+        let plan = |op, e: Option<&sluice_tokens::RequestEstimate>, limit| {
+            reservation(10, op, e, 100, limit).map(ReservationPlan::total)
+        };
+        // max_tokens times n.
+        let e = estimate_with(Some(50), Some(3));
+        assert_eq!(plan(chat, Some(&e), 1000).unwrap(), 160);
+        // No maximum: the default, per choice.
+        let e = estimate_with(None, Some(2));
+        assert_eq!(plan(chat, Some(&e), 1000).unwrap(), 210);
+        assert_eq!(plan(Operation::Completions, None, 1000).unwrap(), 110);
+        // ... lowered to fit the limit, never refused for the default alone.
+        assert_eq!(plan(chat, Some(&e), 50).unwrap(), 50);
+        assert_eq!(plan(chat, Some(&e), 10).unwrap(), 10);
+        // Embeddings generate nothing; other operations only what they name.
+        let e = estimate_with(Some(50), None);
+        assert_eq!(plan(Operation::Embeddings, Some(&e), 1000).unwrap(), 10);
+        assert_eq!(plan(Operation::Other, Some(&e), 1000).unwrap(), 60);
+        assert_eq!(plan(Operation::Other, None, 1000).unwrap(), 10);
+        // Exactly at the limit fits; one more is a 400, not a 429.
+        assert_eq!(plan(chat, Some(&e), 60).unwrap(), 60);
+        let err = plan(chat, Some(&e), 59).unwrap_err();
+        assert_eq!(err.status, 400);
+        assert_eq!(
+            err.message,
+            "Token limit is exceeded: this request may use up to 60 tokens (about 10 in the prompt and up to 50 in the completion), more than the limit of 59 tokens allows. Waiting will not help: lower max_tokens or shorten the prompt."
+        );
+        // A prompt alone over the limit.
+        assert_eq!(
+            plan(Operation::Embeddings, None, 9).unwrap_err().status,
+            400
+        );
+        // Absurd requests do not overflow.
+        let e = estimate_with(Some(u32::MAX), Some(u32::MAX));
+        let most = u64::from(u32::MAX) * u64::from(u32::MAX);
+        assert_eq!(plan(chat, Some(&e), u64::MAX).unwrap(), 10 + most);
+        assert_eq!(
+            reservation(u64::MAX, chat, Some(&e), 1, u64::MAX)
+                .unwrap()
+                .total(),
+            u64::MAX
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_reservations_hold_the_limit() {
+        let (p, shared, store) =
+            setup("      - token_limit: {counter_key: subscription, tokens_per_minute: 500}\n");
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":100}"#;
+        // Nobody has answered yet: each admitted request holds 110 tokens.
+        let mut admitted = Vec::new();
+        let mut refused = 0;
+        for _ in 0..10 {
+            let mut ctx = RequestContext::default();
+            match p.inbound(&request(&h, Some(body)), &mut ctx, &shared).await {
+                Ok(()) => admitted.push(ctx),
+                Err(e) => {
+                    assert_eq!(e.status, 429);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((admitted.len(), refused), (4, 6));
+        let limit = Limit {
+            limit: 500,
+            window: Window::Sliding(Duration::from_secs(60)),
+        };
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 440);
+        // Each used less than it could: the counter comes down to the usage.
+        for mut ctx in admitted {
+            p.start_response(&mut ctx, 200, Some("application/json"), None);
+            p.response_chunk(
+                &mut ctx,
+                br#"{"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}"#,
+            );
+            p.finish(&mut ctx, &shared, None).await;
+        }
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 120);
+    }
+
+    #[tokio::test]
+    async fn a_success_without_usage_keeps_its_whole_reservation() {
+        let (p, shared, store) =
+            setup("      - token_limit: {counter_key: subscription, tokens_per_minute: 500}\n");
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":30}"#;
+        let mut ctx = RequestContext::default();
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(&mut ctx, b"{}");
+        p.finish(&mut ctx, &shared, None).await;
+        let limit = Limit {
+            limit: 500,
+            window: Window::Sliding(Duration::from_secs(60)),
+        };
+        assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 40);
+    }
+
+    #[tokio::test]
+    async fn the_stream_flag_decides_estimating_and_usage_reading() {
+        // estimate_prompt_tokens off: only streams have their prompt charged.
+        let (p, shared, _) = setup(
+            "      - token_limit: {counter_key: subscription, tokens_per_minute: 5000, estimate_prompt_tokens: false, tokens_consumed_header_name: x-used}\n",
+        );
+        let h = headers(&[("api-key", "key-a")]);
+        let consumed = |ctx: &RequestContext| {
+            ctx.response_headers
+                .iter()
+                .find(|(n, _)| n == "x-used")
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        for (body, stream, charged) in [
+            (
+                &br#"{"messages":[{"role":"user","content":"Hello there!"}],"stream":true}"#[..],
+                true,
+                "10",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"Hello there!"}],"stream":"TRUE"}"#,
+                true,
+                "10",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"Hello there!"}],"stream":false}"#,
+                false,
+                "0",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#,
+                false,
+                "0",
+            ),
+        ] {
+            // The proxy sets the flag from the one function that decides it.
+            let mut ctx = RequestContext {
+                stream: crate::stream_flag(body),
+                ..RequestContext::default()
+            };
+            assert_eq!(ctx.stream, stream);
+            p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+                .await
+                .unwrap();
+            assert_eq!(consumed(&ctx), charged, "{}", String::from_utf8_lossy(body));
+            // Usage is read as SSE exactly when the request streams.
+            p.start_response(&mut ctx, 200, Some("text/event-stream"), None);
+            p.response_chunk(
+                &mut ctx,
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+            );
+            p.finish(&mut ctx, &shared, None).await;
+            assert_eq!(
+                ctx.usage.is_some(),
+                stream,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_head_steps_run_without_the_body() {
+        let (p, shared, store) = setup(
+            "      - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n\
+             \x20     - token_limit: {counter_key: subscription, tokens_per_minute: 1000}\n\
+             \x20     - quota: {calls: 1, renewal_period_seconds: 3600, counter_key: subscription}\n",
+        );
+        // No key: refused at the head, with no body at all.
+        let mut ctx = RequestContext::default();
+        let e = p
+            .inbound_head(&request(&headers(&[]), None), &mut ctx, &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 401);
+        let h = headers(&[("api-key", "key-a")]);
+        let mut ctx = RequestContext::default();
+        p.inbound_head(&request(&h, None), &mut ctx, &shared)
+            .await
+            .unwrap();
+        // The rate limit ran at the head; the token limit and the quota wait
+        // for the body.
+        assert!(ctx.token_charges.is_empty() && ctx.estimate.is_none());
+        let calls = Limit {
+            limit: 1,
+            window: Window::Sliding(Duration::from_secs(10)),
+        };
+        assert_eq!(store.peek("calls|sub:team-a", &calls).await.used, 1);
+        let quota = Limit {
+            limit: 1,
+            window: Window::Fixed(Duration::from_secs(3600)),
+        };
+        assert_eq!(store.peek("quota|sub:team-a", &quota).await.used, 0);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":5}"#;
+        p.inbound_body(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        assert_eq!(ctx.token_charges.len(), 1);
+        assert_eq!(ctx.token_charges[0].reserved, 15);
+        assert_eq!(store.peek("quota|sub:team-a", &quota).await.used, 1);
+        // A second call is refused at the head, before any body is read.
+        let e = p
+            .inbound_head(&request(&h, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 429);
+    }
+
+    #[test]
+    fn client_derived_counter_keys_are_hashed_to_a_fixed_size() {
+        let long = "x".repeat(10_000);
+        let h = headers(&[("x-team", long.as_str())]);
+        let ctx = RequestContext::default();
+        let req = request(&h, None);
+        let k = counter_key(
+            &CounterKey::Header(HeaderName::from_static("x-team")),
+            &req,
+            &ctx,
+            "calls",
+        );
+        assert!(k.len() < 64 && !k.contains(&long), "{k}");
+        assert_eq!(k, client_key("calls", "hdr:x-team", long.as_bytes()));
+        let ip = counter_key(&CounterKey::ClientIp, &req, &ctx, "calls");
+        assert_eq!(ip, client_key("calls", "ip", b"10.0.0.7"));
+        assert!(!ip.contains("10.0.0.7"));
     }
 }

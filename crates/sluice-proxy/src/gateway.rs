@@ -40,9 +40,9 @@ impl Gateway {
     }
 }
 
-/// The most request body the gateway reads and discards before answering
-/// early (401, 404, 413) so the client is not cut off mid-upload; larger
-/// bodies are left unread and the connection is closed after the answer.
+/// The most request body the gateway reads and discards after an early
+/// answer (401, 404, 413, 429) so that closing the connection does not cut
+/// the client off before it has read the answer; larger bodies are not read.
 const DISCARD_LIMIT: usize = 8 * 1024 * 1024;
 
 /// How long discarding an unread request body may take.
@@ -56,33 +56,33 @@ fn expects_continue(session: &Session) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Read and drop what is left of the request body, within limits. `true`
-/// when the body was consumed completely (the connection can be reused).
-async fn discard_body(session: &mut Session, continued: bool) -> bool {
-    if session.is_body_done() {
-        return true;
-    }
-    if expects_continue(session) && !continued {
-        // The client waits for 100 Continue before sending: it never will.
-        return false;
-    }
+/// Read and drop what is left of the request body, up to [`DISCARD_LIMIT`]
+/// bytes and [`DISCARD_TIME`].
+async fn discard_body(session: &mut Session) {
     let mut seen = 0usize;
     let deadline = tokio::time::Instant::now() + DISCARD_TIME;
-    loop {
-        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(Ok(Some(chunk))) => {
-                seen += chunk.len();
-                if seen > DISCARD_LIMIT {
-                    return false;
-                }
-            }
-            Ok(Ok(None)) => return true,
-            _ => return false,
+    while let Ok(Ok(Some(chunk))) =
+        tokio::time::timeout_at(deadline, session.read_request_body()).await
+    {
+        seen += chunk.len();
+        if seen > DISCARD_LIMIT {
+            return;
         }
     }
 }
 
 /// Write a gateway-made response (APIM's JSON error body) and end it.
+///
+/// The answer goes out first, whatever is left of the request body is read
+/// afterwards: a refused caller never makes the gateway wait for its upload.
+/// When some of the body is still unread, the answer says
+/// `Connection: close`; up to [`DISCARD_LIMIT`] bytes of the body are then
+/// read and dropped (for at most [`DISCARD_TIME`]) so that closing does not
+/// reset the connection before the client has read the answer, and the
+/// connection is closed. A body declared larger than that, or chunked, is
+/// not read at all, nor is one the client holds back waiting for
+/// `100 Continue` (`continued` false). A request whose body was read (or
+/// that has none) keeps its connection.
 async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> Result<()> {
     let body = err.body();
     let mut resp = ResponseHeader::build(err.status, Some(4 + err.headers.len()))?;
@@ -92,15 +92,21 @@ async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> 
     for (k, v) in &err.headers {
         resp.insert_header(k.clone(), v.as_str())?;
     }
-    let too_large_to_read =
-        err.status == 413 && content_length(session).is_some_and(|n| n > DISCARD_LIMIT as u64);
-    if too_large_to_read || !discard_body(session, continued).await {
+    let body_pending = !session.is_body_done();
+    if body_pending {
         session.set_keepalive(None);
     }
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await?;
+    // The answer is on the wire before anything else is read.
+    session.as_mut().finish_body().await?;
+    let waits_for_continue = expects_continue(session) && !continued;
+    let bounded = content_length(session).is_some_and(|n| n <= DISCARD_LIMIT as u64);
+    if body_pending && bounded && !waits_for_continue {
+        discard_body(session).await;
+    }
     Ok(())
 }
 
@@ -127,7 +133,76 @@ fn status_error(status: u16, why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
 }
 
+/// The parts of the request the policies look at.
+fn inbound_request<'a>(
+    req: &'a RequestHeader,
+    client_ip: Option<std::net::IpAddr>,
+    rest_offset: usize,
+    body: Option<&'a [u8]>,
+) -> InboundRequest<'a> {
+    InboundRequest {
+        headers: &req.headers,
+        query: req.uri.query(),
+        client_ip,
+        rest_path: req.uri.path().get(rest_offset..).unwrap_or(""),
+        body,
+        host: req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost"),
+    }
+}
+
+/// A header value that `Debug` (and so pingora's logs) prints as
+/// `Sensitive`: for the credentials the gateway injects.
+fn sensitive(value: &str) -> Result<http::HeaderValue> {
+    let mut v = http::HeaderValue::from_str(value)
+        .map_err(|e| Error::because(ErrorType::InternalError, "invalid credential value", e))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 impl Gateway {
+    /// The client's address: the TCP peer, or, when the peer is a trusted
+    /// proxy (`server.trusted_proxies`), the right-most `X-Forwarded-For`
+    /// address that is not itself a trusted proxy.
+    fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical())?;
+        let trusted = &self.state.trusted_proxies;
+        if trusted.is_empty() || !trusted.iter().any(|n| n.contains(&peer)) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        for v in session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .rev()
+        {
+            let Ok(v) = v.to_str() else {
+                return Some(client);
+            };
+            for hop in v.rsplit(',') {
+                match hop.trim().parse::<std::net::IpAddr>() {
+                    Ok(ip) => {
+                        let ip = ip.to_canonical();
+                        client = ip;
+                        if !trusted.iter().any(|n| n.contains(&ip)) {
+                            return Some(client);
+                        }
+                    }
+                    Err(_) => return Some(client),
+                }
+            }
+        }
+        Some(client)
+    }
+
     /// Map a proxy failure to the gateway error the client sees.
     fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
         let backend = ctx
@@ -221,7 +296,10 @@ impl ProxyHttp for Gateway {
     type CTX = RequestContext;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestContext::default()
+        RequestContext {
+            in_flight: Some(sluice_policy::context::InFlight::new(&self.state.in_flight)),
+            ..RequestContext::default()
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -246,9 +324,31 @@ impl ProxyHttp for Gateway {
         ctx.rest_offset = rest_offset;
         let api = &self.state.apis[api_index].config;
 
-        // Body: size limit, then read small bodies before routing.
+        // A declared body over the limit is refused before anything else.
         let limit = api.max_request_body_bytes;
         let content_length = content_length(session);
+        if content_length.is_some_and(|n| n > limit) {
+            respond(session, &GatewayError::body_too_large(limit), false).await?;
+            return Ok(true);
+        }
+        let client_ip = self.client_ip(session);
+
+        // Authentication and the steps that need only the head, before any
+        // of the body is read (and before `100 Continue` is sent).
+        let pipeline = &self.state.apis[api_index].pipeline;
+        let verdict = {
+            let req = session.req_header();
+            let inbound = inbound_request(req, client_ip, rest_offset, None);
+            pipeline
+                .inbound_head(&inbound, ctx, &self.state.shared)
+                .await
+        };
+        if let Err(e) = verdict {
+            respond(session, &e, false).await?;
+            return Ok(true);
+        }
+
+        // The caller is known: read small bodies before routing.
         let chunked = session
             .req_header()
             .headers
@@ -257,10 +357,6 @@ impl ProxyHttp for Gateway {
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let mut body = None;
         match content_length {
-            Some(n) if n > limit => {
-                respond(session, &GatewayError::body_too_large(limit), false).await?;
-                return Ok(true);
-            }
             Some(0) => {}
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
                 match self.preread_body(session, ctx, limit).await? {
@@ -276,26 +372,13 @@ impl ProxyHttp for Gateway {
             None => {}
         }
 
-        // Authentication and the API's policies, in order.
-        let pipeline = &self.state.pipelines[api_index];
+        // The API's remaining policies, which may need the body.
         let verdict = {
             let req = session.req_header();
-            let inbound = InboundRequest {
-                headers: &req.headers,
-                query: req.uri.query(),
-                client_ip: session
-                    .client_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
-                rest_path: req.uri.path().get(rest_offset..).unwrap_or(""),
-                body: body.as_deref(),
-                host: req
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost"),
-            };
-            pipeline.inbound(&inbound, ctx, &self.state.shared).await
+            let inbound = inbound_request(req, client_ip, rest_offset, body.as_deref());
+            pipeline
+                .inbound_body(&inbound, ctx, &self.state.shared)
+                .await
         };
         if let Err(e) = verdict {
             // Reservations made before the refusal are returned at `logging`.
@@ -355,7 +438,8 @@ impl ProxyHttp for Gateway {
         if end_of_stream {
             ctx.stream = ctx.body_probe.finish();
             if let (Some(api), Some(copy)) = (ctx.api, ctx.streamed_body_copy.take()) {
-                self.state.pipelines[api]
+                self.state.apis[api]
+                    .pipeline
                     .streamed_body_done(ctx, copy)
                     .await;
             }
@@ -374,7 +458,10 @@ impl ProxyHttp for Gateway {
         let idx = self.state.apis[api].next_backend();
         ctx.backend = Some(idx);
         let b = &self.state.backends[idx];
-        let addr = match tokio::time::timeout(b.connect_timeout, b.address()).await {
+        // `connect_ms` is one budget for the whole way to a usable
+        // connection: DNS, the backend's Entra ID token, TCP and TLS.
+        let deadline = tokio::time::Instant::now() + b.connect_timeout;
+        let addr = match tokio::time::timeout_at(deadline, b.address()).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 return Err(Error::because(
@@ -396,7 +483,7 @@ impl ProxyHttp for Gateway {
         ctx.backend_bearer = None;
         ctx.identity_failure = None;
         if let Some(provider) = &b.token_provider {
-            let failure = match tokio::time::timeout(b.connect_timeout, provider.token()).await {
+            let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
                 Ok(Ok(t)) => {
                     ctx.backend_bearer = Some(sluice_policy::context::Bearer::new(t));
                     None
@@ -421,10 +508,14 @@ impl ProxyHttp for Gateway {
                 ));
             }
         }
+        // What is left of the budget bounds the TCP connect and the TLS
+        // handshake together (at least 1 ms: zero would mean "no limit").
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1));
         let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
-        peer.options.connection_timeout = Some(b.connect_timeout);
-        // `connect_ms` bounds the TCP connect and the TLS handshake together.
-        peer.options.total_connection_timeout = Some(b.connect_timeout);
+        peer.options.connection_timeout = Some(left);
+        peer.options.total_connection_timeout = Some(left);
         peer.options.read_timeout = Some(b.read_timeout);
         peer.options.write_timeout = Some(b.write_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(90));
@@ -469,13 +560,15 @@ impl ProxyHttp for Gateway {
             // The client's `Expect` was answered here; the body is already read.
             upstream.remove_header(&http::header::EXPECT);
         }
+        // Injected credentials are marked sensitive: pingora's logs print
+        // header maps with `Debug`, which then shows `Sensitive`.
         if let Some(key) = &b.api_key {
-            upstream.insert_header("api-key", key.expose())?;
+            upstream.insert_header("api-key", key.clone())?;
         }
         if let Some(token) = &ctx.backend_bearer {
             upstream.insert_header(
                 http::header::AUTHORIZATION,
-                format!("Bearer {}", token.expose()),
+                sensitive(&format!("Bearer {}", token.expose()))?,
             )?;
         }
         if ctx.strip_accept_encoding {
@@ -522,7 +615,7 @@ impl ProxyHttp for Gateway {
             };
             let content_type = header("content-type");
             let region = header("x-ms-region");
-            self.state.pipelines[api].start_response(
+            self.state.apis[api].pipeline.start_response(
                 ctx,
                 upstream_response.status.as_u16(),
                 content_type.as_deref(),
@@ -616,7 +709,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
-            self.state.pipelines[api].response_chunk(ctx, b);
+            self.state.apis[api].pipeline.response_chunk(ctx, b);
         }
         Ok(None)
     }
@@ -624,7 +717,8 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         if let Some(api) = ctx.api {
             let backend = ctx.backend.map(|i| self.state.backends[i].name.clone());
-            self.state.pipelines[api]
+            self.state.apis[api]
+                .pipeline
                 .finish(ctx, &self.state.shared, backend.as_deref())
                 .await;
         }

@@ -40,6 +40,7 @@ impl ServeHttp for ManagementApp {
         let get = req.method == http::Method::GET;
         match req.uri.path() {
             "/metrics" if get => {
+                self.state.sync_counter_metrics();
                 let mut out = Vec::new();
                 let encoder = prometheus::TextEncoder::new();
                 if encoder

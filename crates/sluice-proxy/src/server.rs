@@ -3,6 +3,8 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -53,11 +55,48 @@ pub struct Listeners {
     pub management: Option<SocketAddr>,
 }
 
-fn build_server(state: Arc<GatewayState>, listen: Listeners, threads: usize) -> Server {
+/// Purges idle limit counters off the request path, every
+/// `server.counters.purge_interval`, and keeps the counter metrics current.
+struct CounterHousekeeping(Arc<GatewayState>);
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for CounterHousekeeping {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.0.purge_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let state = self.0.clone();
+                    // A full pass over the store: on the blocking pool.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        state.counters.purge_expired();
+                        state.sync_counter_metrics();
+                    })
+                    .await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn build_server(
+    state: Arc<GatewayState>,
+    listen: Listeners,
+    threads: usize,
+    shutdown_timeout: Duration,
+) -> Server {
+    // On SIGTERM pingora stops its listeners, then sleeps the grace period
+    // (in-flight requests, open streams included, go on meanwhile), then
+    // stops its runtimes, which cancels whatever is left. The grace period
+    // is `server.shutdown_timeout_seconds`; `run_blocking` exits earlier,
+    // as soon as nothing is in flight.
     let conf = ServerConf {
         threads: threads.max(1),
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(10),
+        grace_period_seconds: Some(shutdown_timeout.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -69,6 +108,10 @@ fn build_server(state: Arc<GatewayState>, listen: Listeners, threads: usize) -> 
     );
     proxy.add_tcp(&listen.data.to_string());
     server.add_service(proxy);
+    server.add_service(pingora::services::background::background_service(
+        "sluice counters",
+        CounterHousekeeping(state.clone()),
+    ));
     if let Some(addr) = listen.management {
         let mut mgmt = pingora::services::listening::Service::new(
             "sluice management".to_string(),
@@ -80,9 +123,63 @@ fn build_server(state: Arc<GatewayState>, listen: Listeners, threads: usize) -> 
     server
 }
 
-/// Serve until SIGINT (fast) or SIGTERM (graceful: in-flight requests finish).
-pub fn run_blocking(state: Arc<GatewayState>, listen: Listeners, threads: usize) {
-    build_server(state, listen, threads).run(RunArgs::default());
+/// Serve until SIGINT (fast: exit at once) or SIGTERM (graceful: stop
+/// accepting, let in-flight requests and open streams finish for up to
+/// `shutdown_timeout`, then exit).
+pub fn run_blocking(
+    state: Arc<GatewayState>,
+    listen: Listeners,
+    threads: usize,
+    shutdown_timeout: Duration,
+) {
+    let in_flight = state.in_flight.clone();
+    let server = build_server(state, listen, threads, shutdown_timeout);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnTerm { in_flight }),
+    });
+}
+
+/// pingora's own signal handling, plus: once SIGTERM has been received and
+/// the listeners have stopped, exit as soon as no request is in flight,
+/// rather than sleeping out the whole grace period.
+struct DrainOnTerm {
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnTerm {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term), Ok(mut quit)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
+        ) else {
+            // Cannot watch signals: fall back to pingora's own handling.
+            return pingora::server::UnixShutdownSignalWatch.recv().await;
+        };
+        tokio::select! {
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => {
+                let in_flight = self.in_flight.clone();
+                // pingora sleeps the grace period on the thread that called
+                // `run`; watch the requests from another one.
+                let _ = std::thread::Builder::new()
+                    .name("sluice-drain".into())
+                    .spawn(move || {
+                        // Let pingora stop the listeners first.
+                        std::thread::sleep(Duration::from_millis(100));
+                        while in_flight.load(Ordering::Acquire) > 0 {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        tracing::info!("SIGTERM: no request in flight; exiting");
+                        std::process::exit(0);
+                    });
+                ShutdownSignal::GracefulTerminate
+            }
+        }
+    }
 }
 
 /// Serve in a background thread until the trigger fires. Returns once the
@@ -98,7 +195,7 @@ pub fn spawn_in_thread(
     };
     let trigger = ShutdownTrigger::default();
     let notify = trigger.0.clone();
-    let server = build_server(state, listen, threads);
+    let server = build_server(state, listen, threads, Duration::from_secs(0));
     let handle = std::thread::Builder::new()
         .name("sluice-gateway".into())
         .spawn(move || {

@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sluice_config::{Api, Backend, BackendTarget, Config, Credential, Policy, Secret};
+use sluice_config::{Api, Backend, BackendTarget, Config, Credential, Policy};
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use sluice_limits::{MemoryStore, SystemClock};
 use sluice_policy::{ApiPipeline, ApiRouter, Shared, SubscriptionIndex, TokenMetrics};
 use tokio::sync::RwLock;
+use tokio::time::Instant;
 
 /// Where a backend lives and how to reach it.
 #[derive(Debug)]
@@ -23,7 +24,9 @@ pub struct BackendRuntime {
     /// `Host` header value (`host` or `host:port` when the port is not the default).
     pub host_header: String,
     pub base_path: String,
-    pub api_key: Option<Secret>,
+    /// The backend's api-key as a ready header value, marked sensitive so
+    /// that header dumps print `Sensitive` instead of the key.
+    pub api_key: Option<http::HeaderValue>,
     pub deployments: HashMap<String, String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -32,12 +35,43 @@ pub struct BackendRuntime {
     pub token_provider: Option<Arc<TokenProvider>>,
     /// Fixed address (IP literals and simulators), else resolved through DNS with a TTL.
     fixed: Option<SocketAddr>,
-    resolved: RwLock<Option<(Instant, Vec<SocketAddr>)>>,
+    /// Looks up `host` when there is no fixed address ([`SystemResolver`]).
+    resolver: Arc<dyn Resolve>,
+    /// How long an answer from `resolver` is used ([`DNS_TTL`]).
+    dns_ttl: Duration,
+    /// The last answer, IPv4 first, and when it expires.
+    resolved: RwLock<Option<Resolved>>,
+    /// Index (modulo the answer's length) of the address in use.
     next_addr: AtomicUsize,
 }
 
 /// How long a DNS answer for a backend host is reused.
 const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// Looks up the addresses of a backend host: DNS in production
+/// ([`SystemResolver`]), a fake in tests.
+#[async_trait::async_trait]
+pub(crate) trait Resolve: std::fmt::Debug + Send + Sync {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// The system resolver (`getaddrinfo`, through `tokio::net::lookup_host`).
+#[derive(Debug)]
+pub(crate) struct SystemResolver;
+
+#[async_trait::async_trait]
+impl Resolve for SystemResolver {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    }
+}
+
+/// A backend host's resolved addresses (never empty) and when they expire.
+#[derive(Debug)]
+struct Resolved {
+    addrs: Vec<SocketAddr>,
+    expires: Instant,
+}
 
 impl BackendRuntime {
     fn new(b: &Backend, sims: &HashMap<String, SocketAddr>) -> Result<Self, BuildError> {
@@ -122,7 +156,20 @@ impl BackendRuntime {
             port,
             host_header,
             base_path,
-            api_key: b.api_key.clone(),
+            api_key: b
+                .api_key
+                .as_ref()
+                .map(|k| {
+                    let mut v = http::HeaderValue::from_str(k.expose()).map_err(|_| {
+                        BuildError(format!(
+                            "backend '{}': the api_key is not a valid header value",
+                            b.name
+                        ))
+                    })?;
+                    v.set_sensitive(true);
+                    Ok(v)
+                })
+                .transpose()?,
             deployments: b
                 .deployments
                 .iter()
@@ -133,6 +180,8 @@ impl BackendRuntime {
             write_timeout: b.timeouts.write,
             token_provider,
             fixed,
+            resolver: Arc::new(SystemResolver),
+            dns_ttl: DNS_TTL,
             resolved: RwLock::new(None),
             next_addr: AtomicUsize::new(0),
         })
@@ -140,33 +189,76 @@ impl BackendRuntime {
 
     /// An address to connect to: fixed, or from a cached DNS answer
     /// (refreshed after [`DNS_TTL`]). The same address is used until a
-    /// connection to it fails (IPv4 answers first).
+    /// connection to it fails (IPv4 answers first); a new, different answer
+    /// starts again from its first address.
+    ///
+    /// When the answer has expired and looking the host up again fails (or
+    /// finds nothing), the previous answer is kept for another TTL: a DNS
+    /// outage does not take down a backend whose addresses still work, and
+    /// a backend whose addresses stopped working fails on connect anyway.
+    /// Without a previous answer the lookup's error is returned. Callers
+    /// that find the answer expired wait for one lookup rather than each
+    /// making their own. A lookup that outlasts its caller's connect budget
+    /// is abandoned (the caller gets a timeout, the stale answer is not
+    /// used) and the next caller looks the host up again.
     pub async fn address(&self) -> std::io::Result<SocketAddr> {
         if let Some(a) = self.fixed {
             return Ok(a);
         }
         {
             let cached = self.resolved.read().await;
-            if let Some((at, addrs)) = cached.as_ref()
-                && at.elapsed() < DNS_TTL
-                && !addrs.is_empty()
+            if let Some(r) = cached.as_ref()
+                && Instant::now() < r.expires
             {
-                return Ok(self.pick(addrs));
+                return Ok(self.pick(&r.addrs));
             }
         }
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await?
-            .collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
+        let mut cached = self.resolved.write().await;
+        // Another caller may have looked it up while this one waited.
+        if let Some(r) = cached.as_ref()
+            && Instant::now() < r.expires
+        {
+            return Ok(self.pick(&r.addrs));
+        }
+        match self.lookup().await {
+            Ok(addrs) => {
+                if cached.as_ref().is_none_or(|r| r.addrs != addrs) {
+                    self.next_addr.store(0, Ordering::Relaxed);
+                }
+                let a = self.pick(&addrs);
+                *cached = Some(Resolved {
+                    addrs,
+                    expires: Instant::now() + self.dns_ttl,
+                });
+                Ok(a)
+            }
+            Err(e) => match cached.as_mut() {
+                Some(stale) => {
+                    tracing::warn!(
+                        backend = %self.name,
+                        host = %self.host,
+                        error = %e,
+                        "cannot resolve the backend host again; keeping its previous addresses"
+                    );
+                    stale.expires = Instant::now() + self.dns_ttl;
+                    Ok(self.pick(&stale.addrs))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Look the host up: IPv4 first, never empty.
+    async fn lookup(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let mut addrs = self.resolver.resolve(&self.host, self.port).await?;
+        addrs.sort_by_key(SocketAddr::is_ipv6);
         if addrs.is_empty() {
             return Err(std::io::Error::other(format!(
                 "no address for {}",
                 self.host
             )));
         }
-        let a = self.pick(&addrs);
-        *self.resolved.write().await = Some((Instant::now(), addrs));
-        Ok(a)
+        Ok(addrs)
     }
 
     fn pick(&self, addrs: &[SocketAddr]) -> SocketAddr {
@@ -181,10 +273,13 @@ impl BackendRuntime {
     }
 }
 
-/// An API with its backends resolved to indices.
+/// An API at run time: its config, its compiled policies and its backends
+/// resolved to indices.
 #[derive(Debug)]
 pub struct ApiRuntime {
     pub config: Api,
+    /// The API's policies, compiled.
+    pub pipeline: ApiPipeline,
     pub backends: Vec<usize>,
     next: AtomicUsize,
 }
@@ -204,10 +299,21 @@ pub struct GatewayState {
     pub apis: Vec<ApiRuntime>,
     pub backends: Vec<BackendRuntime>,
     pub router: ApiRouter,
-    /// Each API's compiled policies, by API index.
-    pub pipelines: Vec<ApiPipeline>,
     /// What the pipelines share: subscriptions, the counter store, metrics.
     pub shared: Shared,
+    /// The in-memory counter store behind `shared.store` (purged and
+    /// measured by the gateway's background task).
+    pub counters: Arc<MemoryStore>,
+    /// How often idle counters are purged.
+    pub purge_interval: Duration,
+    /// `sluice_counter_evictions_total`, kept in step with the store.
+    pub counter_evictions: prometheus::IntCounter,
+    /// `sluice_counters`: counters held by the store.
+    pub counter_count: prometheus::IntGauge,
+    /// Peers whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
+    pub trusted_proxies: Vec<sluice_config::IpNet>,
+    /// Requests being served now (a graceful shutdown waits for zero).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Metrics served on the management listener.
     pub registry: prometheus::Registry,
     /// Header names that carry client credentials (every API's subscription
@@ -228,6 +334,18 @@ impl std::fmt::Display for BuildError {
 impl std::error::Error for BuildError {}
 
 impl GatewayState {
+    /// Bring the counter-store metrics up to date (before a scrape, and after
+    /// each purge).
+    pub fn sync_counter_metrics(&self) {
+        let evicted = self.counters.evictions();
+        let reported = self.counter_evictions.get();
+        if evicted > reported {
+            self.counter_evictions.inc_by(evicted - reported);
+        }
+        self.counter_count
+            .set(i64::try_from(self.counters.len()).unwrap_or(i64::MAX));
+    }
+
     /// `sims` maps simulator names to the addresses they listen on.
     pub fn new(cfg: &Config, sims: &HashMap<String, SocketAddr>) -> Result<Arc<Self>, BuildError> {
         let backends = cfg
@@ -255,24 +373,9 @@ impl GatewayState {
             if ids.is_empty() {
                 return Err(BuildError(format!("api '{}' has no backends", a.name)));
             }
-            apis.push(ApiRuntime {
-                config: a.clone(),
-                backends: ids,
-                next: AtomicUsize::new(0),
-            });
+            apis.push((a, ids));
         }
-        let mut credential_headers = vec![
-            http::HeaderName::from_static("api-key"),
-            http::HeaderName::from_static("ocp-apim-subscription-key"),
-            http::header::AUTHORIZATION,
-        ];
-        for a in &cfg.apis {
-            for h in &a.subscription.header_names {
-                if !credential_headers.contains(h) {
-                    credential_headers.push(h.clone());
-                }
-            }
-        }
+        let credential_headers = cfg.credential_headers();
         let registry = prometheus::Registry::new();
         let dimensions: Vec<_> = cfg
             .apis
@@ -290,8 +393,13 @@ impl GatewayState {
             .flat_map(|a| a.policies.iter())
             .any(|p| matches!(p, Policy::EmitTokenMetric(_)));
         let metrics = if any_metric {
+            let max_label_values = cfg
+                .server
+                .management
+                .as_ref()
+                .map_or(1000, |m| m.max_label_values);
             Some(Arc::new(
-                TokenMetrics::new(&registry, &dimensions)
+                TokenMetrics::new(&registry, &dimensions, max_label_values)
                     .map_err(|e| BuildError(format!("token metrics: {e}")))?,
             ))
         } else {
@@ -301,21 +409,52 @@ impl GatewayState {
             sluice_auth::HttpFetch::new(Duration::from_secs(10))
                 .map_err(|e| BuildError(format!("JWT key fetcher: {e}")))?,
         );
-        let pipelines = cfg
-            .apis
-            .iter()
-            .map(|a| ApiPipeline::new(a, fetch.clone()))
+        let apis = apis
+            .into_iter()
+            .map(|(a, ids)| ApiRuntime {
+                config: a.clone(),
+                pipeline: ApiPipeline::new(a, fetch.clone()),
+                backends: ids,
+                next: AtomicUsize::new(0),
+            })
             .collect();
+        let counters = Arc::new(MemoryStore::with_max_keys(
+            Arc::new(SystemClock),
+            usize::try_from(cfg.server.counters.max_keys).unwrap_or(usize::MAX),
+        ));
+        let counter_evictions = prometheus::IntCounter::new(
+            "sluice_counter_evictions_total",
+            "Limit counters dropped because the store held server.counters.max_keys counters (the least recently used goes; its key starts afresh).",
+        )
+        .map_err(|e| BuildError(format!("counter metrics: {e}")))?;
+        let counter_count = prometheus::IntGauge::new(
+            "sluice_counters",
+            "Limit counters held by the in-memory store.",
+        )
+        .map_err(|e| BuildError(format!("counter metrics: {e}")))?;
+        for m in [
+            Box::new(counter_evictions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(counter_count.clone()),
+        ] {
+            registry
+                .register(m)
+                .map_err(|e| BuildError(format!("counter metrics: {e}")))?;
+        }
         let shared = Shared {
             subscriptions: Arc::new(SubscriptionIndex::new(&cfg.subscriptions)),
-            store: Arc::new(MemoryStore::new(Arc::new(SystemClock))),
+            store: counters.clone(),
             metrics,
         };
         Ok(Arc::new(GatewayState {
             service_name: cfg.service_name.clone(),
             router: ApiRouter::new(&cfg.apis),
-            pipelines,
             shared,
+            counters,
+            purge_interval: cfg.server.counters.purge_interval,
+            counter_evictions,
+            counter_count,
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
+            in_flight: Arc::default(),
             registry,
             apis,
             backends,
@@ -408,9 +547,177 @@ apis:
             .read()
             .await
             .as_ref()
-            .map(|(_, a)| a.len())
+            .map(|r| r.addrs.len())
             .unwrap();
         let next = b.address().await.unwrap();
         assert_eq!(next == first, n == 1);
+    }
+
+    /// A resolver that gives its answers in order and counts the lookups.
+    #[derive(Debug)]
+    struct FakeDns {
+        answers: std::sync::Mutex<std::collections::VecDeque<std::io::Result<Vec<SocketAddr>>>>,
+        calls: AtomicUsize,
+    }
+
+    impl FakeDns {
+        fn new(answers: Vec<std::io::Result<Vec<&str>>>) -> Arc<Self> {
+            let answers = answers
+                .into_iter()
+                .map(|a| a.map(|v| v.iter().map(|s| s.parse().unwrap()).collect()))
+                .collect();
+            Arc::new(FakeDns {
+                answers: std::sync::Mutex::new(answers),
+                calls: AtomicUsize::new(0),
+            })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Resolve for FakeDns {
+        async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            assert_eq!((host, port), ("aoai.example", 8443));
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            // A lookup takes a moment, so that callers can overlap.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("no lookup beyond the answers given")
+        }
+    }
+
+    fn dns_error() -> std::io::Error {
+        std::io::Error::other("SERVFAIL")
+    }
+
+    /// A backend named by host name, resolved by `dns` with the production TTL.
+    fn named_backend(dns: &Arc<FakeDns>) -> BackendRuntime {
+        let cfg = config(
+            "backends: [{name: n, url: 'http://aoai.example:8443'}]\napis: [{name: a, path: /openai, backends: [n]}]\n",
+        );
+        let mut b = BackendRuntime::new(&cfg.backends[0], &HashMap::new()).unwrap();
+        assert_eq!((b.fixed, b.dns_ttl), (None, DNS_TTL));
+        b.resolver = dns.clone();
+        b
+    }
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_reused_within_the_ttl() {
+        let dns = FakeDns::new(vec![Ok(vec!["10.0.0.1:8443"])]);
+        let b = named_backend(&dns);
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        tokio::time::advance(DNS_TTL - Duration::from_millis(10)).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(dns.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_answer_is_looked_up_again_and_the_new_address_used() {
+        let dns = FakeDns::new(vec![Ok(vec!["10.0.0.1:8443"]), Ok(vec!["10.0.0.2:8443"])]);
+        let b = named_backend(&dns);
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        tokio::time::advance(DNS_TTL).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.2:8443"));
+        assert_eq!(dns.calls(), 2);
+        // The new answer has a TTL of its own.
+        tokio::time::advance(DNS_TTL / 2).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.2:8443"));
+        assert_eq!(dns.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_that_find_the_answer_expired_share_one_lookup() {
+        let dns = FakeDns::new(vec![Ok(vec!["10.0.0.1:8443"]), Ok(vec!["10.0.0.2:8443"])]);
+        let b = named_backend(&dns);
+        b.address().await.unwrap();
+        tokio::time::advance(DNS_TTL).await;
+        let (x, y, z) = tokio::join!(b.address(), b.address(), b.address());
+        assert_eq!(
+            [x.unwrap(), y.unwrap(), z.unwrap()],
+            [at("10.0.0.2:8443"); 3]
+        );
+        assert_eq!(dns.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_moves_to_the_next_address() {
+        let dns = FakeDns::new(vec![
+            Ok(vec!["[fd00::1]:8443", "10.0.0.1:8443", "10.0.0.2:8443"]),
+            // The same answer again: the address in use stays.
+            Ok(vec!["[fd00::1]:8443", "10.0.0.1:8443", "10.0.0.2:8443"]),
+            // A different answer: its first address.
+            Ok(vec!["10.0.0.7:8443", "10.0.0.8:8443"]),
+        ]);
+        let b = named_backend(&dns);
+        // IPv4 first, in the resolver's order; IPv6 after.
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        b.connect_failed();
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.2:8443"));
+        b.connect_failed();
+        assert_eq!(b.address().await.unwrap(), at("[fd00::1]:8443"));
+        b.connect_failed();
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        b.connect_failed();
+        assert_eq!(dns.calls(), 1);
+        tokio::time::advance(DNS_TTL).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.2:8443"));
+        tokio::time::advance(DNS_TTL).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.7:8443"));
+        assert_eq!(dns.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_lookup_after_expiry_keeps_the_previous_answer_for_another_ttl() {
+        let dns = FakeDns::new(vec![
+            Ok(vec!["10.0.0.1:8443"]),
+            Err(dns_error()),
+            Ok(vec![]),
+            Ok(vec!["10.0.0.2:8443"]),
+        ]);
+        let b = named_backend(&dns);
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        tokio::time::advance(DNS_TTL).await;
+        // The lookup fails: the stale answer is used, and not looked up
+        // again until another TTL has passed.
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(dns.calls(), 2);
+        tokio::time::advance(DNS_TTL - Duration::from_millis(10)).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(dns.calls(), 2);
+        // An empty answer counts as a failure too.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(dns.calls(), 3);
+        // Once the host resolves again, its new address is used.
+        tokio::time::advance(DNS_TTL).await;
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.2:8443"));
+        assert_eq!(dns.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_first_lookup_is_an_error_and_is_retried_on_the_next_call() {
+        let dns = FakeDns::new(vec![
+            Err(dns_error()),
+            Ok(vec![]),
+            Ok(vec!["10.0.0.1:8443"]),
+        ]);
+        let b = named_backend(&dns);
+        let e = b.address().await.unwrap_err();
+        assert_eq!(e.to_string(), "SERVFAIL");
+        let e = b.address().await.unwrap_err();
+        assert_eq!(e.to_string(), "no address for aoai.example");
+        assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
+        assert_eq!(dns.calls(), 3);
     }
 }

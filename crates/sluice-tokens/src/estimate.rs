@@ -19,10 +19,11 @@ const IMAGE_TOKENS: u64 = 1200;
 pub struct RequestEstimate {
     /// Estimated prompt tokens (0 for [`Operation::Other`] or an unreadable body).
     pub prompt_tokens: u32,
-    /// `max_completion_tokens`, else `max_tokens`, when present as a non-negative integer.
+    /// The most completion tokens the request allows for one choice: `max_completion_tokens`, else
+    /// `max_tokens`, else `max_output_tokens` (Responses API), when present as a non-negative integer.
     pub max_completion_tokens: Option<u32>,
-    /// The top-level `"stream": true`.
-    pub stream: bool,
+    /// Choices requested (`n`), when present as an integer of at least 1.
+    pub choices: Option<u32>,
     /// `stream_options.include_usage` is `true`.
     pub include_usage: bool,
     /// The body's `model` (the v1 API names the model there), if it is a string.
@@ -44,6 +45,9 @@ pub struct RequestEstimate {
 /// * Embeddings: `input`, with the same shapes.
 ///
 /// Invalid JSON, or a body that is not an object, gives `RequestEstimate::default()`.
+///
+/// Whether the request streams is not read here: `sluice_policy::stream_flag` is the one place that
+/// decides it (for `x-ms-stream`, token charging and usage reading alike).
 pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) -> RequestEstimate {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return RequestEstimate::default();
@@ -60,14 +64,18 @@ pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) ->
         Operation::Embeddings => obj.get("input").map_or(0, |i| input_tokens(encoding, i)),
         Operation::Other => 0,
     };
-    let max_completion_tokens = ["max_completion_tokens", "max_tokens"]
+    let max_completion_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| obj.get(*k).and_then(Value::as_u64))
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
     RequestEstimate {
         prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
         max_completion_tokens,
-        stream: obj.get("stream").and_then(Value::as_bool) == Some(true),
+        choices: obj
+            .get("n")
+            .and_then(Value::as_u64)
+            .filter(|n| *n >= 1)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         include_usage: obj
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
@@ -292,22 +300,35 @@ mod tests {
             "max_completion_tokens": 70,
         });
         let e = chat(Some("gpt-4o"), &body);
-        assert!(e.stream && e.include_usage);
+        assert!(e.include_usage);
         assert_eq!(e.max_completion_tokens, Some(70));
+        assert_eq!(e.choices, None);
         assert_eq!(e.prompt_tokens, 3 + 1 + 1 + 3);
         assert_eq!(e.model, None);
 
         let body = json!({"messages": [], "stream": "yes", "stream_options": {"include_usage": 1},
             "max_tokens": 5_000_000_000u64});
         let e = chat(Some("gpt-4o"), &body);
-        assert!(!e.stream && !e.include_usage);
+        assert!(!e.include_usage);
         assert_eq!(e.max_completion_tokens, Some(u32::MAX));
         assert_eq!(e.prompt_tokens, 3);
 
-        let body = json!({"messages": [], "max_tokens": -1, "stream": false});
+        let body = json!({"messages": [], "max_tokens": -1, "n": 0, "stream": false});
         let e = chat(None, &body);
         assert_eq!(e.max_completion_tokens, None);
-        assert!(!e.stream);
+        assert_eq!(e.choices, None);
+
+        // max_tokens when max_completion_tokens is absent; n choices.
+        let body = json!({"messages": [], "max_tokens": 40, "max_output_tokens": 90, "n": 3});
+        let e = chat(None, &body);
+        assert_eq!((e.max_completion_tokens, e.choices), (Some(40), Some(3)));
+        // The Responses API's max_output_tokens.
+        let body = json!({"input": "hi", "max_output_tokens": 90, "n": 5_000_000_000u64});
+        let e = estimate_request(Operation::Other, None, body.to_string().as_bytes());
+        assert_eq!(
+            (e.max_completion_tokens, e.choices),
+            (Some(90), Some(u32::MAX))
+        );
     }
 
     #[test]
@@ -406,7 +427,6 @@ mod tests {
         let body = json!({"model": "gpt-4o", "input": "hello", "stream": true});
         let e = estimate_request(Operation::Other, None, body.to_string().as_bytes());
         assert_eq!(e.prompt_tokens, 0);
-        assert!(e.stream);
         assert_eq!(e.model.as_deref(), Some("gpt-4o"));
     }
 }

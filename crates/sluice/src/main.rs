@@ -69,12 +69,49 @@ enum Command {
     },
 }
 
+/// Log targets capped whatever `RUST_LOG` asks for, because above the cap
+/// they print what may carry a secret:
+/// - pingora at debug and trace prints request and response heads
+///   (`Sending header to upstream {:?}`, the client's raw request head, the
+///   upstream request as raw bytes), with the callers' keys and tokens in
+///   them;
+/// - the HTTP clients behind Entra ID and JWKS fetches (reqwest, hyper, h2,
+///   rustls, azure_core, azure_identity) at trace print connection and
+///   protocol detail that is of no use to an operator and may include
+///   token responses.
+///
+/// Sluice's own targets are not capped: they never log a secret (the
+/// `secrets_never_reach_the_log` test runs every flow at `RUST_LOG=trace`).
+const LOG_CAPS: &[(&str, tracing::Level)] = &[
+    ("pingora", tracing::Level::INFO),
+    ("reqwest", tracing::Level::DEBUG),
+    ("hyper", tracing::Level::DEBUG),
+    ("hyper_util", tracing::Level::DEBUG),
+    ("h2", tracing::Level::DEBUG),
+    ("rustls", tracing::Level::DEBUG),
+    ("azure_core", tracing::Level::DEBUG),
+    ("azure_identity", tracing::Level::DEBUG),
+    ("typespec_client_core", tracing::Level::DEBUG),
+];
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let wanted = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let cap = LOG_CAPS.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, (target, level)| t.with_target(*target, *level),
+    );
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(wanted.and(cap)),
+        )
         .try_init();
 }
 
@@ -208,7 +245,12 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
         }
     };
     print_banner(&cfg, listen, &started);
-    sluice_proxy::run_blocking(state, listen, cfg.server.threads);
+    sluice_proxy::run_blocking(
+        state,
+        listen,
+        cfg.server.threads,
+        cfg.server.shutdown_timeout,
+    );
     drop(sim_runtime);
     ExitCode::SUCCESS
 }

@@ -372,9 +372,8 @@ fn large_and_chunked_bodies_stream_through_with_x_ms_stream() {
 }
 
 #[test]
-fn streaming_events_arrive_spread_over_time() {
+fn streaming_events_arrive_in_order_and_complete() {
     let e = env();
-    let started = Instant::now();
     let r = post(
         e.gw,
         "/slow/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
@@ -395,20 +394,21 @@ fn streaming_events_arrive_spread_over_time() {
     assert!(first.get("prompt_filter_results").is_some());
     let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).expect("json");
     assert_eq!(usage["usage"]["completion_tokens"], 8);
-    // 8 tokens, 40 ms apart: the client must see the body in many reads spread
-    // over at least most of that time, not in one burst at the end.
-    let body_reads: Vec<Duration> = r.reads.iter().map(|(t, _)| *t).collect();
-    assert!(
-        body_reads.len() >= 6,
-        "only {} reads: buffered?",
-        body_reads.len()
-    );
-    let spread = *body_reads.last().expect("reads") - body_reads[0];
-    assert!(
-        spread >= Duration::from_millis(PER_TOKEN_MS * 5),
-        "events arrived within {spread:?}: buffered"
-    );
-    assert!(started.elapsed() >= Duration::from_millis(PER_TOKEN_MS * 7));
+    // Every event, once, in Azure's order: prompt filter, role, 8 words,
+    // finish, usage, [DONE]. (That events are relayed as they come, not
+    // buffered, is proven without timing in promises.rs.)
+    assert_eq!(events.len(), 13, "{events:?}");
+    let words: String = events[2..10]
+        .iter()
+        .map(|ev| {
+            let v: serde_json::Value = serde_json::from_str(ev).expect("json");
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .expect("a word")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(words.split_whitespace().count(), 8, "{words}");
 }
 
 #[test]
@@ -476,7 +476,6 @@ fn unknown_paths_get_404() {
 #[test]
 fn refused_backend_gets_502() {
     let e = env();
-    let t = Instant::now();
     let r = post(
         e.gw,
         "/dead/openai/deployments/d/embeddings",
@@ -485,7 +484,14 @@ fn refused_backend_gets_502() {
     );
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["statusCode"], 502);
-    assert!(t.elapsed() < Duration::from_secs(10));
+    // Refused at once, not timed out: a 502 naming the refusal, not a 504.
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ConnectRefused")),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]
@@ -613,44 +619,51 @@ fn a_huge_declared_body_is_refused_without_waiting_for_it() {
 }
 
 #[test]
-fn an_early_401_keeps_the_connection_usable() {
-    use std::io::{BufRead, BufReader, Read, Write};
+fn an_early_401_is_read_whole_then_the_connection_closes() {
+    use std::io::{Read, Write};
     let e = env();
     let body = chat_body("");
-    let s = std::net::TcpStream::connect(e.gw).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    // A refused request with a body: the client that sent it all reads the
+    // whole answer (no reset), then the connection is closed.
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut w = s.try_clone().expect("clone");
-    let mut r = BufReader::new(s);
-    let read_one = |r: &mut BufReader<std::net::TcpStream>| -> (String, String) {
-        let mut status = String::new();
-        r.read_line(&mut status).expect("status");
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h).expect("header");
-            if h.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().expect("length");
-            }
-        }
-        let mut b = vec![0; len];
-        r.read_exact(&mut b).expect("body");
-        (status, String::from_utf8_lossy(&b).into_owned())
-    };
+    write!(
+        s,
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: wrong\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let (head, text) = read_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(text.contains("invalid subscription key"), "{text}");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("closed cleanly, not reset");
+    assert!(rest.is_empty());
+
+    // A refused request without a body keeps its connection.
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     for (key, want) in [("wrong", "401"), (KEY, "200")] {
+        let (body, len) = if want == "401" {
+            ("", 0)
+        } else {
+            (body.as_str(), body.len())
+        };
         write!(
-            w,
-            "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+            s,
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {key}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n{body}"
         )
         .expect("write");
-        let (status, text) = read_one(&mut r);
+        let (head, text) = read_response(&mut s);
         assert!(
-            status.starts_with(&format!("HTTP/1.1 {want}")),
-            "{status} {text}"
+            head.starts_with(&format!("HTTP/1.1 {want}")),
+            "{head} {text}"
         );
     }
 }
@@ -714,4 +727,79 @@ fn dot_segments_are_refused_before_reaching_a_backend() {
         assert_eq!(r.status, 404, "{path}: {}", r.text());
     }
     assert!(e.capture.find("dots").is_none(), "nothing was forwarded");
+}
+
+/// Read one response head (and its Content-Length body) from a raw socket.
+fn read_response(s: &mut std::net::TcpStream) -> (String, String) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn an_unknown_caller_is_refused_before_its_body_is_read() {
+    use std::io::Write;
+    let e = env();
+    for key in ["", "api-key: not-a-valid-key\r\n"] {
+        let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // Headers only: the 100 KB body the head announces is never sent.
+        write!(
+            s,
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        )
+        .expect("write");
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+        assert!(body.contains("subscription key"), "{body}");
+        // The body was never read: the gateway closes the connection.
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_caller_waiting_for_100_continue_gets_the_401_and_no_continue() {
+    use std::io::Write;
+    let e = env();
+    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: wrong\r\nContent-Type: application/json\r\nContent-Length: 50\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .expect("write");
+    let (head, body) = read_response(&mut s);
+    assert!(
+        head.starts_with("HTTP/1.1 401"),
+        "no 100 Continue first: {head}"
+    );
+    assert!(body.contains("invalid subscription key"), "{body}");
+    // Nothing follows: the connection is closed.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }

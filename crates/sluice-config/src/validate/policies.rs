@@ -22,6 +22,8 @@ pub(crate) const MAX_RATE_LIMIT_PERIOD_SECONDS: u64 = 300;
 pub(crate) const MIN_QUOTA_PERIOD_SECONDS: u64 = 60;
 pub(crate) const MAX_DIMENSIONS: usize = 10;
 pub(crate) const DEFAULT_RETRY_AFTER_HEADER: &str = "Retry-After";
+/// Default of `token_limit.default_completion_tokens`.
+pub(crate) const DEFAULT_RESERVED_COMPLETION_TOKENS: u64 = 1024;
 
 const POLICY_KEYS: &str = "validate_jwt, rate_limit, quota, token_limit, emit_token_metric";
 const COUNTER_KEYS: &str = "subscription, identity, client_ip, header:<name> or claim:<name>";
@@ -440,6 +442,9 @@ impl Cx<'_, '_> {
             tokens_per_minute,
             token_quota,
             estimate_prompt_tokens: raw.estimate_prompt_tokens.unwrap_or(true),
+            default_completion_tokens: raw
+                .default_completion_tokens
+                .unwrap_or(DEFAULT_RESERVED_COMPLETION_TOKENS),
             retry_after_header_name,
             remaining_tokens_header_name,
             remaining_quota_tokens_header_name,
@@ -481,7 +486,12 @@ impl Cx<'_, '_> {
                 "identity" => Dimension::Identity,
                 other => match other.strip_prefix("header:") {
                     Some(name) => match self.header_name(name, &item_path) {
-                        Some(name) => Dimension::Header(name),
+                        Some(name) => {
+                            if self.is_credential(&name, &item_path, "a metric label") {
+                                continue;
+                            }
+                            Dimension::Header(name)
+                        }
                         None => continue,
                     },
                     None => {
@@ -531,6 +541,9 @@ impl Cx<'_, '_> {
             other => {
                 if let Some(name) = other.strip_prefix("header:") {
                     match self.header_name(name, &key_path_) {
+                        Some(name) if self.is_credential(&name, &key_path_, "a counter key") => {
+                            return placeholder;
+                        }
                         Some(name) => CounterKey::Header(name),
                         None => return placeholder,
                     }
@@ -604,6 +617,27 @@ impl Cx<'_, '_> {
             _ => {}
         }
         key
+    }
+
+    /// Reports (at `path`) and returns true when `name` carries a credential:
+    /// its value must never become `what` (a counter key is kept in memory
+    /// and may be logged; a metric label is published on `/metrics`).
+    fn is_credential(&mut self, name: &HeaderName, path: &str, what: &str) -> bool {
+        let Some(source) = self.credentials.get(name) else {
+            return false;
+        };
+        let origin = match source {
+            Some(at) => format!(" (it is a subscription key header, see {at})"),
+            None => String::new(),
+        };
+        self.err(
+            path,
+            format!(
+                "header '{name}' carries a credential{origin} and must not be used as {what}; \
+                 use subscription or identity to tell callers apart"
+            ),
+        );
+        true
     }
 
     /// A valid HTTP header name, or a problem at `path`.

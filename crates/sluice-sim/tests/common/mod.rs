@@ -171,6 +171,19 @@ impl Streamed {
     }
 }
 
+/// Send a request on a fresh connection and return the response with its
+/// body unread.
+pub async fn open(addr: SocketAddr, call: Call<'_>) -> http::Response<hyper::body::Incoming> {
+    let mut sender = connect(addr).await;
+    let resp = sender
+        .send_request(call.build(addr))
+        .await
+        .expect("response head");
+    // The connection task owns the socket; the sender is not needed again.
+    drop(sender);
+    resp
+}
+
 pub async fn send_streaming(addr: SocketAddr, call: Call<'_>) -> Streamed {
     let mut sender = connect(addr).await;
     let sent_at = Instant::now();
