@@ -28,7 +28,8 @@ pub type Sender = SendRequest<Full<Bytes>>;
 pub struct RequestSpec {
     pub path: String,
     pub host: String,
-    pub api_key: String,
+    /// Prints redacted.
+    pub api_key: sluice_sim::Secret,
     pub body: Bytes,
     /// SSE: the body must end the stream with `data: [DONE]`.
     pub stream: bool,
@@ -242,7 +243,7 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
         .uri(&spec.path)
         .header(hyper::header::HOST, &spec.host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("api-key", &spec.api_key)
+        .header("api-key", spec.api_key.expose())
         .body(Full::new(spec.body.clone()))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();

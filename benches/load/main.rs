@@ -474,7 +474,7 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
             let spec = Arc::new(RequestSpec {
                 path: CHAT_PATH.to_string(),
                 host: t.addr.to_string(),
-                api_key: key.to_string(),
+                api_key: sluice_sim::Secret::new(key),
                 body: scenario.body(),
                 stream: scenario == Scenario::Stream,
             });

@@ -18,7 +18,6 @@
 
 mod accepted;
 mod caller;
-mod clock;
 mod error;
 mod fetch;
 mod keys;
@@ -26,9 +25,9 @@ mod token;
 mod validator;
 
 pub use caller::Caller;
-pub use clock::{Clock, SystemClock};
 pub use error::JwtError;
 pub use fetch::{Fetch, HttpFetch};
+pub use sluice_base::{Clock, ManualClock, SystemClock};
 pub use validator::JwtValidator;
 
 use std::time::Duration;

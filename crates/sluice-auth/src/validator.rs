@@ -399,8 +399,8 @@ fn decode(token: &str, key: &CachedKey) -> Result<Map<String, Value>, JwtError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ManualClock;
     use std::collections::HashMap;
-    use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
 
     #[derive(Debug, Default)]
@@ -414,18 +414,6 @@ mod tests {
         async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.docs.get(url).cloned().ok_or_else(|| "404".to_owned())
-        }
-    }
-
-    #[derive(Debug)]
-    struct ManualClock(Mutex<Duration>);
-
-    impl Clock for ManualClock {
-        fn unix_now(&self) -> Duration {
-            *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-        }
-        fn monotonic(&self) -> Duration {
-            *self.0.lock().unwrap_or_else(PoisonError::into_inner)
         }
     }
 
@@ -448,7 +436,7 @@ mod tests {
                 .collect(),
             calls: AtomicUsize::new(0),
         });
-        let clock = Arc::new(ManualClock(Mutex::new(Duration::from_secs(1000))));
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(1000)));
         let settings = JwtSettings {
             keys_source: KeysSource::OpenIdConfiguration("mem://config".into()),
             issuers: vec![],
@@ -487,10 +475,6 @@ mod tests {
         let mut claims = Map::new();
         claims.insert("sub".into(), Value::String(sub.into()));
         Caller::from_claims(claims)
-    }
-
-    fn set_clock(clock: &ManualClock, secs: u64) {
-        *clock.0.lock().unwrap_or_else(PoisonError::into_inner) = Duration::from_secs(secs);
     }
 
     /// A validator whose tenant publishes the test-only key `a` under `key-a`, and a token it signed.
@@ -590,7 +574,7 @@ mod tests {
             "no fetch on a hit"
         );
         // Once expired it is not served, and falls through to the full check.
-        set_clock(&clock, 2000);
+        clock.advance(Duration::from_secs(1000)); // to 2000 s
         assert_eq!(v.validate(Some(&auth)).await, Err(JwtError::Expired));
     }
 
@@ -627,7 +611,7 @@ mod tests {
             Err(JwtError::Malformed),
             "another token is checked in full"
         );
-        set_clock(&clock, 1100);
+        clock.advance(Duration::from_secs(100)); // to 1100 s
         assert_eq!(
             v.validate(Some("Bearer a.b.c")).await,
             Err(JwtError::Malformed)

@@ -34,7 +34,7 @@ fn http() -> Arc<dyn Fetch> {
 
 struct Env {
     idp: Arc<Idp>,
-    clock: Arc<FakeClock>,
+    clock: Arc<ManualClock>,
     v: Arc<JwtValidator>,
 }
 
@@ -45,7 +45,7 @@ async fn env() -> Env {
 
 async fn env_with(tune: impl FnOnce(JwtSettings) -> JwtSettings) -> Env {
     let idp = Idp::start(vec![keys().a.jwk("key-a")]).await;
-    let clock = FakeClock::new();
+    let clock = fake_clock();
     let s = tune(settings(KeysSource::OpenIdConfiguration(idp.config_url())));
     let v = Arc::new(JwtValidator::with_clock(s, http(), clock.clone()));
     Env { idp, clock, v }
@@ -497,7 +497,7 @@ async fn a_jwks_url_works_without_openid_configuration() {
     let v = JwtValidator::with_clock(
         settings(KeysSource::Jwks(idp.jwks_url())),
         http(),
-        FakeClock::new(),
+        fake_clock(),
     );
     v.validate(Some(&bearer(&token_a(&v2_claims()))))
         .await

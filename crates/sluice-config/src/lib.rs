@@ -20,13 +20,13 @@ mod lines;
 mod parse;
 mod problems;
 mod raw;
-mod secret;
 mod types;
 mod validate;
 
 pub use error::{ConfigErrors, Problem};
 pub use ipnet::IpNet;
-pub use secret::Secret;
+/// The redacted secret type shared by every Sluice crate (resolved API keys, subscription keys, client secrets).
+pub use sluice_base::Secret;
 pub use types::{
     Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, CallLimit, Config, CounterKey,
     Counters, Credential, Dimension, EmitTokenMetric, FIXED_CREDENTIAL_HEADERS, JwtKeys,

@@ -527,7 +527,7 @@ mod tests {
         let credential = Credential::ClientSecret {
             tenant_id: "t".into(),
             client_id: "c".into(),
-            secret: Secret::new("very-secret-value".into()),
+            secret: Secret::new("very-secret-value"),
             authority_host: None,
         };
         let debug = format!("{credential:?}");

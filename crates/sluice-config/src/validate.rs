@@ -344,7 +344,7 @@ impl Cx<'_, '_> {
                         self.err(var_path, format!("environment variable '{var}' is empty"));
                         None
                     }
-                    Some(value) => Some(Secret::new(value.trim().to_string())),
+                    Some(value) => Some(Secret::new(value.trim())),
                 }
             }
             (None, Some(file)) => {
@@ -368,7 +368,7 @@ impl Cx<'_, '_> {
                         self.err(file_path, format!("secret file '{file}' is empty"));
                         None
                     }
-                    Ok(text) => Some(Secret::new(text.trim().to_string())),
+                    Ok(text) => Some(Secret::new(text.trim())),
                 }
             }
         }
@@ -669,7 +669,7 @@ impl Cx<'_, '_> {
             });
             out.push(Subscription {
                 name,
-                primary_key: primary_key.unwrap_or_else(|| Secret::new(String::new())),
+                primary_key: primary_key.unwrap_or_else(|| Secret::new("")),
                 secondary_key,
                 active,
                 apis,

@@ -1,6 +1,6 @@
 //! What the gateway configures: which credential a backend uses, and the scope and transport of its tokens.
 
-use std::fmt;
+use sluice_base::Secret;
 use std::path::PathBuf;
 
 /// The scope Sluice asks for when none is configured: Azure OpenAI / Azure AI services.
@@ -8,8 +8,8 @@ pub const DEFAULT_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 
 /// Which Entra ID credential a backend's tokens come from.
 ///
-/// `Debug` never prints the client secret.
-#[derive(Clone)]
+/// `Debug` never prints the client secret (it is a [`Secret`]).
+#[derive(Debug, Clone)]
 pub enum CredentialConfig {
     /// A managed identity: the App Service / Container Apps endpoint when `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`
     /// are set, otherwise the VM / AKS instance metadata service (IMDS). `client_id: None` is the system-assigned
@@ -35,7 +35,7 @@ pub enum CredentialConfig {
         /// The application (client) id.
         client_id: String,
         /// The resolved secret value. Never logged or printed.
-        secret: String,
+        secret: Secret,
         /// An https authority host other than `https://login.microsoftonline.com` (sovereign clouds).
         authority_host: Option<String>,
     },
@@ -52,40 +52,6 @@ impl CredentialConfig {
             CredentialConfig::WorkloadIdentity { .. } => "workload_identity",
             CredentialConfig::ClientSecret { .. } => "client_secret",
             CredentialConfig::AzureCli => "azure_cli",
-        }
-    }
-}
-
-impl fmt::Debug for CredentialConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CredentialConfig::ManagedIdentity { client_id } => f
-                .debug_struct("ManagedIdentity")
-                .field("client_id", client_id)
-                .finish(),
-            CredentialConfig::WorkloadIdentity {
-                client_id,
-                tenant_id,
-                token_file,
-            } => f
-                .debug_struct("WorkloadIdentity")
-                .field("client_id", client_id)
-                .field("tenant_id", tenant_id)
-                .field("token_file", token_file)
-                .finish(),
-            CredentialConfig::ClientSecret {
-                tenant_id,
-                client_id,
-                secret: _,
-                authority_host,
-            } => f
-                .debug_struct("ClientSecret")
-                .field("tenant_id", tenant_id)
-                .field("client_id", client_id)
-                .field("secret", &"<redacted>")
-                .field("authority_host", authority_host)
-                .finish(),
-            CredentialConfig::AzureCli => f.write_str("AzureCli"),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::config::CredentialConfig;
 use crate::error::{IdentityError, describe};
 use crate::provider::{Fetched, Fetcher};
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
-use azure_core::credentials::{Secret, TokenCredential};
+use azure_core::credentials::{Secret as AzureSecret, TokenCredential};
 use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
 use azure_core::time::Duration;
 use azure_identity::{
@@ -19,6 +19,7 @@ use azure_identity::{
     ClientSecretCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
     UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
+use sluice_base::Secret;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,7 +74,7 @@ impl AzureFetcher {
     fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let CredentialConfig::ClientSecret { secret, .. } = &self.config {
-            secrets.push(secret.clone());
+            secrets.push(secret.expose().to_string());
         }
         if let Ok(header) = std::env::var(IDENTITY_HEADER_ENV) {
             secrets.push(header);
@@ -141,7 +142,7 @@ impl AzureFetcher {
                 ClientSecretCredential::new(
                     tenant_id,
                     client_id.clone(),
-                    Secret::new(secret.clone()),
+                    AzureSecret::new(secret.expose().to_string()),
                     Some(ClientSecretCredentialOptions { client_options }),
                 )
                 .map(|c| c as Arc<dyn TokenCredential>)
@@ -167,7 +168,7 @@ impl Fetcher for AzureFetcher {
             return Err(self.error("the identity endpoint returned an empty access token"));
         }
         Ok(Fetched {
-            token: Arc::from(secret),
+            token: Secret::new(secret),
             expires_at: to_system_time(token.expires_on.unix_timestamp()),
         })
     }

@@ -7,15 +7,14 @@
 //! fetch in flight, and hands the proxy the bearer token. See [`TokenProvider`] for the exact
 //! refresh policy. Errors name the credential type and never contain a token or secret.
 
-mod clock;
 mod config;
 mod credential;
 mod error;
 mod provider;
 
-pub use clock::{Clock, SystemClock};
 pub use config::{CredentialConfig, DEFAULT_SCOPE, ProviderOptions};
 pub use error::IdentityError;
+pub use sluice_base::{Clock, ManualClock, Secret, SystemClock};
 
 use std::fmt;
 use std::sync::Arc;
@@ -61,7 +60,8 @@ impl TokenProvider {
         Self::with_clock(config, options, Arc::new(SystemClock))
     }
 
-    /// Like [`new`](Self::new), with the clock refresh decisions are made against (tests use a manual clock).
+    /// Like [`new`](Self::new), with the clock refresh decisions are made against (tests use a [`ManualClock`]).
+    /// Token expiry is absolute (unix time from the identity endpoint), so only the wall clock is read.
     pub fn with_clock(
         config: CredentialConfig,
         options: ProviderOptions,
@@ -74,7 +74,7 @@ impl TokenProvider {
     }
 
     /// A valid bearer token (without the `Bearer ` prefix), from the cache or fetched.
-    pub async fn token(&self) -> Result<Arc<str>, IdentityError> {
+    pub async fn token(&self) -> Result<Secret, IdentityError> {
         self.inner.token().await
     }
 

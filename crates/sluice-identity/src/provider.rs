@@ -17,8 +17,8 @@
 //! - A fetch gives up after 30 seconds. Fetches run as tokio tasks, so a caller that goes away does not cancel a
 //!   fetch others are waiting on; a tokio runtime is required.
 
-use crate::clock::Clock;
 use crate::error::IdentityError;
+use sluice_base::{Clock, Secret};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,7 +39,7 @@ const MAX_ATTEMPTS: usize = 3;
 /// A token as the identity endpoint returned it.
 #[derive(Clone)]
 pub(crate) struct Fetched {
-    pub(crate) token: Arc<str>,
+    pub(crate) token: Secret,
     pub(crate) expires_at: SystemTime,
 }
 
@@ -50,10 +50,10 @@ pub(crate) trait Fetcher: Send + Sync + fmt::Debug {
 }
 
 /// The shared result of one fetch: `None` until it finishes.
-type Outcome = Option<Result<Arc<str>, IdentityError>>;
+type Outcome = Option<Result<Secret, IdentityError>>;
 
 struct Cached {
-    token: Arc<str>,
+    token: Secret,
     refresh_at: SystemTime,
     usable_until: SystemTime,
 }
@@ -107,7 +107,7 @@ impl fmt::Debug for Inner {
 
 /// What a caller does after looking at the cache.
 enum Next {
-    Ready(Arc<str>),
+    Ready(Secret),
     Wait(watch::Receiver<Outcome>),
 }
 
@@ -141,7 +141,7 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) async fn token(self: &Arc<Self>) -> Result<Arc<str>, IdentityError> {
+    pub(crate) async fn token(self: &Arc<Self>) -> Result<Secret, IdentityError> {
         for _ in 0..MAX_ATTEMPTS {
             let mut rx = match self.next()? {
                 Next::Ready(token) => return Ok(token),
@@ -162,7 +162,7 @@ impl Inner {
     }
 
     fn next(self: &Arc<Self>) -> Result<Next, IdentityError> {
-        let now = self.clock.now();
+        let now = self.clock.system_time();
         let mut state = self.lock();
         let running = state.fetch_running();
         if let Some(cached) = &state.cached
@@ -220,7 +220,7 @@ impl Inner {
                 &[],
             )),
         };
-        let now = self.clock.now();
+        let now = self.clock.system_time();
         let outcome = {
             let mut state = self.lock();
             state.inflight = None;
@@ -295,29 +295,15 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_base::ManualClock;
     use std::collections::VecDeque;
     use tokio::sync::Semaphore;
 
     const MIN: Duration = Duration::from_secs(60);
 
-    #[derive(Debug)]
-    struct ManualClock(Mutex<SystemTime>);
-
-    impl ManualClock {
-        fn new() -> Arc<Self> {
-            Arc::new(ManualClock(Mutex::new(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            )))
-        }
-        fn advance(&self, by: Duration) {
-            *self.0.lock().unwrap() += by;
-        }
-    }
-
-    impl Clock for ManualClock {
-        fn now(&self) -> SystemTime {
-            *self.0.lock().unwrap()
-        }
+    /// 2023-11-14T22:13:20Z, far from any real token's expiry.
+    fn manual_clock() -> Arc<ManualClock> {
+        Arc::new(ManualClock::new(Duration::from_secs(1_700_000_000)))
     }
 
     /// Answers each fetch with the next scripted reply, relative to the clock; `gate` holds fetches until released.
@@ -344,8 +330,8 @@ mod tests {
                 .expect("a scripted reply");
             match reply {
                 Ok(lifetime) => Ok(Fetched {
-                    token: Arc::from(format!("token-{n}")),
-                    expires_at: self.clock.now() + lifetime,
+                    token: Secret::new(format!("token-{n}")),
+                    expires_at: self.clock.system_time() + lifetime,
                 }),
                 Err(message) => Err(IdentityError::new("managed_identity", message, &[])),
             }
@@ -356,7 +342,7 @@ mod tests {
         replies: Vec<Result<Duration, &'static str>>,
         gated: bool,
     ) -> (Arc<Inner>, Arc<ManualClock>, Option<Arc<Semaphore>>) {
-        let clock = ManualClock::new();
+        let clock = manual_clock();
         let gate = gated.then(|| Arc::new(Semaphore::new(0)));
         let script = Arc::new(Script {
             clock: clock.clone(),
@@ -394,9 +380,9 @@ mod tests {
     #[tokio::test]
     async fn a_cached_token_is_reused() {
         let (inner, clock, _) = setup(vec![Ok(60 * MIN)], false);
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         clock.advance(53 * MIN);
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         assert_eq!(inner.fetch_count(), 1);
     }
 
@@ -405,17 +391,17 @@ mod tests {
         let (inner, clock, _) = setup(vec![Ok(60 * MIN), Ok(60 * MIN)], false);
         inner.token().await.unwrap();
         clock.advance(54 * MIN - Duration::from_secs(1));
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         assert_eq!(inner.fetch_count(), 1, "not yet in the refresh window");
         clock.advance(Duration::from_secs(1));
         assert_eq!(
-            &*inner.token().await.unwrap(),
+            inner.token().await.unwrap().expose(),
             "token-1",
             "the refreshing call keeps the valid token"
         );
         assert_eq!(inner.fetch_count(), 2);
         settle(&inner).await;
-        assert_eq!(&*inner.token().await.unwrap(), "token-2");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-2");
         assert_eq!(inner.fetch_count(), 2);
     }
 
@@ -432,12 +418,12 @@ mod tests {
             calls.push(tokio::spawn(async move { inner.token().await }));
         }
         for call in calls {
-            assert_eq!(&*call.await.unwrap().unwrap(), "token-1");
+            assert_eq!(call.await.unwrap().unwrap().expose(), "token-1");
         }
         assert_eq!(inner.fetch_count(), 2, "exactly one refresh in flight");
         gate.add_permits(1);
         settle(&inner).await;
-        assert_eq!(&*inner.token().await.unwrap(), "token-2");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-2");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +441,7 @@ mod tests {
         }
         gate.add_permits(1);
         for call in calls {
-            assert_eq!(&*call.await.unwrap().unwrap(), "token-1");
+            assert_eq!(call.await.unwrap().unwrap().expose(), "token-1");
         }
         assert_eq!(inner.fetch_count(), 1);
     }
@@ -466,7 +452,7 @@ mod tests {
         inner.token().await.unwrap();
         // A 2-minute token: refresh after 1 minute, not handed out in its last 30 seconds.
         clock.advance(90 * Duration::from_secs(1));
-        assert_eq!(&*inner.token().await.unwrap(), "token-2");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-2");
         assert_eq!(inner.fetch_count(), 2);
     }
 
@@ -475,19 +461,19 @@ mod tests {
         let (inner, clock, _) = setup(vec![Ok(60 * MIN), Err("boom"), Ok(60 * MIN)], false);
         inner.token().await.unwrap();
         clock.advance(55 * MIN);
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         settle(&inner).await;
         assert_eq!(inner.fetch_count(), 2);
         // The failure does not reach callers, and the next attempt waits for the retry delay.
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         clock.advance(REFRESH_RETRY_DELAY - Duration::from_secs(1));
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         assert_eq!(inner.fetch_count(), 2);
         clock.advance(Duration::from_secs(1));
         inner.token().await.unwrap();
         assert_eq!(inner.fetch_count(), 3);
         settle(&inner).await;
-        assert_eq!(&*inner.token().await.unwrap(), "token-3");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-3");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,11 +499,11 @@ mod tests {
                     failures += 1;
                 }
                 // A caller scheduled only after the failure starts the second fetch and gets its token.
-                Ok(token) => assert_eq!(&*token, "token-2"),
+                Ok(token) => assert_eq!(token.expose(), "token-2"),
             }
         }
         assert!(failures >= 1);
-        assert_eq!(&*inner.token().await.unwrap(), "token-2");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-2");
         assert_eq!(inner.fetch_count(), 2);
     }
 
@@ -534,7 +520,7 @@ mod tests {
         let inner = Inner::new(
             "workload_identity",
             Box::new(Never),
-            ManualClock::new(),
+            manual_clock(),
             Duration::from_millis(20),
         );
         let error = inner.token().await.unwrap_err();
@@ -556,7 +542,7 @@ mod tests {
         let (tx, rx) = watch::channel(None);
         drop(tx);
         inner.lock().inflight = Some(rx);
-        assert_eq!(&*inner.token().await.unwrap(), "token-1");
+        assert_eq!(inner.token().await.unwrap().expose(), "token-1");
         assert_eq!(inner.fetch_count(), 1);
     }
 

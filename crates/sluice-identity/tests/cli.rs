@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::ManualClock;
+use common::manual_clock;
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -57,12 +57,12 @@ fn azure_cli_with_a_fake_az_on_path() {
         .expect("runtime");
     runtime.block_on(async {
         // Success, cached, and refreshed before expiry.
-        let clock = ManualClock::new();
+        let clock = manual_clock();
         let provider = TokenProvider::with_clock(CredentialConfig::AzureCli, ProviderOptions::default(), clock.clone())
             .expect("provider");
         assert_eq!(provider.kind(), "azure_cli");
-        assert_eq!(&*provider.token().await.expect("token"), "cli-token-1");
-        assert_eq!(&*provider.token().await.expect("token"), "cli-token-1");
+        assert_eq!(provider.token().await.expect("token").expose(), "cli-token-1");
+        assert_eq!(provider.token().await.expect("token").expose(), "cli-token-1");
         let logged = calls(dir.path());
         assert_eq!(logged.len(), 1, "cached: {logged:?}");
         assert!(
@@ -74,7 +74,7 @@ fn azure_cli_with_a_fake_az_on_path() {
         clock.advance(Duration::from_secs(55 * 60));
         provider.token().await.expect("token");
         clock.advance(Duration::from_secs(4 * 60 + 40));
-        assert_eq!(&*provider.token().await.expect("token"), "cli-token-2");
+        assert_eq!(provider.token().await.expect("token").expose(), "cli-token-2");
         assert_eq!(provider.fetch_count(), 2);
 
         // A failing `az`.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{FakeServer, JWT_LIKE, ManualClock, Recorded, RedirectToLocal, Reply, handler};
+use common::{FakeServer, JWT_LIKE, Recorded, RedirectToLocal, Reply, handler, manual_clock};
 use serde_json::json;
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use std::sync::Arc;
@@ -63,8 +63,14 @@ async fn client_credentials_grant_gets_a_token_and_caches_it() {
     };
     let provider = TokenProvider::new(config(SECRET, None), options).expect("provider");
     assert_eq!(provider.kind(), "client_secret");
-    assert_eq!(&*provider.token().await.expect("token"), "sp-token-1");
-    assert_eq!(&*provider.token().await.expect("token"), "sp-token-1");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "sp-token-1"
+    );
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "sp-token-1"
+    );
     assert_eq!(provider.fetch_count(), 1);
 
     let requests = fake.requests();
@@ -119,19 +125,28 @@ async fn a_custom_authority_host_and_scope_are_used() {
 async fn an_early_refresh_reaches_the_token_endpoint() {
     let fake = FakeServer::start(token_endpoint());
     let redirect = RedirectToLocal::new(fake.port);
-    let clock = ManualClock::new();
+    let clock = manual_clock();
     let options = ProviderOptions {
         transport: Some(redirect.transport()),
         ..ProviderOptions::default()
     };
     let provider =
         TokenProvider::with_clock(config(SECRET, None), options, clock.clone()).expect("provider");
-    assert_eq!(&*provider.token().await.expect("token"), "sp-token-1");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "sp-token-1"
+    );
     // 54 minutes into a 1-hour token Sluice refreshes, while azure_identity's own cache would still answer.
     clock.advance(Duration::from_secs(54 * 60));
-    assert_eq!(&*provider.token().await.expect("token"), "sp-token-1");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "sp-token-1"
+    );
     clock.advance(Duration::from_secs(5 * 60 + 40));
-    assert_eq!(&*provider.token().await.expect("token"), "sp-token-2");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "sp-token-2"
+    );
     assert_eq!(fake.requests().len(), 2);
     assert_eq!(provider.fetch_count(), 2);
 }

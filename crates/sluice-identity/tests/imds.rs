@@ -35,11 +35,11 @@ async fn user_assigned_identity_through_imds() {
     };
     let provider = TokenProvider::new(config, options).expect("provider");
     assert_eq!(
-        &*provider.token().await.expect("token"),
+        provider.token().await.expect("token").expose(),
         "imds-token-aks-kubelet-identity"
     );
     assert_eq!(
-        &*provider.token().await.expect("token"),
+        provider.token().await.expect("token").expose(),
         "imds-token-aks-kubelet-identity"
     );
     assert_eq!(provider.fetch_count(), 1);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{FakeServer, JWT_LIKE, ManualClock, Recorded, Reply, handler, unix_now};
+use common::{FakeServer, JWT_LIKE, Recorded, Reply, handler, manual_clock, unix_now};
 use serde_json::json;
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use std::sync::Arc;
@@ -134,12 +134,12 @@ async fn system_assigned_token_is_fetched_once_and_cached(fake: &FakeServer) {
     .expect("provider");
     assert_eq!(provider.kind(), "managed_identity");
     assert_eq!(provider.fetch_count(), 0, "new() does no I/O");
-    let first = provider.token().await.expect("token");
+    let first = provider.token().await.expect("token").expose().to_owned();
     assert!(
         first.starts_with("mi-") && first.ends_with("-system"),
         "{first}"
     );
-    let second = provider.token().await.expect("token");
+    let second = provider.token().await.expect("token").expose().to_owned();
     assert_eq!(first, second);
     assert_eq!(provider.fetch_count(), 1);
 
@@ -160,7 +160,7 @@ async fn user_assigned_identity_sends_its_client_id(fake: &FakeServer) {
         client_id: Some("uai-client-1".into()),
     };
     let provider = TokenProvider::new(config, options(HOURLY)).expect("provider");
-    let token = provider.token().await.expect("token");
+    let token = provider.token().await.expect("token").expose().to_owned();
     assert!(token.ends_with("-uai-client-1"), "{token}");
     let seen: Vec<_> = fake
         .requests()
@@ -174,20 +174,20 @@ async fn user_assigned_identity_sends_its_client_id(fake: &FakeServer) {
 /// azure_identity would keep returning its cached 1-hour token until its last 5 minutes; Sluice's refresh at 54
 /// minutes must still reach the endpoint.
 async fn a_refresh_reaches_the_endpoint_despite_azure_identitys_own_cache(fake: &FakeServer) {
-    let clock = ManualClock::new();
+    let clock = manual_clock();
     let config = CredentialConfig::ManagedIdentity {
         client_id: Some("refresh-test".into()),
     };
     let provider =
         TokenProvider::with_clock(config, options(HOURLY), clock.clone()).expect("provider");
     let before = fake.count(for_resource(HOURLY));
-    let old = provider.token().await.expect("token");
+    let old = provider.token().await.expect("token").expose().to_owned();
     clock.advance(Duration::from_secs(55 * 60));
     // The refresh runs in the background; past the old token's last usable moment the caller waits for it.
-    assert_eq!(provider.token().await.expect("token"), old);
+    assert_eq!(provider.token().await.expect("token").expose(), old);
     assert_eq!(provider.fetch_count(), 2);
     clock.advance(Duration::from_secs(4 * 60 + 40));
-    let new = provider.token().await.expect("token");
+    let new = provider.token().await.expect("token").expose().to_owned();
     assert_ne!(new, old);
     assert_eq!(fake.count(for_resource(HOURLY)) - before, 2);
     assert_eq!(provider.fetch_count(), 2);
@@ -197,14 +197,14 @@ async fn a_token_near_expiry_is_refreshed_while_callers_keep_the_old_one(
     fake: &FakeServer,
     gate: &Semaphore,
 ) {
-    let clock = ManualClock::new();
+    let clock = manual_clock();
     let config = CredentialConfig::ManagedIdentity { client_id: None };
     let provider =
         TokenProvider::with_clock(config, options(GATED), clock.clone()).expect("provider");
     // The endpoint issues 2-minute tokens: refreshed after 1 minute, not handed out in their last 30 seconds.
-    let old = provider.token().await.expect("token");
+    let old = provider.token().await.expect("token").expose().to_owned();
     assert_eq!(
-        provider.token().await.expect("token"),
+        provider.token().await.expect("token").expose(),
         old,
         "not refreshed right away"
     );
@@ -218,14 +218,14 @@ async fn a_token_near_expiry_is_refreshed_while_callers_keep_the_old_one(
         calls.push(tokio::spawn(async move { provider.token().await }));
     }
     for call in calls {
-        assert_eq!(call.await.unwrap().expect("token"), old);
+        assert_eq!(call.await.unwrap().expect("token").expose(), old);
     }
     assert_eq!(provider.fetch_count(), 2, "one refresh in flight");
 
     gate.add_permits(1);
     // Past the old token's usable time the caller joins the refresh in flight instead of starting another.
     clock.advance(Duration::from_secs(30));
-    let new = provider.token().await.expect("token");
+    let new = provider.token().await.expect("token").expose().to_owned();
     assert_ne!(new, old);
     assert_eq!(provider.fetch_count(), 2);
     assert_eq!(fake.count(for_resource(GATED)), 2);
@@ -244,7 +244,7 @@ async fn fifty_concurrent_callers_with_an_empty_cache_cause_one_fetch(fake: &Fak
     }
     let mut tokens = Vec::new();
     for call in calls {
-        tokens.push(call.await.unwrap().expect("token"));
+        tokens.push(call.await.unwrap().expect("token").expose().to_owned());
     }
     assert!(tokens.iter().all(|t| *t == tokens[0]));
     assert_eq!(provider.fetch_count(), 1);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{FakeServer, ManualClock, Recorded, RedirectToLocal, Reply, handler};
+use common::{FakeServer, Recorded, RedirectToLocal, Reply, handler, manual_clock};
 use serde_json::json;
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use std::sync::Arc;
@@ -45,15 +45,21 @@ async fn the_federated_token_is_exchanged_and_reread_on_refresh() {
         tenant_id: Some(TENANT.into()),
         token_file: Some(token_file.clone()),
     };
-    let clock = ManualClock::new();
+    let clock = manual_clock();
     let options = ProviderOptions {
         transport: Some(redirect.transport()),
         ..ProviderOptions::default()
     };
     let provider = TokenProvider::with_clock(config, options, clock.clone()).expect("provider");
     assert_eq!(provider.kind(), "workload_identity");
-    assert_eq!(&*provider.token().await.expect("token"), "wi-token-1");
-    assert_eq!(&*provider.token().await.expect("token"), "wi-token-1");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "wi-token-1"
+    );
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "wi-token-1"
+    );
 
     let first = &fake.requests()[0];
     assert_eq!(first.path, format!("/{TENANT}/oauth2/v2.0/token"));
@@ -80,7 +86,10 @@ async fn the_federated_token_is_exchanged_and_reread_on_refresh() {
     clock.advance(Duration::from_secs(54 * 60));
     provider.token().await.expect("token");
     clock.advance(Duration::from_secs(5 * 60 + 40));
-    assert_eq!(&*provider.token().await.expect("token"), "wi-token-2");
+    assert_eq!(
+        provider.token().await.expect("token").expose(),
+        "wi-token-2"
+    );
     let requests = fake.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(

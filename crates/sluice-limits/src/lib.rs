@@ -20,24 +20,23 @@
 //! - idle counters are dropped by [`MemoryStore::purge_expired`], which is never run on the request path: the
 //!   embedding process calls it periodically from a background task.
 //!
-//! Time comes from a [`Clock`] (milliseconds since the UNIX epoch, wall clock) so that tests drive it with a
-//! [`ManualClock`] and calendar periods agree across replicas.
+//! Time comes from a [`Clock`] (its wall clock, [`Clock::now_millis`]: milliseconds since the UNIX epoch) so that
+//! tests drive it with a [`ManualClock`] and calendar periods agree across replicas.
 //!
 //! The message helpers ([`rate_limit_message`] and friends) produce APIM's texts for the 429/403 bodies.
 
-mod clock;
 mod key;
 mod memory;
 mod messages;
 mod store;
 mod window;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use key::client_key;
 pub use memory::MemoryStore;
 pub use messages::{
     call_quota_message, rate_limit_message, retry_after_secs, token_limit_message,
     token_quota_message,
 };
+pub use sluice_base::{Clock, ManualClock, SystemClock};
 pub use store::{CounterStore, Exceeded, Reservation, Usage};
 pub use window::{Limit, Period, Window};

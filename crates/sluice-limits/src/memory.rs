@@ -81,7 +81,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::clock::Clock;
+use crate::Clock;
 use crate::store::{CounterId, CounterStore, Exceeded, Reservation, Usage};
 use crate::window::{Limit, Window, duration_millis};
 
@@ -747,14 +747,14 @@ fn slot_width(window: &Window) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
-    use crate::window::{DAY_MS, Period, days_from_civil};
+    use crate::ManualClock;
+    use crate::window::Period;
 
     /// 2023-11-14T22:14:00Z, a multiple of 60 s (so slot boundaries of 1-minute windows fall on whole seconds).
     const T0: u64 = 1_700_000_040_000;
 
     fn store_at(start: u64) -> (Arc<ManualClock>, MemoryStore) {
-        let clock = Arc::new(ManualClock::new(start));
+        let clock = Arc::new(ManualClock::from_millis(start));
         let store = MemoryStore::new(clock.clone());
         (clock, store)
     }
@@ -809,11 +809,11 @@ mod tests {
         let (clock, store) = store_at(T0);
         let limit = sliding(3, 10);
         for (offset, remaining) in [(0, 2), (2_000, 1), (4_000, 0)] {
-            clock.set(T0 + offset);
+            clock.set_millis(T0 + offset);
             let r = reserve(&store, "k", &limit, 1).expect("fits");
             assert_eq!((r.amount(), r.remaining()), (1, remaining));
         }
-        clock.set(T0 + 5_000);
+        clock.set_millis(T0 + 5_000);
         let refused = reserve(&store, "k", &limit, 1).expect_err("full");
         assert_eq!(
             refused,
@@ -824,10 +824,10 @@ mod tests {
             }
         );
         // One millisecond before the oldest charge expires the window is still full ...
-        clock.set(T0 + 9_999);
+        clock.set_millis(T0 + 9_999);
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 1)), 1);
         // ... and exactly at Retry-After it fits.
-        clock.set(T0 + 10_000);
+        clock.set_millis(T0 + 10_000);
         assert_eq!(
             reserve(&store, "k", &limit, 1)
                 .expect("fits again")
@@ -843,17 +843,17 @@ mod tests {
         let (clock, store) = store_at(T0);
         let limit = sliding(10, 60);
         for (offset, amount) in [(0, 4), (10_000, 3), (20_000, 3)] {
-            clock.set(T0 + offset);
+            clock.set_millis(T0 + offset);
             reserve(&store, "k", &limit, amount).expect("fits");
         }
-        clock.set(T0 + 30_000);
+        clock.set_millis(T0 + 30_000);
         // 5 more need 5 freed: the first slot frees 4, the second brings it to 7.
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 5)), 40_000);
         // 4 more need only the first slot.
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 4)), 30_000);
-        clock.set(T0 + 69_999);
+        clock.set_millis(T0 + 69_999);
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 5)), 1);
-        clock.set(T0 + 70_000);
+        clock.set_millis(T0 + 70_000);
         assert_eq!(
             reserve(&store, "k", &limit, 5).expect("fits").remaining(),
             2
@@ -866,21 +866,21 @@ mod tests {
         // A 60 s window has 1 s slots.
         let limit = sliding(2, 60);
         reserve(&store, "k", &limit, 1).expect("fits");
-        clock.set(T0 + 400);
+        clock.set_millis(T0 + 400);
         reserve(&store, "k", &limit, 1).expect("fits");
         assert_eq!(slot_count(&store, "k", &limit), 1);
         // The merged slot counts until its latest charge is a window old: at most one slot longer than exact.
-        clock.set(T0 + 500);
+        clock.set_millis(T0 + 500);
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 1)), 59_900);
-        clock.set(T0 + 60_399);
+        clock.set_millis(T0 + 60_399);
         assert!(reserve(&store, "k", &limit, 1).is_err());
-        clock.set(T0 + 60_400);
+        clock.set_millis(T0 + 60_400);
         reserve(&store, "k", &limit, 1).expect("fits");
 
         // A charge every 7 ms for several windows never holds more than ~62 slots.
         let busy = sliding(u64::MAX, 1);
         for i in 0..2_000 {
-            clock.set(T0 + 100_000 + i * 7);
+            clock.set_millis(T0 + 100_000 + i * 7);
             reserve(&store, "busy", &busy, 1).expect("fits");
             assert!(slot_count(&store, "busy", &busy) <= 62);
         }
@@ -902,7 +902,7 @@ mod tests {
         );
 
         // Up: the window may go over its limit; later requests wait, even a check of 0.
-        clock.set(T0 + 10_000);
+        clock.set_millis(T0 + 10_000);
         let second = reserve(&store, "k", &limit, 10).expect("fits");
         store.reconcile_now(&second, 150);
         let usage = store.peek_now("k", &limit);
@@ -920,18 +920,18 @@ mod tests {
         let (clock, store) = store_at(T0);
         let limit = sliding(1_000, 60);
         let early = reserve(&store, "k", &limit, 10).expect("fits");
-        clock.set(T0 + 30_000);
+        clock.set_millis(T0 + 30_000);
         reserve(&store, "k", &limit, 10).expect("fits");
         store.reconcile_now(&early, 40);
         assert_eq!(store.peek_now("k", &limit).used, 50);
         // The early reservation (10) expires a window after it was charged; the
         // extra 30, consumed at T0+30s, counts until T0+90s.
-        clock.set(T0 + 60_000);
+        clock.set_millis(T0 + 60_000);
         assert_eq!(store.peek_now("k", &limit).used, 40);
         // Giving back from an expired slot changes nothing.
         store.reconcile_now(&early, 0);
         assert_eq!(store.peek_now("k", &limit).used, 40);
-        clock.set(T0 + 90_000);
+        clock.set_millis(T0 + 90_000);
         assert_eq!(store.peek_now("k", &limit).used, 0);
     }
 
@@ -941,7 +941,7 @@ mod tests {
         let limit = sliding(1_000, 60);
         // A long stream: reserved at the start, reconciled 90 s later.
         let r = reserve(&store, "k", &limit, 20).expect("fits");
-        clock.set(T0 + 90_000);
+        clock.set_millis(T0 + 90_000);
         store.reconcile_now(&r, 900);
         let u = store.peek_now("k", &limit);
         assert_eq!((u.used, u.remaining), (880, 120));
@@ -955,11 +955,11 @@ mod tests {
         // A token limit that does not estimate reserves 0 and charges the usage afterwards.
         let zero = reserve(&store, "k", &limit, 0).expect("fits");
         assert_eq!((zero.amount(), zero.remaining()), (0, 1_000));
-        clock.set(T0 + 20_000);
+        clock.set_millis(T0 + 20_000);
         reserve(&store, "k", &limit, 5).expect("fits");
         store.reconcile_now(&zero, 300);
         assert_eq!(store.peek_now("k", &limit).used, 305);
-        clock.set(T0 + 80_000);
+        clock.set_millis(T0 + 80_000);
         assert_eq!(store.peek_now("k", &limit).used, 0);
 
         // The counter of an idle key is purged while its request runs; the usage still counts.
@@ -968,7 +968,7 @@ mod tests {
         store.reconcile_now(&zero, 700);
         assert_eq!(store.peek_now("idle", &limit).used, 700);
         // Reconciling down a counter that no longer exists changes nothing and creates nothing.
-        clock.set(T0 + 200_000);
+        clock.set_millis(T0 + 200_000);
         assert!(store.purge_expired() >= 1);
         let gone = Reservation::new("gone", &limit, 0, T0, 10, 0);
         store.reconcile_now(&gone, 1);
@@ -992,9 +992,9 @@ mod tests {
                 .remaining(),
             1
         );
-        clock.set(T0 + 1_000);
+        clock.set_millis(T0 + 1_000);
         reserve(&store, "k", &limit, 1).expect("fits");
-        clock.set(T0 + 2_000);
+        clock.set_millis(T0 + 2_000);
         let refused = reserve(&store, "k", &limit, 0).expect_err("spent");
         // One unit must expire for the window not to be spent.
         assert_eq!(
@@ -1019,9 +1019,9 @@ mod tests {
         // Empty: a whole window.
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 11)), 60_000);
         reserve(&store, "k", &limit, 3).expect("fits");
-        clock.set(T0 + 5_000);
+        clock.set_millis(T0 + 5_000);
         reserve(&store, "k", &limit, 3).expect("fits");
-        clock.set(T0 + 6_000);
+        clock.set_millis(T0 + 6_000);
         let refused = reserve(&store, "k", &limit, 11).expect_err("never fits");
         assert_eq!(
             refused,
@@ -1044,7 +1044,7 @@ mod tests {
         );
         // Fixed windows: until the window ends.
         let fixed = Limit::new(5, Window::Fixed(Duration::from_secs(300)));
-        clock.set(T0 + 60_000);
+        clock.set_millis(T0 + 60_000);
         assert_eq!(
             retry_ms(reserve(&store, "k", &fixed, 6)),
             300_000 - (T0 + 60_000) % 300_000
@@ -1084,9 +1084,9 @@ mod tests {
                 used: 2
             }
         );
-        clock.set(window_start + 299_999);
+        clock.set_millis(window_start + 299_999);
         assert_eq!(retry_ms(reserve(&store, "k", &limit, 1)), 1);
-        clock.set(window_start + 300_000);
+        clock.set_millis(window_start + 300_000);
         assert_eq!(
             reserve(&store, "k", &limit, 1)
                 .expect("new window")
@@ -1110,7 +1110,14 @@ mod tests {
 
     /// Milliseconds of `year-month-day hh:mm:ss` UTC.
     fn at(year: u64, month: u64, day: u64, h: u64, m: u64, s: u64) -> u64 {
-        days_from_civil(year, month, day) * DAY_MS + ((h * 60 + m) * 60 + s) * 1_000
+        let small = |n: u64| u8::try_from(n).unwrap();
+        let month = time::Month::try_from(small(month)).unwrap();
+        let date = time::Date::from_calendar_date(i32::try_from(year).unwrap(), month, small(day));
+        let t = date
+            .unwrap()
+            .with_hms(small(h), small(m), small(s))
+            .unwrap();
+        u64::try_from(t.as_utc().unix_timestamp()).unwrap() * 1_000
     }
 
     #[test]
@@ -1154,9 +1161,9 @@ mod tests {
                 Duration::from_millis(boundary - now),
                 "{period:?}"
             );
-            clock.set(boundary - 1);
+            clock.set_millis(boundary - 1);
             assert!(reserve(&store, "k", &limit, 1).is_err(), "{period:?}");
-            clock.set(boundary);
+            clock.set_millis(boundary);
             assert_eq!(
                 reserve(&store, "k", &limit, 1)
                     .expect("new period")
@@ -1170,7 +1177,7 @@ mod tests {
         let monthly = Limit::new(1, Window::Calendar(Period::Monthly));
         reserve(&store, "k", &monthly, 1).expect("fits");
         assert_eq!(retry_ms(reserve(&store, "k", &monthly, 1)), 1_000);
-        clock.set(at(2024, 3, 1, 0, 0, 0));
+        clock.set_millis(at(2024, 3, 1, 0, 0, 0));
         reserve(&store, "k", &monthly, 1).expect("March");
     }
 
@@ -1239,10 +1246,10 @@ mod tests {
             3,
             "only the keys that hold no charge are idle"
         );
-        clock.set(T0 + 1_000);
+        clock.set_millis(T0 + 1_000);
         assert_eq!(store.purge_expired(), 100);
         // The fixed windows end at the next minute boundary (T0 is on one).
-        clock.set(T0 + 60_000);
+        clock.set_millis(T0 + 60_000);
         assert_eq!(store.purge_expired(), 101);
         assert!(store.is_empty());
     }
@@ -1252,18 +1259,18 @@ mod tests {
         let (clock, store) = store_at(T0 + 10_000);
         let limit = sliding(3, 60);
         reserve(&store, "k", &limit, 1).expect("fits");
-        clock.set(T0);
+        clock.set_millis(T0);
         let back = reserve(&store, "k", &limit, 1).expect("fits");
         assert_eq!(slot_count(&store, "k", &limit), 1);
         assert_eq!(back.charged_at_millis(), T0 + 10_000);
         store.reconcile_now(&back, 2);
         assert!(reserve(&store, "k", &limit, 1).is_err());
-        clock.set(T0 + 70_000);
+        clock.set_millis(T0 + 70_000);
         assert_eq!(store.peek_now("k", &limit).used, 0);
         // A fixed window whose clock went back simply starts that window again.
         let quota = Limit::new(1, Window::Fixed(Duration::from_secs(60)));
         reserve(&store, "q", &quota, 1).expect("fits");
-        clock.set(T0);
+        clock.set_millis(T0);
         reserve(&store, "q", &quota, 1).expect("the earlier window");
     }
 
@@ -1287,7 +1294,7 @@ mod tests {
     // ---- The cap, eviction and purging ----
 
     fn capped(max_keys: usize) -> (Arc<ManualClock>, MemoryStore) {
-        let clock = Arc::new(ManualClock::new(T0));
+        let clock = Arc::new(ManualClock::from_millis(T0));
         let store = MemoryStore::with_max_keys(clock.clone(), max_keys);
         (clock, store)
     }
@@ -1369,7 +1376,7 @@ mod tests {
         assert_eq!((store.len(), store.evictions()), (100, 9_900));
 
         // Several shards: each holds its share of the cap, which sums to the cap.
-        let clock = Arc::new(ManualClock::new(T0));
+        let clock = Arc::new(ManualClock::from_millis(T0));
         let store = MemoryStore::with_shards(clock, 4_099, 4);
         let caps: Vec<usize> = store.shards.iter().map(|s| read(&s.0).cap).collect();
         assert_eq!(caps, [1_025, 1_025, 1_025, 1_024]);
@@ -1426,7 +1433,7 @@ mod tests {
         assert!(!holds(&store, "a", &limit));
 
         // The key comes back in the same slot: the old reservation does not touch the new counter.
-        clock.set(T0 + 100);
+        clock.set_millis(T0 + 100);
         let new = reserve(&store, "a", &limit, 5).expect("fits");
         assert_eq!(new.bucket(), old.bucket());
         store.reconcile_now(&old, 0);
@@ -1434,7 +1441,7 @@ mod tests {
         store.reconcile_now(&old, 50);
         assert_eq!(store.peek_now("a", &limit).used, 5);
         // A purged (not evicted) counter is still recreated by a reconcile up.
-        clock.set(T0 + 60_100);
+        clock.set_millis(T0 + 60_100);
         assert_eq!(store.purge_expired(), 2);
         store.reconcile_now(&new, 40);
         assert_eq!(store.peek_now("a", &limit).used, 35);
@@ -1446,7 +1453,7 @@ mod tests {
         let (clock, store) = capped(10_000);
         let limit = sliding(10, 1);
         for batch in 0..30u64 {
-            clock.set(T0 + batch * 1_000);
+            clock.set_millis(T0 + batch * 1_000);
             for i in 0..100 {
                 reserve(&store, &format!("{batch}-{i}"), &limit, 1).expect("fits");
             }
@@ -1460,7 +1467,7 @@ mod tests {
 
     #[test]
     fn purge_keeps_counters_with_live_charges_and_gives_memory_back() {
-        let clock = Arc::new(ManualClock::new(T0));
+        let clock = Arc::new(ManualClock::from_millis(T0));
         let store = MemoryStore::with_shards(clock.clone(), 10_000, 1);
         let limit = sliding(10, 1);
         let long = sliding(10, 60);
@@ -1470,7 +1477,7 @@ mod tests {
         let live: Vec<Reservation> = (0..100)
             .map(|i| reserve(&store, &format!("live{i}"), &long, 2).expect("fits"))
             .collect();
-        clock.set(T0 + 1_000);
+        clock.set_millis(T0 + 1_000);
         assert_eq!(store.purge_expired(), 1_000);
         assert_eq!(store.len(), 100);
         {
@@ -1530,7 +1537,7 @@ mod tests {
         let (_clock, default) = store_at(T0);
         assert_eq!(default.max_keys, MemoryStore::DEFAULT_MAX_KEYS);
         // More shards than keys are not made.
-        let store = MemoryStore::with_shards(Arc::new(ManualClock::new(T0)), 3, 8);
+        let store = MemoryStore::with_shards(Arc::new(ManualClock::from_millis(T0)), 3, 8);
         assert_eq!(store.shards.len(), 3);
     }
 }

@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use time::util::days_in_year;
+use time::{Date, UtcDateTime};
+
 pub(crate) const HOUR_MS: u64 = 3_600_000;
 pub(crate) const DAY_MS: u64 = 24 * HOUR_MS;
 
@@ -91,20 +94,18 @@ fn calendar_bounds(period: Period, now: u64) -> (u64, u64) {
             (day.saturating_sub(weekday), day + 7 - weekday)
         }
         Period::Monthly => {
-            let (year, month, _) = civil_from_days(day);
-            let (next_year, next_month) = if month == 12 {
-                (year + 1, 1)
-            } else {
-                (year, month + 1)
+            let Some(date) = date_of_day(day) else {
+                return (CALENDAR_END_MS, u64::MAX);
             };
-            (
-                days_from_civil(year, month, 1),
-                days_from_civil(next_year, next_month, 1),
-            )
+            let start = day - u64::from(date.day() - 1);
+            (start, start + u64::from(date.month().length(date.year())))
         }
         Period::Yearly => {
-            let (year, _, _) = civil_from_days(day);
-            (days_from_civil(year, 1, 1), days_from_civil(year + 1, 1, 1))
+            let Some(date) = date_of_day(day) else {
+                return (CALENDAR_END_MS, u64::MAX);
+            };
+            let start = day - u64::from(date.ordinal() - 1);
+            (start, start + u64::from(days_in_year(date.year())))
         }
     };
     (
@@ -113,49 +114,18 @@ fn calendar_bounds(period: Period, now: u64) -> (u64, u64) {
     )
 }
 
-// Civil (proleptic Gregorian) calendar arithmetic for dates on or after 1970-01-01.
-//
-// Years are counted from March 1st so that the leap day is the last day of the counting year; the calendar then
-// repeats every 400 years (146 097 days), and inside a 400-year cycle a counting year's first day is
-// 365·y + y/4 − y/100 days after the cycle's start. Months from March have the lengths 31 30 31 30 31 31 30 31 30 31
-// 31 28/29, whose running totals are (153·m + 2) / 5 for m = 0 (March) … 11 (February).
+// Dates come from the `time` crate, whose calendar is proleptic Gregorian and ends with 9999-12-31. Later instants
+// (no one's quota period) fall into one last month or year, from 10000-01-01, that never ends.
 
-/// Days from 0000-03-01 (the start of a 400-year cycle) to 1970-01-01.
-const EPOCH_FROM_CYCLE_START: u64 = 719_468;
-const DAYS_PER_400_YEARS: u64 = 146_097;
+/// The julian day number of 1970-01-01.
+const EPOCH_JULIAN_DAY: i32 = UtcDateTime::UNIX_EPOCH.to_julian_day();
+/// Milliseconds since the epoch of 10000-01-01, the day after the calendar's last day.
+const CALENDAR_END_MS: u64 = (Date::MAX.to_julian_day() + 1 - EPOCH_JULIAN_DAY) as u64 * DAY_MS;
 
-/// Days since 1970-01-01 of the date `year-month-day` (month 1..=12, day 1..=31); the date must not precede 1970.
-pub(crate) fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    // Counting years start in March: January and February belong to the previous counting year.
-    let counting_year = if month <= 2 { year - 1 } else { year };
-    let cycle = counting_year / 400;
-    let year_of_cycle = counting_year % 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_cycle = 365 * year_of_cycle + year_of_cycle / 4 - year_of_cycle / 100 + day_of_year;
-    (cycle * DAYS_PER_400_YEARS + day_of_cycle).saturating_sub(EPOCH_FROM_CYCLE_START)
-}
-
-/// The date `(year, month 1..=12, day 1..=31)` that is `days` days after 1970-01-01.
-pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let from_cycle_start = days + EPOCH_FROM_CYCLE_START;
-    let cycle = from_cycle_start / DAYS_PER_400_YEARS;
-    let day_of_cycle = from_cycle_start % DAYS_PER_400_YEARS;
-    // Remove the leap days (one per 4 years, none per 100, one per 400) to find the counting year in the cycle.
-    let year_of_cycle = (day_of_cycle - day_of_cycle / 1_460 + day_of_cycle / 36_524
-        - day_of_cycle / 146_096)
-        / 365;
-    let day_of_year =
-        day_of_cycle - (365 * year_of_cycle + year_of_cycle / 4 - year_of_cycle / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = cycle * 400 + year_of_cycle + u64::from(month <= 2);
-    (year, month, day)
+/// The UTC date `days` days after 1970-01-01; `None` past the calendar's last day.
+fn date_of_day(days: u64) -> Option<Date> {
+    let julian = i32::try_from(days).ok()?.checked_add(EPOCH_JULIAN_DAY)?;
+    Date::from_julian_day(julian).ok()
 }
 
 #[cfg(test)]
@@ -175,18 +145,29 @@ mod tests {
         }
     }
 
+    /// `year-month-day` as the `time` crate has it.
+    fn date(year: u64, month: u64, day: u64) -> Date {
+        let month = time::Month::try_from(u8::try_from(month).unwrap()).unwrap();
+        Date::from_calendar_date(year as i32, month, day as u8).unwrap()
+    }
+
+    /// Days since 1970-01-01 of `year-month-day`.
+    fn days(year: u64, month: u64, day: u64) -> u64 {
+        u64::try_from(date(year, month, day).to_julian_day() - EPOCH_JULIAN_DAY).unwrap()
+    }
+
     /// Milliseconds of `year-month-day hh:mm:ss` UTC.
     fn at(year: u64, month: u64, day: u64, h: u64, m: u64, s: u64) -> u64 {
-        days_from_civil(year, month, day) * DAY_MS + h * HOUR_MS + m * 60_000 + s * 1_000
+        days(year, month, day) * DAY_MS + h * HOUR_MS + m * 60_000 + s * 1_000
     }
 
     #[test]
-    fn civil_conversion_matches_a_day_by_day_walk() {
+    fn day_numbers_match_a_day_by_day_walk() {
         // Walk every day from 1970 to 2400 with plain month lengths and compare both directions.
         let (mut y, mut m, mut d) = (1970, 1, 1);
-        for days in 0..days_from_civil(2400, 3, 1) {
-            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
-            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        for n in 0..days(2400, 3, 1) {
+            assert_eq!(date_of_day(n), Some(date(y, m, d)), "day {n}");
+            assert_eq!(days(y, m, d), n, "{y}-{m}-{d}");
             d += 1;
             if d > month_len(y, m) {
                 d = 1;
@@ -201,13 +182,27 @@ mod tests {
 
     #[test]
     fn known_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days(1970, 1, 1), 0);
         // 2000-03-01 is day 11 017; 2024-02-29 is day 19 782 (both from `date -u -d ... +%s` / 86400).
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(days(2000, 3, 1), 11_017);
+        assert_eq!(days(2024, 2, 29), 19_782);
+        assert_eq!(date_of_day(19_782), Some(date(2024, 2, 29)));
         // 1_700_000_000 s = 2023-11-14T22:13:20Z.
         assert_eq!(at(2023, 11, 14, 22, 13, 20), 1_700_000_000_000);
+        // 253_402_300_800 s = 10000-01-01T00:00:00Z, the day after the calendar's last.
+        assert_eq!(CALENDAR_END_MS, 253_402_300_800_000);
+        assert_eq!(CALENDAR_END_MS, at(9999, 12, 31, 0, 0, 0) + DAY_MS);
+    }
+
+    #[test]
+    fn days_past_the_calendar_have_no_date() {
+        let last = days(9999, 12, 31);
+        assert_eq!(date_of_day(last), Some(date(9999, 12, 31)));
+        assert_eq!(date_of_day(last + 1), None);
+        // Past i32 (the julian day's type), and where adding the epoch's julian day overflows it.
+        assert_eq!(date_of_day(u64::from(u32::MAX)), None);
+        assert_eq!(date_of_day(i32::MAX as u64), None);
+        assert_eq!(date_of_day(u64::MAX), None);
     }
 
     #[test]
@@ -322,6 +317,29 @@ mod tests {
             Some((at(2025, 1, 1, 0, 0, 0), at(2026, 1, 1, 0, 0, 0)))
         );
         assert_eq!(y2024.map(|(s, e)| (e - s) / DAY_MS), Some(366));
+    }
+
+    #[test]
+    fn the_last_month_and_year_of_the_calendar_end_where_it_ends() {
+        let monthly = Window::Calendar(Period::Monthly);
+        let yearly = Window::Calendar(Period::Yearly);
+        let december = Some((at(9999, 12, 1, 0, 0, 0), CALENDAR_END_MS));
+        assert_eq!(monthly.bounds_at(at(9999, 12, 15, 0, 0, 0)), december);
+        assert_eq!(monthly.bounds_at(CALENDAR_END_MS - 1), december);
+        let year = Some((at(9999, 1, 1, 0, 0, 0), CALENDAR_END_MS));
+        assert_eq!(yearly.bounds_at(at(9999, 6, 1, 0, 0, 0)), year);
+        assert_eq!(yearly.bounds_at(CALENDAR_END_MS - 1), year);
+        // From 10000-01-01 on: one period that never ends.
+        for now in [CALENDAR_END_MS, CALENDAR_END_MS + 40 * DAY_MS, u64::MAX] {
+            assert_eq!(monthly.bounds_at(now), Some((CALENDAR_END_MS, u64::MAX)));
+            assert_eq!(yearly.bounds_at(now), Some((CALENDAR_END_MS, u64::MAX)));
+        }
+        // Hours, days and weeks need no calendar and go on.
+        let after = CALENDAR_END_MS + 40 * DAY_MS + 5;
+        assert_eq!(
+            Window::Calendar(Period::Daily).bounds_at(after),
+            Some((after - 5, after - 5 + DAY_MS))
+        );
     }
 
     #[test]

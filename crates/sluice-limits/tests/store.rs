@@ -15,7 +15,7 @@ use sluice_limits::{
 const T0: u64 = 1_700_000_040_000;
 
 fn store() -> (Arc<ManualClock>, Arc<dyn CounterStore>) {
-    let clock = Arc::new(ManualClock::new(T0));
+    let clock = Arc::new(ManualClock::from_millis(T0));
     let store: Arc<dyn CounterStore> = Arc::new(MemoryStore::new(clock.clone()));
     (clock, store)
 }
@@ -185,7 +185,7 @@ async fn system_clock_store_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_new_keys_never_exceed_the_cap() {
-    let clock = Arc::new(ManualClock::new(T0));
+    let clock = Arc::new(ManualClock::from_millis(T0));
     let store = Arc::new(MemoryStore::with_max_keys(clock, 3_000));
     let limit = Limit::new(5, Window::Sliding(Duration::from_secs(60)));
     let mut tasks = Vec::new();

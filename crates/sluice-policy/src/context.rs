@@ -8,31 +8,12 @@ use std::time::Instant;
 
 use http::HeaderName;
 use sluice_auth::Caller;
+use sluice_config::Secret;
 use sluice_limits::Reservation;
 use sluice_tokens::{Operation, RequestEstimate, Usage, UsageScanner};
 
 use crate::stream_tag::StreamProbe;
 use crate::subscription::SubscriptionMatch;
-
-/// A backend bearer token; `Debug` prints nothing of it.
-#[derive(Clone)]
-pub struct Bearer(std::sync::Arc<str>);
-
-impl Bearer {
-    pub fn new(token: std::sync::Arc<str>) -> Self {
-        Bearer(token)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Bearer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Bearer(<redacted>)")
-    }
-}
 
 /// Counts a request as in flight while it lives (a graceful shutdown waits
 /// for the count to reach zero).
@@ -132,7 +113,7 @@ pub struct RequestContext {
     pub usage: Option<Usage>,
     /// The Entra ID token for the chosen backend. Written by backend
     /// selection (reset on every attempt); read by the upstream request step.
-    pub backend_bearer: Option<Bearer>,
+    pub backend_bearer: Option<Secret>,
     /// The credential kind that failed to give a token (for the 503).
     pub identity_failure: Option<&'static str>,
     /// A bounded copy of a body streamed to the backend (over 64 KiB or
@@ -193,5 +174,24 @@ impl Default for RequestContext {
             streamed_body_copy: None,
             in_flight: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_backend_token() {
+        let ctx = RequestContext {
+            backend_bearer: Some(Secret::new("eyJ-backend-token-sentinel")),
+            ..RequestContext::default()
+        };
+        let printed = format!("{ctx:?}");
+        assert!(!printed.contains("sentinel"), "{printed}");
+        assert!(
+            printed.contains("backend_bearer: Some(<redacted>)"),
+            "{printed}"
+        );
     }
 }

@@ -708,7 +708,7 @@ mod tests {
         let cfg =
             sluice_config::load_str_with_env(&yaml, "t.yaml", std::path::Path::new("."), &env)
                 .unwrap_or_else(|e| panic!("{e}"));
-        let store = Arc::new(MemoryStore::new(Arc::new(ManualClock::new(
+        let store = Arc::new(MemoryStore::new(Arc::new(ManualClock::from_millis(
             1_700_000_000_000,
         ))));
         let shared = Shared {
@@ -886,7 +886,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_limit_refuses_then_admits_after_retry_after() {
-        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let clock = Arc::new(ManualClock::from_millis(1_700_000_000_000));
         let (p, mut shared, _) =
             setup("      - token_limit: {counter_key: subscription, tokens_per_minute: 100}\n");
         shared.store = Arc::new(MemoryStore::new(clock.clone()));

@@ -91,65 +91,47 @@ pub fn deployment_of(rest: &str) -> Option<&str> {
 }
 
 /// The query string without parameter `name` (the client's subscription key
-/// never goes upstream). Other parameters keep their order and encoding.
+/// never goes upstream). A parameter is `name` when its name decodes to it
+/// (form encoding: `+` is a space, `%XX` a byte), so `subscription%2Dkey=` is
+/// removed too. Every other parameter is forwarded byte for byte as the client
+/// sent it, in its order: never decoded and re-encoded (Azure is picky).
 pub fn strip_query_param<'q>(query: &'q str, name: &str) -> Cow<'q, str> {
-    let has = query
-        .split('&')
-        .any(|p| p.split('=').next().is_some_and(|k| decoded_eq(k, name)));
-    if !has {
+    if !query.split('&').any(|p| is_param(p, name)) {
         return Cow::Borrowed(query);
     }
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|p| !p.is_empty() && !p.split('=').next().is_some_and(|k| decoded_eq(k, name)))
+        .filter(|p| !p.is_empty() && !is_param(p, name))
         .collect();
     Cow::Owned(kept.join("&"))
 }
 
-/// The percent-decoded value of the first query parameter called `name`.
+/// Whether the raw `name=value` parameter `param` is called `name` once decoded.
+fn is_param(param: &str, name: &str) -> bool {
+    // One parameter: the parser yields its (name, value), or nothing when it is empty.
+    form_urlencoded::parse(param.as_bytes())
+        .next()
+        .is_some_and(|(n, _)| n == name)
+}
+
+/// The decoded value of the first query parameter called `name` (decoded too),
+/// with `application/x-www-form-urlencoded` rules: `+` is a space, `%XX` a
+/// byte, a `%` without two hex digits stays as it is. Decoded bytes that are
+/// not UTF-8 read as U+FFFD (as `form_urlencoded` and .NET both decode).
 pub fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
-    query.split('&').find_map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        decoded_eq(k, name).then(|| percent_decode(v))
-    })
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(n, _)| n == name)
+        .map(|(_, value)| value.into_owned().into_bytes())
 }
 
-fn decoded_eq(raw: &str, name: &str) -> bool {
-    if !raw.contains(['%', '+']) {
-        return raw == name;
-    }
-    percent_decode(raw) == name.as_bytes()
-}
-
-/// Decode `%XX` escapes and `+` (form encoding) in a query component.
+/// Decode `%XX` escapes and `+` (form encoding) in a query or path component,
+/// to bytes; a `%` without two hex digits stays as it is.
 pub fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
-}
-
-fn hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
+    if s.contains('+') {
+        let spaced = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced).collect()
+    } else {
+        percent_encoding::percent_decode_str(s).collect()
     }
 }
 
@@ -199,6 +181,8 @@ mod tests {
         for p in [
             "/openai/deployments/gpt-4.1/chat/completions",
             "/openai/v1/x..y",
+            "/openai/deployments/my%20model/chat/completions",
+            "/openai/%2e%2e%2e",
             "/openai//x",
             "/",
         ] {
@@ -235,6 +219,78 @@ mod tests {
         assert_eq!(
             strip_query_param("subscription%2Dkey=a&b=2", "subscription-key"),
             "b=2"
+        );
+    }
+
+    #[test]
+    fn encoded_names_and_values() {
+        // `+` and `%20` are both spaces in a value.
+        let q = "subscription-key=a+b%20c&x=1";
+        assert_eq!(query_param(q, "subscription-key").unwrap(), b"a b c");
+        // An encoded name is the same parameter, for reading and for stripping.
+        let q = "api-version=2024-10-21&subscription%2Dkey=k%2F1&x=1";
+        assert_eq!(query_param(q, "subscription-key").unwrap(), b"k/1");
+        assert_eq!(
+            strip_query_param(q, "subscription-key"),
+            "api-version=2024-10-21&x=1"
+        );
+        assert_eq!(
+            query_param("subscription%2dkey=lower-hex", "subscription-key").unwrap(),
+            b"lower-hex"
+        );
+        // The first of two wins; both are stripped.
+        let q = "subscription-key=first&a=1&subscription+key=x&subscription-key=second";
+        assert_eq!(query_param(q, "subscription-key").unwrap(), b"first");
+        assert_eq!(
+            strip_query_param(q, "subscription-key"),
+            "a=1&subscription+key=x"
+        );
+        // A name that only looks like it after decoding something else is another parameter.
+        assert_eq!(query_param("subscription-keys=a", "subscription-key"), None);
+        assert_eq!(
+            query_param("subscription-key%3D=a", "subscription-key"),
+            None
+        );
+        // No value, an empty value, and a bare `%`.
+        assert_eq!(
+            query_param("subscription-key", "subscription-key").unwrap(),
+            b""
+        );
+        assert_eq!(
+            query_param("a=1&subscription-key=", "subscription-key").unwrap(),
+            b""
+        );
+        assert_eq!(
+            query_param("subscription-key=100%", "subscription-key").unwrap(),
+            b"100%"
+        );
+        // Bytes that are not UTF-8 read as U+FFFD.
+        assert_eq!(
+            query_param("subscription-key=%FFk", "subscription-key").unwrap(),
+            "\u{FFFD}k".as_bytes()
+        );
+    }
+
+    #[test]
+    fn other_parameters_pass_byte_for_byte() {
+        // Escapes, `+`, lowercase hex, empty pieces and odd characters: exactly as sent, never re-encoded.
+        let q =
+            "api-version=2024-10-21&&filter=a+b%2fc%20d&x=%7E~&subscription-key=k&=v&flag&q=%zz";
+        assert_eq!(
+            strip_query_param(q, "subscription-key"),
+            "api-version=2024-10-21&filter=a+b%2fc%20d&x=%7E~&=v&flag&q=%zz"
+        );
+        // Without the parameter the query is not rebuilt at all (empty pieces stay).
+        let untouched = "a=1&&b=%2F+";
+        assert!(matches!(
+            strip_query_param(untouched, "subscription-key"),
+            Cow::Borrowed(q) if q == untouched
+        ));
+        assert_eq!(strip_query_param("", "subscription-key"), "");
+        // A parameter whose value contains the name is not it.
+        assert_eq!(
+            strip_query_param("x=subscription-key&subscription-key=k", "subscription-key"),
+            "x=subscription-key"
         );
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
-use sluice_config::{Subscription, SubscriptionSettings};
+use sluice_config::{Secret, Subscription, SubscriptionSettings};
 use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
@@ -41,7 +41,8 @@ pub struct SubscriptionMatch {
 struct Entry {
     index: usize,
     slot: KeySlot,
-    key: Box<[u8]>,
+    /// Compared in constant time on a digest hit; prints redacted.
+    key: Secret,
 }
 
 #[derive(Debug)]
@@ -108,20 +109,19 @@ impl SubscriptionIndex {
                 active: s.active,
                 apis: s.apis.clone(),
             });
-            let mut add = |key: &str, slot| {
-                let bytes = key.as_bytes();
+            let mut add = |key: &Secret, slot| {
                 idx.by_digest.insert(
-                    digest(bytes),
+                    digest(key.expose().as_bytes()),
                     Entry {
                         index: i,
                         slot,
-                        key: bytes.into(),
+                        key: key.clone(),
                     },
                 );
             };
-            add(s.primary_key.expose(), KeySlot::Primary);
+            add(&s.primary_key, KeySlot::Primary);
             if let Some(k) = &s.secondary_key {
-                add(k.expose(), KeySlot::Secondary);
+                add(k, KeySlot::Secondary);
             }
         }
         idx
@@ -138,7 +138,7 @@ impl SubscriptionIndex {
     /// Find the subscription a raw key belongs to, comparing in constant time.
     pub fn lookup(&self, key: &[u8]) -> Option<(usize, KeySlot)> {
         let e = self.by_digest.get(&digest(key))?;
-        if bool::from(e.key.as_ref().ct_eq(key)) {
+        if bool::from(e.key.expose().as_bytes().ct_eq(key)) {
             Some((e.index, e.slot))
         } else {
             None
@@ -207,13 +207,12 @@ pub fn extract_key(
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use sluice_config::Secret;
 
     fn sub(name: &str, p: &str, s: Option<&str>) -> Subscription {
         Subscription {
             name: name.into(),
-            primary_key: Secret::new(p.into()),
-            secondary_key: s.map(|s| Secret::new(s.into())),
+            primary_key: Secret::new(p),
+            secondary_key: s.map(Secret::new),
             active: true,
             apis: None,
         }
@@ -244,6 +243,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((&*m.name, m.slot), ("b", KeySlot::Primary));
+    }
+
+    #[test]
+    fn the_index_never_prints_a_key() {
+        let idx =
+            SubscriptionIndex::new(&[sub("a", "sk-primary-sentinel", Some("sk-second-sentinel"))]);
+        let printed = format!("{idx:?} {idx:#?}");
+        assert!(!printed.contains("sentinel"), "{printed}");
+        // The bytes of a key, as a derived Debug of a byte slice would list them (`115, 107, 45` is "sk-").
+        assert!(!printed.contains("115, 107, 45"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
     }
 
     #[test]

@@ -485,7 +485,7 @@ impl ProxyHttp for Gateway {
         if let Some(provider) = &b.token_provider {
             let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
                 Ok(Ok(t)) => {
-                    ctx.backend_bearer = Some(sluice_policy::context::Bearer::new(t));
+                    ctx.backend_bearer = Some(t);
                     None
                 }
                 Ok(Err(e)) => Some(e.to_string()),

@@ -128,7 +128,7 @@ impl BackendRuntime {
                     } => CredentialConfig::ClientSecret {
                         tenant_id: tenant_id.clone(),
                         client_id: client_id.clone(),
-                        secret: secret.expose().to_string(),
+                        secret: secret.clone(),
                         authority_host: authority_host.clone(),
                     },
                     Credential::AzureCli => CredentialConfig::AzureCli,

@@ -34,6 +34,7 @@ mod synth;
 
 pub use limiter::{Admission, RateLimiter, Throttle, ThrottleKind};
 pub use server::{SimHandle, Simulator};
+pub use sluice_base::Secret;
 
 /// Configuration of one simulated region (one Azure OpenAI resource).
 #[derive(Clone, Debug)]
@@ -43,8 +44,8 @@ pub struct RegionConfig {
     /// Value of the `x-ms-region` response header, e.g. `East US`.
     pub display_region: String,
     /// When set, every `/openai` request must carry `api-key` equal to it (or
-    /// `Authorization: Bearer <key>`), otherwise 401.
-    pub api_key: Option<String>,
+    /// `Authorization: Bearer <key>`), otherwise 401. Prints redacted.
+    pub api_key: Option<Secret>,
     /// Simulated model latency.
     pub latency: Latency,
     /// Default tokens-per-minute limit for every deployment; `None` = unlimited.
@@ -267,5 +268,14 @@ mod tests {
         assert_eq!(c.completion_tokens, 24);
         assert_eq!(c.embedding_dimensions, 1536);
         assert_eq!(RegionConfig::new("mars").display_region, "mars");
+    }
+
+    #[test]
+    fn debug_never_prints_the_api_key() {
+        let mut c = RegionConfig::new("eastus");
+        c.api_key = Some("sim-key-sentinel".into());
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("sentinel"), "{printed}");
+        assert!(printed.contains("api_key: Some(<redacted>)"), "{printed}");
     }
 }

@@ -3,10 +3,11 @@
 //! Two sliding windows: token charges over 60 s (the TPM quota) and request count over 10 s,
 //! where the 10 s request allowance is `max(1, ceil(tpm / 1000))` (Azure grants 6 RPM per
 //! 1000 TPM and enforces it on 10 s windows). The limiter is pure: callers pass the current
-//! [`Instant`], so it can be tested under a fake clock.
+//! monotonic time ([`Clock::monotonic`](sluice_base::Clock::monotonic)), so it can be tested under a
+//! [`ManualClock`](sluice_base::ManualClock).
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The token window.
 pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
@@ -18,9 +19,11 @@ pub const REQUEST_WINDOW: Duration = Duration::from_secs(10);
 pub struct RateLimiter {
     tokens_per_minute: u64,
     requests_per_window: u64,
-    charges: VecDeque<(Instant, u64)>,
+    /// (monotonic time, tokens) of each charge in the token window, oldest first.
+    charges: VecDeque<(Duration, u64)>,
     used_tokens: u64,
-    requests: VecDeque<Instant>,
+    /// Monotonic times of the requests in the request window, oldest first.
+    requests: VecDeque<Duration>,
 }
 
 /// A granted request, with what is left in both windows after charging it.
@@ -88,7 +91,7 @@ impl RateLimiter {
         self.requests_per_window
     }
 
-    fn prune(&mut self, now: Instant) {
+    fn prune(&mut self, now: Duration) {
         while let Some(&(at, cost)) = self.charges.front() {
             if at + TOKEN_WINDOW <= now {
                 self.charges.pop_front();
@@ -106,12 +109,13 @@ impl RateLimiter {
         }
     }
 
-    /// Try to admit a request costing `cost` tokens at time `now`.
+    /// Try to admit a request costing `cost` tokens at monotonic time `now` (a reading of one
+    /// [`Clock`](sluice_base::Clock), as every call to this limiter must use).
     ///
     /// A cost larger than the whole quota is clamped to the quota: such a request is admitted
     /// only into an empty window (and then fills it), rather than being refused forever.
     /// A zero quota refuses everything with a 60 s retry.
-    pub fn try_acquire(&mut self, now: Instant, cost: u64) -> Result<Admission, Throttle> {
+    pub fn try_acquire(&mut self, now: Duration, cost: u64) -> Result<Admission, Throttle> {
         self.prune(now);
         let limit = self.tokens_per_minute;
         let rpw = self.requests_per_window;
@@ -129,7 +133,7 @@ impl RateLimiter {
                 for &(at, c) in &self.charges {
                     freed = freed.saturating_add(c);
                     if self.used_tokens.saturating_sub(freed).saturating_add(cost) <= limit {
-                        wait = (at + TOKEN_WINDOW).saturating_duration_since(now);
+                        wait = (at + TOKEN_WINDOW).saturating_sub(now);
                         break;
                     }
                 }
@@ -145,7 +149,7 @@ impl RateLimiter {
             let wait = self
                 .requests
                 .get(idx)
-                .map(|&at| (at + REQUEST_WINDOW).saturating_duration_since(now))
+                .map(|&at| (at + REQUEST_WINDOW).saturating_sub(now))
                 .unwrap_or(REQUEST_WINDOW);
             Some(wait)
         };
@@ -185,27 +189,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A fake clock: a fixed origin plus a manually advanced offset.
-    struct FakeClock {
-        origin: Instant,
-        offset: Duration,
-    }
-
-    impl FakeClock {
-        fn new() -> Self {
-            FakeClock {
-                origin: Instant::now(),
-                offset: Duration::ZERO,
-            }
-        }
-        fn now(&self) -> Instant {
-            self.origin + self.offset
-        }
-        fn advance(&mut self, d: Duration) {
-            self.offset += d;
-        }
-    }
+    use sluice_base::{Clock, ManualClock};
 
     #[test]
     fn request_allowance_derives_from_tpm() {
@@ -217,19 +201,19 @@ mod tests {
 
     #[test]
     fn tokens_run_out_and_come_back_after_a_minute() {
-        let mut clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         // 100k TPM → 100 requests per 10 s, so only tokens matter here.
         let mut l = RateLimiter::new(100_000);
-        let a = l.try_acquire(clock.now(), 60_000).unwrap();
+        let a = l.try_acquire(clock.monotonic(), 60_000).unwrap();
         assert_eq!(a.remaining_tokens, 40_000);
         assert_eq!(a.remaining_requests, 99);
 
         clock.advance(Duration::from_secs(20));
-        let a = l.try_acquire(clock.now(), 40_000).unwrap();
+        let a = l.try_acquire(clock.monotonic(), 40_000).unwrap();
         assert_eq!(a.remaining_tokens, 0);
 
         clock.advance(Duration::from_secs(5));
-        let t = l.try_acquire(clock.now(), 1).unwrap_err();
+        let t = l.try_acquire(clock.monotonic(), 1).unwrap_err();
         assert_eq!(t.kind, ThrottleKind::Tokens);
         // The first charge (at t=0) expires at t=60; now is t=25.
         assert_eq!(t.retry_after, Duration::from_secs(35));
@@ -239,59 +223,59 @@ mod tests {
 
         // A refused request is not charged.
         clock.advance(Duration::from_millis(34_999));
-        assert!(l.try_acquire(clock.now(), 1).is_err());
+        assert!(l.try_acquire(clock.monotonic(), 1).is_err());
         clock.advance(Duration::from_millis(1));
-        let a = l.try_acquire(clock.now(), 60_000).unwrap();
+        let a = l.try_acquire(clock.monotonic(), 60_000).unwrap();
         assert_eq!(a.remaining_tokens, 0);
     }
 
     #[test]
     fn retry_after_skips_to_the_charge_that_frees_enough() {
-        let mut clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         let mut l = RateLimiter::new(100_000);
         for _ in 0..4 {
-            l.try_acquire(clock.now(), 25_000).unwrap();
+            l.try_acquire(clock.monotonic(), 25_000).unwrap();
             clock.advance(Duration::from_secs(10));
         }
         // t=40, window full with charges at 0,10,20,30. 50k needs the first two to expire.
-        let t = l.try_acquire(clock.now(), 50_000).unwrap_err();
+        let t = l.try_acquire(clock.monotonic(), 50_000).unwrap_err();
         assert_eq!(t.retry_after, Duration::from_secs(30));
     }
 
     #[test]
     fn request_window_limits_calls() {
-        let mut clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         let mut l = RateLimiter::new(2_000); // 2 requests per 10 s
-        l.try_acquire(clock.now(), 1).unwrap();
+        l.try_acquire(clock.monotonic(), 1).unwrap();
         clock.advance(Duration::from_secs(3));
-        let a = l.try_acquire(clock.now(), 1).unwrap();
+        let a = l.try_acquire(clock.monotonic(), 1).unwrap();
         assert_eq!(a.remaining_requests, 0);
         clock.advance(Duration::from_millis(500));
-        let t = l.try_acquire(clock.now(), 1).unwrap_err();
+        let t = l.try_acquire(clock.monotonic(), 1).unwrap_err();
         assert_eq!(t.kind, ThrottleKind::Requests);
         assert_eq!(t.retry_after, Duration::from_millis(6_500));
         assert_eq!(t.retry_after_secs(), 7);
         assert_eq!(t.retry_after_ms(), 6_500);
         clock.advance(Duration::from_millis(6_500));
-        l.try_acquire(clock.now(), 1).unwrap();
+        l.try_acquire(clock.monotonic(), 1).unwrap();
     }
 
     #[test]
     fn oversized_request_fills_an_empty_window() {
-        let mut clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         let mut l = RateLimiter::new(100);
-        let a = l.try_acquire(clock.now(), 500).unwrap();
+        let a = l.try_acquire(clock.monotonic(), 500).unwrap();
         assert_eq!(a.remaining_tokens, 0);
         clock.advance(Duration::from_secs(30));
-        let t = l.try_acquire(clock.now(), 500).unwrap_err();
+        let t = l.try_acquire(clock.monotonic(), 500).unwrap_err();
         assert_eq!(t.retry_after, Duration::from_secs(30));
     }
 
     #[test]
     fn zero_quota_always_refuses() {
-        let clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         let mut l = RateLimiter::new(0);
-        let t = l.try_acquire(clock.now(), 0).unwrap_err();
+        let t = l.try_acquire(clock.monotonic(), 0).unwrap_err();
         assert_eq!(t.kind, ThrottleKind::Tokens);
         assert_eq!(t.retry_after_secs(), 60);
     }
@@ -323,11 +307,11 @@ mod tests {
 
     #[test]
     fn time_going_backwards_does_not_panic() {
-        let mut clock = FakeClock::new();
+        let clock = ManualClock::new(Duration::ZERO);
         clock.advance(Duration::from_secs(100));
         let mut l = RateLimiter::new(1000);
-        l.try_acquire(clock.now(), 1000).unwrap();
-        let earlier = clock.origin;
+        l.try_acquire(clock.monotonic(), 1000).unwrap();
+        let earlier = Duration::ZERO;
         let t = l.try_acquire(earlier, 10).unwrap_err();
         assert!(t.retry_after >= Duration::from_secs(60));
     }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -20,11 +20,13 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::debug;
+use uuid::Uuid;
 
 use crate::body::SimBody;
 use crate::limiter::{Admission, RateLimiter, Throttle, ThrottleKind};
 use crate::synth;
 use crate::{Fault, RegionConfig, parse_fault};
+use sluice_base::{Clock, SystemClock};
 
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 const SYSTEM_FINGERPRINT: &str = "fp_sluicesim01";
@@ -253,11 +255,11 @@ async fn handle(
     if let Ok(v) = HeaderValue::from_str(&shared.cfg.display_region) {
         h.insert("x-ms-region", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&synth::uuid_v4()) {
-        h.insert("apim-request-id", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&synth::uuid_v4()) {
-        h.insert("x-request-id", v);
+    // Azure sends a fresh GUID in each.
+    for name in ["apim-request-id", "x-request-id"] {
+        if let Ok(v) = HeaderValue::from_str(&Uuid::new_v4().to_string()) {
+            h.insert(name, v);
+        }
     }
     if let Some(v) = client_request_id {
         h.insert("x-ms-client-request-id", v);
@@ -491,7 +493,7 @@ async fn openai(
     }
 
     if let Some(key) = &shared.cfg.api_key
-        && !authorized(&parts.headers, key)
+        && !authorized(&parts.headers, key.expose())
     {
         return azure_error(StatusCode::UNAUTHORIZED, "401", ACCESS_DENIED);
     }
@@ -541,7 +543,7 @@ async fn openai(
             let outcome = lock(&shared.limiters)
                 .entry(deployment.clone())
                 .or_insert_with(|| RateLimiter::new(tpm))
-                .try_acquire(Instant::now(), cost);
+                .try_acquire(SystemClock.monotonic(), cost);
             match outcome {
                 Ok(a) => Some(a),
                 Err(t) => {
@@ -557,7 +559,7 @@ async fn openai(
         model,
         plan,
         latency: shared.cfg.latency,
-        created: unix_now(),
+        created: SystemClock.unix_now().as_secs(),
     };
     let mut resp = match op {
         Op::Embeddings => embeddings_response(&ctx).await,
@@ -696,13 +698,6 @@ struct GenContext {
     plan: Plan,
     latency: crate::Latency,
     created: u64,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn per_token_total(per_token: Duration, n: u64) -> Duration {

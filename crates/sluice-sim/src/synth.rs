@@ -111,22 +111,6 @@ pub fn random_alnum(len: usize) -> String {
         .collect()
 }
 
-/// A random version-4 UUID in its canonical text form.
-pub fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::rng().random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,10 +174,6 @@ mod tests {
         assert_eq!(completion_text(0), "");
         assert_eq!(completion_text(3), "the lock gate");
         assert_eq!(completion_text(100).split(' ').count(), 100);
-        let u = uuid_v4();
-        assert_eq!(u.len(), 36);
-        assert_eq!(&u[14..15], "4");
-        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"));
         assert_eq!(random_alnum(29).len(), 29);
     }
 }

@@ -10,6 +10,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use time::UtcDateTime;
+use uuid::Uuid;
 
 /// The pipeline section an entry belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,49 +100,29 @@ pub fn format_elapsed(d: Duration) -> String {
     }
 }
 
-/// ISO-8601 UTC with 7 fraction digits and `Z`, e.g. `2024-06-09T22:03:57.2767400Z`.
+/// ISO-8601 UTC with 7 fraction digits and `Z`, e.g. `2024-06-09T22:03:57.2767400Z`. Times before 1970 print
+/// as the epoch, times past 9999 as the calendar's last instant.
 pub fn format_timestamp(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let frac = d.subsec_nanos() / 100;
-    let (y, mo, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
+    let nanos = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let t = i128::try_from(nanos)
+        .ok()
+        .and_then(|n| UtcDateTime::from_unix_timestamp_nanos(n).ok())
+        .unwrap_or(UtcDateTime::MAX);
     format!(
-        "{y:04}-{mo:02}-{day:02}T{:02}:{:02}:{:02}.{frac:07}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond() / 100
     )
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// A new random request id in GUID form (`8-4-4-4-12` hex, version 4).
+/// A new random request id in GUID form (`8-4-4-4-12` lowercase hex, version 4).
 pub fn new_request_id() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    Uuid::new_v4().to_string()
 }
 
 #[cfg(test)]
@@ -171,6 +153,13 @@ mod tests {
         assert_eq!(format_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.0000000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(format_timestamp(leap).starts_with("2000-02-29T"));
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(format_timestamp(before), "1970-01-01T00:00:00.0000000Z");
+        // 253_402_300_800 s is 10000-01-01, past the calendar.
+        let last = UNIX_EPOCH + Duration::new(253_402_300_799, 999_999_999);
+        assert_eq!(format_timestamp(last), "9999-12-31T23:59:59.9999999Z");
+        let after = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(format_timestamp(after), "9999-12-31T23:59:59.9999999Z");
     }
 
     #[test]
@@ -203,6 +192,14 @@ mod tests {
         let id = new_request_id();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert!(
+            id.chars().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+            }),
+            "{id}"
+        );
         assert_ne!(id, new_request_id());
     }
 }

@@ -181,7 +181,7 @@ fn main() -> ExitCode {
             };
             let mut cfg = sluice_sim::RegionConfig::new(&region);
             cfg.display_region = display_region.unwrap_or_else(|| region.clone());
-            cfg.api_key = api_key;
+            cfg.api_key = api_key.map(sluice_sim::Secret::new);
             cfg.latency.time_to_first_token = Duration::from_millis(ttft_ms);
             cfg.latency.per_token = Duration::from_millis(per_token_ms);
             cfg.default_tokens_per_minute = tpm;

@@ -18,7 +18,7 @@ pub struct Started {
 pub fn region_config(s: &SimulatorRegion) -> RegionConfig {
     let mut c = RegionConfig::new(&s.name);
     c.display_region = s.region.clone();
-    c.api_key = s.api_key.as_ref().map(|k| k.expose().to_string());
+    c.api_key = s.api_key.clone();
     c.latency = Latency {
         time_to_first_token: s.time_to_first_token,
         per_token: s.per_token,

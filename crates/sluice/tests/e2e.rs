@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -31,13 +30,7 @@ fn env() -> &'static Env {
 }
 
 fn start() -> Env {
-    let rt = Box::leak(Box::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime"),
-    ));
+    let rt = common::leaked_runtime();
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let mut main_cfg = RegionConfig::new("main");
     main_cfg.display_region = "East US".into();
@@ -118,15 +111,7 @@ apis:
         dead = closed_port(),
         blackhole = blackhole,
     );
-    let cfg = sluice_config::load_str(&yaml, "e2e.yaml", dir.path()).expect("config is valid");
-    let state = sluice_proxy::GatewayState::new(&cfg, &HashMap::new()).expect("state");
-    let listen = sluice_proxy::Listeners {
-        data: cfg.server.listen,
-        management: None,
-    };
-    let (listeners, _trigger, _thread) =
-        sluice_proxy::spawn_in_thread(state, listen, cfg.server.threads).expect("gateway starts");
-    let gw = listeners.data;
+    let gw = common::serve_in_process(&yaml, dir.path()).data;
     Env { gw, main, capture }
 }
 

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -81,15 +80,8 @@ apis:
         capture = capture.addr,
         reuse = reuse.addr,
     );
-    let cfg = sluice_config::load_str(&yaml, "promises.yaml", dir.path()).expect("config is valid");
-    let state = sluice_proxy::GatewayState::new(&cfg, &HashMap::new()).expect("state");
-    let listen = sluice_proxy::Listeners {
-        data: cfg.server.listen,
-        management: cfg.server.management.as_ref().map(|m| m.listen),
-    };
     // Returns once the listeners accept connections.
-    let (listeners, _trigger, _thread) =
-        sluice_proxy::spawn_in_thread(state, listen, cfg.server.threads).expect("gateway starts");
+    let listeners = common::serve_in_process(&yaml, dir.path());
     Env {
         gw: listeners.data,
         capture,

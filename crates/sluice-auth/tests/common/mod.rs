@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use rsa::RsaPrivateKey;
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
 use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
-use sluice_auth::Clock;
+pub use sluice_auth::ManualClock;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 
@@ -152,36 +152,9 @@ pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// A clock the test moves by hand.
-#[derive(Debug)]
-pub struct FakeClock {
-    unix_ms: AtomicU64,
-    mono_ms: AtomicU64,
-}
-
-impl FakeClock {
-    pub fn new() -> Arc<Self> {
-        Arc::new(FakeClock {
-            unix_ms: AtomicU64::new(NOW * 1000),
-            mono_ms: AtomicU64::new(1_000_000),
-        })
-    }
-
-    pub fn advance(&self, by: Duration) {
-        let ms = by.as_millis() as u64;
-        self.unix_ms.fetch_add(ms, Ordering::SeqCst);
-        self.mono_ms.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for FakeClock {
-    fn unix_now(&self) -> Duration {
-        Duration::from_millis(self.unix_ms.load(Ordering::SeqCst))
-    }
-
-    fn monotonic(&self) -> Duration {
-        Duration::from_millis(self.mono_ms.load(Ordering::SeqCst))
-    }
+/// A clock the test moves by hand; its wall clock starts at [`NOW`].
+pub fn fake_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(Duration::from_secs(NOW)))
 }
 
 /// A fake Entra ID tenant on 127.0.0.1: the OpenID configuration and the key set, with hit counters.

@@ -142,7 +142,7 @@ impl Cx<'_, '_> {
         Credential::ClientSecret {
             tenant_id: tenant_id.unwrap_or_default(),
             client_id: client_id.unwrap_or_default(),
-            secret: secret.unwrap_or_else(|| Secret::new(String::new())),
+            secret: secret.unwrap_or_else(|| Secret::new("")),
             authority_host,
         }
     }

@@ -6,11 +6,11 @@ use azure_core::http::{AsyncRawResponse, HttpClient, Request, Url};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use sluice_identity::Clock;
+use sluice_identity::ManualClock;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One request the fake received.
 #[derive(Debug, Clone)]
@@ -224,24 +224,9 @@ impl HttpClient for RedirectToLocal {
     }
 }
 
-/// A clock that starts at the real time and only moves when told.
-#[derive(Debug)]
-pub struct ManualClock(Mutex<SystemTime>);
-
-impl ManualClock {
-    pub fn new() -> Arc<Self> {
-        Arc::new(ManualClock(Mutex::new(SystemTime::now())))
-    }
-
-    pub fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap()
-    }
+/// A clock that starts at the real time (the fake stamps tokens with it) and only moves when told.
+pub fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::starting_now())
 }
 
 /// The real time in unix seconds.

@@ -39,9 +39,12 @@ impl Reply {
     /// Asserts the headers every simulator response carries.
     pub fn assert_azure_headers(&self, region: &str) {
         assert_eq!(self.header("x-ms-region"), Some(region), "{self:?}");
-        let id = self.header("apim-request-id").expect("apim-request-id");
-        assert_eq!(id.len(), 36, "uuid-looking apim-request-id: {id}");
-        assert!(self.header("x-request-id").is_some());
+        for name in ["apim-request-id", "x-request-id"] {
+            let id = self.header(name).expect(name);
+            assert_eq!(id.len(), 36, "hyphenated {name}: {id}");
+            let uuid = uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{name} {id}: {e}"));
+            assert_eq!(uuid.get_version_num(), 4, "{name}: {id}");
+        }
     }
 }
 

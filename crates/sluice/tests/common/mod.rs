@@ -403,3 +403,32 @@ pub fn wait_connect(addr: SocketAddr) {
 pub fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().expect("address")
 }
+
+/// A multi-threaded tokio runtime that lives as long as the test process
+/// (for simulators and fakes that one gateway per test binary talks to).
+pub fn leaked_runtime() -> &'static tokio::runtime::Runtime {
+    Box::leak(Box::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    ))
+}
+
+/// Load `yaml` (relative paths from `dir`) and serve it in this process, in a
+/// thread that is never stopped (stopping in-process pingora servers can
+/// abort the test process: shared/reference/pingora.md §5.4). Returns once
+/// the listeners accept connections.
+pub fn serve_in_process(yaml: &str, dir: &Path) -> sluice_proxy::Listeners {
+    let cfg = sluice_config::load_str(yaml, "test.yaml", dir).expect("config is valid");
+    let state =
+        sluice_proxy::GatewayState::new(&cfg, &std::collections::HashMap::new()).expect("state");
+    let listen = sluice_proxy::Listeners {
+        data: cfg.server.listen,
+        management: cfg.server.management.as_ref().map(|m| m.listen),
+    };
+    let (listeners, _trigger, _thread) =
+        sluice_proxy::spawn_in_thread(state, listen, cfg.server.threads).expect("gateway starts");
+    listeners
+}
