@@ -699,10 +699,16 @@ mod tests {
     }
 
     fn setup(policies: &str) -> (ApiPipeline, Shared, Arc<MemoryStore>) {
+        setup_api("", policies)
+    }
+
+    /// `api`: more keys of the API (each line indented by four spaces).
+    fn setup_api(api: &str, policies: &str) -> (ApiPipeline, Shared, Arc<MemoryStore>) {
         let yaml = format!(
-            "backends: [{{name: b, url: 'http://127.0.0.1:1'}}]\n\
+            "server: {{management: {{listen: '127.0.0.1:0'}}}}\n\
+             backends: [{{name: b, url: 'http://127.0.0.1:1'}}]\n\
              subscriptions: [{{name: team-a, primary_key: {{env: K}}}}]\n\
-             apis:\n  - name: api\n    path: /openai\n    backends: [b]\n    policies:\n{policies}"
+             apis:\n  - name: api\n    path: /openai\n    backends: [b]\n{api}    policies:\n{policies}"
         );
         let env = |n: &str| (n == "K").then(|| "key-a".to_string());
         let cfg =
@@ -1193,5 +1199,119 @@ mod tests {
         let ip = counter_key(&CounterKey::ClientIp, &req, &ctx, "calls");
         assert_eq!(ip, client_key("calls", "ip", b"10.0.0.7"));
         assert!(!ip.contains("10.0.0.7"));
+    }
+
+    const JWKS: &str = "      - validate_jwt: {jwks_url: 'http://127.0.0.1:1/keys', issuers: [i], audiences: [a]}\n";
+
+    #[tokio::test]
+    async fn a_jwt_step_binds_key_callers_too_unless_the_api_takes_either() {
+        // auth: key plus validate_jwt: both are required.
+        let (p, shared, _) = setup(JWKS);
+        let h = headers(&[("api-key", "key-a")]);
+        let e = p
+            .inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap_err();
+        assert_eq!((e.status, e.message.as_ref()), (401, "JWT not present."));
+        // key_or_jwt: a key alone is enough; nothing at all is not.
+        let (p, shared, _) = setup_api("    auth: key_or_jwt\n", JWKS);
+        p.inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+            .await
+            .unwrap();
+        let e = p
+            .inbound(
+                &request(&headers(&[]), None),
+                &mut RequestContext::default(),
+                &shared,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!((e.status, e.message.as_ref()), (401, "JWT not present."));
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_estimated_for_metrics_only_when_usage_is_read() {
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}]}"#;
+        let (p, shared, _) = setup("      - emit_token_metric: {dimensions: [api]}\n");
+        for stream in [false, true] {
+            let mut ctx = RequestContext {
+                stream,
+                ..RequestContext::default()
+            };
+            p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+                .await
+                .unwrap();
+            assert_eq!(ctx.estimate.is_some(), stream);
+        }
+        let (p, shared, _) = setup(
+            "      - rate_limit: {calls: 5, renewal_period_seconds: 10, counter_key: subscription}\n",
+        );
+        let mut ctx = RequestContext {
+            stream: true,
+            ..RequestContext::default()
+        };
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        assert!(ctx.estimate.is_none() && ctx.operation.is_none());
+    }
+
+    #[tokio::test]
+    async fn usage_is_read_only_from_successful_answers_and_when_needed() {
+        let (p, _, _) = setup("      - emit_token_metric: {dimensions: [api]}\n");
+        let mut ctx = RequestContext::default();
+        p.start_response(&mut ctx, 429, Some("application/json"), Some("East US"));
+        assert!(ctx.usage_scanner.is_none());
+        assert_eq!(ctx.upstream_status, 429);
+        assert_eq!(ctx.backend_region.as_deref(), Some("East US"));
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        assert!(ctx.usage_scanner.is_some());
+        let (p, _, _) = setup(
+            "      - rate_limit: {calls: 5, renewal_period_seconds: 10, counter_key: subscription}\n",
+        );
+        let mut ctx = RequestContext::default();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        assert!(ctx.usage_scanner.is_none());
+    }
+
+    #[tokio::test]
+    async fn token_metrics_carry_each_dimensions_value() {
+        let (p, mut shared, _) =
+            setup("      - emit_token_metric: {dimensions: [subscription, api, backend]}\n");
+        let registry = prometheus::Registry::new();
+        shared.metrics = Some(Arc::new(
+            TokenMetrics::new(
+                &registry,
+                &[Dimension::Subscription, Dimension::Api, Dimension::Backend],
+                10,
+            )
+            .unwrap(),
+        ));
+        let h = headers(&[("api-key", "key-a")]);
+        let mut ctx = RequestContext::default();
+        p.inbound(&request(&h, None), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(
+            &mut ctx,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        );
+        p.finish(&mut ctx, &shared, Some("eastus")).await;
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                r#"sluice_tokens_total{api="api",backend="eastus",subscription="team-a"} 7"#
+            ),
+            "{text}"
+        );
     }
 }
