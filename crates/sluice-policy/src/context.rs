@@ -123,6 +123,16 @@ pub struct RequestContext {
     /// Ask the backend for an uncompressed answer (usage must be readable).
     /// Written at inbound; read by the upstream request step.
     pub strip_accept_encoding: bool,
+    /// The gateway sent `100 Continue` itself (the client then sends its
+    /// body). Written by the body step; read when answering early.
+    pub continue_sent: bool,
+    /// The body streams to the backend and the steps that need it run at its
+    /// end. Written at inbound; read (and cleared) by the body filter.
+    pub body_steps_deferred: bool,
+    /// A policy's refusal decided after forwarding began (a deferred step):
+    /// the answer the client gets. Written by the body filter; read by the
+    /// error mapping.
+    pub refusal: Option<crate::GatewayError>,
     /// Keeps the request counted as in flight. Written at creation; dropped
     /// with the context.
     pub in_flight: Option<InFlight>,
@@ -172,6 +182,9 @@ impl Default for RequestContext {
             identity_failure: None,
             strip_accept_encoding: false,
             streamed_body_copy: None,
+            continue_sent: false,
+            body_steps_deferred: false,
+            refusal: None,
             in_flight: None,
         }
     }

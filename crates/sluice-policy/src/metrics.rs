@@ -12,25 +12,29 @@ use sluice_config::Dimension;
 /// distinct values.
 pub const OTHER: &str = "other";
 
-/// The distinct values a client-driven label has reported, up to a cap.
+/// The distinct combinations of client-driven label values a metric has
+/// reported, up to a cap.
 #[derive(Debug)]
 struct SeenValues {
     cap: usize,
-    values: Mutex<HashSet<Box<str>>>,
+    combinations: Mutex<HashSet<Box<str>>>,
 }
 
 impl SeenValues {
-    /// `value` itself while it is known or there is room for it, else [`OTHER`].
-    fn admit<'a>(&self, value: &'a str) -> &'a str {
-        let mut seen = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.contains(value) {
-            return value;
+    /// Whether this combination (its values joined) is known or has room.
+    fn admit(&self, combination: &str) -> bool {
+        let mut seen = self
+            .combinations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(combination) {
+            return true;
         }
         if seen.len() < self.cap {
-            seen.insert(value.into());
-            return value;
+            seen.insert(combination.into());
+            return true;
         }
-        OTHER
+        false
     }
 }
 
@@ -49,14 +53,19 @@ pub fn client_driven(d: &Dimension) -> bool {
 /// dimensions (Prometheus needs one label set per metric name); an API that
 /// does not use a dimension leaves that label empty.
 ///
-/// Labels whose values come from the client keep at most `max_label_values`
-/// distinct values each; later new values are reported as `other`, so a
+/// The labels whose values come from the client keep at most
+/// `max_label_values` distinct combinations of values; a new combination
+/// beyond that has every client-driven label reported as `other`. So however
+/// many client-driven labels a metric has, it holds at most that many series
+/// per combination of the other labels (which come from the config), and a
 /// client cannot grow the registry (or the `/metrics` page) without bound.
 #[derive(Debug, Clone)]
 pub struct TokenMetrics {
     labels: Vec<Dimension>,
-    /// Per label: the bounded set of values seen, for client-driven labels.
-    seen: Arc<Vec<Option<SeenValues>>>,
+    /// Positions of the client-driven labels in `labels`.
+    client_driven: Arc<[usize]>,
+    /// The combinations of their values seen so far.
+    seen: Arc<SeenValues>,
     prompt: IntCounterVec,
     completion: IntCounterVec,
     total: IntCounterVec,
@@ -86,17 +95,18 @@ impl TokenMetrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let seen = labels
+        let client_driven_at: Arc<[usize]> = labels
             .iter()
-            .map(|d| {
-                client_driven(d).then(|| SeenValues {
-                    cap: max_label_values,
-                    values: Mutex::new(HashSet::new()),
-                })
-            })
+            .enumerate()
+            .filter(|(_, d)| client_driven(d))
+            .map(|(i, _)| i)
             .collect();
         Ok(TokenMetrics {
-            seen: Arc::new(seen),
+            client_driven: client_driven_at,
+            seen: Arc::new(SeenValues {
+                cap: max_label_values,
+                combinations: Mutex::new(HashSet::new()),
+            }),
             prompt: make(
                 "sluice_prompt_tokens_total",
                 "Prompt tokens of responses that passed the gateway (reported by the backend, or estimated for streams without usage).",
@@ -133,14 +143,21 @@ impl TokenMetrics {
             .map(|d| value(d).unwrap_or_default())
             .collect();
 
-        let values: Vec<&str> = values
-            .iter()
-            .zip(self.seen.iter())
-            .map(|(v, seen)| match seen {
-                Some(seen) => seen.admit(v),
-                None => v.as_str(),
-            })
-            .collect();
+        let mut values: Vec<&str> = values.iter().map(String::as_str).collect();
+        if !self.client_driven.is_empty() {
+            // The unit separator cannot appear in a header value.
+            let combination = self
+                .client_driven
+                .iter()
+                .map(|&i| values[i])
+                .collect::<Vec<_>>()
+                .join("\u{1f}");
+            if !self.seen.admit(&combination) {
+                for &i in self.client_driven.iter() {
+                    values[i] = OTHER;
+                }
+            }
+        }
         if let Ok(c) = self.prompt.get_metric_with_label_values(&values) {
             c.inc_by(prompt);
         }
@@ -259,5 +276,39 @@ mod tests {
         assert!(!client_driven(&Dimension::Api));
         assert!(!client_driven(&Dimension::Backend));
         assert!(!client_driven(&Dimension::BackendRegion));
+    }
+
+    #[test]
+    fn combinations_of_client_driven_labels_are_bounded_together() {
+        let r = Registry::new();
+        let team = Dimension::Header(http::HeaderName::from_static("x-team"));
+        let m = TokenMetrics::new(&r, &[team, Dimension::ClientIp, Dimension::Api], 3).unwrap();
+        for t in 0..10 {
+            for ip in 0..10 {
+                m.record(
+                    |d| match d {
+                        Dimension::Api => Some("api".to_string()),
+                        Dimension::ClientIp => Some(format!("10.0.0.{ip}")),
+                        _ => Some(format!("t{t}")),
+                    },
+                    1,
+                    1,
+                    2,
+                );
+            }
+        }
+        let t = text(&r);
+        let series = t
+            .lines()
+            .filter(|l| l.starts_with("sluice_tokens_total{"))
+            .count();
+        // Three combinations, then one `other` series: not 100, not 3 x 3.
+        assert_eq!(series, 4, "{t}");
+        assert!(
+            t.contains(
+                r#"sluice_tokens_total{api="api",client_ip="other",header_x_team="other"} 194"#
+            ),
+            "{t}"
+        );
     }
 }

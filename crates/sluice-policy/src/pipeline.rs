@@ -39,8 +39,9 @@ pub struct Shared {
     pub metrics: Option<Arc<TokenMetrics>>,
 }
 
-/// The parts of a request the inbound steps look at.
-#[derive(Debug, Clone, Copy)]
+/// The parts of a request the inbound steps look at. Its `Debug` leaves out
+/// the headers, the query and the body: they carry the caller's credentials.
+#[derive(Clone, Copy)]
 pub struct InboundRequest<'a> {
     pub headers: &'a HeaderMap,
     pub query: Option<&'a str>,
@@ -51,6 +52,18 @@ pub struct InboundRequest<'a> {
     pub body: Option<&'a [u8]>,
     /// The request's `Host`, for the API URL APIM echoes in `WWW-Authenticate`.
     pub host: &'a str,
+}
+
+impl std::fmt::Debug for InboundRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundRequest")
+            .field("rest_path", &self.rest_path)
+            .field("client_ip", &self.client_ip)
+            .field("host", &self.host)
+            .field("headers", &self.headers.len())
+            .field("body_len", &self.body.map(<[u8]>::len))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -196,10 +209,13 @@ impl ApiPipeline {
     }
 
     /// The steps that need only the request head, run before any body is
-    /// read: authentication (subscription key), every `validate_jwt` step,
-    /// then the call limits listed before the first step that needs the body.
-    /// A request refused here is answered without reading its body. `Err` is
-    /// the answer to send instead of forwarding.
+    /// read: authentication (subscription key), then, in list order, the
+    /// steps listed before the first step that needs the body
+    /// (`token_limit`): `validate_jwt`, `rate_limit` and `quota`. A
+    /// `validate_jwt` listed after a `token_limit` runs here too, after them:
+    /// the caller is always known before the body is read. A request refused
+    /// here is answered without reading its body. `Err` is the answer to send
+    /// instead of forwarding.
     pub async fn inbound_head(
         &self,
         req: &InboundRequest<'_>,
@@ -208,31 +224,27 @@ impl ApiPipeline {
     ) -> Result<(), GatewayError> {
         ctx.client_ip = req.client_ip;
         self.authenticate(req, ctx, shared)?;
-        let key_or_jwt_with_key = self.api.auth == ApiAuth::KeyOrJwt && ctx.subscription.is_some();
-        // Identity first: a JWT refused costs no reservation.
-        for step in &self.steps {
-            if let Step::Jwt(v) = step {
-                if key_or_jwt_with_key {
-                    continue;
-                }
-                let auth = req
-                    .headers
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok());
-                match v.validate(auth).await {
-                    Ok(caller) => ctx.caller = Some(caller),
-                    Err(e) => return Err(jwt_error(&e)),
-                }
-            }
-        }
         for step in &self.steps[..self.body_from] {
             self.run_step(step, req, ctx, shared).await?;
+        }
+        for step in &self.steps[self.body_from..] {
+            if matches!(step, Step::Jwt(_)) {
+                self.run_step(step, req, ctx, shared).await?;
+            }
         }
         Ok(())
     }
 
-    /// The remaining steps, once the body (when small enough to read before
-    /// forwarding) is in `req.body`.
+    /// Whether some step waits for the body (`token_limit`, or a step listed
+    /// after one). When the body streams to the backend instead of being read
+    /// first, the proxy runs [`ApiPipeline::inbound_body`] at its end, before
+    /// its last bytes are released.
+    pub fn has_body_steps(&self) -> bool {
+        self.body_from < self.steps.len()
+    }
+
+    /// The remaining steps, once the body is in `req.body` (read before
+    /// forwarding, or a copy of a body that streamed).
     pub async fn inbound_body(
         &self,
         req: &InboundRequest<'_>,
@@ -245,7 +257,9 @@ impl ApiPipeline {
             ctx.deployment = crate::route::deployment_of(req.rest_path).map(str::to_string);
         }
         for step in &self.steps[self.body_from..] {
-            self.run_step(step, req, ctx, shared).await?;
+            if !matches!(step, Step::Jwt(_)) {
+                self.run_step(step, req, ctx, shared).await?;
+            }
         }
         // A stream without a usage chunk is charged and measured as the prompt
         // estimate plus the streamed tokens: estimate it if no step did.
@@ -263,8 +277,19 @@ impl ApiPipeline {
         shared: &Shared,
     ) -> Result<(), GatewayError> {
         match step {
-            // Run by `inbound_head`, before everything else.
-            Step::Jwt(_) | Step::Metric(_) => Ok(()),
+            Step::Jwt(v) => {
+                if self.api.auth == ApiAuth::KeyOrJwt && ctx.subscription.is_some() {
+                    // Either credential will do, and a key was given.
+                    return Ok(());
+                }
+                let auth = req
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                ctx.caller = Some(v.validate(auth).await.map_err(|e| jwt_error(&e))?);
+                Ok(())
+            }
+            Step::Metric(_) => Ok(()),
             Step::Calls { limit, key, quota } => {
                 let k = counter_key(key, req, ctx, if *quota { "quota" } else { "calls" });
                 match shared.store.reserve(&k, limit, 1).await {

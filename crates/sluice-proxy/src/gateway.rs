@@ -154,6 +154,20 @@ fn inbound_request<'a>(
     }
 }
 
+/// One `X-Forwarded-For` hop: an address, or an address with a port as some
+/// proxies write it (`203.0.113.7:41234`, `[2001:db8::1]:443`, `[2001:db8::1]`).
+fn parse_hop(hop: &str) -> Option<std::net::IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse().ok())
+        })
+}
+
 /// A header value that `Debug` (and so pingora's logs) prints as
 /// `Sensitive`: for the credentials the gateway injects.
 fn sensitive(value: &str) -> Result<http::HeaderValue> {
@@ -188,15 +202,15 @@ impl Gateway {
                 return Some(client);
             };
             for hop in v.rsplit(',') {
-                match hop.trim().parse::<std::net::IpAddr>() {
-                    Ok(ip) => {
+                match parse_hop(hop) {
+                    Some(ip) => {
                         let ip = ip.to_canonical();
                         client = ip;
                         if !trusted.iter().any(|n| n.contains(&ip)) {
                             return Some(client);
                         }
                     }
-                    Err(_) => return Some(client),
+                    None => return Some(client),
                 }
             }
         }
@@ -205,6 +219,9 @@ impl Gateway {
 
     /// Map a proxy failure to the gateway error the client sees.
     fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
+        if let Some(refusal) = &ctx.refusal {
+            return Some(refusal.clone());
+        }
         let backend = ctx
             .backend
             .and_then(|i| self.state.backends.get(i))
@@ -276,6 +293,7 @@ impl Gateway {
         if expects_continue(session) {
             let cont = ResponseHeader::build(100, Some(0))?;
             session.write_response_header(Box::new(cont), false).await?;
+            ctx.continue_sent = true;
         }
         let mut buf = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
@@ -362,7 +380,7 @@ impl ProxyHttp for Gateway {
                 match self.preread_body(session, ctx, limit).await? {
                     Ok(b) => body = Some(b),
                     Err(e) => {
-                        respond(session, &e, true).await?;
+                        respond(session, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
                 }
@@ -373,17 +391,25 @@ impl ProxyHttp for Gateway {
         }
 
         // The API's remaining policies, which may need the body.
-        let verdict = {
-            let req = session.req_header();
-            let inbound = inbound_request(req, client_ip, rest_offset, body.as_deref());
-            pipeline
-                .inbound_body(&inbound, ctx, &self.state.shared)
-                .await
-        };
-        if let Err(e) = verdict {
-            // Reservations made before the refusal are returned at `logging`.
-            respond(session, &e, true).await?;
-            return Ok(true);
+        // The API's remaining policies, which need the body. A body that
+        // streams to the backend (over 64 KiB, or chunked) has them run at its
+        // end, from a copy, before its last bytes are released.
+        let deferred = ctx.body_mode == BodyMode::Streamed && pipeline.has_body_steps();
+        if deferred {
+            ctx.body_steps_deferred = true;
+        } else {
+            let verdict = {
+                let req = session.req_header();
+                let inbound = inbound_request(req, client_ip, rest_offset, body.as_deref());
+                pipeline
+                    .inbound_body(&inbound, ctx, &self.state.shared)
+                    .await
+            };
+            if let Err(e) = verdict {
+                // Reservations made before the refusal are returned at `logging`.
+                respond(session, &e, ctx.continue_sent).await?;
+                return Ok(true);
+            }
         }
         for h in pipeline.header_dimensions() {
             let v = session
@@ -399,17 +425,18 @@ impl ProxyHttp for Gateway {
         if pipeline.needs_usage() {
             // Usage must be readable: no compressed answers from the backend.
             ctx.strip_accept_encoding = true;
-            if ctx.body_mode == BodyMode::Streamed {
-                // Keep a bounded copy to estimate the prompt once it has passed.
-                ctx.streamed_body_copy = Some(Vec::new());
-            }
+        }
+        if ctx.body_mode == BodyMode::Streamed && (pipeline.needs_usage() || deferred) {
+            // Keep a bounded copy: for the deferred steps, and to estimate
+            // the prompt once it has passed.
+            ctx.streamed_body_copy = Some(Vec::new());
         }
         Ok(false)
     }
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Self::CTX,
@@ -427,8 +454,16 @@ impl ProxyHttp for Gateway {
                 return Err(status_error(413, "request body over the limit"));
             }
             ctx.body_probe.feed(b);
+            // The deferred steps need the whole body (it is bounded by the
+            // API's limit, checked above); an estimate alone makes do with
+            // the first MiB.
+            let cap = if ctx.body_steps_deferred {
+                usize::MAX
+            } else {
+                STREAMED_ESTIMATE_LIMIT
+            };
             if let Some(copy) = ctx.streamed_body_copy.as_mut() {
-                if copy.len() + b.len() <= STREAMED_ESTIMATE_LIMIT {
+                if copy.len() + b.len() <= cap {
                     copy.extend_from_slice(b);
                 } else {
                     ctx.streamed_body_copy = None;
@@ -437,11 +472,31 @@ impl ProxyHttp for Gateway {
         }
         if end_of_stream {
             ctx.stream = ctx.body_probe.finish();
-            if let (Some(api), Some(copy)) = (ctx.api, ctx.streamed_body_copy.take()) {
-                self.state.apis[api]
-                    .pipeline
-                    .streamed_body_done(ctx, copy)
-                    .await;
+            let Some(api) = ctx.api else { return Ok(()) };
+            let pipeline = &self.state.apis[api].pipeline;
+            let copy = ctx.streamed_body_copy.take();
+            if std::mem::take(&mut ctx.body_steps_deferred) {
+                // The last chunk is held here until the steps have decided:
+                // a refusal aborts the upstream request before it is complete,
+                // so the backend never acts on it.
+                let client_ip = self.client_ip(session);
+                let verdict = {
+                    let req = session.req_header();
+                    let inbound = inbound_request(req, client_ip, ctx.rest_offset, copy.as_deref());
+                    pipeline
+                        .inbound_body(&inbound, ctx, &self.state.shared)
+                        .await
+                };
+                if let Err(e) = verdict {
+                    let status = e.status;
+                    ctx.refusal = Some(e);
+                    return Err(status_error(
+                        status,
+                        "refused by a policy at the end of the body",
+                    ));
+                }
+            } else if let Some(copy) = copy {
+                pipeline.streamed_body_done(ctx, copy).await;
             }
         }
         Ok(())
@@ -681,7 +736,7 @@ impl ProxyHttp for Gateway {
         } else {
             match self.error_for(e, ctx) {
                 Some(err) => {
-                    if respond(session, &err, true).await.is_err() {
+                    if respond(session, &err, ctx.continue_sent).await.is_err() {
                         tracing::debug!("could not write the error response");
                     }
                     err.status
@@ -810,5 +865,18 @@ mod tests {
         // A client that went away gets nothing.
         assert!(status(Error::new_down(ErrorType::ConnectionClosed)).is_none());
         assert!(status(Error::new_down(ErrorType::ReadTimedout)).is_none());
+    }
+
+    #[test]
+    fn forwarded_hops_with_and_without_ports() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(parse_hop(" 203.0.113.7 "), ip("203.0.113.7"));
+        assert_eq!(parse_hop("203.0.113.7:41234"), ip("203.0.113.7"));
+        assert_eq!(parse_hop("2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(parse_hop("[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(parse_hop("[2001:db8::1]"), ip("2001:db8::1"));
+        assert_eq!(parse_hop("unknown"), None);
+        assert_eq!(parse_hop(""), None);
+        assert_eq!(parse_hop("[203.0.113.7"), None);
     }
 }

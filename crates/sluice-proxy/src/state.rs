@@ -312,6 +312,8 @@ pub struct GatewayState {
     pub counter_count: prometheus::IntGauge,
     /// Peers whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
     pub trusted_proxies: Vec<sluice_config::IpNet>,
+    /// Serializes [`GatewayState::sync_counter_metrics`].
+    metrics_sync: std::sync::Mutex<()>,
     /// Requests being served now (a graceful shutdown waits for zero).
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Metrics served on the management listener.
@@ -333,10 +335,32 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
+/// Peers are compared in canonical form (an IPv4-mapped IPv6 peer as IPv4),
+/// so an IPv4-mapped entry (`::ffff:10.0.0.0/104`) becomes its IPv4 network.
+fn canonical_net(net: &sluice_config::IpNet) -> sluice_config::IpNet {
+    match net {
+        sluice_config::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => ipnet_v4(v4, v6.prefix_len() - 96).unwrap_or(*net),
+            _ => *net,
+        },
+        sluice_config::IpNet::V4(_) => *net,
+    }
+}
+
+fn ipnet_v4(addr: std::net::Ipv4Addr, prefix: u8) -> Option<sluice_config::IpNet> {
+    format!("{addr}/{prefix}").parse().ok()
+}
+
 impl GatewayState {
     /// Bring the counter-store metrics up to date (before a scrape, and after
     /// each purge).
     pub fn sync_counter_metrics(&self) {
+        // The purge task and a scrape may sync at once: one at a time, so
+        // the same evictions are never added twice.
+        let _one = self
+            .metrics_sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let evicted = self.counters.evictions();
         let reported = self.counter_evictions.get();
         if evicted > reported {
@@ -453,8 +477,14 @@ impl GatewayState {
             purge_interval: cfg.server.counters.purge_interval,
             counter_evictions,
             counter_count,
-            trusted_proxies: cfg.server.trusted_proxies.clone(),
+            trusted_proxies: cfg
+                .server
+                .trusted_proxies
+                .iter()
+                .map(canonical_net)
+                .collect(),
             in_flight: Arc::default(),
+            metrics_sync: std::sync::Mutex::new(()),
             registry,
             apis,
             backends,
@@ -719,5 +749,20 @@ apis:
         assert_eq!(e.to_string(), "no address for aoai.example");
         assert_eq!(b.address().await.unwrap(), at("10.0.0.1:8443"));
         assert_eq!(dns.calls(), 3);
+    }
+
+    #[test]
+    fn ipv4_mapped_trusted_proxies_match_canonical_peers() {
+        let net = |s: &str| s.parse::<sluice_config::IpNet>().unwrap();
+        assert_eq!(
+            canonical_net(&net("::ffff:10.0.0.0/104")),
+            net("10.0.0.0/8")
+        );
+        assert_eq!(
+            canonical_net(&net("::ffff:10.1.2.3/128")),
+            net("10.1.2.3/32")
+        );
+        assert_eq!(canonical_net(&net("2001:db8::/32")), net("2001:db8::/32"));
+        assert_eq!(canonical_net(&net("10.0.0.0/8")), net("10.0.0.0/8"));
     }
 }

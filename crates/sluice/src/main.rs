@@ -81,7 +81,8 @@ enum Command {
 ///   token responses.
 ///
 /// Sluice's own targets are not capped: they never log a secret (the
-/// `secrets_never_reach_the_log` test runs every flow at `RUST_LOG=trace`).
+/// test `tests/python/test_hardening.py::test_no_secret_reaches_the_log_at_trace_level`
+/// runs every flow at `RUST_LOG=trace` and scans the log).
 const LOG_CAPS: &[(&str, tracing::Level)] = &[
     ("pingora", tracing::Level::INFO),
     ("reqwest", tracing::Level::DEBUG),

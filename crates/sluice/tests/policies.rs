@@ -23,6 +23,7 @@ use sluice_sim::{RegionConfig, Simulator};
 
 const KEY_A: &str = "policies-e2e-team-a-key";
 const KEY_B: &str = "policies-e2e-team-b-key";
+const KEY_C: &str = "policies-e2e-team-c-key";
 const BACKEND_KEY: &str = "policies-e2e-backend-key";
 const ISSUER: &str = "https://login.microsoftonline.com/tenant-e2e/v2.0";
 const AUDIENCE: &str = "api://sluice-e2e";
@@ -90,6 +91,7 @@ fn start() -> Env {
     for (name, value) in [
         ("a.key", KEY_A),
         ("b.key", KEY_B),
+        ("c.key", KEY_C),
         ("backend.key", BACKEND_KEY),
     ] {
         std::fs::write(dir.path().join(name), value).expect("write");
@@ -109,6 +111,8 @@ subscriptions:
     primary_key: {{file: a.key}}
   - name: team-b
     primary_key: {{file: b.key}}
+  - name: team-c
+    primary_key: {{file: c.key}}
 apis:
   - name: tokens
     path: /openai
@@ -339,4 +343,51 @@ fn jwt_callers_are_checked_limited_and_measured() {
         used,
         "{text}"
     );
+}
+
+#[test]
+fn bodies_that_stream_are_reserved_for_before_they_complete() {
+    use common::Framing;
+    let e = env();
+    let send = |body: &str, framing| {
+        common::request(
+            e.gw,
+            "POST",
+            CHAT,
+            &[("api-key", KEY_C), ("content-type", "application/json")],
+            body.as_bytes(),
+            framing,
+        )
+        .expect("request")
+    };
+    let big = |max_tokens: u32| {
+        json!({"messages": [{"role": "user", "content": "canal water lock gate ".repeat(4000)}],
+               "max_tokens": max_tokens})
+        .to_string()
+    };
+    assert!(big(1).len() > 64 * 1024);
+    // Chunked or over 64 KiB, the body streams to the backend; its max_tokens
+    // still counts, read from a copy before the last bytes go out.
+    for (body, framing) in [
+        (chat(TPM as u32), Framing::Chunked),
+        (big(TPM as u32), Framing::ContentLength),
+    ] {
+        let r = send(&body, framing);
+        assert_eq!(r.status, 400, "{framing:?}: {}", r.text());
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Waiting will not help"))
+        );
+    }
+    let small = send(&chat(30), Framing::Chunked);
+    assert_eq!(small.status, 200, "{}", small.text());
+    let prompt = header_u64(&small, "x-consumed-tokens");
+    assert_eq!(header_u64(&small, "x-remaining-tokens"), TPM - prompt - 30);
+    // A big prompt is estimated before the body completes: alone it is
+    // larger than the limit.
+    let r = send(&big(1), Framing::ContentLength);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["message"].as_str().expect("message").to_string();
+    assert!(msg.contains("in the prompt"), "{msg}");
 }
