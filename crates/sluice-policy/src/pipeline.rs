@@ -184,6 +184,11 @@ impl ApiPipeline {
         }
     }
 
+    /// The API this pipeline serves, as configured.
+    pub fn api(&self) -> &Api {
+        &self.api
+    }
+
     /// Whether the response's usage is read (token_limit, emit_token_metric).
     pub fn needs_usage(&self) -> bool {
         self.needs_usage

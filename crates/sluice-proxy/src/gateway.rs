@@ -231,7 +231,7 @@ impl Gateway {
             ErrorType::HTTPStatus(413) => {
                 let limit = ctx
                     .api
-                    .map(|i| self.state.apis[i].config.max_request_body_bytes)
+                    .map(|i| self.state.apis[i].config().max_request_body_bytes)
                     .unwrap_or(0);
                 GatewayError::body_too_large(limit)
             }
@@ -340,7 +340,7 @@ impl ProxyHttp for Gateway {
         let api_index = m.index;
         ctx.api = Some(api_index);
         ctx.rest_offset = rest_offset;
-        let api = &self.state.apis[api_index].config;
+        let api = self.state.apis[api_index].config();
 
         // A declared body over the limit is refused before anything else.
         let limit = api.max_request_body_bytes;
@@ -446,7 +446,7 @@ impl ProxyHttp for Gateway {
         }
         let limit = ctx
             .api
-            .map(|i| self.state.apis[i].config.max_request_body_bytes)
+            .map(|i| self.state.apis[i].config().max_request_body_bytes)
             .unwrap_or(u64::MAX);
         if let Some(b) = body {
             ctx.body_len += b.len() as u64;
@@ -479,10 +479,11 @@ impl ProxyHttp for Gateway {
                 // The last chunk is held here until the steps have decided:
                 // a refusal aborts the upstream request before it is complete,
                 // so the backend never acts on it.
-                let client_ip = self.client_ip(session);
+                // The head phase recorded the client's address.
                 let verdict = {
                     let req = session.req_header();
-                    let inbound = inbound_request(req, client_ip, ctx.rest_offset, copy.as_deref());
+                    let inbound =
+                        inbound_request(req, ctx.client_ip, ctx.rest_offset, copy.as_deref());
                     pipeline
                         .inbound_body(&inbound, ctx, &self.state.shared)
                         .await
@@ -589,7 +590,7 @@ impl ProxyHttp for Gateway {
                 "no backend chosen",
             ));
         };
-        let api = &self.state.apis[api].config;
+        let api = self.state.apis[api].config();
         let b = &self.state.backends[backend];
         let uri = &session.req_header().uri;
         let rest = uri.path().get(ctx.rest_offset..).unwrap_or("");

@@ -273,11 +273,10 @@ impl BackendRuntime {
     }
 }
 
-/// An API at run time: its config, its compiled policies and its backends
-/// resolved to indices.
+/// An API at run time: its compiled policies (which hold its config) and its
+/// backends resolved to indices.
 #[derive(Debug)]
 pub struct ApiRuntime {
-    pub config: Api,
     /// The API's policies, compiled.
     pub pipeline: ApiPipeline,
     pub backends: Vec<usize>,
@@ -285,6 +284,11 @@ pub struct ApiRuntime {
 }
 
 impl ApiRuntime {
+    /// The API's configuration.
+    pub fn config(&self) -> &Api {
+        self.pipeline.api()
+    }
+
     /// The next backend, round robin.
     pub fn next_backend(&self) -> usize {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +440,6 @@ impl GatewayState {
         let apis = apis
             .into_iter()
             .map(|(a, ids)| ApiRuntime {
-                config: a.clone(),
                 pipeline: ApiPipeline::new(a, fetch.clone()),
                 backends: ids,
                 next: AtomicUsize::new(0),
