@@ -65,10 +65,12 @@ def _binary() -> str:
 class Gateway:
     """A running `sluice run` child process."""
 
-    def __init__(self, proc, url, management):
+    def __init__(self, proc, url, management, simulators=None):
         self.proc = proc
         self.url = url
         self.management = management
+        # Simulator name -> its URL (from the banner).
+        self.simulators = simulators or {}
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
@@ -125,6 +127,19 @@ def start_gateway(directory, config: str, env=None) -> Gateway:
                 pytest.fail("sluice did not print its management line")
             if line.startswith("sluice: management on "):
                 management = line.split(" on ", 1)[1].split()[0].strip()
+    # The banner then lists the simulators, before its closing hint.
+    simulators = {}
+    if "simulators:" in config:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line.startswith("  simulator '"):
+                name = line.split("'", 2)[1]
+                simulators[name] = line.rsplit(": ", 1)[1].strip()
+            elif simulators and not line.startswith("  "):
+                break
     for u in [url] + ([management] if management else []):
         host, port = u.removeprefix("http://").rsplit(":", 1)
         while True:  # readiness: the port accepts connections
@@ -136,7 +151,7 @@ def start_gateway(directory, config: str, env=None) -> Gateway:
                     proc.kill()
                     pytest.fail("sluice never accepted connections")
                 time.sleep(0.01)
-    return Gateway(proc, url, management)
+    return Gateway(proc, url, management, simulators)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,11 @@ use serde_yaml::{Mapping, Value};
 use crate::lines::{Seg, format_path, index_path, key_path};
 use crate::problems::Problems;
 use crate::raw::{
-    RawApi, RawApiSubscription, RawAzureCli, RawBackend, RawBackendAuth, RawCallLimit,
-    RawClientSecret, RawConfig, RawCounters, RawEmitTokenMetric, RawManagedIdentity, RawManagement,
-    RawPolicy, RawSecretFields, RawServer, RawSimDeployment, RawSimulator, RawSubscription,
-    RawTimeouts, RawTokenLimit, RawValidateJwt, RawWorkloadIdentity, fields_of,
+    RawApi, RawApiSubscription, RawAzureCli, RawBackend, RawBackendAuth, RawBreakerRule,
+    RawCallLimit, RawCircuitBreaker, RawClientSecret, RawConfig, RawCounters, RawEmitTokenMetric,
+    RawFailover, RawManagedIdentity, RawManagement, RawPolicy, RawPool, RawPoolMember,
+    RawSecretFields, RawServer, RawSimDeployment, RawSimulator, RawSubscription, RawTimeouts,
+    RawTokenLimit, RawValidateJwt, RawWorkloadIdentity, fields_of,
 };
 
 /// Names present in each list of the file, read before typed parsing so that
@@ -27,6 +28,7 @@ pub(crate) struct KnownNames {
     pub simulators: HashSet<String>,
     pub backends: HashSet<String>,
     pub apis: HashSet<String>,
+    pub pools: HashSet<String>,
 }
 
 /// The outcome of parsing: the raw config, plus the paths of values removed
@@ -195,6 +197,7 @@ fn known_names(root: &Value) -> KnownNames {
         simulators: names_in("simulators"),
         backends: names_in("backends"),
         apis: names_in("apis"),
+        pools: names_in("pools"),
     }
 }
 
@@ -329,6 +332,11 @@ fn expected_keys(parent: &[Seg]) -> &'static [&'static str] {
         "subscriptions[]" => fields_of::<RawSubscription>(),
         "apis[]" => fields_of::<RawApi>(),
         "apis[].subscription" => fields_of::<RawApiSubscription>(),
+        "apis[].failover" => fields_of::<RawFailover>(),
+        "backends[].circuit_breaker" => fields_of::<RawCircuitBreaker>(),
+        "backends[].circuit_breaker.rules[]" => fields_of::<RawBreakerRule>(),
+        "pools[]" => fields_of::<RawPool>(),
+        "pools[].backends[]" => fields_of::<RawPoolMember>(),
         s if s.ends_with("api_key")
             || s.ends_with("primary_key")
             || s.ends_with("secondary_key") =>

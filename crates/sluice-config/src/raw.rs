@@ -16,6 +16,7 @@ pub(crate) struct RawConfig {
     pub simulators: Option<Vec<Option<RawSimulator>>>,
     pub backends: Option<Vec<Option<RawBackend>>>,
     pub subscriptions: Option<Vec<Option<RawSubscription>>>,
+    pub pools: Option<Vec<Option<RawPool>>>,
     pub apis: Option<Vec<Option<RawApi>>>,
 }
 
@@ -31,6 +32,7 @@ pub(crate) struct RawServer {
     #[serde(default, deserialize_with = "present")]
     pub counters: Option<RawCounters>,
     pub shutdown_timeout_seconds: Option<u64>,
+    pub body_buffer_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +86,61 @@ pub(crate) struct RawBackend {
     pub timeouts: Option<RawTimeouts>,
     #[serde(default, deserialize_with = "present")]
     pub auth: Option<RawBackendAuth>,
+    pub region: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub circuit_breaker: Option<RawCircuitBreaker>,
+}
+
+/// `backends[].circuit_breaker`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawCircuitBreaker {
+    pub rules: Option<Vec<Option<RawBreakerRule>>>,
+}
+
+/// One `backends[].circuit_breaker.rules` entry.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawBreakerRule {
+    pub name: Option<String>,
+    pub status_codes: Option<Vec<Option<RawStatusRange>>>,
+    pub errors: Option<Vec<Option<String>>>,
+    pub count: Option<u64>,
+    pub interval_seconds: Option<u64>,
+    pub trip_duration_seconds: Option<u64>,
+    pub accept_retry_after: Option<bool>,
+    pub max_retry_after_seconds: Option<u64>,
+}
+
+/// A status code (`429`) or an inclusive range written as text (`500-599`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawStatusRange {
+    Code(u64),
+    Text(String),
+}
+
+/// `pools[]`: backends grouped by priority, weighted within a group.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawPool {
+    pub name: Option<String>,
+    pub backends: Option<Vec<Option<RawPoolMember>>>,
+    pub steering: Option<bool>,
+    pub headroom_max_age_seconds: Option<u64>,
+}
+
+/// `pools[].backends[]`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawPoolMember {
+    pub backend: Option<String>,
+    pub priority: Option<u64>,
+    pub weight: Option<u64>,
+}
+
+/// `apis[].failover`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawFailover {
+    pub max_attempts: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub when_exhausted: Option<u64>,
 }
 
 /// `backends[].auth`: one credential key plus an optional scope. The
@@ -139,6 +196,10 @@ pub(crate) struct RawApi {
     pub name: Option<String>,
     pub path: Option<String>,
     pub backends: Option<Vec<Option<String>>>,
+    pub pool: Option<String>,
+    pub deployment_pools: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub failover: Option<RawFailover>,
     pub max_request_body_bytes: Option<u64>,
     pub subscription: Option<RawApiSubscription>,
     pub auth: Option<String>,
@@ -362,7 +423,7 @@ mod tests {
             &["max_keys", "purge_interval_seconds"]
         );
         assert_eq!(fields_of::<RawSecretFields>(), &["env", "file"]);
-        assert_eq!(fields_of::<RawConfig>().len(), 6);
+        assert_eq!(fields_of::<RawConfig>().len(), 7);
         assert_eq!(
             fields_of::<RawPolicy>(),
             &[

@@ -51,6 +51,10 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// Subscriptions (client keys), in file order.
     pub subscriptions: Vec<Subscription>,
+    /// Backend pools: the `pools` entries in file order, then one pool per
+    /// API that lists `backends:` instead of naming a pool (named
+    /// `api/<api name>`, one priority group of equal weights).
+    pub pools: Vec<Pool>,
     /// APIs, in file order.
     pub apis: Vec<Api>,
 }
@@ -99,7 +103,14 @@ pub struct Server {
     /// On SIGTERM: how long in-flight requests (open streams included) may
     /// run after the listeners stop accepting; 0..=3600 s, default 60 s.
     pub shutdown_timeout: Duration,
+    /// Memory all request bodies held for replay (failover) may use
+    /// together; a body that does not fit is forwarded without replay.
+    /// Default 256 MiB.
+    pub body_buffer_bytes: u64,
 }
+
+/// Default of `Server::body_buffer_bytes`.
+pub(crate) const DEFAULT_BODY_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Default of `Server::shutdown_timeout`, in seconds.
 pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 60;
@@ -220,6 +231,66 @@ pub struct Backend {
     /// Entra ID credential whose bearer token is sent upstream; never set
     /// together with `api_key`.
     pub auth: Option<BackendAuth>,
+    /// Region label (metrics, `/backends`); default: the simulator's
+    /// region, else the backend's name.
+    pub region: String,
+    /// Circuit-breaker rules (`circuit_breaker.rules`); the defaults when
+    /// the key is absent, none when it is an empty list.
+    pub breaker_rules: Vec<BreakerRule>,
+}
+
+/// One circuit-breaker rule of a backend (`circuit_breaker.rules[]`): the
+/// routing crate's own type, so that what is configured is what runs.
+pub use sluice_routing::BreakerRule;
+
+/// A pool of backends (`pools[]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    /// Unique name; `api/<api name>` for an API's `backends:` shorthand.
+    pub name: String,
+    /// Members in the configured order.
+    pub members: Vec<PoolMember>,
+    /// Skip a backend whose last rate-limit headers say the request will
+    /// not fit, when another can take it (default true).
+    pub steering: bool,
+    /// How long a backend's rate-limit reading counts at most, 1..=3600 s
+    /// (default 60 s); it stops counting earlier at its own reset time.
+    pub headroom_max_age: Duration,
+}
+
+/// One backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolMember {
+    /// A `Config::backends` name.
+    pub backend: String,
+    /// Lower goes first, 0..=100 (default 1).
+    pub priority: u32,
+    /// Share within its priority group, 1..=1000 (default 1).
+    pub weight: u32,
+}
+
+/// How an API retries a call on another backend (`apis[].failover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failover {
+    /// Most backends tried for one request, 1..=30; default: every member
+    /// of the pool once.
+    pub max_attempts: Option<u32>,
+    /// No new attempt starts once this much time has passed since the
+    /// request arrived, and connecting is cut to what is left (default 120 s).
+    pub timeout: Duration,
+    /// Status of the gateway's answer when every backend is resting: 429
+    /// (default, with the smallest Retry-After) or 503 (APIM's shape).
+    pub when_exhausted: u16,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            max_attempts: None,
+            timeout: Duration::from_secs(120),
+            when_exhausted: 429,
+        }
+    }
 }
 
 /// How a backend obtains an Entra ID token (`backends[].auth`).
@@ -312,8 +383,15 @@ pub struct Api {
     pub name: String,
     /// Unique path prefix ending in `/openai`, e.g. `/openai` or `/team/openai`.
     pub path: String,
-    /// Backend names, in the configured order (each names a `Config::backends` entry).
+    /// The backends this API can reach: the members of its pools, each
+    /// once, in order (each names a `Config::backends` entry).
     pub backends: Vec<String>,
+    /// The pool requests go to (a `Config::pools` name).
+    pub pool: String,
+    /// Client deployment name -> the pool for that deployment.
+    pub deployment_pools: BTreeMap<String, String>,
+    /// Retrying on another backend.
+    pub failover: Failover,
     /// How clients present subscription keys.
     pub subscription: SubscriptionSettings,
     /// Body size limit for this API (`server.max_request_body_bytes` if unset).

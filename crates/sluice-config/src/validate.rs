@@ -6,6 +6,7 @@
 
 mod backend_auth;
 mod policies;
+mod routing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -23,8 +24,8 @@ use crate::raw::{
     RawSubscription, RawTimeouts,
 };
 use crate::types::{
-    DEFAULT_MAX_LABEL_VALUES, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, FIXED_CREDENTIAL_HEADERS,
-    MAX_PURGE_INTERVAL_SECONDS, MAX_SHUTDOWN_TIMEOUT_SECONDS,
+    DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MAX_LABEL_VALUES, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+    FIXED_CREDENTIAL_HEADERS, MAX_PURGE_INTERVAL_SECONDS, MAX_SHUTDOWN_TIMEOUT_SECONDS,
 };
 use crate::{
     Api, Backend, BackendTarget, BackendUrl, Config, Counters, Management, Secret, Server,
@@ -74,9 +75,10 @@ pub(crate) fn build(
     };
     let server = cx.server(raw.server.unwrap_or_default());
     let simulators = cx.simulators(raw.simulators, &server);
-    let backends = cx.backends(raw.backends, &server);
+    let backends = cx.backends(raw.backends, &server, &simulators);
     let subscriptions = cx.subscriptions(raw.subscriptions);
-    let apis = cx.apis(raw.apis, &server);
+    let mut pools = cx.pools(raw.pools);
+    let apis = cx.apis(raw.apis, &server, &mut pools);
     if server.management.is_none() {
         for (i, api) in apis.iter().enumerate() {
             for (j, p) in api.policies.iter().enumerate() {
@@ -95,6 +97,7 @@ pub(crate) fn build(
         simulators,
         backends,
         subscriptions,
+        pools,
         apis,
     }
 }
@@ -430,6 +433,13 @@ impl Cx<'_, '_> {
             trusted_proxies,
             counters,
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
+            body_buffer_bytes: self.in_range(
+                raw.body_buffer_bytes,
+                "server.body_buffer_bytes",
+                0,
+                u64::MAX,
+                DEFAULT_BODY_BUFFER_BYTES,
+            ),
             threads: threads as usize,
             max_request_body_bytes: self.positive(
                 raw.max_request_body_bytes,
@@ -542,7 +552,12 @@ impl Cx<'_, '_> {
         out
     }
 
-    fn backends(&mut self, list: Option<Vec<Option<RawBackend>>>, server: &Server) -> Vec<Backend> {
+    fn backends(
+        &mut self,
+        list: Option<Vec<Option<RawBackend>>>,
+        server: &Server,
+        simulators: &[SimulatorRegion],
+    ) -> Vec<Backend> {
         self.non_empty_list(list.as_ref().map(Vec::len), "backends", "backend");
         let mut seen = HashMap::new();
         let mut out = Vec::new();
@@ -594,6 +609,22 @@ impl Cx<'_, '_> {
             }
             let timeouts =
                 self.timeouts(raw.timeouts, &key_path(&path, "timeouts"), server.timeouts);
+            let region = match raw.region {
+                Some(r) if r.trim().is_empty() => {
+                    self.err(key_path(&path, "region"), "must not be empty");
+                    r
+                }
+                Some(r) => r,
+                None => match &target {
+                    BackendTarget::Simulator(sim) => simulators
+                        .iter()
+                        .find(|s| &s.name == sim)
+                        .map(|s| s.region.clone())
+                        .unwrap_or_else(|| name.clone()),
+                    BackendTarget::Url(_) => name.clone(),
+                },
+            };
+            let breaker_rules = self.breaker_rules(raw.circuit_breaker, &path);
             out.push(Backend {
                 name,
                 target,
@@ -601,6 +632,8 @@ impl Cx<'_, '_> {
                 deployments,
                 timeouts,
                 auth,
+                region,
+                breaker_rules,
             });
         }
         out
@@ -678,7 +711,12 @@ impl Cx<'_, '_> {
         out
     }
 
-    fn apis(&mut self, list: Option<Vec<Option<RawApi>>>, server: &Server) -> Vec<Api> {
+    fn apis(
+        &mut self,
+        list: Option<Vec<Option<RawApi>>>,
+        server: &Server,
+        pools: &mut Vec<crate::Pool>,
+    ) -> Vec<Api> {
         self.non_empty_list(list.as_ref().map(Vec::len), "apis", "API");
         let mut seen = HashMap::new();
         let mut paths: HashMap<String, usize> = HashMap::new();
@@ -700,35 +738,17 @@ impl Cx<'_, '_> {
                 }
             }
             let api_path = api_path.unwrap_or_default();
-            let backends_path = key_path(&path, "backends");
-            let mut backends = Vec::new();
-            match raw.backends {
-                None => {
-                    self.required(None::<()>, &backends_path);
-                }
-                Some(list) if list.is_empty() => {
-                    self.err(&backends_path, "must name at least one backend")
-                }
-                Some(list) => {
-                    let mut listed: HashMap<String, usize> = HashMap::new();
-                    for (j, item_path, backend) in self.entries(Some(list), &backends_path) {
-                        if !self.names.backends.contains(&backend) {
-                            self.err(
-                                &item_path,
-                                format!("unknown backend '{backend}' (not in backends)"),
-                            );
-                        } else if let Some(first) = listed.get(&backend) {
-                            self.err(
-                                &item_path,
-                                format!("backend '{backend}' is listed twice (also at {backends_path}[{first}])"),
-                            );
-                        } else {
-                            listed.insert(backend.clone(), j);
-                        }
-                        backends.push(backend);
-                    }
-                }
-            }
+            let routing = self.api_routing(
+                routing::RawApiRouting {
+                    backends: raw.backends,
+                    pool: raw.pool,
+                    deployment_pools: raw.deployment_pools,
+                    failover: raw.failover,
+                },
+                &path,
+                &name,
+                pools,
+            );
             let max_request_body_bytes = self.positive(
                 raw.max_request_body_bytes,
                 &key_path(&path, "max_request_body_bytes"),
@@ -741,7 +761,10 @@ impl Cx<'_, '_> {
             out.push(Api {
                 name,
                 path: api_path,
-                backends,
+                backends: routing.backends,
+                pool: routing.pool,
+                deployment_pools: routing.deployment_pools,
+                failover: routing.failover,
                 subscription,
                 max_request_body_bytes,
                 auth,

@@ -51,8 +51,12 @@ pub enum BodyMode {
     /// Not decided yet, or the request has no body.
     #[default]
     None,
-    /// Read whole before routing (small bodies): it can be replayed.
+    /// Read whole before routing (small bodies): pingora's retry buffer
+    /// replays it.
     Preread,
+    /// Read whole before routing (over 64 KiB, or chunked) and held by the
+    /// gateway, which sends it on every attempt itself.
+    Held,
     /// Streamed to the backend and scanned as it passes.
     Streamed,
 }
@@ -136,6 +140,12 @@ pub struct RequestContext {
     /// Keeps the request counted as in flight. Written at creation; dropped
     /// with the context.
     pub in_flight: Option<InFlight>,
+    /// The pool, the attempts made so far and the next backend planned.
+    /// Written by backend selection; read by the proxy and traces.
+    pub routing: crate::selection::Routing,
+    /// What the request holds of the gateway's body-buffer budget, given
+    /// back when the context drops. Written when the body is read.
+    pub body_hold: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl RequestContext {
@@ -186,6 +196,8 @@ impl Default for RequestContext {
             body_steps_deferred: false,
             refusal: None,
             in_flight: None,
+            routing: crate::selection::Routing::default(),
+            body_hold: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod pipeline;
 pub mod route;
+pub mod selection;
 pub mod stream_tag;
 pub mod subscription;
 
@@ -17,5 +18,6 @@ pub use error::GatewayError;
 pub use metrics::TokenMetrics;
 pub use pipeline::{ApiPipeline, InboundRequest, Shared};
 pub use route::{ApiRouter, MatchedApi};
+pub use selection::{After, Attempt, BackendSelector, Routing};
 pub use stream_tag::{StreamProbe, stream_flag};
 pub use subscription::{KeyError, SubscriptionIndex, SubscriptionMatch};

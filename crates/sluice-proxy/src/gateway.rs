@@ -13,7 +13,8 @@ use pingora::{Error, ErrorSource, ErrorType};
 use sluice_policy::context::BodyMode;
 use sluice_policy::error::GatewayError;
 use sluice_policy::route::{strip_query_param, upstream_path};
-use sluice_policy::{InboundRequest, RequestContext, stream_tag};
+use sluice_policy::{After, InboundRequest, RequestContext, stream_tag};
+use sluice_routing::Outcome;
 
 use crate::state::GatewayState;
 
@@ -31,7 +32,7 @@ const STATUS_PATH: &str = "/status-0123456789abcdef";
 /// The gateway: pingora calls its hooks for every request.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    state: Arc<GatewayState>,
+    pub(crate) state: Arc<GatewayState>,
 }
 
 impl Gateway {
@@ -83,7 +84,11 @@ async fn discard_body(session: &mut Session) {
 /// not read at all, nor is one the client holds back waiting for
 /// `100 Continue` (`continued` false). A request whose body was read (or
 /// that has none) keeps its connection.
-async fn respond(session: &mut Session, err: &GatewayError, continued: bool) -> Result<()> {
+pub(crate) async fn respond(
+    session: &mut Session,
+    err: &GatewayError,
+    continued: bool,
+) -> Result<()> {
     let body = err.body();
     let mut resp = ResponseHeader::build(err.status, Some(4 + err.headers.len()))?;
     resp.set_reason_phrase(Some(err.reason()))?;
@@ -126,6 +131,48 @@ fn final_response_written(session: &Session) -> bool {
     session
         .response_written()
         .is_some_and(|r| !r.status.is_informational())
+}
+
+/// Whether the request can still be sent to another backend: nothing has
+/// reached the client, and the body is held whole (pingora's retry buffer or
+/// the gateway's copy) or none of it has been read yet.
+fn replayable_now(session: &Session, ctx: &RequestContext) -> bool {
+    if final_response_written(session) {
+        return false;
+    }
+    match ctx.body_mode {
+        BodyMode::Streamed => ctx.body_len == 0 && session.as_ref().body_bytes_read() == 0,
+        BodyMode::Preread => !session.as_ref().retry_buffer_truncated(),
+        BodyMode::Held | BodyMode::None => true,
+    }
+}
+
+/// How an attempt that failed without a response head ended, for the
+/// breaker: a timeout, or a lost connection.
+pub(crate) fn outcome_of(e: &Error) -> Outcome {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout | ErrorType::ReadTimedout => {
+            Outcome::Timeout
+        }
+        ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::TLSHandshakeFailure => Outcome::ConnectFailed,
+        _ => Outcome::ConnectionLost,
+    }
+}
+
+/// Mark `e` for retry (or not) as the routing decided; a refusal becomes
+/// the gateway's answer.
+fn retry_as_decided(e: &mut Error, after: After, ctx: &mut RequestContext) {
+    match after {
+        After::Retry => e.set_retry(true),
+        After::Refuse(refusal) => {
+            ctx.refusal = Some(refusal);
+            e.set_retry(false);
+        }
+        After::Deliver => e.set_retry(false),
+    }
 }
 
 /// A pingora error carrying a gateway-made status (413 while streaming).
@@ -218,7 +265,7 @@ impl Gateway {
     }
 
     /// Map a proxy failure to the gateway error the client sees.
-    fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
+    pub(crate) fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
         if let Some(refusal) = &ctx.refusal {
             return Some(refusal.clone());
         }
@@ -279,15 +326,170 @@ impl Gateway {
         Some(err)
     }
 
-    /// Read the whole (small) body before routing, keeping pingora's retry
-    /// buffer so the exact bytes are forwarded (and can be replayed).
+    /// The peer for an attempt at `backend`: its address (DNS), its Entra ID
+    /// token (kept on the context) and the attempt's timeouts.
+    pub(crate) async fn peer_for(
+        &self,
+        ctx: &mut RequestContext,
+        backend: usize,
+    ) -> Result<Box<HttpPeer>> {
+        let b = &self.state.backends[backend];
+        // `connect_ms` is one budget for the whole way to a usable
+        // connection: DNS, the backend's Entra ID token, TCP and TLS; it is
+        // cut to what is left of the API's failover time.
+        let failover_left = ctx
+            .api
+            .map(|a| self.state.apis[a].config().failover.timeout)
+            .map(|t| t.saturating_sub(ctx.started.elapsed()))
+            .unwrap_or(b.connect_timeout);
+        let deadline = tokio::time::Instant::now()
+            + b.connect_timeout
+                .min(failover_left)
+                .max(Duration::from_millis(1));
+        let addr = match tokio::time::timeout_at(deadline, b.address()).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return Err(Error::because(
+                    ErrorType::ConnectNoRoute,
+                    "resolving the backend host",
+                    e,
+                )
+                .into_up());
+            }
+            Err(_) => {
+                return Err(Error::explain(
+                    ErrorType::ConnectTimedout,
+                    "resolving the backend host timed out",
+                )
+                .into_up());
+            }
+        };
+        // Per attempt: a retry may pick a backend without `auth`.
+        ctx.backend_bearer = None;
+        ctx.identity_failure = None;
+        if let Some(provider) = &b.token_provider {
+            let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
+                Ok(Ok(t)) => {
+                    ctx.backend_bearer = Some(t);
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "no token within the backend's connect timeout ({} ms)",
+                    b.connect_timeout.as_millis()
+                )),
+            };
+            if let Some(error) = failure {
+                tracing::warn!(
+                    backend = %b.name,
+                    credential = provider.kind(),
+                    %error,
+                    "cannot obtain an Entra ID token for the backend"
+                );
+                ctx.identity_failure = Some(provider.kind());
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no Entra ID token for the backend",
+                ));
+            }
+        }
+        // What is left of the budget bounds the TCP connect and the TLS
+        // handshake together (at least 1 ms: zero would mean "no limit").
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1));
+        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
+        peer.options.connection_timeout = Some(left);
+        peer.options.total_connection_timeout = Some(left);
+        peer.options.read_timeout = Some(b.read_timeout);
+        peer.options.write_timeout = Some(b.write_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(90));
+        Ok(Box::new(peer))
+    }
+
+    /// Turn the client's request head into the backend's: path (with the
+    /// backend's deployment name), query without the subscription key,
+    /// `Host`, the backend's credential instead of the client's.
+    pub(crate) fn rewrite_request(
+        &self,
+        session: &Session,
+        upstream: &mut RequestHeader,
+        ctx: &RequestContext,
+    ) -> Result<()> {
+        let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no backend chosen",
+            ));
+        };
+        let api = self.state.apis[api].config();
+        let b = &self.state.backends[backend];
+        let uri = &session.req_header().uri;
+        let rest = uri.path().get(ctx.rest_offset..).unwrap_or("");
+        let mut target = upstream_path(&b.base_path, rest, |d| {
+            b.deployments.get(d).map(String::as_str)
+        });
+        if let Some(q) = uri.query() {
+            let q = strip_query_param(q, &api.subscription.query_name);
+            if !q.is_empty() {
+                target.push('?');
+                target.push_str(&q);
+            }
+        }
+        let uri: http::Uri = target.parse().map_err(|e| {
+            Error::because(ErrorType::InternalError, "building the upstream URI", e)
+        })?;
+        upstream.set_uri(uri);
+        upstream.insert_header(http::header::HOST, b.host_header.as_str())?;
+        for h in &self.state.credential_headers {
+            upstream.remove_header(h);
+        }
+        if matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) {
+            // The client's `Expect` was answered here; the body is already read.
+            upstream.remove_header(&http::header::EXPECT);
+        }
+        // Injected credentials are marked sensitive: pingora's logs print
+        // header maps with `Debug`, which then shows `Sensitive`.
+        if let Some(key) = &b.api_key {
+            upstream.insert_header("api-key", key.clone())?;
+        }
+        if let Some(token) = &ctx.backend_bearer {
+            upstream.insert_header(
+                http::header::AUTHORIZATION,
+                sensitive(&format!("Bearer {}", token.expose()))?,
+            )?;
+        }
+        if ctx.strip_accept_encoding {
+            upstream.remove_header(&http::header::ACCEPT_ENCODING);
+        }
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = client.ip().to_string();
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    /// Read the whole body before routing. With `retry_buffer` (bodies up
+    /// to 64 KiB) pingora keeps its own copy and replays it on every
+    /// attempt; larger bodies are sent by [`Gateway::relay`] from this one.
     async fn preread_body(
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
         limit: u64,
+        retry_buffer: bool,
     ) -> Result<std::result::Result<Bytes, GatewayError>> {
-        session.enable_retry_buffering();
+        if retry_buffer {
+            session.enable_retry_buffering();
+        }
         // A client that waits for `100 Continue` (curl does for large bodies)
         // gets it now, since the body is read before any backend is chosen.
         if expects_continue(session) {
@@ -295,7 +497,8 @@ impl Gateway {
             session.write_response_header(Box::new(cont), false).await?;
             ctx.continue_sent = true;
         }
-        let mut buf = BytesMut::new();
+        let declared = content_length(session).unwrap_or(0).min(limit);
+        let mut buf = BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
         while let Some(chunk) = session.read_request_body().await? {
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > limit {
@@ -377,7 +580,14 @@ impl ProxyHttp for Gateway {
         match content_length {
             Some(0) => {}
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
-                match self.preread_body(session, ctx, limit).await? {
+                // Small bodies: read now with pingora's retry buffer, which
+                // replays them on every attempt.
+                ctx.body_hold = self
+                    .state
+                    .body_budget
+                    .reserve(n)
+                    .map(|h| Box::new(h) as Box<dyn std::any::Any + Send + Sync>);
+                match self.preread_body(session, ctx, limit, true).await? {
                     Ok(b) => body = Some(b),
                     Err(e) => {
                         respond(session, &e, ctx.continue_sent).await?;
@@ -385,9 +595,32 @@ impl ProxyHttp for Gateway {
                     }
                 }
             }
-            Some(_) => ctx.body_mode = BodyMode::Streamed,
-            None if chunked => ctx.body_mode = BodyMode::Streamed,
-            None => {}
+            _ if content_length.is_some() || chunked => {
+                // Larger or chunked bodies are held whole for replay when the
+                // budget allows (a chunked one reserves the API's limit until
+                // its size is known); the gateway then runs the attempts
+                // itself. Otherwise the body streams to one backend.
+                let want = content_length.unwrap_or(limit);
+                match self.state.body_budget.reserve(want) {
+                    Some(mut hold) => match self.preread_body(session, ctx, limit, false).await? {
+                        Ok(b) => {
+                            hold.shrink_to(b.len() as u64);
+                            ctx.body_hold = Some(Box::new(hold));
+                            ctx.body_mode = BodyMode::Held;
+                            body = Some(b);
+                        }
+                        Err(e) => {
+                            respond(session, &e, ctx.continue_sent).await?;
+                            return Ok(true);
+                        }
+                    },
+                    None => {
+                        self.state.replay_skipped.inc();
+                        ctx.body_mode = BodyMode::Streamed;
+                    }
+                }
+            }
+            _ => {}
         }
 
         // The API's remaining policies, which may need the body.
@@ -430,6 +663,29 @@ impl ProxyHttp for Gateway {
             // Keep a bounded copy: for the deferred steps, and to estimate
             // the prompt once it has passed.
             ctx.streamed_body_copy = Some(Vec::new());
+        }
+        // Routing: the pool for the deployment, and what the request needs
+        // (its token estimate, else a rough one from the body's size).
+        let need = ctx
+            .estimate
+            .as_ref()
+            .map(|e| {
+                u64::from(e.prompt_tokens)
+                    + u64::from(e.max_completion_tokens.unwrap_or(0))
+                        * u64::from(e.choices.unwrap_or(1))
+            })
+            .or_else(|| body.as_ref().map(|b| b.len() as u64 / 4));
+        {
+            let req = session.req_header();
+            let rest = req.uri.path().get(rest_offset..).unwrap_or("");
+            self.state
+                .selector
+                .begin(ctx, api_index, req.method.as_str(), rest, need);
+        }
+        if ctx.body_mode == BodyMode::Held {
+            let body = body.unwrap_or_default();
+            self.relay(session, ctx, body).await?;
+            return Ok(true);
         }
         Ok(false)
     }
@@ -505,77 +761,74 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let api = ctx
-            .api
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no API matched"))?;
-        let idx = self.state.apis[api].next_backend();
-        ctx.backend = Some(idx);
-        let b = &self.state.backends[idx];
-        // `connect_ms` is one budget for the whole way to a usable
-        // connection: DNS, the backend's Entra ID token, TCP and TLS.
-        let deadline = tokio::time::Instant::now() + b.connect_timeout;
-        let addr = match tokio::time::timeout_at(deadline, b.address()).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                return Err(Error::because(
-                    ErrorType::ConnectNoRoute,
-                    "resolving the backend host",
-                    e,
-                )
-                .into_up());
-            }
-            Err(_) => {
-                return Err(Error::explain(
-                    ErrorType::ConnectTimedout,
-                    "resolving the backend host timed out",
-                )
-                .into_up());
-            }
-        };
-        // Per attempt: a retry may pick a backend without `auth`.
-        ctx.backend_bearer = None;
-        ctx.identity_failure = None;
-        if let Some(provider) = &b.token_provider {
-            let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
-                Ok(Ok(t)) => {
-                    ctx.backend_bearer = Some(t);
-                    None
+        loop {
+            let backend = match self.state.selector.next_backend(ctx) {
+                Ok(b) => b,
+                Err(refusal) => {
+                    let status = refusal.status;
+                    ctx.refusal = Some(refusal);
+                    return Err(status_error(status, "every backend of the pool is resting"));
                 }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!(
-                    "no token within the backend's connect timeout ({} ms)",
-                    b.connect_timeout.as_millis()
-                )),
             };
-            if let Some(error) = failure {
-                tracing::warn!(
-                    backend = %b.name,
-                    credential = provider.kind(),
-                    %error,
-                    "cannot obtain an Entra ID token for the backend"
-                );
-                ctx.identity_failure = Some(provider.kind());
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(503),
-                    "no Entra ID token for the backend",
-                ));
+            match self.peer_for(ctx, backend).await {
+                Ok(peer) => return Ok(peer),
+                Err(e) => {
+                    // No address or no token: the backend never saw the
+                    // request, so another one may take it.
+                    let replayable = replayable_now(session, ctx);
+                    match self
+                        .state
+                        .selector
+                        .after_error(ctx, Outcome::ConnectFailed, replayable)
+                    {
+                        After::Retry => continue,
+                        After::Refuse(refusal) => {
+                            let status = refusal.status;
+                            ctx.refusal = Some(refusal);
+                            return Err(status_error(
+                                status,
+                                "every backend of the pool is resting",
+                            ));
+                        }
+                        After::Deliver => return Err(e),
+                    }
+                }
             }
         }
-        // What is left of the budget bounds the TCP connect and the TLS
-        // handshake together (at least 1 ms: zero would mean "no limit").
-        let left = deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(1));
-        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
-        peer.options.connection_timeout = Some(left);
-        peer.options.total_connection_timeout = Some(left);
-        peer.options.read_timeout = Some(b.read_timeout);
-        peer.options.write_timeout = Some(b.write_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(90));
-        Ok(Box::new(peer))
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if upstream_response.status.is_informational() {
+            return Ok(());
+        }
+        let replayable = replayable_now(session, ctx);
+        let headers = &upstream_response.headers;
+        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        match self
+            .state
+            .selector
+            .after_status(ctx, status, get, replayable)
+        {
+            After::Deliver => Ok(()),
+            After::Retry => {
+                let mut e = Error::explain(ErrorType::HTTPStatus(status), "failing over");
+                e.set_retry(true);
+                Err(e)
+            }
+            After::Refuse(refusal) => {
+                ctx.refusal = Some(refusal);
+                Err(status_error(status, "every backend of the pool is resting"))
+            }
+        }
     }
 
     async fn upstream_request_filter(
@@ -584,65 +837,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "no backend chosen",
-            ));
-        };
-        let api = self.state.apis[api].config();
-        let b = &self.state.backends[backend];
-        let uri = &session.req_header().uri;
-        let rest = uri.path().get(ctx.rest_offset..).unwrap_or("");
-        let mut target = upstream_path(&b.base_path, rest, |d| {
-            b.deployments.get(d).map(String::as_str)
-        });
-        if let Some(q) = uri.query() {
-            let q = strip_query_param(q, &api.subscription.query_name);
-            if !q.is_empty() {
-                target.push('?');
-                target.push_str(&q);
-            }
-        }
-        let uri: http::Uri = target.parse().map_err(|e| {
-            Error::because(ErrorType::InternalError, "building the upstream URI", e)
-        })?;
-        upstream.set_uri(uri);
-        upstream.insert_header(http::header::HOST, b.host_header.as_str())?;
-        for h in &self.state.credential_headers {
-            upstream.remove_header(h);
-        }
-        if ctx.body_mode == BodyMode::Preread {
-            // The client's `Expect` was answered here; the body is already read.
-            upstream.remove_header(&http::header::EXPECT);
-        }
-        // Injected credentials are marked sensitive: pingora's logs print
-        // header maps with `Debug`, which then shows `Sensitive`.
-        if let Some(key) = &b.api_key {
-            upstream.insert_header("api-key", key.clone())?;
-        }
-        if let Some(token) = &ctx.backend_bearer {
-            upstream.insert_header(
-                http::header::AUTHORIZATION,
-                sensitive(&format!("Bearer {}", token.expose()))?,
-            )?;
-        }
-        if ctx.strip_accept_encoding {
-            upstream.remove_header(&http::header::ACCEPT_ENCODING);
-        }
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            let xff = match upstream
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            upstream.insert_header("x-forwarded-for", xff)?;
-        }
-        Ok(())
+        self.rewrite_request(session, upstream, ctx)
     }
 
     async fn response_filter(
@@ -655,6 +850,11 @@ impl ProxyHttp for Gateway {
             return Ok(());
         }
         upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        if !upstream_response.headers.contains_key("x-ms-region")
+            && let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i))
+        {
+            upstream_response.insert_header("x-ms-region", b.region.as_str())?;
+        }
         if upstream_response.status.is_success() {
             // Remaining/consumed tokens describe a charge; failed calls are refunded.
             for (name, value) in &ctx.response_headers {
@@ -690,38 +890,80 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // pingora refuses to retry POSTs by default. A failure on a reused
-        // (pooled) upstream connection is safe to retry when the body can be
-        // replayed and nothing has reached the client yet.
-        let replayable = ctx.body_mode != BodyMode::Streamed
-            && !session.as_ref().retry_buffer_truncated()
-            && !final_response_written(session);
-        if replayable {
-            e.retry.decide_reuse(client_reused);
-        } else {
-            e.set_retry(false);
+        // pingora refuses to retry POSTs by default: every retry here is the
+        // routing's decision. One planned in `upstream_response_filter`
+        // (a 429 or 5xx with another backend to go to) stands.
+        if ctx.routing.planned.is_some() {
+            e.set_retry(true);
+            return e;
         }
+        let stale_pooled = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+        if ctx.refusal.is_some()
+            || matches!(e.etype(), ErrorType::HTTPStatus(_))
+            || e.esource() == &ErrorSource::Downstream
+            || final_response_written(session)
+        {
+            e.set_retry(false);
+            return e;
+        }
+        let replayable = replayable_now(session, ctx);
+        if stale_pooled && replayable {
+            // A pooled connection the backend had already closed: not the
+            // backend's fault, so the same backend gets the request again.
+            self.state.selector.retry_same(ctx);
+            e.set_retry(true);
+            return e;
+        }
+        let after = self
+            .state
+            .selector
+            .after_error(ctx, outcome_of(&e), replayable);
+        retry_as_decided(&mut e, after, ctx);
         e
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
         // Expected outcomes are not failures: a body over the limit, a client
-        // that went away.
+        // that went away, the gateway's own answer when every backend rests.
         matches!(e.etype(), ErrorType::HTTPStatus(400..=499))
             || e.esource() == &ErrorSource::Downstream
     }
 
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Self::CTX,
+        e: &Error,
+        context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A failover the routing planned is expected, not a warning; the
+        // attempt is in the metrics and on the request's context.
+        let planned = matches!(context, pingora::proxy::ProxyWarnLogContext::UpstreamRetry)
+            && ctx.routing.planned.is_some();
+        if planned {
+            tracing::debug!(error = %e, "failing over to another backend");
+        }
+        planned
+    }
+
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Self::CTX,
-        e: Box<Error>,
+        mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i)) {
             b.connect_failed();
-            tracing::warn!(backend = %b.name, error = %e.etype().as_str(), "cannot connect to backend");
+            tracing::debug!(backend = %b.name, error = %e.etype().as_str(), "cannot connect to backend");
         }
+        // Nothing was sent: any call may go to another backend.
+        let replayable = replayable_now(session, ctx);
+        let after = self
+            .state
+            .selector
+            .after_error(ctx, outcome_of(&e), replayable);
+        retry_as_decided(&mut e, after, ctx);
         e
     }
 
@@ -771,6 +1013,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        self.state.selector.finish(ctx);
         if let Some(api) = ctx.api {
             let backend = ctx.backend.map(|i| self.state.backends[i].name.clone());
             self.state.apis[api]

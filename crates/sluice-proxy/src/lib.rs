@@ -4,6 +4,7 @@
 
 mod gateway;
 mod management;
+mod relay;
 mod server;
 mod state;
 

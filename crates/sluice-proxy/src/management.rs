@@ -1,5 +1,6 @@
-//! The management listener: `/metrics` (Prometheus text format) and
-//! `/health`, on its own address, apart from the data plane.
+//! The management listener: `/metrics` (Prometheus text format),
+//! `/health` and `/backends` (each backend's breaker, headroom and
+//! in-flight count), on its own address, apart from the data plane.
 
 use std::sync::Arc;
 
@@ -40,7 +41,7 @@ impl ServeHttp for ManagementApp {
         let get = req.method == http::Method::GET;
         match req.uri.path() {
             "/metrics" if get => {
-                self.state.sync_counter_metrics();
+                self.state.sync_metrics();
                 let mut out = Vec::new();
                 let encoder = prometheus::TextEncoder::new();
                 if encoder
@@ -53,6 +54,14 @@ impl ServeHttp for ManagementApp {
                 reply(200, encoder.format_type(), out)
             }
             "/health" if get => reply(200, "text/plain; charset=utf-8", b"ok\n".to_vec()),
+            "/backends" if get => {
+                let body = serde_json::json!({ "backends": self.state.selector.statuses() });
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::to_vec_pretty(&body).unwrap_or_default(),
+                )
+            }
             _ => reply(404, "application/json", GatewayError::not_found().body()),
         }
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use sluice_config::{Api, Backend, BackendTarget, Config, Credential, Policy};
 use sluice_identity::{CredentialConfig, ProviderOptions, TokenProvider};
 use sluice_limits::{MemoryStore, SystemClock};
-use sluice_policy::{ApiPipeline, ApiRouter, Shared, SubscriptionIndex, TokenMetrics};
+use sluice_policy::{
+    ApiPipeline, ApiRouter, BackendSelector, Shared, SubscriptionIndex, TokenMetrics,
+};
 use tokio::sync::RwLock;
 use tokio::time::Instant;
 
@@ -17,6 +19,8 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct BackendRuntime {
     pub name: String,
+    /// Region label (`x-ms-region` when the backend sends none).
+    pub region: String,
     pub tls: bool,
     /// Host name for SNI and the `Host` header.
     pub host: String,
@@ -151,6 +155,7 @@ impl BackendRuntime {
         };
         Ok(BackendRuntime {
             name: b.name.clone(),
+            region: b.region.clone(),
             tls,
             host,
             port,
@@ -273,14 +278,11 @@ impl BackendRuntime {
     }
 }
 
-/// An API at run time: its compiled policies (which hold its config) and its
-/// backends resolved to indices.
+/// An API at run time: its compiled policies (which hold its config).
 #[derive(Debug)]
 pub struct ApiRuntime {
     /// The API's policies, compiled.
     pub pipeline: ApiPipeline,
-    pub backends: Vec<usize>,
-    next: AtomicUsize,
 }
 
 impl ApiRuntime {
@@ -288,11 +290,65 @@ impl ApiRuntime {
     pub fn config(&self) -> &Api {
         self.pipeline.api()
     }
+}
 
-    /// The next backend, round robin.
-    pub fn next_backend(&self) -> usize {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.backends[i % self.backends.len()]
+/// The memory request bodies held for replay may use together
+/// (`server.body_buffer_bytes`).
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl BodyBudget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(BodyBudget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Hold `n` bytes until the guard drops; `None` when they do not fit.
+    pub fn reserve(self: &Arc<Self>, n: u64) -> Option<BodyHold> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .ok()?;
+        Some(BodyHold {
+            budget: self.clone(),
+            bytes: n,
+        })
+    }
+}
+
+/// Bytes of [`BodyBudget`] held by one request's body; given back on drop.
+#[derive(Debug)]
+pub struct BodyHold {
+    budget: Arc<BodyBudget>,
+    bytes: u64,
+}
+
+impl BodyHold {
+    /// Give back what is held beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.budget
+                .used
+                .fetch_sub(self.bytes - bytes, Ordering::AcqRel);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -325,6 +381,34 @@ pub struct GatewayState {
     /// Header names that carry client credentials (every API's subscription
     /// header names plus the usual ones); all are removed before forwarding.
     pub credential_headers: Vec<http::HeaderName>,
+    /// Chooses the backend of every attempt (pools, breakers, steering).
+    pub selector: BackendSelector,
+    /// Memory for request bodies held for replay.
+    pub body_budget: Arc<BodyBudget>,
+    /// `sluice_body_replay_skipped_total`: bodies forwarded without replay
+    /// because the budget was spent.
+    pub replay_skipped: prometheus::IntCounter,
+    /// `sluice_body_buffer_bytes`: bytes of request bodies held now.
+    pub body_buffer_gauge: prometheus::IntGauge,
+    /// Connects to backends for attempts the gateway runs itself (bodies
+    /// larger than pingora's retry buffer).
+    pub connector: BackendConnector,
+}
+
+/// pingora's HTTP connector (it has no `Debug` of its own).
+pub struct BackendConnector(pub pingora::connectors::http::Connector);
+
+impl std::fmt::Debug for BackendConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendConnector")
+    }
+}
+
+impl std::ops::Deref for BackendConnector {
+    type Target = pingora::connectors::http::Connector;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 /// The config cannot be turned into a running gateway (a simulator that did not start).
@@ -374,6 +458,15 @@ impl GatewayState {
             .set(i64::try_from(self.counters.len()).unwrap_or(i64::MAX));
     }
 
+    /// Bring every gauge read at scrape time up to date: the counter store,
+    /// the routing state of each backend and the body buffer.
+    pub fn sync_metrics(&self) {
+        self.sync_counter_metrics();
+        self.selector.sync_metrics();
+        self.body_buffer_gauge
+            .set(i64::try_from(self.body_budget.used()).unwrap_or(i64::MAX));
+    }
+
     /// `sims` maps simulator names to the addresses they listen on.
     pub fn new(cfg: &Config, sims: &HashMap<String, SocketAddr>) -> Result<Arc<Self>, BuildError> {
         let backends = cfg
@@ -381,28 +474,6 @@ impl GatewayState {
             .iter()
             .map(|b| BackendRuntime::new(b, sims))
             .collect::<Result<Vec<_>, _>>()?;
-        let index_of: HashMap<&str, usize> = cfg
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.name.as_str(), i))
-            .collect();
-        let mut apis = Vec::with_capacity(cfg.apis.len());
-        for a in &cfg.apis {
-            let ids = a
-                .backends
-                .iter()
-                .map(|n| {
-                    index_of.get(n.as_str()).copied().ok_or_else(|| {
-                        BuildError(format!("api '{}' names unknown backend '{n}'", a.name))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if ids.is_empty() {
-                return Err(BuildError(format!("api '{}' has no backends", a.name)));
-            }
-            apis.push((a, ids));
-        }
         let credential_headers = cfg.credential_headers();
         let registry = prometheus::Registry::new();
         let dimensions: Vec<_> = cfg
@@ -437,14 +508,25 @@ impl GatewayState {
             sluice_auth::HttpFetch::new(Duration::from_secs(10))
                 .map_err(|e| BuildError(format!("JWT key fetcher: {e}")))?,
         );
-        let apis = apis
-            .into_iter()
-            .map(|(a, ids)| ApiRuntime {
+        let apis = cfg
+            .apis
+            .iter()
+            .map(|a| ApiRuntime {
                 pipeline: ApiPipeline::new(a, fetch.clone()),
-                backends: ids,
-                next: AtomicUsize::new(0),
             })
             .collect();
+        let selector = BackendSelector::new(cfg, Arc::new(SystemClock), &registry)
+            .map_err(|e| BuildError(format!("routing: {e}")))?;
+        let replay_skipped = prometheus::IntCounter::new(
+            "sluice_body_replay_skipped_total",
+            "Request bodies forwarded without the copy failover needs, because server.body_buffer_bytes was spent.",
+        )
+        .map_err(|e| BuildError(format!("body metrics: {e}")))?;
+        let body_buffer_gauge = prometheus::IntGauge::new(
+            "sluice_body_buffer_bytes",
+            "Bytes of request bodies held for replay now.",
+        )
+        .map_err(|e| BuildError(format!("body metrics: {e}")))?;
         let counters = Arc::new(MemoryStore::with_max_keys(
             Arc::new(SystemClock),
             usize::try_from(cfg.server.counters.max_keys).unwrap_or(usize::MAX),
@@ -462,6 +544,8 @@ impl GatewayState {
         for m in [
             Box::new(counter_evictions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(counter_count.clone()),
+            Box::new(replay_skipped.clone()),
+            Box::new(body_buffer_gauge.clone()),
         ] {
             registry
                 .register(m)
@@ -492,6 +576,11 @@ impl GatewayState {
             apis,
             backends,
             credential_headers,
+            selector,
+            body_budget: BodyBudget::new(cfg.server.body_buffer_bytes),
+            replay_skipped,
+            body_buffer_gauge,
+            connector: BackendConnector(pingora::connectors::http::Connector::new(None)),
         }))
     }
 }
@@ -555,12 +644,43 @@ apis:
     }
 
     #[test]
-    fn round_robin_over_an_apis_backends() {
+    fn an_apis_backends_share_requests_evenly() {
         let cfg = config(YAML);
         let sims = HashMap::from([("sim".to_string(), "127.0.0.1:4321".parse().unwrap())]);
         let st = GatewayState::new(&cfg, &sims).unwrap();
-        let picks: Vec<usize> = (0..6).map(|_| st.apis[0].next_backend()).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let picks: Vec<usize> = (0..6)
+            .map(|_| {
+                let mut ctx = sluice_policy::RequestContext {
+                    api: Some(0),
+                    ..Default::default()
+                };
+                st.selector
+                    .begin(&mut ctx, 0, "POST", "/chat/completions", None);
+                st.selector.next_backend(&mut ctx).unwrap()
+            })
+            .collect();
+        let mut sorted = picks.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 0, 1, 1, 2, 2], "{picks:?}");
+    }
+
+    #[test]
+    fn the_body_budget_holds_and_gives_back() {
+        let budget = BodyBudget::new(100);
+        let mut a = budget.reserve(60).unwrap();
+        assert!(budget.reserve(41).is_none());
+        let b = budget.reserve(40).unwrap();
+        assert_eq!(budget.used(), 100);
+        a.shrink_to(10);
+        assert_eq!(budget.used(), 50);
+        a.shrink_to(20);
+        assert_eq!(budget.used(), 50, "shrinking never grows");
+        drop(b);
+        assert_eq!(budget.used(), 10);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        assert!(BodyBudget::new(0).reserve(1).is_none());
+        assert!(BodyBudget::new(0).reserve(0).is_some());
     }
 
     #[tokio::test]

@@ -152,6 +152,9 @@ pub enum Fault {
     Close,
     /// Wait this long before sending the response head, then answer normally.
     SlowFirstByte(Duration),
+    /// Answer 429 asking the caller to wait this long (`retry-after-ms`,
+    /// and `retry-after` in whole seconds, rounded up).
+    Throttle(Duration),
 }
 
 impl fmt::Display for Fault {
@@ -162,6 +165,7 @@ impl fmt::Display for Fault {
             Fault::Hang => f.write_str("hang"),
             Fault::Close => f.write_str("close"),
             Fault::SlowFirstByte(d) => write!(f, "slow-first-byte={}", d.as_millis()),
+            Fault::Throttle(d) => write!(f, "throttle={}", d.as_millis()),
         }
     }
 }
@@ -197,15 +201,20 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
                 ))
             }
         }
-        ("slow-first-byte", Some(v)) => {
+        ("slow-first-byte" | "throttle", Some(v)) => {
             let digits = v.strip_suffix("ms").unwrap_or(v).trim();
             let ms: u64 = digits
                 .parse()
                 .map_err(|_| format!("invalid millisecond value {v:?} in fault {s:?}"))?;
-            Ok(Fault::SlowFirstByte(Duration::from_millis(ms)))
+            let d = Duration::from_millis(ms);
+            Ok(if kind == "throttle" {
+                Fault::Throttle(d)
+            } else {
+                Fault::SlowFirstByte(d)
+            })
         }
         _ => Err(format!(
-            "unknown fault {s:?}; expected status=<code>, hang, close or slow-first-byte=<ms>"
+            "unknown fault {s:?}; expected status=<code>, hang, close, slow-first-byte=<ms> or throttle=<ms>"
         )),
     }
 }
@@ -228,6 +237,10 @@ mod tests {
             parse_fault("slow-first-byte=20ms"),
             Ok(Fault::SlowFirstByte(Duration::from_millis(20)))
         );
+        assert_eq!(
+            parse_fault("throttle=2500"),
+            Ok(Fault::Throttle(Duration::from_millis(2500)))
+        );
     }
 
     #[test]
@@ -243,6 +256,8 @@ mod tests {
             "hang=1",
             "slow-first-byte",
             "slow-first-byte=-1",
+            "throttle",
+            "throttle=x",
             "explode",
         ] {
             assert!(parse_fault(bad).is_err(), "{bad:?} should not parse");
@@ -256,6 +271,7 @@ mod tests {
             Fault::Hang,
             Fault::Close,
             Fault::SlowFirstByte(Duration::from_millis(250)),
+            Fault::Throttle(Duration::from_millis(1500)),
         ] {
             assert_eq!(parse_fault(&f.to_string()), Ok(f));
         }

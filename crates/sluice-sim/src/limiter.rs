@@ -33,6 +33,10 @@ pub struct Admission {
     pub limit_requests: u64,
     pub remaining_tokens: u64,
     pub remaining_requests: u64,
+    /// Until the oldest token charge leaves its window (tokens come back).
+    pub reset_tokens: Duration,
+    /// Until the oldest request leaves its window.
+    pub reset_requests: Duration,
 }
 
 /// Which window refused the request.
@@ -177,11 +181,16 @@ impl RateLimiter {
         self.charges.push_back((now, cost));
         self.used_tokens = self.used_tokens.saturating_add(cost);
         self.requests.push_back(now);
+        let until = |at: Option<Duration>, window: Duration| {
+            at.map_or(Duration::ZERO, |at| (at + window).saturating_sub(now))
+        };
         Ok(Admission {
             limit_tokens: limit,
             limit_requests: rpw,
             remaining_tokens: limit.saturating_sub(self.used_tokens),
             remaining_requests: rpw.saturating_sub(self.requests.len() as u64),
+            reset_tokens: until(self.charges.front().map(|c| c.0), TOKEN_WINDOW),
+            reset_requests: until(self.requests.front().copied(), REQUEST_WINDOW),
         })
     }
 }

@@ -489,6 +489,7 @@ async fn openai(
                 std::future::pending::<()>().await;
             }
             Fault::SlowFirstByte(d) => tokio::time::sleep(d).await,
+            Fault::Throttle(d) => return throttle_fault(d),
         }
     }
 
@@ -953,6 +954,10 @@ fn add_ratelimit_headers(h: &mut HeaderMap, a: &Admission) {
         "x-ratelimit-remaining-tokens",
         HeaderValue::from(a.remaining_tokens),
     );
+    // When the windows give room back, in whole seconds (rounded up).
+    let secs = |d: Duration| HeaderValue::from(d.as_millis().div_ceil(1000) as u64);
+    h.insert("x-ratelimit-reset-tokens", secs(a.reset_tokens));
+    h.insert("x-ratelimit-reset-requests", secs(a.reset_requests));
 }
 
 fn throttled(op: Op, api_version: &str, t: &Throttle) -> Response<SimBody> {
@@ -1053,6 +1058,22 @@ fn status_fault(code: u16) -> Response<SimBody> {
         h.insert("retry-after", HeaderValue::from_static("1"));
         h.insert("retry-after-ms", HeaderValue::from_static("1000"));
     }
+    resp
+}
+
+/// A 429 from the `throttle=<ms>` fault: the wait in `retry-after-ms` and,
+/// rounded up to whole seconds (at least 1), in `retry-after`.
+fn throttle_fault(wait: Duration) -> Response<SimBody> {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let secs = ms.div_ceil(1000).max(1);
+    let mut resp = azure_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "429",
+        &format!("Rate limit is exceeded. Try again in {secs} seconds. (simulated fault)"),
+    );
+    let h = resp.headers_mut();
+    h.insert("retry-after", HeaderValue::from(secs));
+    h.insert("retry-after-ms", HeaderValue::from(ms));
     resp
 }
 
@@ -1230,5 +1251,11 @@ mod tests {
         let r = status_fault(429);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(r.headers()["retry-after-ms"], "1000");
+        let r = throttle_fault(Duration::from_millis(2500));
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.headers()["retry-after-ms"], "2500");
+        let r = throttle_fault(Duration::ZERO);
+        assert_eq!(r.headers()["retry-after"], "1");
     }
 }

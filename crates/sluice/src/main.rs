@@ -278,7 +278,10 @@ fn print_banner(
     );
     let _ = writeln!(out, "sluice: listening on http://{listen}");
     if let Some(m) = listeners.management {
-        let _ = writeln!(out, "sluice: management on http://{m} (/metrics, /health)");
+        let _ = writeln!(
+            out,
+            "sluice: management on http://{m} (/metrics, /health, /backends)"
+        );
     }
     for api in &cfg.apis {
         let _ = writeln!(

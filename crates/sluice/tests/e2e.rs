@@ -516,6 +516,17 @@ fn closed_connection_gets_502_and_slow_first_byte_still_works() {
 #[test]
 fn backend_errors_pass_through_untouched() {
     let e = env();
+    // The API's only backend: nothing to fail over to, so its own answers
+    // reach the client. (A 503 first: one does not trip its breaker; the
+    // 429 does, and then the backend rests for its Retry-After.)
+    let r = post(
+        e.gw,
+        CHAT,
+        &[("api-key", KEY), ("x-sim-fault", "status=503")],
+        &chat_body(""),
+    );
+    assert_eq!(r.status, 503);
+    assert!(r.json()["error"].is_object());
     let r = post(
         e.gw,
         CHAT,
@@ -530,14 +541,6 @@ fn backend_errors_pass_through_untouched() {
         "Azure's shape, not APIM's"
     );
     assert_eq!(r.header("x-ms-stream"), Some("False"));
-    let r = post(
-        e.gw,
-        CHAT,
-        &[("api-key", KEY), ("x-sim-fault", "status=503")],
-        &chat_body(""),
-    );
-    assert_eq!(r.status, 503);
-    assert!(r.json()["error"].is_object());
 }
 
 #[test]

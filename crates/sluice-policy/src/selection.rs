@@ -1,0 +1,999 @@
+//! Backend selection for one request: which backend each attempt goes to,
+//! and what happens after an attempt fails (another backend, the gateway's
+//! own 429/503, or the backend's answer as it is).
+//!
+//! The decisions come from `sluice-routing` (pools, breakers, steering);
+//! this type ties them to an API's config, the request context (where every
+//! attempt is recorded) and the metrics. The proxy asks it and does the I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use sluice_config::{Config, Failover};
+use sluice_limits::Clock;
+use sluice_routing::{
+    BackendHealth, BreakerView, CallKind, Choice, Member, Need, Outcome, Pool, TripCause,
+};
+
+use crate::GatewayError;
+use crate::context::RequestContext;
+
+/// One attempt at a backend, kept on the request's context (for traces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Index of the backend (`Config::backends` order).
+    pub backend: usize,
+    /// It was the half-open breaker's probe.
+    pub probe: bool,
+    /// A backend ahead of it was skipped because its headroom could not
+    /// fit the request.
+    pub steered: bool,
+    /// When it started.
+    pub started: Instant,
+    /// How long it took to its outcome (zero while open).
+    pub duration: Duration,
+    /// How it ended; `None` while it is still going (or the client left).
+    pub outcome: Option<Outcome>,
+    /// The breaker rule this outcome tripped, if it did.
+    pub tripped: Option<TripCause>,
+    /// The request went on to another backend after it.
+    pub failed_over: bool,
+    /// Counted in its backend's in-flight gauge.
+    in_flight: bool,
+}
+
+/// Routing state of one request. Written by the selector; read by the
+/// proxy (the body can be replayed) and traces (the attempts).
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Index of the pool the request goes to.
+    pub pool: Option<usize>,
+    /// How the call may be retried.
+    pub kind: Option<CallKind>,
+    /// What the request needs (tokens), for steering.
+    pub need: Need,
+    /// Every attempt so far, in order.
+    pub attempts: Vec<Attempt>,
+    /// The backend chosen for the next attempt after a failure.
+    pub planned: Option<Choice>,
+}
+
+impl Routing {
+    /// Backends tried so far.
+    pub fn tried(&self) -> Vec<usize> {
+        self.attempts.iter().map(|a| a.backend).collect()
+    }
+}
+
+/// What to do once an attempt has failed or answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// Give the client this attempt's answer (or error) as it is.
+    Deliver,
+    /// Send the request again: the next backend is planned.
+    Retry,
+    /// Answer with the gateway's own error (every backend resting).
+    Refuse(GatewayError),
+}
+
+/// An API's routing settings, resolved to indices.
+#[derive(Debug)]
+struct ApiRouting {
+    pool: usize,
+    deployment_pools: HashMap<String, usize>,
+    failover: Failover,
+}
+
+/// The state shown for one backend in `GET /backends`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub region: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: &'static str,
+    /// Seconds left to rest (open only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_for_seconds: Option<f64>,
+    /// Why it is open: the rule, the outcome that tripped it and any
+    /// Retry-After the backend gave (seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_because: Option<serde_json::Value>,
+    /// A half-open breaker's probe is out.
+    pub probing: bool,
+    /// The last rate-limit headroom it reported, while it counts.
+    pub remaining_tokens: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    /// Seconds until that reading stops counting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headroom_expires_in_seconds: Option<f64>,
+    /// Requests in flight to it now.
+    pub in_flight: usize,
+}
+
+/// Metrics of routing.
+#[derive(Debug, Clone)]
+struct RoutingMetrics {
+    attempts: IntCounterVec,
+    failovers: IntCounterVec,
+    trips: IntCounterVec,
+    exhausted: IntCounterVec,
+    breaker_state: IntGaugeVec,
+    in_flight: IntGaugeVec,
+}
+
+impl RoutingMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["backend"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        Ok(RoutingMetrics {
+            attempts: counter(
+                "sluice_backend_attempts_total",
+                "Attempts sent to a backend, by backend and outcome (status code, connect_failed, timeout, connection_lost)",
+                &["backend", "outcome"],
+            )?,
+            failovers: counter(
+                "sluice_failovers_total",
+                "Requests sent on to another backend after an attempt failed, by the backend that failed and its outcome",
+                &["backend", "outcome"],
+            )?,
+            trips: counter(
+                "sluice_breaker_trips_total",
+                "Times a backend's circuit breaker opened, by backend and rule",
+                &["backend", "rule"],
+            )?,
+            exhausted: counter(
+                "sluice_pool_exhausted_total",
+                "Requests answered by the gateway because every backend of the pool was resting",
+                &["pool"],
+            )?,
+            breaker_state: gauge(
+                "sluice_backend_breaker_state",
+                "Circuit breaker state per backend: 0 closed, 1 open, 2 half-open",
+            )?,
+            in_flight: gauge(
+                "sluice_backend_in_flight",
+                "Requests in flight to each backend",
+            )?,
+        })
+    }
+}
+
+/// Chooses backends for requests: the pools, each backend's breaker and
+/// headroom, and the failover rules of every API.
+#[derive(Debug)]
+pub struct BackendSelector {
+    clock: Arc<dyn Clock>,
+    /// Backend names and regions, by index.
+    names: Vec<(String, String)>,
+    health: Vec<BackendHealth>,
+    pools: Vec<Pool>,
+    apis: Vec<ApiRouting>,
+    metrics: RoutingMetrics,
+}
+
+/// Whole seconds for a `Retry-After` header: rounded up, at least 1.
+fn retry_after_seconds(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+impl BackendSelector {
+    /// Build from a validated config. Metrics go to `registry`.
+    pub fn new(cfg: &Config, clock: Arc<dyn Clock>, registry: &Registry) -> Result<Self, String> {
+        let index: HashMap<&str, usize> = cfg
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.as_str(), i))
+            .collect();
+        let pools = cfg
+            .pools
+            .iter()
+            .map(|p| {
+                let members = p
+                    .members
+                    .iter()
+                    .map(|m| {
+                        index
+                            .get(m.backend.as_str())
+                            .map(|&backend| Member {
+                                backend,
+                                priority: m.priority,
+                                weight: m.weight,
+                            })
+                            .ok_or_else(|| {
+                                format!("pool '{}' names unknown backend '{}'", p.name, m.backend)
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Pool::new(
+                    p.name.clone(),
+                    members,
+                    p.steering,
+                    p.headroom_max_age,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let pool_index = |name: &str| {
+            cfg.pools
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| format!("unknown pool '{name}'"))
+        };
+        let apis = cfg
+            .apis
+            .iter()
+            .map(|a| {
+                Ok(ApiRouting {
+                    pool: pool_index(&a.pool)?,
+                    deployment_pools: a
+                        .deployment_pools
+                        .iter()
+                        .map(|(d, p)| Ok((d.clone(), pool_index(p)?)))
+                        .collect::<Result<_, String>>()?,
+                    failover: a.failover,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let metrics = RoutingMetrics::new(registry).map_err(|e| e.to_string())?;
+        Ok(BackendSelector {
+            clock,
+            names: cfg
+                .backends
+                .iter()
+                .map(|b| (b.name.clone(), b.region.clone()))
+                .collect(),
+            health: cfg
+                .backends
+                .iter()
+                .map(|b| BackendHealth::new(b.breaker_rules.clone()))
+                .collect(),
+            pools,
+            apis,
+            metrics,
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.monotonic()
+    }
+
+    /// The name of backend `i`.
+    pub fn backend_name(&self, i: usize) -> &str {
+        self.names.get(i).map(|n| n.0.as_str()).unwrap_or("backend")
+    }
+
+    /// The largest number of attempts any API may make (pingora's own
+    /// retry limit is set from it).
+    pub fn max_attempts(&self) -> usize {
+        self.apis
+            .iter()
+            .map(|a| self.attempt_limit(a))
+            .max()
+            .unwrap_or(1)
+    }
+
+    fn attempt_limit(&self, api: &ApiRouting) -> usize {
+        let pool_size = std::iter::once(api.pool)
+            .chain(api.deployment_pools.values().copied())
+            .filter_map(|p| self.pools.get(p))
+            .map(|p| p.members().count())
+            .max()
+            .unwrap_or(1);
+        api.failover
+            .max_attempts
+            .map_or(pool_size, |n| n as usize)
+            .max(1)
+    }
+
+    /// Start routing a request to API `api`: the pool for its deployment,
+    /// how it may be retried, and the tokens it needs.
+    pub fn begin(
+        &self,
+        ctx: &mut RequestContext,
+        api: usize,
+        method: &str,
+        rest_path: &str,
+        need_tokens: Option<u64>,
+    ) {
+        let Some(a) = self.apis.get(api) else { return };
+        let pool = crate::route::deployment_of(rest_path)
+            .and_then(|d| a.deployment_pools.get(d).copied())
+            .unwrap_or(a.pool);
+        ctx.routing = Routing {
+            pool: Some(pool),
+            kind: Some(sluice_routing::call_kind(method, rest_path)),
+            need: Need {
+                tokens: need_tokens,
+            },
+            attempts: Vec::new(),
+            planned: None,
+        };
+    }
+
+    /// The backend for the next attempt, recorded on the context; or the
+    /// gateway's answer when every backend of the pool is resting.
+    pub fn next_backend(&self, ctx: &mut RequestContext) -> Result<usize, GatewayError> {
+        let pool = ctx.routing.pool.unwrap_or(0);
+        let choice = match ctx.routing.planned.take() {
+            Some(c) => c,
+            None => self.choose(ctx, pool),
+        };
+        match choice {
+            Choice::Backend {
+                backend,
+                probe,
+                steered,
+            } => {
+                if let Some(h) = self.health.get(backend) {
+                    h.in_flight
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                ctx.routing.attempts.push(Attempt {
+                    backend,
+                    probe,
+                    steered,
+                    started: Instant::now(),
+                    duration: Duration::ZERO,
+                    outcome: None,
+                    tripped: None,
+                    failed_over: false,
+                    in_flight: true,
+                });
+                ctx.backend = Some(backend);
+                Ok(backend)
+            }
+            Choice::Exhausted { .. } => Err(self.exhausted(ctx, pool)),
+        }
+    }
+
+    fn choose(&self, ctx: &RequestContext, pool: usize) -> Choice {
+        let Some(p) = self.pools.get(pool) else {
+            return Choice::Exhausted { retry_after: None };
+        };
+        sluice_routing::select(
+            p,
+            &self.health,
+            ctx.routing.need,
+            &ctx.routing.tried(),
+            self.now(),
+        )
+    }
+
+    /// Whether a member of the pool not in `tried` would let a request
+    /// through now (without taking a probe slot).
+    fn any_available(&self, pool: usize, tried: &[usize]) -> bool {
+        let now = self.now();
+        self.pools.get(pool).is_some_and(|p| {
+            p.members().any(|m| {
+                !tried.contains(&m.backend)
+                    && self
+                        .health
+                        .get(m.backend)
+                        .is_some_and(|h| h.breaker.available(now))
+            })
+        })
+    }
+
+    /// The shortest rest left among the pool's resting backends.
+    fn shortest_rest(&self, pool: usize) -> Option<Duration> {
+        let now = self.now();
+        self.pools
+            .get(pool)?
+            .members()
+            .filter_map(|m| self.health.get(m.backend)?.breaker.open_until(now))
+            .map(|until| until.saturating_sub(now))
+            .min()
+    }
+
+    /// The gateway's answer when no backend can take the request.
+    fn exhausted(&self, ctx: &RequestContext, pool: usize) -> GatewayError {
+        let name = self.pools.get(pool).map(Pool::name).unwrap_or("pool");
+        self.metrics.exhausted.with_label_values(&[name]).inc();
+        let rest = self.shortest_rest(pool).unwrap_or(Duration::from_secs(1));
+        let secs = retry_after_seconds(rest);
+        let status = ctx
+            .api
+            .and_then(|a| self.apis.get(a))
+            .map_or(429, |a| a.failover.when_exhausted);
+        let err = if status == 503 {
+            GatewayError::new(
+                503,
+                format!(
+                    "Backend pool {name} is temporarily unavailable: every backend is resting. Try again in {secs} seconds."
+                ),
+            )
+        } else {
+            GatewayError::new(
+                429,
+                format!(
+                    "Every backend of pool {name} is busy or failing. Try again in {secs} seconds."
+                ),
+            )
+        };
+        err.with_header("retry-after", secs.to_string())
+            .with_header("retry-after-ms", rest.as_millis().max(1).to_string())
+    }
+
+    /// The open attempt ended with `outcome`: record it everywhere.
+    fn close_attempt(&self, ctx: &mut RequestContext, outcome: Outcome) -> Option<usize> {
+        let now = self.now();
+        let attempt = ctx.routing.attempts.last_mut()?;
+        if attempt.outcome.is_some() {
+            return None;
+        }
+        let backend = attempt.backend;
+        attempt.duration = attempt.started.elapsed();
+        let name = self.backend_name(backend);
+        self.metrics
+            .attempts
+            .with_label_values(&[name, &outcome.label()])
+            .inc();
+        if let Some(h) = self.health.get(backend) {
+            let tripped = h.breaker.record(&outcome, now);
+            if let Some(cause) = &tripped {
+                self.metrics
+                    .trips
+                    .with_label_values(&[name, &cause.rule])
+                    .inc();
+                tracing::info!(
+                    backend = name,
+                    rule = %cause.rule,
+                    outcome = %cause.outcome,
+                    "circuit breaker opened"
+                );
+            }
+            attempt.tripped = tripped;
+        }
+        attempt.outcome = Some(outcome);
+        Some(backend)
+    }
+
+    /// An attempt's response head arrived with `status` (headers through
+    /// `get`, by lowercase name). Records the backend's headroom and breaker
+    /// outcome and decides what happens next. `replayable`: the body can
+    /// still be sent again and nothing reached the client.
+    pub fn after_status<'h>(
+        &self,
+        ctx: &mut RequestContext,
+        status: u16,
+        get: impl Fn(&str) -> Option<&'h str> + Copy,
+        replayable: bool,
+    ) -> After {
+        let now = self.now();
+        let unix = sluice_limits::SystemClock.unix_now();
+        let retry_after = (status == 429 || status >= 500)
+            .then(|| sluice_routing::retry_after_from(get, unix))
+            .flatten();
+        if let Some(backend) = ctx.routing.attempts.last().map(|a| a.backend)
+            && let (Some(h), Some(pool)) = (
+                self.health.get(backend),
+                ctx.routing.pool.and_then(|p| self.pools.get(p)),
+            )
+        {
+            h.headroom.observe(get, now, pool.headroom_max_age());
+            if status == 429
+                && let Some(ra) = retry_after
+            {
+                h.headroom.exhaust(now + ra.min(pool.headroom_max_age()));
+            }
+        }
+        let outcome = Outcome::Status {
+            status,
+            retry_after,
+        };
+        self.after(ctx, outcome, replayable)
+    }
+
+    /// An attempt failed without a response head.
+    pub fn after_error(
+        &self,
+        ctx: &mut RequestContext,
+        outcome: Outcome,
+        replayable: bool,
+    ) -> After {
+        self.after(ctx, outcome, replayable)
+    }
+
+    fn after(&self, ctx: &mut RequestContext, outcome: Outcome, replayable: bool) -> After {
+        let label = outcome.label();
+        let may = ctx
+            .routing
+            .kind
+            .unwrap_or(CallKind::Generation)
+            .may_fail_over(&outcome);
+        let Some(backend) = self.close_attempt(ctx, outcome) else {
+            return After::Deliver;
+        };
+        if !may || !replayable {
+            return After::Deliver;
+        }
+        let Some(api) = ctx.api.and_then(|a| self.apis.get(a)) else {
+            return After::Deliver;
+        };
+        let pool = ctx.routing.pool.unwrap_or(api.pool);
+        if ctx.routing.attempts.len() >= self.attempt_limit(api)
+            || ctx.started.elapsed() >= api.failover.timeout
+        {
+            // No more attempts: the gateway answers only when no backend
+            // could have taken the request anyway.
+            if self.any_available(pool, &ctx.routing.tried()) {
+                return After::Deliver;
+            }
+            return self.when_exhausted(ctx, pool);
+        }
+        let next = match self.choose(ctx, pool) {
+            next @ Choice::Backend { .. } => {
+                ctx.routing.planned = Some(next);
+                self.metrics
+                    .failovers
+                    .with_label_values(&[self.backend_name(backend), &label])
+                    .inc();
+                After::Retry
+            }
+            Choice::Exhausted { .. } => return self.when_exhausted(ctx, pool),
+        };
+        if let Some(a) = ctx.routing.attempts.last_mut() {
+            a.failed_over = matches!(next, After::Retry);
+            self.release(a);
+        }
+        next
+    }
+
+    /// Nothing is left to try after the last attempt failed. When backends
+    /// of the pool are resting, the client gets a 429 (or 503) with the
+    /// shortest rest among them: the last backend's own 429 when its rest is
+    /// that shortest one (its body says more than the gateway's), else the
+    /// gateway's answer. When none rests, the last answer passes through.
+    fn when_exhausted(&self, ctx: &mut RequestContext, pool: usize) -> After {
+        let Some(shortest) = self.shortest_rest(pool) else {
+            return After::Deliver;
+        };
+        let now = self.now();
+        let last_is_shortest_429 = ctx.routing.attempts.last().is_some_and(|a| {
+            matches!(a.outcome, Some(Outcome::Status { status: 429, .. }))
+                && self
+                    .health
+                    .get(a.backend)
+                    .and_then(|h| h.breaker.open_until(now))
+                    .is_some_and(|until| until.saturating_sub(now) <= shortest)
+        });
+        if last_is_shortest_429 {
+            return After::Deliver;
+        }
+        let refusal = self.exhausted(ctx, pool);
+        if let Some(a) = ctx.routing.attempts.last_mut() {
+            self.release(a);
+        }
+        After::Refuse(refusal)
+    }
+
+    /// The attempt failed on a pooled connection the backend had closed
+    /// (not the backend's fault): send it again to the same backend without
+    /// counting a failure.
+    pub fn retry_same(&self, ctx: &mut RequestContext) {
+        let Some(a) = ctx.routing.attempts.last_mut() else {
+            return;
+        };
+        if a.outcome.is_some() {
+            return;
+        }
+        a.duration = a.started.elapsed();
+        a.outcome = Some(Outcome::ConnectionLost);
+        a.failed_over = true;
+        let backend = a.backend;
+        self.release(a);
+        ctx.routing.planned = Some(Choice::Backend {
+            backend,
+            probe: false,
+            steered: false,
+        });
+    }
+
+    /// The attempt no longer counts as in flight.
+    fn release(&self, attempt: &mut Attempt) {
+        if std::mem::take(&mut attempt.in_flight)
+            && let Some(h) = self.health.get(attempt.backend)
+        {
+            h.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The request is over: no attempt counts as in flight any more. An
+    /// attempt with no outcome (the client left, a policy refused the body)
+    /// is closed without touching the breaker.
+    pub fn finish(&self, ctx: &mut RequestContext) {
+        for a in &mut ctx.routing.attempts {
+            if a.outcome.is_none() && a.in_flight {
+                a.duration = a.started.elapsed();
+            }
+            self.release(a);
+        }
+    }
+
+    /// Each backend's state, for `GET /backends`.
+    pub fn statuses(&self) -> Vec<BackendStatus> {
+        let now = self.now();
+        self.names
+            .iter()
+            .zip(&self.health)
+            .map(|((name, region), h)| {
+                let (state, open_for, because, probing) = match h.breaker.view(now) {
+                    BreakerView::Closed => ("closed", None, None, false),
+                    BreakerView::Open { until, cause } => (
+                        "open",
+                        Some(until.saturating_sub(now).as_secs_f64()),
+                        Some(serde_json::json!({
+                            "rule": cause.rule,
+                            "outcome": cause.outcome,
+                            "retry_after_seconds": cause.retry_after.map(|d| d.as_secs_f64()),
+                        })),
+                        false,
+                    ),
+                    BreakerView::HalfOpen { probing } => ("half_open", None, None, probing),
+                };
+                let headroom = h.headroom.view(now);
+                BackendStatus {
+                    name: name.clone(),
+                    region: region.clone(),
+                    state,
+                    open_for_seconds: open_for,
+                    open_because: because,
+                    probing,
+                    remaining_tokens: headroom.and_then(|v| v.remaining_tokens),
+                    remaining_requests: headroom.and_then(|v| v.remaining_requests),
+                    headroom_expires_in_seconds: headroom
+                        .map(|v| v.expires.saturating_sub(now).as_secs_f64()),
+                    in_flight: h.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Bring the breaker-state and in-flight gauges up to date (before a
+    /// scrape).
+    pub fn sync_metrics(&self) {
+        let now = self.now();
+        for ((name, _), h) in self.names.iter().zip(&self.health) {
+            let state = match h.breaker.view(now) {
+                BreakerView::Closed => 0,
+                BreakerView::Open { .. } => 1,
+                BreakerView::HalfOpen { .. } => 2,
+            };
+            self.metrics
+                .breaker_state
+                .with_label_values(&[name])
+                .set(state);
+            self.metrics.in_flight.with_label_values(&[name]).set(
+                i64::try_from(h.in_flight.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(i64::MAX),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_limits::ManualClock;
+
+    const BASE: &str = "
+backends:
+  - {name: a, url: 'http://127.0.0.1:1', region: Region A}
+  - {name: b, url: 'http://127.0.0.1:2'}
+  - {name: c, url: 'http://127.0.0.1:3'}
+pools:
+  - name: main
+    backends:
+      - {backend: a, priority: 1}
+      - {backend: b, priority: 2}
+  - name: other
+    backends: [{backend: c}]
+";
+
+    fn selector(api: &str) -> (BackendSelector, Arc<ManualClock>) {
+        let yaml = format!("{BASE}apis:\n  - name: x\n    path: /openai\n{api}");
+        let cfg = sluice_config::load_str(&yaml, "t.yaml", &std::env::temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let clock = Arc::new(ManualClock::from_millis(1_000_000));
+        let s = BackendSelector::new(&cfg, clock.clone(), &Registry::new()).unwrap();
+        (s, clock)
+    }
+
+    fn ctx(s: &BackendSelector, method: &str, rest: &str) -> RequestContext {
+        let mut ctx = RequestContext {
+            api: Some(0),
+            ..RequestContext::default()
+        };
+        s.begin(&mut ctx, 0, method, rest, Some(10));
+        ctx
+    }
+
+    const CHAT: &str = "/deployments/gpt-4o/chat/completions";
+
+    fn headers<'a>(h: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> + Copy {
+        move |n| h.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+    }
+
+    #[test]
+    fn a_request_goes_to_its_deployments_pool() {
+        let (s, _) = selector("    pool: main\n    deployment_pools: {emb: other}\n");
+        let mut c = ctx(&s, "POST", "/deployments/emb/embeddings");
+        assert_eq!(c.routing.pool, Some(1));
+        assert_eq!(c.routing.need.tokens, Some(10));
+        assert_eq!(s.next_backend(&mut c), Ok(2));
+        let c = ctx(&s, "POST", CHAT);
+        assert_eq!(c.routing.pool, Some(0));
+        assert_eq!(c.routing.kind, Some(CallKind::Generation));
+        let c = ctx(&s, "POST", "/files");
+        assert_eq!(c.routing.kind, Some(CallKind::Stateful));
+    }
+
+    #[test]
+    fn a_429_fails_over_and_rests_the_backend_for_its_retry_after() {
+        let (s, clock) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert_eq!(s.statuses()[0].in_flight, 1);
+        let h = [("retry-after", "7")];
+        assert_eq!(s.after_status(&mut c, 429, headers(&h), true), After::Retry);
+        assert_eq!(s.statuses()[0].in_flight, 0);
+        assert_eq!(s.next_backend(&mut c), Ok(1));
+        assert_eq!(
+            s.after_status(&mut c, 200, headers(&[]), true),
+            After::Deliver
+        );
+        let a = &c.routing.attempts;
+        assert_eq!(a.len(), 2);
+        assert_eq!(
+            a[0].outcome,
+            Some(Outcome::Status {
+                status: 429,
+                retry_after: Some(Duration::from_secs(7))
+            })
+        );
+        assert!(a[0].failed_over);
+        assert_eq!(
+            a[0].tripped.as_ref().map(|t| t.rule.as_str()),
+            Some("throttled")
+        );
+        assert!(!a[1].failed_over);
+        assert_eq!(c.backend, Some(1));
+        // b stays in flight until the request ends.
+        assert_eq!(s.statuses()[1].in_flight, 1);
+        s.finish(&mut c);
+        assert_eq!(s.statuses()[1].in_flight, 0);
+        s.finish(&mut c);
+        assert_eq!(s.statuses()[1].in_flight, 0, "released once");
+        // a rests: the next request goes to b.
+        let view = &s.statuses()[0];
+        assert_eq!(view.state, "open");
+        assert_eq!(view.region, "Region A");
+        assert_eq!(view.open_for_seconds, Some(7.0));
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(1));
+        // After 7 s, a is probed again.
+        clock.advance(Duration::from_secs(7));
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert!(c.routing.attempts[0].probe);
+    }
+
+    #[test]
+    fn every_backend_resting_gives_429_with_the_smallest_rest() {
+        let (s, clock) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        let h = [("retry-after-ms", "4000")];
+        assert_eq!(s.after_status(&mut c, 429, headers(&h), true), After::Retry);
+        s.next_backend(&mut c).unwrap();
+        let h = [("retry-after", "30")];
+        let After::Refuse(e) = s.after_status(&mut c, 429, headers(&h), true) else {
+            panic!("expected the gateway's answer")
+        };
+        assert_eq!(e.status, 429);
+        assert!(e.message.contains("pool main"), "{}", e.message);
+        let header = |n: &str| {
+            e.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header("retry-after").as_deref(), Some("4"));
+        assert_eq!(header("retry-after-ms").as_deref(), Some("4000"));
+        // A new request is answered at once, with the rest left.
+        clock.advance(Duration::from_millis(1500));
+        let mut c = ctx(&s, "POST", CHAT);
+        let e = s.next_backend(&mut c).unwrap_err();
+        assert_eq!(e.status, 429);
+        assert_eq!(e.headers[0].1, "3");
+        assert!(c.routing.attempts.is_empty());
+    }
+
+    #[test]
+    fn the_last_backends_own_429_passes_when_its_rest_is_the_shortest() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        let h = [("retry-after", "30")];
+        assert_eq!(s.after_status(&mut c, 429, headers(&h), true), After::Retry);
+        s.next_backend(&mut c).unwrap();
+        let h = [("retry-after", "3")];
+        assert_eq!(
+            s.after_status(&mut c, 429, headers(&h), true),
+            After::Deliver
+        );
+        assert_eq!(s.statuses()[1].in_flight, 1);
+        s.finish(&mut c);
+        // A 5xx that tripped is not passed on as the pool's answer.
+        let (s, _) = selector("    backends: [c]\n");
+        let rules_failures = 3;
+        let mut last = After::Deliver;
+        for _ in 0..rules_failures {
+            let mut c = ctx(&s, "POST", CHAT);
+            s.next_backend(&mut c).unwrap();
+            last = s.after_status(&mut c, 503, headers(&[]), true);
+        }
+        assert!(
+            matches!(last, After::Refuse(ref e) if e.status == 429),
+            "{last:?}"
+        );
+    }
+
+    #[test]
+    fn exhausted_can_answer_503() {
+        let (s, _) = selector("    backends: [c]\n    failover: {when_exhausted: 503}\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        // The only backend's own 429 passes through ...
+        let h = [("retry-after", "2")];
+        assert_eq!(
+            s.after_status(&mut c, 429, headers(&h), true),
+            After::Deliver
+        );
+        // ... and while it rests, the gateway answers in APIM's shape.
+        let mut c = ctx(&s, "POST", CHAT);
+        let e = s.next_backend(&mut c).unwrap_err();
+        assert_eq!(e.status, 503);
+        assert!(e.message.contains("temporarily unavailable"));
+        assert_eq!(e.headers[0].1, "2");
+    }
+
+    #[test]
+    fn failures_that_trip_nothing_deliver_the_last_answer() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Retry
+        );
+        s.next_backend(&mut c).unwrap();
+        // b answers 500 too: nobody rests (three are needed), nothing is left.
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Deliver
+        );
+        assert_eq!(
+            s.statuses()[1].in_flight,
+            1,
+            "the delivered attempt is kept"
+        );
+        s.finish(&mut c);
+        assert_eq!(s.statuses()[1].in_flight, 0);
+    }
+
+    #[test]
+    fn no_failover_when_the_body_cannot_be_replayed_or_the_call_may_not() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 503, headers(&[]), false),
+            After::Deliver
+        );
+        // A state-creating call: a 500 may have acted; a 429 and a refused
+        // connection did not.
+        let mut c = ctx(&s, "POST", "/files");
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Deliver
+        );
+        let mut c = ctx(&s, "POST", "/batches");
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_error(&mut c, Outcome::ConnectionLost, true),
+            After::Deliver
+        );
+        // (a fresh gateway: the three failures above rested backend a)
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", "/batches");
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert_eq!(
+            s.after_error(&mut c, Outcome::ConnectFailed, true),
+            After::Retry
+        );
+        assert_eq!(s.next_backend(&mut c), Ok(1));
+    }
+
+    #[test]
+    fn attempts_and_time_are_bounded() {
+        let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
+        assert_eq!(s.max_attempts(), 1);
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_error(&mut c, Outcome::Timeout, true),
+            After::Deliver
+        );
+
+        let (s, _) = selector("    pool: main\n    failover: {timeout_ms: 1}\n");
+        assert_eq!(s.max_attempts(), 2, "default: every member once");
+        let mut c = ctx(&s, "POST", CHAT);
+        c.started = Instant::now() - Duration::from_millis(5);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_error(&mut c, Outcome::ConnectFailed, true),
+            After::Deliver
+        );
+    }
+
+    #[test]
+    fn a_stale_pooled_connection_retries_the_same_backend() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        s.retry_same(&mut c);
+        assert_eq!(s.statuses()[0].in_flight, 0);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert_eq!(s.statuses()[0].state, "closed", "not the backend's fault");
+        assert_eq!(c.routing.attempts.len(), 2);
+        // Only an open attempt can be retried so.
+        s.after_status(&mut c, 200, headers(&[]), true);
+        s.retry_same(&mut c);
+        assert!(c.routing.planned.is_none());
+    }
+
+    #[test]
+    fn headroom_from_answers_is_shown_and_metrics_follow() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        let h = [
+            ("x-ratelimit-remaining-tokens", "900"),
+            ("x-ratelimit-remaining-requests", "9"),
+        ];
+        s.after_status(&mut c, 200, headers(&h), true);
+        let v = &s.statuses()[0];
+        assert_eq!(
+            (v.remaining_tokens, v.remaining_requests),
+            (Some(900), Some(9))
+        );
+        assert_eq!(v.headroom_expires_in_seconds, Some(60.0));
+        s.sync_metrics();
+        assert_eq!(s.metrics.attempts.with_label_values(&["a", "200"]).get(), 1);
+        assert_eq!(s.metrics.breaker_state.with_label_values(&["a"]).get(), 0);
+        assert_eq!(s.metrics.in_flight.with_label_values(&["a"]).get(), 1);
+        assert_eq!(s.backend_name(0), "a");
+        assert_eq!(s.backend_name(9), "backend");
+    }
+
+    #[test]
+    fn retry_after_header_seconds_round_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::ZERO), 1);
+        assert_eq!(retry_after_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_seconds(Duration::from_secs(3)), 3);
+    }
+}

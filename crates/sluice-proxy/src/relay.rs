@@ -1,0 +1,197 @@
+//! Attempts the gateway runs itself, for request bodies it holds whole
+//! beyond pingora's 64 KiB retry buffer (or sent chunked).
+//!
+//! pingora 0.9 replays a request body on a retry only from its retry buffer,
+//! which is fixed at 64 KiB; a larger body read before routing would reach
+//! the second backend as nothing at all. For those requests the gateway
+//! sends each attempt itself through pingora's connector, from the one copy
+//! it read, and relays the chosen answer to the client: head, then every
+//! body chunk as it arrives (SSE is not buffered). The policies' response
+//! steps run exactly as on pingora's path, through the same hooks.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::Peer;
+use pingora::{Error, ErrorType};
+use sluice_policy::{After, RequestContext};
+use sluice_routing::Outcome;
+
+use crate::gateway::{Gateway, outcome_of, respond};
+
+/// Hop-by-hop request headers that are not forwarded on a relayed attempt
+/// (pingora's own path drops them as well).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "transfer-encoding",
+];
+
+/// How one attempt ended before any of it reached the client.
+enum Sent {
+    /// The backend answered with this head.
+    Head(Box<ResponseHeader>),
+    /// The attempt failed without an answer.
+    Failed(Box<Error>),
+}
+
+impl Gateway {
+    /// Send the request, with `body`, to backends until one gives an answer
+    /// the client should see, and relay that answer. Failures that may fail
+    /// over do; the gateway's own error is answered when none is left.
+    pub(crate) async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        body: Bytes,
+    ) -> Result<()> {
+        let selector = &self.state.selector;
+        loop {
+            let backend = match selector.next_backend(ctx) {
+                Ok(b) => b,
+                Err(refusal) => return respond(session, &refusal, ctx.continue_sent).await,
+            };
+            let peer = match self.peer_for(ctx, backend).await {
+                Ok(p) => p,
+                Err(e) => match selector.after_error(ctx, Outcome::ConnectFailed, true) {
+                    After::Retry => continue,
+                    After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
+                    After::Deliver => return self.answer_error(session, ctx, &e).await,
+                },
+            };
+            let (mut up, _reused) = match self.state.connector.get_http_session(&*peer).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(b) = self.state.backends.get(backend) {
+                        b.connect_failed();
+                    }
+                    match selector.after_error(ctx, outcome_of(&e), true) {
+                        After::Retry => continue,
+                        After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
+                        After::Deliver => return self.answer_error(session, ctx, &e).await,
+                    }
+                }
+            };
+            let mut req = session.req_header().clone();
+            self.rewrite_request(session, &mut req, ctx)?;
+            for h in HOP_BY_HOP {
+                req.remove_header(h);
+            }
+            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            match send(&mut up, req, body.clone()).await {
+                Sent::Failed(e) => {
+                    up.shutdown().await;
+                    match selector.after_error(ctx, outcome_of(&e), true) {
+                        After::Retry => continue,
+                        After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
+                        After::Deliver => return self.answer_error(session, ctx, &e).await,
+                    }
+                }
+                Sent::Head(mut head) => {
+                    let status = head.status.as_u16();
+                    let decision = {
+                        let headers = &head.headers;
+                        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+                        selector.after_status(ctx, status, get, true)
+                    };
+                    match decision {
+                        After::Retry => {
+                            up.shutdown().await;
+                            continue;
+                        }
+                        After::Refuse(r) => {
+                            up.shutdown().await;
+                            return respond(session, &r, ctx.continue_sent).await;
+                        }
+                        After::Deliver => {}
+                    }
+                    self.response_filter(session, &mut head, ctx).await?;
+                    let no_body = status == 204 || status == 304;
+                    session.write_response_header(head, no_body).await?;
+                    if !no_body {
+                        self.pipe_body(session, ctx, &mut up).await?;
+                    }
+                    if up.response_done() {
+                        self.state
+                            .connector
+                            .release_http_session(up, &*peer, peer.idle_timeout())
+                            .await;
+                    } else {
+                        up.shutdown().await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Relay the chosen answer's body, chunk by chunk, through the same
+    /// body hook as pingora's path (usage scanning).
+    async fn pipe_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        up: &mut HttpSession,
+    ) -> Result<()> {
+        loop {
+            let chunk = up.read_response_body().await.map_err(|mut e| {
+                e.as_up();
+                e
+            })?;
+            let end = chunk.is_none() || up.response_done();
+            let mut data = chunk;
+            self.response_body_filter(session, &mut data, end, ctx)?;
+            session.write_response_body(data, end).await?;
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answer a failed last attempt as pingora's path would.
+    async fn answer_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        e: &Error,
+    ) -> Result<()> {
+        match self.error_for(e, ctx) {
+            Some(err) => respond(session, &err, ctx.continue_sent).await,
+            None => Err(Error::explain(
+                ErrorType::ConnectionClosed,
+                "the client went away",
+            )),
+        }
+    }
+}
+
+/// Write the request and its body, and read the answer's head.
+async fn send(up: &mut HttpSession, req: pingora::http::RequestHeader, body: Bytes) -> Sent {
+    let result = async {
+        up.write_request_header(Box::new(req)).await?;
+        up.write_request_body(body, true).await?;
+        up.finish_request_body().await?;
+        up.read_response_header().await?;
+        Ok::<_, Box<Error>>(())
+    }
+    .await;
+    match result {
+        Err(mut e) => {
+            e.as_up();
+            Sent::Failed(e)
+        }
+        Ok(()) => match up.response_header() {
+            Some(h) => Sent::Head(Box::new(h.clone())),
+            None => Sent::Failed(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "no response head from the backend",
+            )),
+        },
+    }
+}

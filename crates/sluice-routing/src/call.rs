@@ -1,0 +1,187 @@
+//! Which failed attempts may be retried on another backend.
+
+use crate::Outcome;
+
+/// How a call may be retried on another backend after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A generation or embedding call (chat completions, completions, embeddings, responses, audio transcriptions,
+    /// translations and speech, image generations, edits and variations): it changes nothing on the backend that a
+    /// second attempt could duplicate, so every failure may fail over.
+    Generation,
+    /// GET, HEAD or OPTIONS: safe to repeat, so every failure may fail over.
+    Read,
+    /// Any other call that changes state (uploading a file, creating a batch, a vector store, a fine-tuning job, an
+    /// assistant, a thread, deleting or cancelling anything...): it fails over only when the backend surely did not
+    /// act on it.
+    Stateful,
+}
+
+/// Classifies a call by its method (compared without regard to case) and its path after the API prefix, such as
+/// `/deployments/gpt-4o/chat/completions`, `/v1/chat/completions`, `/files` or `/v1/responses`.
+///
+/// Only the path's last one or two segments are looked at, and any query string is ignored. A POST to a generation
+/// endpoint is [`CallKind::Generation`]; GET, HEAD and OPTIONS are [`CallKind::Read`]; everything else (including
+/// other methods on generation endpoints, and POSTs below them such as `/responses/{id}/cancel`) is
+/// [`CallKind::Stateful`].
+pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
+    if ["GET", "HEAD", "OPTIONS"]
+        .iter()
+        .any(|read| method.eq_ignore_ascii_case(read))
+    {
+        return CallKind::Read;
+    }
+    if method.eq_ignore_ascii_case("POST") && is_generation_path(rest_path) {
+        CallKind::Generation
+    } else {
+        CallKind::Stateful
+    }
+}
+
+/// Whether the path (query ignored) ends in a generation or embedding endpoint.
+fn is_generation_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let mut segments = path.rsplit('/').filter(|segment| !segment.is_empty());
+    let last = segments.next().unwrap_or_default();
+    let before = segments.next().unwrap_or_default();
+    let is = |segment: &str, name: &str| segment.eq_ignore_ascii_case(name);
+    let in_group =
+        |group: &str, names: &[&str]| is(before, group) && names.iter().any(|name| is(last, name));
+    ["completions", "embeddings", "responses"]
+        .iter()
+        .any(|name| is(last, name))
+        || in_group("audio", &["transcriptions", "translations", "speech"])
+        || in_group("images", &["generations", "edits", "variations"])
+}
+
+impl CallKind {
+    /// Whether an attempt that ended in `outcome` may be retried on another backend, provided nothing of its answer
+    /// has reached the client yet.
+    ///
+    /// - [`Generation`](Self::Generation) and [`Read`](Self::Read): a 408, a 429, any 5xx, or any connection-level
+    ///   failure (no connection, timeout, connection lost).
+    /// - [`Stateful`](Self::Stateful): only a 429 (the backend refused before acting) or a failure to connect (the
+    ///   request never left); after a timeout, a lost connection or a 5xx the backend may have acted.
+    pub fn may_fail_over(self, outcome: &Outcome) -> bool {
+        match (self, outcome) {
+            (_, Outcome::Status { status: 429, .. }) | (_, Outcome::ConnectFailed) => true,
+            (CallKind::Stateful, _) => false,
+            (_, Outcome::Status { status, .. }) => *status == 408 || (500..=599).contains(status),
+            (_, Outcome::Timeout | Outcome::ConnectionLost) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn status(status: u16) -> Outcome {
+        Outcome::Status {
+            status,
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+
+    #[test]
+    fn generation_endpoints_posted_to() {
+        for path in [
+            "/deployments/gpt-4o/chat/completions",
+            "/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            "/v1/chat/completions",
+            "/deployments/davinci/completions",
+            "/deployments/ada/embeddings",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/openai/responses?api-version=preview",
+            "/responses/",
+            "/deployments/whisper/audio/transcriptions",
+            "/v1/audio/translations",
+            "/v1/audio/speech",
+            "/deployments/dalle/images/generations",
+            "/v1/images/edits",
+            "/v1/images/variations",
+            "/deployments/x/extensions/chat/completions",
+            "/v1/Chat/Completions",
+            "/v1/embeddings#top",
+        ] {
+            assert_eq!(call_kind("POST", path), CallKind::Generation, "{path}");
+            assert_eq!(call_kind("post", path), CallKind::Generation, "{path}");
+        }
+    }
+
+    #[test]
+    fn reads_whatever_the_path() {
+        for method in ["GET", "HEAD", "OPTIONS", "get", "Head", "options"] {
+            for path in ["/files", "/v1/responses/resp_1", "/v1/chat/completions", ""] {
+                assert_eq!(call_kind(method, path), CallKind::Read, "{method} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn everything_else_changes_state() {
+        for (method, path) in [
+            ("POST", "/files"),
+            ("POST", "/v1/batches"),
+            ("POST", "/v1/batches/batch_1/cancel"),
+            ("POST", "/vector_stores"),
+            ("POST", "/fine_tuning/jobs"),
+            ("POST", "/assistants"),
+            ("POST", "/threads/thread_1/runs"),
+            ("POST", "/v1/responses/resp_1/cancel"),
+            ("POST", "/v1/chat/completions/chatcmpl_1"),
+            ("POST", "/v1/speech"),
+            ("POST", "/v1/transcriptions"),
+            ("POST", "/v1/generations"),
+            ("POST", "/v1/edits"),
+            ("POST", "/v1/audio/generations"),
+            ("POST", "/v1/images/speech"),
+            ("POST", "/files?purpose=/completions"),
+            ("POST", ""),
+            ("POST", "/"),
+            ("DELETE", "/files/file_1"),
+            ("DELETE", "/v1/responses"),
+            ("PUT", "/v1/chat/completions"),
+            ("PATCH", "/v1/embeddings"),
+            ("POSTS", "/v1/embeddings"),
+            ("", "/v1/embeddings"),
+        ] {
+            assert_eq!(
+                call_kind(method, path),
+                CallKind::Stateful,
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn generation_and_reads_fail_over_on_every_failure() {
+        for kind in [CallKind::Generation, CallKind::Read] {
+            for code in [408, 429, 500, 502, 503, 504, 599] {
+                assert!(kind.may_fail_over(&status(code)), "{kind:?} {code}");
+            }
+            for code in [
+                200, 201, 400, 401, 403, 404, 407, 409, 413, 428, 430, 499, 600,
+            ] {
+                assert!(!kind.may_fail_over(&status(code)), "{kind:?} {code}");
+            }
+            assert!(kind.may_fail_over(&Outcome::ConnectFailed));
+            assert!(kind.may_fail_over(&Outcome::Timeout));
+            assert!(kind.may_fail_over(&Outcome::ConnectionLost));
+        }
+    }
+
+    #[test]
+    fn stateful_calls_fail_over_only_when_the_backend_surely_did_not_act() {
+        let kind = CallKind::Stateful;
+        assert!(kind.may_fail_over(&status(429)));
+        assert!(kind.may_fail_over(&Outcome::ConnectFailed));
+        for code in [200, 400, 404, 408, 500, 502, 503, 504] {
+            assert!(!kind.may_fail_over(&status(code)), "{code}");
+        }
+        assert!(!kind.may_fail_over(&Outcome::Timeout));
+        assert!(!kind.may_fail_over(&Outcome::ConnectionLost));
+    }
+}
