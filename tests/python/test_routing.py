@@ -419,3 +419,53 @@ def test_steering_avoids_429s_that_weighted_routing_gets(start):
     # steering reads the region's rate-limit headers and never sends it one.
     assert plain >= 1, plain
     assert steered == 0, steered
+
+
+@pytest.mark.parametrize("fault", ["hang", "slow-first-byte=5000", "close"])
+def test_a_large_body_fails_over_on_timeouts_and_closed_connections(start, fault):
+    # The gateway runs these attempts itself (body over 64 KiB): the
+    # backends' read timeouts apply there too.
+    short = "    timeouts: {read_ms: 500}\n"
+    gw = start(
+        config(
+            THREE_SIMS,
+            backend("eastus", short) + backend("westus", short) + backend("swedencentral"),
+            EQUAL_POOL,
+        )
+    )
+    raw = big_chat_body(200 * 1024)
+    h = {"x-sim-fault": fault, "x-sim-fault-region": "eastus,westus"}
+    for _ in range(3):
+        status, headers, data = _http(gw, "POST", CHAT, raw, h)
+        assert status == 200, data[:300]
+        assert headers["x-ms-region"] == "Sweden Central"
+    view = backends_view(gw)
+    assert all(b["in_flight"] == 0 for b in view.values()), view
+    assert metric(gw, "sluice_body_buffer_bytes") == 0
+
+
+def test_a_client_that_leaves_during_a_large_body_attempt_frees_everything(start):
+    short = "    timeouts: {read_ms: 60000}\n"
+    gw = start(config(sim("eastus", "East US"), backend("eastus", short), "      - {backend: eastus}\n"))
+    raw = big_chat_body(200 * 1024)
+    u = urllib.parse.urlsplit(gw.url)
+    s = socket.create_connection((u.hostname, u.port), timeout=10)
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\nContent-Type: application/json\r\n"
+        f"x-sim-fault: hang\r\nContent-Length: {len(raw)}\r\n\r\n"
+    ).encode()
+    s.sendall(head + raw)
+    # The attempt is under way (the backend hangs) ...
+    deadline = time.monotonic() + 10
+    while backends_view(gw)["eastus"]["in_flight"] != 1:
+        assert time.monotonic() < deadline, "the attempt never started"
+        time.sleep(0.02)
+    # ... the client goes: the gateway notices and lets go of it all.
+    s.close()
+    deadline = time.monotonic() + 10
+    while True:
+        view = backends_view(gw)["eastus"]
+        if view["in_flight"] == 0 and metric(gw, "sluice_body_buffer_bytes") == 0:
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.02)

@@ -42,6 +42,11 @@ pub struct Attempt {
     pub failed_over: bool,
     /// Counted in its backend's in-flight gauge.
     in_flight: bool,
+    /// When its breaker admitted it as the probe (monotonic), if it is one.
+    probe_admitted: Option<Duration>,
+    /// It repeats the attempt before on the same backend, whose pooled
+    /// connection had gone stale.
+    pub stale_retry: bool,
 }
 
 /// Routing state of one request. Written by the selector; read by the
@@ -56,14 +61,24 @@ pub struct Routing {
     pub need: Need,
     /// Every attempt so far, in order.
     pub attempts: Vec<Attempt>,
-    /// The backend chosen for the next attempt after a failure.
-    pub planned: Option<Choice>,
+    /// The backend chosen for the next attempt after a failure, and when
+    /// (monotonic) it was chosen.
+    pub planned: Option<(Choice, Duration)>,
+    /// When routing began (the body, if any, was read): the failover time
+    /// budget runs from here.
+    pub started: Option<Instant>,
 }
 
 impl Routing {
     /// Backends tried so far.
     pub fn tried(&self) -> Vec<usize> {
         self.attempts.iter().map(|a| a.backend).collect()
+    }
+
+    /// Attempts that count against `failover.max_attempts`: a repeat on
+    /// the same backend after a stale pooled connection does not.
+    fn counted_attempts(&self) -> usize {
+        self.attempts.iter().filter(|a| !a.stale_retry).count()
     }
 }
 
@@ -317,16 +332,29 @@ impl BackendSelector {
             },
             attempts: Vec::new(),
             planned: None,
+            started: Some(Instant::now()),
         };
+    }
+
+    /// What is left of the API's failover time for the next attempt; `None`
+    /// for the first attempt, which always gets its backend's whole connect
+    /// budget.
+    pub fn failover_left(&self, ctx: &RequestContext) -> Option<Duration> {
+        let api = ctx.api.and_then(|a| self.apis.get(a))?;
+        if ctx.routing.attempts.len() <= 1 {
+            return None;
+        }
+        let started = ctx.routing.started.unwrap_or(ctx.started);
+        Some(api.failover.timeout.saturating_sub(started.elapsed()))
     }
 
     /// The backend for the next attempt, recorded on the context; or the
     /// gateway's answer when every backend of the pool is resting.
     pub fn next_backend(&self, ctx: &mut RequestContext) -> Result<usize, GatewayError> {
         let pool = ctx.routing.pool.unwrap_or(0);
-        let choice = match ctx.routing.planned.take() {
-            Some(c) => c,
-            None => self.choose(ctx, pool),
+        let (choice, chosen_at) = match ctx.routing.planned.take() {
+            Some(planned) => planned,
+            None => (self.choose(ctx, pool), self.now()),
         };
         match choice {
             Choice::Backend {
@@ -348,7 +376,17 @@ impl BackendSelector {
                     tripped: None,
                     failed_over: false,
                     in_flight: true,
+                    probe_admitted: probe.then_some(chosen_at),
+                    stale_retry: false,
                 });
+                if let Some(previous) = ctx.routing.attempts.iter().rev().nth(1)
+                    && previous.backend == backend
+                    && previous.outcome == Some(Outcome::ConnectionLost)
+                    && previous.failed_over
+                    && let Some(a) = ctx.routing.attempts.last_mut()
+                {
+                    a.stale_retry = true;
+                }
                 ctx.backend = Some(backend);
                 Ok(backend)
             }
@@ -491,26 +529,46 @@ impl BackendSelector {
             status,
             retry_after,
         };
-        self.after(ctx, outcome, replayable)
+        self.after(ctx, outcome, replayable, false)
     }
 
-    /// An attempt failed without a response head.
+    /// An attempt failed without a response head, after the request (or
+    /// part of it) may have been sent.
     pub fn after_error(
         &self,
         ctx: &mut RequestContext,
         outcome: Outcome,
         replayable: bool,
     ) -> After {
-        self.after(ctx, outcome, replayable)
+        self.after(ctx, outcome, replayable, false)
     }
 
-    fn after(&self, ctx: &mut RequestContext, outcome: Outcome, replayable: bool) -> After {
+    /// An attempt failed before anything was sent (no connection, no
+    /// address, no token, a connect timeout): the backend surely did not
+    /// act, so any call may fail over. The breaker still sees `outcome`.
+    pub fn after_connect_error(
+        &self,
+        ctx: &mut RequestContext,
+        outcome: Outcome,
+        replayable: bool,
+    ) -> After {
+        self.after(ctx, outcome, replayable, true)
+    }
+
+    fn after(
+        &self,
+        ctx: &mut RequestContext,
+        outcome: Outcome,
+        replayable: bool,
+        not_sent: bool,
+    ) -> After {
         let label = outcome.label();
-        let may = ctx
-            .routing
-            .kind
-            .unwrap_or(CallKind::Generation)
-            .may_fail_over(&outcome);
+        let kind = ctx.routing.kind.unwrap_or(CallKind::Generation);
+        let may = if not_sent {
+            kind.may_fail_over(&Outcome::ConnectFailed)
+        } else {
+            kind.may_fail_over(&outcome)
+        };
         let Some(backend) = self.close_attempt(ctx, outcome) else {
             return After::Deliver;
         };
@@ -521,8 +579,9 @@ impl BackendSelector {
             return After::Deliver;
         };
         let pool = ctx.routing.pool.unwrap_or(api.pool);
-        if ctx.routing.attempts.len() >= self.attempt_limit(api)
-            || ctx.started.elapsed() >= api.failover.timeout
+        let started = ctx.routing.started.unwrap_or(ctx.started);
+        if ctx.routing.counted_attempts() >= self.attempt_limit(api)
+            || started.elapsed() >= api.failover.timeout
         {
             // No more attempts: the gateway answers only when no backend
             // could have taken the request anyway.
@@ -531,9 +590,10 @@ impl BackendSelector {
             }
             return self.when_exhausted(ctx, pool);
         }
+        let now = self.now();
         let next = match self.choose(ctx, pool) {
             next @ Choice::Backend { .. } => {
-                ctx.routing.planned = Some(next);
+                ctx.routing.planned = Some((next, now));
                 self.metrics
                     .failovers
                     .with_label_values(&[self.backend_name(backend), &label])
@@ -578,25 +638,37 @@ impl BackendSelector {
     }
 
     /// The attempt failed on a pooled connection the backend had closed
-    /// (not the backend's fault): send it again to the same backend without
-    /// counting a failure.
-    pub fn retry_same(&self, ctx: &mut RequestContext) {
+    /// (not the backend's fault): plan the same backend again, without
+    /// counting a failure. Only once per request, and only for calls that
+    /// may be repeated after a lost connection (the request may have reached
+    /// the backend before the connection broke). Returns whether it did.
+    pub fn retry_same(&self, ctx: &mut RequestContext) -> bool {
+        let kind = ctx.routing.kind.unwrap_or(CallKind::Generation);
+        if !kind.may_fail_over(&Outcome::ConnectionLost)
+            || ctx.routing.attempts.iter().any(|a| a.stale_retry)
+        {
+            return false;
+        }
         let Some(a) = ctx.routing.attempts.last_mut() else {
-            return;
+            return false;
         };
         if a.outcome.is_some() {
-            return;
+            return false;
         }
         a.duration = a.started.elapsed();
         a.outcome = Some(Outcome::ConnectionLost);
         a.failed_over = true;
         let backend = a.backend;
         self.release(a);
-        ctx.routing.planned = Some(Choice::Backend {
-            backend,
-            probe: false,
-            steered: false,
-        });
+        ctx.routing.planned = Some((
+            Choice::Backend {
+                backend,
+                probe: false,
+                steered: false,
+            },
+            self.now(),
+        ));
+        true
     }
 
     /// The attempt no longer counts as in flight.
@@ -613,9 +685,16 @@ impl BackendSelector {
     /// attempt with no outcome (the client left, a policy refused the body)
     /// is closed without touching the breaker.
     pub fn finish(&self, ctx: &mut RequestContext) {
+        let now = self.now();
         for a in &mut ctx.routing.attempts {
-            if a.outcome.is_none() && a.in_flight {
-                a.duration = a.started.elapsed();
+            if a.outcome.is_none() {
+                if a.in_flight {
+                    a.duration = a.started.elapsed();
+                }
+                // A probe that never reported frees its slot at once.
+                if let (Some(since), Some(h)) = (a.probe_admitted, self.health.get(a.backend)) {
+                    h.breaker.abandon_probe(since, now);
+                }
             }
             self.release(a);
         }
@@ -941,7 +1020,7 @@ pools:
         let (s, _) = selector("    pool: main\n    failover: {timeout_ms: 1}\n");
         assert_eq!(s.max_attempts(), 2, "default: every member once");
         let mut c = ctx(&s, "POST", CHAT);
-        c.started = Instant::now() - Duration::from_millis(5);
+        c.routing.started = Some(Instant::now() - Duration::from_millis(5));
         s.next_backend(&mut c).unwrap();
         assert_eq!(
             s.after_error(&mut c, Outcome::ConnectFailed, true),
@@ -951,18 +1030,96 @@ pools:
 
     #[test]
     fn a_stale_pooled_connection_retries_the_same_backend() {
-        let (s, _) = selector("    pool: main\n");
+        let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
         let mut c = ctx(&s, "POST", CHAT);
         assert_eq!(s.next_backend(&mut c), Ok(0));
-        s.retry_same(&mut c);
+        assert!(s.retry_same(&mut c));
         assert_eq!(s.statuses()[0].in_flight, 0);
         assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert!(c.routing.attempts[1].stale_retry);
+        assert!(!c.routing.attempts[0].stale_retry);
         assert_eq!(s.statuses()[0].state, "closed", "not the backend's fault");
-        assert_eq!(c.routing.attempts.len(), 2);
+        // Once per request only.
+        assert!(!s.retry_same(&mut c));
+        // The repeat does not use up the attempts: with max_attempts 1 the
+        // request still gets its one real attempt, which was this one.
+        assert_eq!(c.routing.counted_attempts(), 1);
         // Only an open attempt can be retried so.
         s.after_status(&mut c, 200, headers(&[]), true);
-        s.retry_same(&mut c);
-        assert!(c.routing.planned.is_none());
+        let mut c2 = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c2).unwrap();
+        s.after_status(&mut c2, 200, headers(&[]), true);
+        assert!(!s.retry_same(&mut c2));
+        assert!(c2.routing.planned.is_none());
+        // Never for a call that creates state: it may have reached the backend.
+        let mut c3 = ctx(&s, "POST", "/files");
+        s.next_backend(&mut c3).unwrap();
+        assert!(!s.retry_same(&mut c3));
+        let mut c4 = RequestContext::default();
+        assert!(!s.retry_same(&mut c4), "no attempt yet");
+    }
+
+    #[test]
+    fn a_connect_failure_of_any_kind_fails_over_a_state_creating_call() {
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "POST", "/files");
+        s.next_backend(&mut c).unwrap();
+        // A connect timeout: nothing was sent.
+        assert_eq!(
+            s.after_connect_error(&mut c, Outcome::Timeout, true),
+            After::Retry
+        );
+        assert_eq!(
+            c.routing.attempts[0].outcome,
+            Some(Outcome::Timeout),
+            "the breaker sees the timeout"
+        );
+        // The same outcome after sending is not retried for such a call.
+        let mut c = ctx(&s, "POST", "/files");
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_error(&mut c, Outcome::Timeout, true),
+            After::Deliver
+        );
+    }
+
+    #[test]
+    fn the_failover_clock_starts_when_routing_begins() {
+        let (s, _) = selector("    pool: main\n    failover: {timeout_ms: 60000}\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        // A slow upload before routing does not count.
+        c.started = Instant::now() - Duration::from_secs(600);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(s.failover_left(&c), None, "the first attempt is never cut");
+        assert_eq!(s.after_error(&mut c, Outcome::Timeout, true), After::Retry);
+        s.next_backend(&mut c).unwrap();
+        let left = s.failover_left(&c).unwrap();
+        assert!(
+            left > Duration::from_secs(59) && left <= Duration::from_secs(60),
+            "{left:?}"
+        );
+        assert_eq!(s.failover_left(&RequestContext::default()), None);
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_backend_at_once() {
+        let (s, clock) = selector("    backends: [c]\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        s.after_status(&mut c, 429, headers(&[("retry-after", "1")]), true);
+        s.finish(&mut c);
+        clock.advance(Duration::from_secs(1));
+        let mut probe = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut probe), Ok(2));
+        assert!(probe.routing.attempts[0].probe);
+        // While the probe is out nobody else goes.
+        let mut other = ctx(&s, "POST", CHAT);
+        assert!(s.next_backend(&mut other).is_err());
+        // The client left: no outcome. The slot is free again at once.
+        s.finish(&mut probe);
+        let mut next = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut next), Ok(2));
+        assert!(next.routing.attempts[0].probe);
     }
 
     #[test]

@@ -162,6 +162,15 @@ pub(crate) fn outcome_of(e: &Error) -> Outcome {
     }
 }
 
+/// How an attempt that could not connect ended, for the breaker: a timeout,
+/// or a connection failure (refused, no route, TLS, any other error).
+pub(crate) fn connect_outcome(e: &Error) -> Outcome {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => Outcome::Timeout,
+        _ => Outcome::ConnectFailed,
+    }
+}
+
 /// Mark `e` for retry (or not) as the routing decided; a refusal becomes
 /// the gateway's answer.
 fn retry_as_decided(e: &mut Error, after: After, ctx: &mut RequestContext) {
@@ -336,11 +345,12 @@ impl Gateway {
         let b = &self.state.backends[backend];
         // `connect_ms` is one budget for the whole way to a usable
         // connection: DNS, the backend's Entra ID token, TCP and TLS; it is
-        // cut to what is left of the API's failover time.
-        let failover_left = ctx
-            .api
-            .map(|a| self.state.apis[a].config().failover.timeout)
-            .map(|t| t.saturating_sub(ctx.started.elapsed()))
+        // cut to what is left of the API's failover time (never for the
+        // first attempt).
+        let failover_left = self
+            .state
+            .selector
+            .failover_left(ctx)
             .unwrap_or(b.connect_timeout);
         let deadline = tokio::time::Instant::now()
             + b.connect_timeout
@@ -779,11 +789,11 @@ impl ProxyHttp for Gateway {
                     // No address or no token: the backend never saw the
                     // request, so another one may take it.
                     let replayable = replayable_now(session, ctx);
-                    match self
-                        .state
-                        .selector
-                        .after_error(ctx, Outcome::ConnectFailed, replayable)
-                    {
+                    match self.state.selector.after_connect_error(
+                        ctx,
+                        Outcome::ConnectFailed,
+                        replayable,
+                    ) {
                         After::Retry => continue,
                         After::Refuse(refusal) => {
                             let status = refusal.status;
@@ -818,7 +828,11 @@ impl ProxyHttp for Gateway {
             .selector
             .after_status(ctx, status, get, replayable)
         {
-            After::Deliver => Ok(()),
+            After::Deliver => {
+                // This answer goes to the client: the body is not needed again.
+                ctx.body_hold = None;
+                Ok(())
+            }
             After::Retry => {
                 let mut e = Error::explain(ErrorType::HTTPStatus(status), "failing over");
                 e.set_retry(true);
@@ -907,10 +921,10 @@ impl ProxyHttp for Gateway {
             return e;
         }
         let replayable = replayable_now(session, ctx);
-        if stale_pooled && replayable {
+        if stale_pooled && replayable && self.state.selector.retry_same(ctx) {
             // A pooled connection the backend had already closed: not the
-            // backend's fault, so the same backend gets the request again.
-            self.state.selector.retry_same(ctx);
+            // backend's fault, so the same backend gets the request again
+            // (once, and not for calls that create state).
             e.set_retry(true);
             return e;
         }
@@ -962,7 +976,7 @@ impl ProxyHttp for Gateway {
         let after = self
             .state
             .selector
-            .after_error(ctx, outcome_of(&e), replayable);
+            .after_connect_error(ctx, connect_outcome(&e), replayable);
         retry_as_decided(&mut e, after, ctx);
         e
     }

@@ -7,7 +7,9 @@
 //! sends each attempt itself through pingora's connector, from the one copy
 //! it read, and relays the chosen answer to the client: head, then every
 //! body chunk as it arrives (SSE is not buffered). The policies' response
-//! steps run exactly as on pingora's path, through the same hooks.
+//! steps run exactly as on pingora's path, through the same hooks. The
+//! backend's read and write timeouts apply to every attempt, and a client
+//! that leaves while an attempt waits for its answer ends it.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -19,11 +21,11 @@ use pingora::{Error, ErrorType};
 use sluice_policy::{After, RequestContext};
 use sluice_routing::Outcome;
 
-use crate::gateway::{Gateway, outcome_of, respond};
+use crate::gateway::{Gateway, connect_outcome, outcome_of, respond};
 
 /// Hop-by-hop request headers that are not forwarded on a relayed attempt
 /// (pingora's own path drops them as well).
-const HOP_BY_HOP: [&str; 7] = [
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -31,6 +33,7 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
     "upgrade",
     "transfer-encoding",
+    "http2-settings",
 ];
 
 /// How one attempt ended before any of it reached the client.
@@ -59,34 +62,51 @@ impl Gateway {
             };
             let peer = match self.peer_for(ctx, backend).await {
                 Ok(p) => p,
-                Err(e) => match selector.after_error(ctx, Outcome::ConnectFailed, true) {
+                Err(e) => match selector.after_connect_error(ctx, Outcome::ConnectFailed, true) {
                     After::Retry => continue,
                     After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
                     After::Deliver => return self.answer_error(session, ctx, &e).await,
                 },
             };
-            let (mut up, _reused) = match self.state.connector.get_http_session(&*peer).await {
+            let (mut up, reused) = match self.state.connector.get_http_session(&*peer).await {
                 Ok(s) => s,
-                Err(e) => {
+                Err(mut e) => {
+                    e.as_up();
                     if let Some(b) = self.state.backends.get(backend) {
                         b.connect_failed();
                     }
-                    match selector.after_error(ctx, outcome_of(&e), true) {
+                    match selector.after_connect_error(ctx, connect_outcome(&e), true) {
                         After::Retry => continue,
                         After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
                         After::Deliver => return self.answer_error(session, ctx, &e).await,
                     }
                 }
             };
+            // The connector applies no read or write timeout of its own.
+            up.set_read_timeout(peer.options.read_timeout);
+            up.set_write_timeout(peer.options.write_timeout);
             let mut req = session.req_header().clone();
             self.rewrite_request(session, &mut req, ctx)?;
-            for h in HOP_BY_HOP {
-                req.remove_header(h);
-            }
+            strip_hop_by_hop(&mut req);
+            req.set_version(http::Version::HTTP_11);
             req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-            match send(&mut up, req, body.clone()).await {
+            // Waiting for the answer, watch the client: one that leaves ends
+            // the attempt (pingora's own path does the same).
+            let sent = tokio::select! {
+                sent = send(&mut up, req, body.clone()) => sent,
+                gone = client_gone(session) => {
+                    up.shutdown().await;
+                    return Err(gone);
+                }
+            };
+            match sent {
                 Sent::Failed(e) => {
                     up.shutdown().await;
+                    // A pooled connection the backend had closed while idle.
+                    let stale = reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+                    if stale && selector.retry_same(ctx) {
+                        continue;
+                    }
                     match selector.after_error(ctx, outcome_of(&e), true) {
                         After::Retry => continue,
                         After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
@@ -111,6 +131,11 @@ impl Gateway {
                         }
                         After::Deliver => {}
                     }
+                    // This answer goes to the client: the body is not needed
+                    // again, and its share of the budget is given back now
+                    // rather than when a long stream ends.
+                    drop(body);
+                    ctx.body_hold = None;
                     self.response_filter(session, &mut head, ctx).await?;
                     let no_body = status == 204 || status == 304;
                     session.write_response_header(head, no_body).await?;
@@ -168,6 +193,36 @@ impl Gateway {
                 "the client went away",
             )),
         }
+    }
+}
+
+/// Remove the hop-by-hop headers, and those the client's `Connection`
+/// header names, from a relayed request.
+fn strip_hop_by_hop(req: &mut pingora::http::RequestHeader) {
+    let named: Vec<String> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for h in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        req.remove_header(h);
+    }
+}
+
+/// Resolves when the client closes its connection (or breaks it); stays
+/// pending otherwise.
+async fn client_gone(session: &mut Session) -> Box<Error> {
+    match session.downstream_session.read_body_or_idle(true).await {
+        Err(e) => e.into_down(),
+        Ok(_) => std::future::pending().await,
     }
 }
 

@@ -302,6 +302,18 @@ impl Breaker {
         }
     }
 
+    /// The probe admitted at `since` ended without an outcome (the client left, a policy refused the request): free
+    /// its slot so the next request probes at once instead of waiting out [`PROBE_LEASE`]. A later probe's slot (one
+    /// admitted at another time) is left alone.
+    pub fn abandon_probe(&self, since: Duration, now: Duration) {
+        let mut state = self.lock(now);
+        if let Phase::HalfOpen { probe_since } = &mut state.phase
+            && *probe_since == Some(since)
+        {
+            *probe_since = None;
+        }
+    }
+
     /// The breaker's state at `now`. An open breaker whose rest is over shows as half-open with no probe.
     pub fn view(&self, now: Duration) -> BreakerView {
         match &self.lock(now).phase {
@@ -337,6 +349,46 @@ fn trip(state: &mut State, rule: &BreakerRule, outcome: &Outcome, now: Duration)
         cause: cause.clone(),
     };
     cause
+}
+
+#[cfg(test)]
+mod abandon_tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoned_probe_frees_its_slot_at_once() {
+        let rule = BreakerRule {
+            name: "r".into(),
+            statuses: vec![429..=429],
+            connection_errors: false,
+            timeouts: false,
+            count: 1,
+            interval: Duration::from_secs(10),
+            trip_duration: Duration::from_secs(5),
+            accept_retry_after: false,
+            max_retry_after: Duration::from_secs(60),
+        };
+        let b = Breaker::new(vec![rule]);
+        let t0 = Duration::from_secs(100);
+        let throttled = Outcome::Status {
+            status: 429,
+            retry_after: None,
+        };
+        assert!(b.record(&throttled, t0).is_some());
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(b.admit(t1), Admit::Probe);
+        assert!(!b.available(t1));
+        // Another probe's abandonment does not free this one.
+        b.abandon_probe(t0, t1);
+        assert!(!b.available(t1));
+        b.abandon_probe(t1, t1 + Duration::from_millis(1));
+        assert!(b.available(t1 + Duration::from_millis(1)));
+        assert_eq!(b.admit(t1 + Duration::from_millis(2)), Admit::Probe);
+        // On a closed breaker it does nothing.
+        let closed = Breaker::new(Vec::new());
+        closed.abandon_probe(t1, t1);
+        assert_eq!(closed.admit(t1), Admit::Yes);
+    }
 }
 
 #[cfg(test)]
