@@ -131,6 +131,9 @@ pub struct BackendStatus {
 #[derive(Debug, Clone)]
 struct RoutingMetrics {
     attempts: IntCounterVec,
+    /// `attempts` with outcome `200`, per backend, resolved once: the
+    /// common case costs no label lookup.
+    ok_attempts: Vec<prometheus::IntCounter>,
     failovers: IntCounterVec,
     trips: IntCounterVec,
     exhausted: IntCounterVec,
@@ -139,7 +142,7 @@ struct RoutingMetrics {
 }
 
 impl RoutingMetrics {
-    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+    fn new(registry: &Registry, backends: &[String]) -> Result<Self, prometheus::Error> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(c.clone()))?;
@@ -150,12 +153,17 @@ impl RoutingMetrics {
             registry.register(Box::new(g.clone()))?;
             Ok::<_, prometheus::Error>(g)
         };
+        let attempts = counter(
+            "sluice_backend_attempts_total",
+            "Attempts sent to a backend, by backend and outcome (status code, connect_failed, timeout, connection_lost)",
+            &["backend", "outcome"],
+        )?;
         Ok(RoutingMetrics {
-            attempts: counter(
-                "sluice_backend_attempts_total",
-                "Attempts sent to a backend, by backend and outcome (status code, connect_failed, timeout, connection_lost)",
-                &["backend", "outcome"],
-            )?,
+            ok_attempts: backends
+                .iter()
+                .map(|b| attempts.with_label_values(&[b.as_str(), "200"]))
+                .collect(),
+            attempts,
             failovers: counter(
                 "sluice_failovers_total",
                 "Requests sent on to another backend after an attempt failed, by the backend that failed and its outcome",
@@ -259,7 +267,8 @@ impl BackendSelector {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let metrics = RoutingMetrics::new(registry).map_err(|e| e.to_string())?;
+        let names: Vec<String> = cfg.backends.iter().map(|b| b.name.clone()).collect();
+        let metrics = RoutingMetrics::new(registry, &names).map_err(|e| e.to_string())?;
         Ok(BackendSelector {
             clock,
             names: cfg
@@ -472,10 +481,14 @@ impl BackendSelector {
         let backend = attempt.backend;
         attempt.duration = attempt.started.elapsed();
         let name = self.backend_name(backend);
-        self.metrics
-            .attempts
-            .with_label_values(&[name, &outcome.label()])
-            .inc();
+        match (&outcome, self.metrics.ok_attempts.get(backend)) {
+            (Outcome::Status { status: 200, .. }, Some(ok)) => ok.inc(),
+            _ => self
+                .metrics
+                .attempts
+                .with_label_values(&[name, &outcome.label()])
+                .inc(),
+        }
         if let Some(h) = self.health.get(backend) {
             let tripped = h.breaker.record(&outcome, now);
             if let Some(cause) = &tripped {
@@ -508,9 +521,8 @@ impl BackendSelector {
         replayable: bool,
     ) -> After {
         let now = self.now();
-        let unix = sluice_limits::SystemClock.unix_now();
         let retry_after = (status == 429 || status >= 500)
-            .then(|| sluice_routing::retry_after_from(get, unix))
+            .then(|| sluice_routing::retry_after_from(get, sluice_limits::SystemClock.unix_now()))
             .flatten();
         if let Some(backend) = ctx.routing.attempts.last().map(|a| a.backend)
             && let (Some(h), Some(pool)) = (

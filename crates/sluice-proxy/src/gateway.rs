@@ -133,6 +133,21 @@ fn final_response_written(session: &Session) -> bool {
         .is_some_and(|r| !r.status.is_informational())
 }
 
+/// The response headers routing reads, as ready names: a lookup by a
+/// prebuilt `HeaderName` skips parsing the name on every response.
+pub(crate) fn routing_header(name: &str) -> Option<&'static http::HeaderName> {
+    use http::HeaderName as H;
+    static NAMES: [H; 6] = [
+        H::from_static("retry-after-ms"),
+        H::from_static("retry-after"),
+        H::from_static("x-ratelimit-remaining-tokens"),
+        H::from_static("x-ratelimit-remaining-requests"),
+        H::from_static("x-ratelimit-reset-tokens"),
+        H::from_static("x-ratelimit-reset-requests"),
+    ];
+    NAMES.iter().find(|h| h.as_str() == name)
+}
+
 /// Whether the request can still be sent to another backend: nothing has
 /// reached the client, and the body is held whole (pingora's retry buffer or
 /// the gateway's copy) or none of it has been read yet.
@@ -694,7 +709,10 @@ impl ProxyHttp for Gateway {
         }
         if ctx.body_mode == BodyMode::Held {
             let body = body.unwrap_or_default();
-            self.relay(session, ctx, body).await?;
+            // Boxed: the relay's state is large, and inline it would make
+            // every request's `request_filter` future (built and moved for
+            // each request) that much larger.
+            Box::pin(self.relay(session, ctx, body)).await?;
             return Ok(true);
         }
         Ok(false)
@@ -822,7 +840,11 @@ impl ProxyHttp for Gateway {
         }
         let replayable = replayable_now(session, ctx);
         let headers = &upstream_response.headers;
-        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let get = |n: &str| {
+            routing_header(n)
+                .and_then(|h| headers.get(h))
+                .and_then(|v| v.to_str().ok())
+        };
         match self
             .state
             .selector

@@ -21,7 +21,7 @@ use pingora::{Error, ErrorType};
 use sluice_policy::{After, RequestContext};
 use sluice_routing::Outcome;
 
-use crate::gateway::{Gateway, connect_outcome, outcome_of, respond};
+use crate::gateway::{Gateway, connect_outcome, outcome_of, respond, routing_header};
 
 /// Hop-by-hop request headers that are not forwarded on a relayed attempt
 /// (pingora's own path drops them as well).
@@ -117,7 +117,11 @@ impl Gateway {
                     let status = head.status.as_u16();
                     let decision = {
                         let headers = &head.headers;
-                        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+                        let get = |n: &str| {
+                            routing_header(n)
+                                .and_then(|h| headers.get(h))
+                                .and_then(|v| v.to_str().ok())
+                        };
                         selector.after_status(ctx, status, get, true)
                     };
                     match decision {
