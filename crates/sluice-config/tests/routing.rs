@@ -270,3 +270,34 @@ fn an_unknown_pool_is_named() {
         "unknown pool 'ghost' (not in pools)"
     );
 }
+
+#[test]
+fn the_worked_example_in_the_routing_docs_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let doc = std::fs::read_to_string(root.join("docs/routing.md")).unwrap();
+    let start = doc.find("```yaml\n").expect("yaml block") + "```yaml\n".len();
+    let example = &doc[start..start + doc[start..].find("```").expect("block end")];
+    let cfg = load_str(example, "routing.md", &root).unwrap_or_else(|e| panic!("{e}"));
+    let api = &cfg.apis[0];
+    assert_eq!(api.pool, "chat");
+    assert_eq!(api.deployment_pools["text-embedding-3-large"], "embeddings");
+    assert_eq!(api.failover.max_attempts, Some(3));
+    let chat = cfg.pools.iter().find(|p| p.name == "chat").unwrap();
+    assert_eq!(chat.members.len(), 3);
+    let sweden = cfg
+        .backends
+        .iter()
+        .find(|b| b.name == "paygo-sweden")
+        .unwrap();
+    assert_eq!(sweden.breaker_rules.len(), 2);
+    assert_eq!(sweden.deployments["gpt-4o"], "gpt-4o-prod-swc");
+}
+
+#[test]
+fn the_embedded_default_routes_through_a_pool() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cfg =
+        sluice_config::load_file(&root.join("gateway.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.apis[0].pool, "global");
+    assert_eq!(cfg.pools[0].members.len(), 3);
+}

@@ -790,6 +790,8 @@ pools:
       - {backend: b, priority: 2}
   - name: other
     backends: [{backend: c}]
+  - name: three
+    backends: [{backend: a}, {backend: b}, {backend: c}]
 ";
 
     fn selector(api: &str) -> (BackendSelector, Arc<ManualClock>) {
@@ -1156,6 +1158,129 @@ pools:
         assert_eq!(s.metrics.in_flight.with_label_values(&["a"]).get(), 1);
         assert_eq!(s.backend_name(0), "a");
         assert_eq!(s.backend_name(9), "backend");
+    }
+
+    #[test]
+    fn max_attempts_counts_real_attempts_and_leaves_the_rest_to_the_backends_answer() {
+        let (s, _) = selector("    pool: three\n    failover: {max_attempts: 2}\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Retry
+        );
+        s.next_backend(&mut c).unwrap();
+        // Two attempts made; a third backend is free: its answer is not
+        // awaited, the second backend's 500 is delivered.
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Deliver
+        );
+        assert_eq!(c.routing.attempts.len(), 2);
+    }
+
+    #[test]
+    fn with_attempts_used_up_the_gateway_answers_only_when_nothing_else_could() {
+        // Backend b rests (its own 429 earlier); a answers 500 on the one
+        // attempt allowed: a failed, b rests -> the gateway's 429.
+        let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
+        let mut warm = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut warm).unwrap();
+        s.after_status(&mut warm, 200, headers(&[]), true);
+        s.finish(&mut warm);
+        let mut rest_b = ctx(&s, "POST", CHAT);
+        rest_b.routing.attempts.clear();
+        // Force an attempt at b and a 429 from it.
+        rest_b.routing.planned = Some((
+            Choice::Backend {
+                backend: 1,
+                probe: false,
+                steered: false,
+            },
+            Duration::ZERO,
+        ));
+        assert_eq!(s.next_backend(&mut rest_b), Ok(1));
+        s.after_status(&mut rest_b, 429, headers(&[("retry-after", "9")]), true);
+        s.finish(&mut rest_b);
+        assert_eq!(s.statuses()[1].state, "open");
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        match s.after_status(&mut c, 500, headers(&[]), true) {
+            After::Refuse(e) => assert_eq!(e.headers[0].1, "9"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing rests: a's own answer passes even with attempts used up.
+        let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Deliver
+        );
+        // A backend rests but another is free: the answer passes.
+        let (s, _) = selector("    pool: three\n    failover: {max_attempts: 1}\n");
+        let mut rest_b = ctx(&s, "POST", CHAT);
+        rest_b.routing.planned = Some((
+            Choice::Backend {
+                backend: 1,
+                probe: false,
+                steered: false,
+            },
+            Duration::ZERO,
+        ));
+        s.next_backend(&mut rest_b).unwrap();
+        s.after_status(&mut rest_b, 429, headers(&[("retry-after", "9")]), true);
+        s.finish(&mut rest_b);
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert_eq!(
+            s.after_status(&mut c, 500, headers(&[]), true),
+            After::Deliver
+        );
+        // Another backend free: the answer passes too.
+        let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 429, headers(&[("retry-after", "30")]), true),
+            After::Deliver
+        );
+    }
+
+    #[test]
+    fn a_5xx_retry_after_sets_the_rest_and_a_429_empties_the_headroom() {
+        let (s, _) = selector("    backends: [c]\n");
+        for _ in 0..3 {
+            let mut c = ctx(&s, "POST", CHAT);
+            s.next_backend(&mut c).unwrap();
+            s.after_status(&mut c, 503, headers(&[("retry-after", "20")]), true);
+            s.finish(&mut c);
+        }
+        let v = &s.statuses()[2];
+        assert_eq!(v.state, "open");
+        assert_eq!(
+            v.open_for_seconds,
+            Some(20.0),
+            "the 503's Retry-After, not 10 s"
+        );
+        // A 200 that says Retry-After is not a rest.
+        let (s, _) = selector("    backends: [c]\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        s.after_status(&mut c, 200, headers(&[("retry-after", "20")]), true);
+        assert_eq!(s.statuses()[2].state, "closed");
+        assert_eq!(s.statuses()[2].remaining_tokens, None);
+        // A 429 with a wait: no room until then, whatever its headers said.
+        let (s, _) = selector("    pool: three\n");
+        let mut c = ctx(&s, "POST", CHAT);
+        s.next_backend(&mut c).unwrap();
+        s.after_status(&mut c, 429, headers(&[("retry-after", "5")]), true);
+        let v = &s.statuses()[c.routing.attempts[0].backend];
+        assert_eq!(
+            (v.remaining_tokens, v.remaining_requests),
+            (Some(0), Some(0))
+        );
+        assert_eq!(v.headroom_expires_in_seconds, Some(5.0));
     }
 
     #[test]
