@@ -65,8 +65,10 @@ def _binary() -> str:
 class Gateway:
     """A running `sluice run` child process."""
 
-    def __init__(self, proc, url, management, simulators=None):
+    def __init__(self, proc, url, management, simulators=None, directory=None):
         self.proc = proc
+        # Where it runs: gateway.yaml and its log (sluice.log) are there.
+        self.directory = directory
         self.url = url
         self.management = management
         # Simulator name -> its URL (from the banner).
@@ -151,7 +153,7 @@ def start_gateway(directory, config: str, env=None) -> Gateway:
                     proc.kill()
                     pytest.fail("sluice never accepted connections")
                 time.sleep(0.01)
-    return Gateway(proc, url, management, simulators)
+    return Gateway(proc, url, management, simulators, directory)
 
 
 @pytest.fixture(scope="session")
