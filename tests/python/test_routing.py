@@ -304,12 +304,17 @@ def test_a_resting_backend_takes_traffic_again_after_its_retry_after(start):
     pool = "      - {backend: eastus, priority: 1}\n      - {backend: westus, priority: 2}\n"
     gw = start(config(sim("eastus", "East US") + sim("westus", "West US"), backend("eastus") + backend("westus"), pool))
     c = client(gw)
-    throttled = client(gw, {"x-sim-fault": "throttle=1000", "x-sim-fault-region": "eastus"})
+    throttled = client(gw, {"x-sim-fault": "throttle=3000", "x-sim-fault-region": "eastus"})
     rested = time.monotonic()
     assert chat(throttled)[1] == "West US"
-    assert chat(c)[1] == "West US"
-    # Back to East US once its 1 s Retry-After has passed (polled, bounded).
-    deadline = rested + 10
+    # East US rests for its 3 s Retry-After: calls meanwhile go to West US.
+    view = backends_view(gw)["eastus"]
+    assert view["state"] == "open" and 0 < view["open_for_seconds"] <= 3, view
+    assert view["open_because"]["retry_after_seconds"] == 3.0
+    if time.monotonic() - rested < 2:
+        assert chat(c)[1] == "West US"
+    # Back to East US once the rest is over (polled, bounded).
+    deadline = rested + 20
     region = None
     while time.monotonic() < deadline:
         region = chat(c)[1]
@@ -317,7 +322,7 @@ def test_a_resting_backend_takes_traffic_again_after_its_retry_after(start):
             break
         time.sleep(0.05)
     assert region == "East US"
-    assert time.monotonic() - rested >= 0.9
+    assert time.monotonic() - rested >= 2.9
     assert backends_view(gw)["eastus"]["state"] == "closed"
 
 
