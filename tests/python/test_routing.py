@@ -20,6 +20,7 @@ from conftest import start_gateway
 
 API_VERSION = "2024-10-21"
 KEY = "routing-team-key-0123456789"
+OPERATOR = "routing-operator-token-0123456789"
 BACKEND_KEY = "routing-backend-key-abcdef"
 CHAT = f"/openai/deployments/gpt-4o/chat/completions?api-version={API_VERSION}"
 
@@ -58,6 +59,7 @@ server:
   threads: 2
   management:
     listen: 127.0.0.1:0
+    operator_tokens: [{{file: operator.token}}]
 {server_extra}
 simulators:
 {sims}
@@ -90,6 +92,7 @@ def start(tmp_path):
     """Start a gateway for one test and stop it afterwards."""
     (tmp_path / "key").write_text(KEY)
     (tmp_path / "backend.key").write_text(BACKEND_KEY)
+    (tmp_path / "operator.token").write_text(OPERATOR)
     started = []
 
     def run(cfg):
@@ -144,7 +147,7 @@ def burst(gw, headers, n=24, workers=8):
 
 
 def backends_view(gw):
-    r = httpx.get(f"{gw.management}/backends", timeout=10)
+    r = httpx.get(f"{gw.management}/backends", headers={"authorization": f"Bearer {OPERATOR}"}, timeout=10)
     assert r.status_code == 200
     return {b["name"]: b for b in r.json()["backends"]}
 
@@ -478,3 +481,29 @@ def test_a_client_that_leaves_during_a_large_body_attempt_frees_everything(start
             break
         assert time.monotonic() < deadline, view
         time.sleep(0.02)
+
+
+def test_backends_needs_an_operator_token(start):
+    gw = start(config(sim("eastus", "East US"), backend("eastus"), "      - {backend: eastus}\n"))
+    url = f"{gw.management}/backends"
+    for headers in [
+        {},
+        {"authorization": "Bearer wrong-token-0123456789"},
+        {"authorization": f"Basic {OPERATOR}"},
+        {"api-key": KEY},  # a subscription key never opens it
+        {"authorization": f"Bearer {KEY}"},
+    ]:
+        r = httpx.get(url, headers=headers, timeout=10)
+        assert r.status_code == 401, (headers, r.status_code)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "Unauthorized"
+        assert OPERATOR not in r.text
+    r = httpx.get(url, headers={"authorization": f"Bearer {OPERATOR}"}, timeout=10)
+    assert r.status_code == 200 and r.json()["backends"][0]["name"] == "eastus"
+    # Scrapers and probes need nothing.
+    assert httpx.get(f"{gw.management}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{gw.management}/health", timeout=10).status_code == 200
+    # Unknown paths are not revealed without a token.
+    assert httpx.get(f"{gw.management}/nope", timeout=10).status_code == 401
+    r = httpx.get(f"{gw.management}/nope", headers={"authorization": f"Bearer {OPERATOR}"}, timeout=10)
+    assert r.status_code == 404

@@ -142,7 +142,7 @@ impl Default for Counters {
 }
 
 /// The management listener, bound separately from the data plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Management {
     /// Address to bind; port 0 picks a free port. Never equal to a non-zero
     /// `server.listen` or simulator address.
@@ -151,6 +151,9 @@ pub struct Management {
     /// (`header:*`, `client_ip`, `identity`, `deployment`); later new values
     /// are reported as `other`. At least 1, default 1000.
     pub max_label_values: usize,
+    /// Bearer tokens that open the operator endpoints (everything but
+    /// `/metrics` and `/health`); none configured = those stay closed.
+    pub operator_tokens: Vec<Secret>,
 }
 
 /// Default of `Management::max_label_values`.

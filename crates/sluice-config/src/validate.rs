@@ -413,9 +413,20 @@ impl Cx<'_, '_> {
                 "server.management.max_label_values",
                 DEFAULT_MAX_LABEL_VALUES,
             );
+            let tokens_path = "server.management.operator_tokens";
+            let mut operator_tokens = Vec::new();
+            for (_, tpath, raw) in self.entries(management.operator_tokens, tokens_path) {
+                if let Some(token) = self.secret(raw, &tpath) {
+                    if token.expose().len() < 16 {
+                        self.err(&tpath, "an operator token must be at least 16 characters");
+                    }
+                    operator_tokens.push(token);
+                }
+            }
             Management {
                 listen: addr,
                 max_label_values: usize::try_from(max_label_values).unwrap_or(usize::MAX),
+                operator_tokens,
             }
         });
         let trusted_proxies = self.trusted_proxies(raw.trusted_proxies);

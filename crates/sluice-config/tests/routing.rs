@@ -301,3 +301,31 @@ fn the_embedded_default_routes_through_a_pool() {
     assert_eq!(cfg.apis[0].pool, "global");
     assert_eq!(cfg.pools[0].members.len(), 3);
 }
+
+#[test]
+fn operator_tokens_open_the_management_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("op.token"), "operator-token-0123456789\n").unwrap();
+    let text = format!(
+        "server:\n  management:\n    listen: 127.0.0.1:0\n    operator_tokens: [{{file: op.token}}]\n{BACKENDS}apis:\n  - name: a\n    path: /openai\n    backends: [east]\n"
+    );
+    let cfg = load_str(&text, "gateway.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let m = cfg.server.management.unwrap();
+    assert_eq!(m.operator_tokens.len(), 1);
+    assert_eq!(m.operator_tokens[0].expose(), "operator-token-0123456789");
+    std::fs::write(dir.path().join("short.token"), "short").unwrap();
+    let text = text.replace("[{file: op.token}]", "[{file: short.token}, ~]");
+    let found = load_str(&text, "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    assert!(
+        message(&found, "server.management.operator_tokens[0]").contains("at least 16"),
+        "{found:?}"
+    );
+    assert_eq!(
+        message(&found, "server.management.operator_tokens[1]"),
+        "empty entry"
+    );
+    // The token's value never appears in a problem.
+    assert!(found.iter().all(|p| !p.message.contains("short")));
+}

@@ -383,6 +383,8 @@ pub struct GatewayState {
     pub credential_headers: Vec<http::HeaderName>,
     /// Chooses the backend of every attempt (pools, breakers, steering).
     pub selector: BackendSelector,
+    /// Tokens that open the management listener's operator endpoints.
+    pub operator_tokens: Vec<sluice_config::Secret>,
     /// Memory for request bodies held for replay.
     pub body_budget: Arc<BodyBudget>,
     /// `sluice_body_replay_skipped_total`: bodies forwarded without replay
@@ -577,6 +579,12 @@ impl GatewayState {
             backends,
             credential_headers,
             selector,
+            operator_tokens: cfg
+                .server
+                .management
+                .as_ref()
+                .map(|m| m.operator_tokens.clone())
+                .unwrap_or_default(),
             body_budget: BodyBudget::new(cfg.server.body_buffer_bytes),
             replay_skipped,
             body_buffer_gauge,
