@@ -40,6 +40,7 @@ pub(crate) struct RawManagement {
     pub listen: Option<String>,
     pub max_label_values: Option<u64>,
     pub operator_tokens: Option<Vec<Option<RawSecret>>>,
+    pub debug_signing_key: Option<RawSecret>,
 }
 
 /// `server.counters`: the in-memory counter store.

@@ -154,6 +154,10 @@ pub struct Management {
     /// Bearer tokens that open the operator endpoints (everything but
     /// `/metrics` and `/health`); none configured = those stay closed.
     pub operator_tokens: Vec<Secret>,
+    /// Signs debug credentials (`listDebugCredentials`); the same key on
+    /// every replica lets each accept the others' credentials. `None` = a
+    /// random key made at start.
+    pub debug_signing_key: Option<Secret>,
 }
 
 /// Default of `Management::max_label_values`.

@@ -423,10 +423,19 @@ impl Cx<'_, '_> {
                     operator_tokens.push(token);
                 }
             }
+            let key_path = "server.management.debug_signing_key";
+            let debug_signing_key = self.optional_secret(management.debug_signing_key, key_path);
+            if debug_signing_key
+                .as_ref()
+                .is_some_and(|k| k.expose().len() < 32)
+            {
+                self.err(key_path, "the signing key must be at least 32 characters");
+            }
             Management {
                 listen: addr,
                 max_label_values: usize::try_from(max_label_values).unwrap_or(usize::MAX),
                 operator_tokens,
+                debug_signing_key,
             }
         });
         let trusted_proxies = self.trusted_proxies(raw.trusted_proxies);

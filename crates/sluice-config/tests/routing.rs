@@ -329,3 +329,19 @@ fn operator_tokens_open_the_management_endpoints() {
     // The token's value never appears in a problem.
     assert!(found.iter().all(|p| !p.message.contains("short")));
 }
+
+#[test]
+fn a_debug_signing_key_must_be_long_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k"), "too-short").unwrap();
+    let text = format!(
+        "server:\n  management:\n    listen: 127.0.0.1:0\n    debug_signing_key: {{file: k}}\n{BACKENDS}apis:\n  - name: a\n    path: /openai\n    backends: [east]\n"
+    );
+    let found = load_str(&text, "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    assert!(message(&found, "server.management.debug_signing_key").contains("at least 32"));
+    std::fs::write(dir.path().join("k"), "a-signing-key-long-enough-0123456789").unwrap();
+    let cfg = load_str(&text, "gateway.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.server.management.unwrap().debug_signing_key.is_some());
+}

@@ -59,6 +59,98 @@ impl ManagementApp {
     }
 }
 
+/// `{prefix}/gateways/{gateway}/{action}`: any prefix, so APIM's own URLs
+/// (`/subscriptions/.../service/{name}/gateways/managed/...`) work as they are.
+fn is_gateway_action(path: &str, action: &str) -> bool {
+    let mut segments = path.trim_end_matches('/').rsplit('/');
+    segments.next() == Some(action)
+        && segments.next().is_some_and(|g| !g.is_empty())
+        && segments.next() == Some("gateways")
+}
+
+/// An error in the management API's shape.
+fn management_error(status: u16, code: &str, message: &str) -> Response<Vec<u8>> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+/// The most request body a management call may send.
+const MANAGEMENT_BODY_LIMIT: usize = 64 * 1024;
+
+async fn read_body(session: &mut ServerSession) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = session.read_request_body().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > MANAGEMENT_BODY_LIMIT {
+            return None;
+        }
+    }
+    Some(body)
+}
+
+impl ManagementApp {
+    /// APIM's `listDebugCredentials`: `{credentialsExpireAfter, apiId,
+    /// purposes}` -> `{"token": ...}`, a credential that lets requests to
+    /// that API be traced until it expires.
+    async fn list_debug_credentials(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let bad = |m: &str| management_error(400, "ValidationError", m);
+        let Some(body) = read_body(session).await else {
+            return bad("The request body is too large.");
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return bad("The request body must be a JSON object.");
+        };
+        let Some(api_id) = v.get("apiId").and_then(|a| a.as_str()) else {
+            return bad("'apiId' is required: the API's id, e.g. /apis/azure-openai.");
+        };
+        // The last segment names the API, so a full APIM resource id works.
+        let api = api_id
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
+        if !self.state.api_names.iter().any(|n| n == api) {
+            return management_error(404, "NotFound", &format!("API '{api}' was not found."));
+        }
+        match v.get("purposes").and_then(|p| p.as_array()) {
+            Some(p)
+                if !p.is_empty()
+                    && p.iter().all(|x| {
+                        x.as_str() == Some(sluice_trace::credentials::PURPOSE_TRACING)
+                    }) => {}
+            _ => return bad("'purposes' is required and may only hold \"tracing\"."),
+        }
+        let lifetime = match v.get("credentialsExpireAfter") {
+            None | Some(serde_json::Value::Null) => sluice_trace::credentials::MAX_LIFETIME,
+            Some(serde_json::Value::String(s)) => {
+                match sluice_trace::credentials::parse_iso_duration(s) {
+                    Some(d) if !d.is_zero() && d <= sluice_trace::credentials::MAX_LIFETIME => d,
+                    _ => {
+                        return bad(
+                            "'credentialsExpireAfter' must be an ISO-8601 duration of at most PT1H.",
+                        );
+                    }
+                }
+            }
+            Some(_) => return bad("'credentialsExpireAfter' must be a string such as PT1H."),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let token = self.state.debug_key.issue(api, lifetime, now);
+        reply(
+            200,
+            "application/json",
+            serde_json::to_vec(&serde_json::json!({ "token": token })).unwrap_or_default(),
+        )
+    }
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -104,6 +196,11 @@ impl ServeHttp for ManagementApp {
             };
             return unauthorized(message);
         }
+        let path = req.uri.path().to_string();
+        if req.method == http::Method::POST && is_gateway_action(&path, "listDebugCredentials") {
+            return self.list_debug_credentials(session).await;
+        }
+        let req = session.req_header();
         match req.uri.path() {
             "/metrics" if get => {
                 self.state.sync_metrics();
@@ -129,5 +226,33 @@ impl ServeHttp for ManagementApp {
             }
             _ => reply(404, "application/json", GatewayError::not_found().body()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_actions_take_any_prefix() {
+        assert!(is_gateway_action(
+            "/gateways/managed/listDebugCredentials",
+            "listDebugCredentials"
+        ));
+        assert!(is_gateway_action(
+            "/subscriptions/s/resourceGroups/r/providers/Microsoft.ApiManagement/service/x/gateways/managed/listDebugCredentials",
+            "listDebugCredentials"
+        ));
+        assert!(is_gateway_action("/gateways/gw1/listTrace/", "listTrace"));
+        assert!(!is_gateway_action("/gateways//listTrace", "listTrace"));
+        assert!(!is_gateway_action(
+            "/gateway/managed/listTrace",
+            "listTrace"
+        ));
+        assert!(!is_gateway_action("/listTrace", "listTrace"));
+        assert!(!is_gateway_action(
+            "/gateways/managed/listTrace",
+            "listDebugCredentials"
+        ));
     }
 }

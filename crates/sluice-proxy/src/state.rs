@@ -385,6 +385,10 @@ pub struct GatewayState {
     pub selector: BackendSelector,
     /// Tokens that open the management listener's operator endpoints.
     pub operator_tokens: Vec<sluice_config::Secret>,
+    /// Signs and checks debug credentials.
+    pub debug_key: sluice_trace::credentials::DebugKey,
+    /// API names, by index (debug credentials name their API).
+    pub api_names: Vec<String>,
     /// Memory for request bodies held for replay.
     pub body_budget: Arc<BodyBudget>,
     /// `sluice_body_replay_skipped_total`: bodies forwarded without replay
@@ -585,6 +589,19 @@ impl GatewayState {
                 .as_ref()
                 .map(|m| m.operator_tokens.clone())
                 .unwrap_or_default(),
+            debug_key: match cfg
+                .server
+                .management
+                .as_ref()
+                .and_then(|m| m.debug_signing_key.as_ref())
+            {
+                Some(k) => sluice_trace::credentials::DebugKey::new(k.expose().as_bytes()),
+                None => {
+                    let random: [u8; 32] = rand::random();
+                    sluice_trace::credentials::DebugKey::new(&random)
+                }
+            },
+            api_names: cfg.apis.iter().map(|a| a.name.clone()).collect(),
             body_budget: BodyBudget::new(cfg.server.body_buffer_bytes),
             replay_skipped,
             body_buffer_gauge,

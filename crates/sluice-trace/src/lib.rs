@@ -7,6 +7,8 @@
 //! Recording and the store arrive with the tracing issue; the model and its
 //! wire formats live here so every crate agrees on them.
 
+pub mod credentials;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
