@@ -106,3 +106,59 @@ def test_credentials_need_an_operator(gw):
     body = {"apiId": "/apis/aoai", "purposes": ["tracing"]}
     assert list_credentials(gw, body, token=None).status_code == 401
     assert list_credentials(gw, body, token="not-the-operator-token-000").status_code == 401
+
+
+def test_no_secret_reaches_the_log_at_trace_level_in_the_new_flows(tmp_path):
+    """Failover (small body through pingora, large body through the
+    gateway's own attempts), /backends and listDebugCredentials, with the
+    log at trace: no key or token is in it."""
+    key = "trace-leak-subscription-key-0123"
+    backend_key = "trace-leak-backend-key-456789"
+    for name, value in [("operator.token", OPERATOR), ("signing.key", SIGNING), ("a.key", key), ("backend.key", backend_key)]:
+        (tmp_path / name).write_text(value)
+    config = CONFIG.replace(
+        """simulators:
+  - name: eastus
+    region: East US
+backends:
+  - name: eastus
+    simulator: eastus
+apis:
+  - name: aoai
+    path: /openai
+    backends: [eastus]
+""",
+        """simulators:
+  - {name: eastus, region: East US, api_key: {file: backend.key}}
+  - {name: westus, region: West US, api_key: {file: backend.key}}
+backends:
+  - {name: eastus, simulator: eastus, api_key: {file: backend.key}}
+  - {name: westus, simulator: westus, api_key: {file: backend.key}}
+subscriptions:
+  - {name: t, primary_key: {file: a.key}}
+apis:
+  - name: aoai
+    path: /openai
+    backends: [eastus, westus]
+""",
+    )
+    gw = start_gateway(tmp_path, config, env={"RUST_LOG": "trace"})
+    try:
+        chat = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        fault = {"api-key": key, "x-sim-fault": "status=503", "x-sim-fault-region": "eastus"}
+        small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        large = {"messages": [{"role": "user", "content": "x" * 200_000}], "max_tokens": 4}
+        for body in [small, large, {**small, "stream": True}]:
+            r = httpx.post(f"{gw.url}{chat}", json=body, headers=fault, timeout=30)
+            assert r.status_code == 200, r.text[:200]
+        op = {"authorization": f"Bearer {OPERATOR}"}
+        assert httpx.get(f"{gw.management}/backends", headers=op, timeout=10).status_code == 200
+        r = list_credentials(gw, {"apiId": "/apis/aoai", "purposes": ["tracing"]})
+        debug_token = r.json()["token"]
+        assert list_credentials(gw, {"apiId": "/apis/aoai", "purposes": ["tracing"]}, token="wrong-operator-token-000").status_code == 401
+    finally:
+        gw.stop()
+    log = (tmp_path / "sluice.log").read_text()
+    assert " DEBUG " in log, "the log is at trace level (debug and below on)"
+    for secret in [key, backend_key, OPERATOR, SIGNING, debug_token]:
+        assert secret not in log, f"a secret is in the log: {secret[:6]}..."
