@@ -67,6 +67,9 @@ pub struct Routing {
     /// When routing began (the body, if any, was read): the failover time
     /// budget runs from here.
     pub started: Option<Instant>,
+    /// The planned attempt repeats the last one on the same backend after a
+    /// stale pooled connection.
+    repeat_planned: bool,
 }
 
 impl Routing {
@@ -342,6 +345,7 @@ impl BackendSelector {
             attempts: Vec::new(),
             planned: None,
             started: Some(Instant::now()),
+            repeat_planned: false,
         };
     }
 
@@ -386,16 +390,8 @@ impl BackendSelector {
                     failed_over: false,
                     in_flight: true,
                     probe_admitted: probe.then_some(chosen_at),
-                    stale_retry: false,
+                    stale_retry: std::mem::take(&mut ctx.routing.repeat_planned),
                 });
-                if let Some(previous) = ctx.routing.attempts.iter().rev().nth(1)
-                    && previous.backend == backend
-                    && previous.outcome == Some(Outcome::ConnectionLost)
-                    && previous.failed_over
-                    && let Some(a) = ctx.routing.attempts.last_mut()
-                {
-                    a.stale_retry = true;
-                }
                 ctx.backend = Some(backend);
                 Ok(backend)
             }
@@ -680,6 +676,7 @@ impl BackendSelector {
             },
             self.now(),
         ));
+        ctx.routing.repeat_planned = true;
         true
     }
 
@@ -1179,6 +1176,23 @@ pools:
         assert_eq!(c.routing.attempts.len(), 2);
     }
 
+    /// Send one request straight to backend b (index 1), which answers 429
+    /// with Retry-After 9: b rests for 9 s.
+    fn throttle_backend_b(s: &BackendSelector) {
+        let mut c = ctx(s, "POST", CHAT);
+        c.routing.planned = Some((
+            Choice::Backend {
+                backend: 1,
+                probe: false,
+                steered: false,
+            },
+            Duration::ZERO,
+        ));
+        assert_eq!(s.next_backend(&mut c), Ok(1));
+        s.after_status(&mut c, 429, headers(&[("retry-after", "9")]), true);
+        s.finish(&mut c);
+    }
+
     #[test]
     fn with_attempts_used_up_the_gateway_answers_only_when_nothing_else_could() {
         // Backend b rests (its own 429 earlier); a answers 500 on the one
@@ -1188,20 +1202,7 @@ pools:
         s.next_backend(&mut warm).unwrap();
         s.after_status(&mut warm, 200, headers(&[]), true);
         s.finish(&mut warm);
-        let mut rest_b = ctx(&s, "POST", CHAT);
-        rest_b.routing.attempts.clear();
-        // Force an attempt at b and a 429 from it.
-        rest_b.routing.planned = Some((
-            Choice::Backend {
-                backend: 1,
-                probe: false,
-                steered: false,
-            },
-            Duration::ZERO,
-        ));
-        assert_eq!(s.next_backend(&mut rest_b), Ok(1));
-        s.after_status(&mut rest_b, 429, headers(&[("retry-after", "9")]), true);
-        s.finish(&mut rest_b);
+        throttle_backend_b(&s);
         assert_eq!(s.statuses()[1].state, "open");
         let mut c = ctx(&s, "POST", CHAT);
         assert_eq!(s.next_backend(&mut c), Ok(0));
@@ -1219,18 +1220,7 @@ pools:
         );
         // A backend rests but another is free: the answer passes.
         let (s, _) = selector("    pool: three\n    failover: {max_attempts: 1}\n");
-        let mut rest_b = ctx(&s, "POST", CHAT);
-        rest_b.routing.planned = Some((
-            Choice::Backend {
-                backend: 1,
-                probe: false,
-                steered: false,
-            },
-            Duration::ZERO,
-        ));
-        s.next_backend(&mut rest_b).unwrap();
-        s.after_status(&mut rest_b, 429, headers(&[("retry-after", "9")]), true);
-        s.finish(&mut rest_b);
+        throttle_backend_b(&s);
         let mut c = ctx(&s, "POST", CHAT);
         assert_eq!(s.next_backend(&mut c), Ok(0));
         assert_eq!(

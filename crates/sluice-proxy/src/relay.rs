@@ -62,11 +62,13 @@ impl Gateway {
             };
             let peer = match self.peer_for(ctx, backend).await {
                 Ok(p) => p,
-                Err(e) => match selector.after_connect_error(ctx, Outcome::ConnectFailed, true) {
-                    After::Retry => continue,
-                    After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
-                    After::Deliver => return self.answer_error(session, ctx, &e).await,
-                },
+                Err(e) => {
+                    let after = selector.after_connect_error(ctx, Outcome::ConnectFailed, true);
+                    match self.settle(session, ctx, after, &e).await {
+                        Some(done) => return done,
+                        None => continue,
+                    }
+                }
             };
             let (mut up, reused) = match self.state.connector.get_http_session(&*peer).await {
                 Ok(s) => s,
@@ -75,10 +77,10 @@ impl Gateway {
                     if let Some(b) = self.state.backends.get(backend) {
                         b.connect_failed();
                     }
-                    match selector.after_connect_error(ctx, connect_outcome(&e), true) {
-                        After::Retry => continue,
-                        After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
-                        After::Deliver => return self.answer_error(session, ctx, &e).await,
+                    let after = selector.after_connect_error(ctx, connect_outcome(&e), true);
+                    match self.settle(session, ctx, after, &e).await {
+                        Some(done) => return done,
+                        None => continue,
                     }
                 }
             };
@@ -107,10 +109,10 @@ impl Gateway {
                     if stale && selector.retry_same(ctx) {
                         continue;
                     }
-                    match selector.after_error(ctx, outcome_of(&e), true) {
-                        After::Retry => continue,
-                        After::Refuse(r) => return respond(session, &r, ctx.continue_sent).await,
-                        After::Deliver => return self.answer_error(session, ctx, &e).await,
+                    let after = selector.after_error(ctx, outcome_of(&e), true);
+                    match self.settle(session, ctx, after, &e).await {
+                        Some(done) => return done,
+                        None => continue,
                     }
                 }
                 Sent::Head(mut head) => {
@@ -180,6 +182,23 @@ impl Gateway {
             if end {
                 return Ok(());
             }
+        }
+    }
+
+    /// What a failed attempt (`e`) leads to: `None` to try the next
+    /// backend, else the answer given (the gateway's refusal, or `e` as
+    /// pingora's path would answer it).
+    async fn settle(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        after: After,
+        e: &Error,
+    ) -> Option<Result<()>> {
+        match after {
+            After::Retry => None,
+            After::Refuse(r) => Some(respond(session, &r, ctx.continue_sent).await),
+            After::Deliver => Some(self.answer_error(session, ctx, e).await),
         }
     }
 
