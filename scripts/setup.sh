@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building (and, with --tests, testing) Sluice needs on a fresh
 # Debian machine that has only Rust: cmake for pingora's zlib-ng build, and for
-# the tests a Python venv with the openai SDK and pytest. Idempotent and quiet
-# when everything is already there.
+# the tests a Python venv with the openai SDK, pytest and selenium, and
+# Debian's chromium and chromium-driver for the trace viewer's browser test.
+# Idempotent and quiet when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,9 @@ if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
   command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)  # the TLS backend test
   [ -x /bin/kill ] || [ -x /usr/bin/kill ] || apt_pkgs+=(procps)  # tests stop children by PID
+  # The trace viewer's browser test drives Debian's chromium with selenium.
+  command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || apt_pkgs+=(chromium-driver)
 fi
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   echo "setup: installing ${apt_pkgs[*]} with apt-get" >&2
@@ -43,7 +47,7 @@ if [ "$want_tests" = 1 ]; then
     echo "setup: creating $venv" >&2
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" -c 'import openai, pytest, jwt' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import openai, pytest, jwt, selenium' >/dev/null 2>&1; then
     echo "setup: installing tests/python/requirements.txt into $venv" >&2
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
   fi

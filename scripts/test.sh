@@ -19,5 +19,6 @@ fi
 echo "== python e2e" >&2
 cargo build -p sluice --bin sluice
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-SLUICE_BIN="$target_dir/debug/sluice" .venv/bin/python -m pytest -q tests/python
+# The trace viewer's browser test must run here, not skip.
+SLUICE_REQUIRE_BROWSER=1 SLUICE_BIN="$target_dir/debug/sluice" .venv/bin/python -m pytest -q tests/python
 echo "== all tests passed" >&2

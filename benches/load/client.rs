@@ -33,6 +33,8 @@ pub struct RequestSpec {
     pub body: Bytes,
     /// SSE: the body must end the stream with `data: [DONE]`.
     pub stream: bool,
+    /// A debug credential sent as `Apim-Debug-Authorization` (traced requests).
+    pub debug_token: Option<String>,
 }
 
 /// How a phase drives load.
@@ -243,8 +245,12 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
         .uri(&spec.path)
         .header(hyper::header::HOST, &spec.host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("api-key", spec.api_key.expose())
-        .body(Full::new(spec.body.clone()))?;
+        .header("api-key", spec.api_key.expose());
+    let req = match &spec.debug_token {
+        Some(t) => req.header("apim-debug-authorization", t.as_str()),
+        None => req,
+    }
+    .body(Full::new(spec.body.clone()))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let mut body = resp.into_body();

@@ -37,6 +37,11 @@ struct Args {
     /// high enough never to refuse, to measure what they cost.
     #[arg(long)]
     policies: bool,
+    /// Also measure the `traced` target: the same Sluice process, every request
+    /// carrying a valid debug credential (`Apim-Debug-Authorization`), so that
+    /// each is traced and its trace stored; against `sluice`, the cost of tracing.
+    #[arg(long)]
+    trace: bool,
     /// nginx binary; when given and present, nginx is measured as a plain reverse proxy.
     #[arg(long)]
     nginx: Option<PathBuf>,
@@ -61,8 +66,13 @@ struct Args {
     /// Comma-separated scenarios.
     #[arg(long, value_delimiter = ',', default_value = "chat,stream")]
     scenarios: Vec<Scenario>,
-    /// Comma-separated targets (nginx only runs when --nginx is given).
-    #[arg(long, value_delimiter = ',', default_value = "direct,sluice,nginx")]
+    /// Comma-separated targets (nginx only runs when --nginx is given, traced only
+    /// with --trace).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,sluice,traced,nginx"
+    )]
     targets: Vec<TargetKind>,
     /// Closed loop: every connection sends back to back (maximum throughput), no fixed rate.
     #[arg(long)]
@@ -107,6 +117,8 @@ impl Scenario {
 enum TargetKind {
     Direct,
     Sluice,
+    /// Sluice, with every request traced.
+    Traced,
     Nginx,
 }
 
@@ -115,6 +127,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Sluice => "sluice",
+            TargetKind::Traced => "traced",
             TargetKind::Nginx => "nginx",
         }
     }
@@ -123,6 +136,8 @@ impl TargetKind {
 #[derive(Debug)]
 struct Target {
     kind: TargetKind,
+    /// Sent as `Apim-Debug-Authorization` on every request.
+    debug_token: Option<String>,
     addr: SocketAddr,
     /// Processes charged for CPU and memory (proxies only).
     group: Option<ProcGroup>,
@@ -229,6 +244,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     eprintln!("sluice-load: simulator on {sim_addr}");
     let mut targets = vec![Target {
         kind: TargetKind::Direct,
+        debug_token: None,
         addr: sim_addr,
         group: None,
     }];
@@ -237,7 +253,14 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Sluice)
     {
-        let conf = write_gateway_config(&tmp, sim_addr, args.threads, &key, args.policies)?;
+        let conf = write_gateway_config(
+            &tmp,
+            sim_addr,
+            args.threads,
+            &key,
+            args.policies,
+            args.trace,
+        )?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
         let (proc, addr) = Proc::spawn_until_line(
@@ -251,14 +274,31 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         procs::wait_connectable(addr, READY_TIMEOUT)
             .with_context(|| format!("sluice printed {addr}{}", proc.stderr_tail()))?;
         eprintln!("sluice-load: sluice (pid {}) on {addr}", proc.pid());
+        let group = Some(ProcGroup {
+            root: proc.pid(),
+            with_children: false,
+        });
         targets.push(Target {
             kind: TargetKind::Sluice,
+            debug_token: None,
             addr,
-            group: Some(ProcGroup {
-                root: proc.pid(),
-                with_children: false,
-            }),
+            group,
         });
+        if args.trace {
+            // A credential signed with the key the config gives the gateway,
+            // as listDebugCredentials would hand out.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let token = sluice_trace::credentials::DebugKey::new(DEBUG_SIGNING_KEY.as_bytes())
+                .issue("azure-openai", Duration::from_secs(3600), now);
+            targets.push(Target {
+                kind: TargetKind::Traced,
+                debug_token: Some(token),
+                addr,
+                group,
+            });
+        }
         stack.sluice = Some(proc);
     }
 
@@ -288,6 +328,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
             eprintln!("sluice-load: nginx (master pid {}) on {addr}", proc.pid());
             targets.push(Target {
                 kind: TargetKind::Nginx,
+                debug_token: None,
                 addr,
                 group: Some(ProcGroup {
                     root: proc.pid(),
@@ -370,13 +411,31 @@ fn write_gateway_config(
     threads: usize,
     key: &str,
     policies: bool,
+    trace: bool,
 ) -> Result<PathBuf> {
     let key_path = tmp.join("key.txt");
     std::fs::write(&key_path, format!("{key}\n"))?;
     let conf = tmp.join("gateway.yaml");
+    let tracing = if trace {
+        let op = tmp.join("operator.token");
+        let signing = tmp.join("signing.key");
+        std::fs::write(&op, "load-operator-token-0123456789\n")?;
+        std::fs::write(&signing, DEBUG_SIGNING_KEY)?;
+        format!(
+            "  management:\n    listen: 127.0.0.1:0\n    operator_tokens: [{{file: {}}}]\n    debug_signing_key: {{file: {}}}\n",
+            op.display(),
+            signing.display()
+        )
+    } else {
+        String::new()
+    };
     let (management, policy_list) = if policies {
         (
-            "  management: { listen: 127.0.0.1:0 }\n",
+            if trace {
+                ""
+            } else {
+                "  management: { listen: 127.0.0.1:0 }\n"
+            },
             "    policies:\n\
              \x20     - rate_limit: { calls: 100000000, renewal_period_seconds: 60, counter_key: subscription }\n\
              \x20     - token_limit: { counter_key: subscription, tokens_per_minute: 1000000000, remaining_tokens_header_name: x-remaining-tokens }\n\
@@ -388,7 +447,7 @@ fn write_gateway_config(
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n{management}\
+            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n{management}{tracing}\
              backends:\n  - name: sim\n    url: http://{sim}\n\
              subscriptions:\n  - name: load\n    primary_key: {{file: {}}}\n\
              apis:\n  - name: azure-openai\n    path: /openai\n    backends: [sim]\n{policy_list}",
@@ -397,6 +456,9 @@ fn write_gateway_config(
     )?;
     Ok(conf)
 }
+
+/// The debug-credential signing key the `--trace` config gives the gateway.
+const DEBUG_SIGNING_KEY: &str = "load-debug-signing-key-0123456789abcdef";
 
 fn write_nginx_config(tmp: &Path, sim: SocketAddr, port: u16, threads: usize) -> Result<PathBuf> {
     let t = tmp.display();
@@ -477,6 +539,7 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
                 api_key: sluice_sim::Secret::new(key),
                 body: scenario.body(),
                 stream: scenario == Scenario::Stream,
+                debug_token: t.debug_token.clone(),
             });
             eprintln!(
                 "sluice-load: {}/{}: warmup {:.1} s, measuring {:.1} s ({})",
@@ -564,10 +627,11 @@ fn signed(v: Option<f64>) -> String {
 }
 
 /// Per scenario: (proxy, added p50, added p99 vs direct); plus the sluice/nginx CPU ratio.
+/// Per scenario: each proxy's added p50 and p99 over direct, and its CPU per
+/// request over nginx's.
 type Comparison = (
     &'static str,
-    Vec<(&'static str, Option<f64>, Option<f64>)>,
-    Option<f64>,
+    Vec<(&'static str, Option<f64>, Option<f64>, Option<f64>)>,
 );
 
 fn comparisons(rows: &[Row]) -> Vec<Comparison> {
@@ -579,22 +643,20 @@ fn comparisons(rows: &[Row]) -> Vec<Comparison> {
             let find = |t: &str| rows.iter().find(|r| r.scenario == s && r.target == t);
             let direct = find("direct");
             let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
-            let added = ["sluice", "nginx"]
+            let nginx_cpu = find("nginx").and_then(|r| r.cpu_per_1k);
+            let added = ["sluice", "traced", "nginx"]
                 .into_iter()
                 .filter_map(|p| {
                     let r = find(p)?;
                     let d = direct?;
-                    Some((p, diff(r.lat[0], d.lat[0]), diff(r.lat[2], d.lat[2])))
+                    let ratio = match (r.cpu_per_1k, nginx_cpu) {
+                        (Some(a), Some(b)) if b > 0.0 && p != "nginx" => Some(a / b),
+                        _ => None,
+                    };
+                    Some((p, diff(r.lat[0], d.lat[0]), diff(r.lat[2], d.lat[2]), ratio))
                 })
                 .collect();
-            let ratio = match (
-                find("sluice").and_then(|r| r.cpu_per_1k),
-                find("nginx").and_then(|r| r.cpu_per_1k),
-            ) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
-            (s, added, ratio)
+            (s, added)
         })
         .collect()
 }
@@ -638,21 +700,20 @@ fn text_report(out: &mut String, rows: &[Row]) {
             f(r.rss_mib, 1)
         );
     }
-    for (s, added, ratio) in comparisons(rows) {
+    for (s, added) in comparisons(rows) {
         let mut line = format!("{s}:");
-        for (p, d50, d99) in added {
+        for (p, d50, d99, ratio) in added {
             let _ = write!(
                 line,
-                " {p} adds p50 {} ms, p99 {} ms;",
+                " {p} adds p50 {} ms, p99 {} ms",
                 signed(d50),
                 signed(d99)
             );
+            if let Some(x) = ratio {
+                let _ = write!(line, ", CPU {p}/nginx = {x:.2}x");
+            }
+            line.push(';');
         }
-        let _ = write!(
-            line,
-            " CPU sluice/nginx = {}",
-            ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"))
-        );
         let _ = writeln!(out, "{line}");
     }
 }
@@ -708,16 +769,12 @@ fn markdown_report(out: &mut String, args: &Args, rows: &[Row]) {
     }
     let _ = writeln!(
         out,
-        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | CPU sluice / nginx |"
+        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | CPU proxy / nginx |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
-    for (s, added, ratio) in comparisons(rows) {
-        for (p, d50, d99) in added {
-            let r = if p == "sluice" {
-                ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"))
-            } else {
-                "-".to_string()
-            };
+    for (s, added) in comparisons(rows) {
+        for (p, d50, d99, ratio) in added {
+            let r = ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
             let _ = writeln!(
                 out,
                 "| {s} | {p} | {} | {} | {r} |",

@@ -91,6 +91,11 @@ impl JwtValidator {
         Self::with_clock(settings, fetch, Arc::new(SystemClock::new()))
     }
 
+    /// The settings it checks tokens against.
+    pub fn settings(&self) -> &JwtSettings {
+        &self.inner.settings
+    }
+
     /// A validator reading time from `clock` (tests drive expiry and fetch pacing with a fake clock).
     pub fn with_clock(settings: JwtSettings, fetch: Arc<dyn Fetch>, clock: Arc<dyn Clock>) -> Self {
         let empty = KeySet {

@@ -31,7 +31,8 @@ pub use types::{
     Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, BreakerRule, CallLimit, Config,
     CounterKey, Counters, Credential, Dimension, EmitTokenMetric, FIXED_CREDENTIAL_HEADERS,
     Failover, JwtKeys, Management, Policy, Pool, PoolMember, QuotaPeriod, Server, SimDeployment,
-    SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, TokenLimit, ValidateJwt,
+    SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, TokenLimit, Tracing,
+    ValidateJwt,
 };
 
 /// Loads and validates a configuration file. Relative secret `file:` paths

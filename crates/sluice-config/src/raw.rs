@@ -41,6 +41,21 @@ pub(crate) struct RawManagement {
     pub max_label_values: Option<u64>,
     pub operator_tokens: Option<Vec<Option<RawSecret>>>,
     pub debug_signing_key: Option<RawSecret>,
+    #[serde(default, deserialize_with = "present")]
+    pub entra_id: Option<RawValidateJwt>,
+    #[serde(default, deserialize_with = "present")]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `server.management.tracing`: the trace store and the request summaries.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawTracing {
+    pub max_traces: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub ttl_seconds: Option<u64>,
+    pub body_bytes: Option<u64>,
+    pub redact_headers: Option<Vec<Option<String>>>,
+    pub summaries: Option<u64>,
 }
 
 /// `server.counters`: the in-memory counter store.

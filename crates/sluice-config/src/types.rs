@@ -158,6 +158,45 @@ pub struct Management {
     /// every replica lets each accept the others' credentials. `None` = a
     /// random key made at start.
     pub debug_signing_key: Option<Secret>,
+    /// Entra ID tokens that open the operator endpoints too, checked as
+    /// `validate_jwt` checks them; at least one required role. `None` = only
+    /// `operator_tokens`.
+    pub entra_id: Option<ValidateJwt>,
+    /// Request traces and request summaries.
+    pub tracing: Tracing,
+}
+
+/// `server.management.tracing`: what traced requests keep, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tracing {
+    /// Most finished traces kept (1..=100000, default 1000); the oldest go first.
+    pub max_traces: usize,
+    /// Most memory the kept traces use together (default 64 MiB).
+    pub max_bytes: usize,
+    /// How long a trace is kept after its request ended (60..=86400 s, default 3600 s).
+    pub ttl: Duration,
+    /// Request and response bodies of traced requests are recorded up to this
+    /// many bytes each (0..=1 MiB, default 0: not recorded).
+    pub body_bytes: usize,
+    /// Header names whose values are redacted in traces, on top of the
+    /// credential headers (lowercase).
+    pub redact_headers: Vec<http::HeaderName>,
+    /// Request summaries kept in the ring for `GET /traces` (0..=1000000,
+    /// default 10000; 0 = none kept).
+    pub summaries: usize,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing {
+            max_traces: 1000,
+            max_bytes: 64 * 1024 * 1024,
+            ttl: Duration::from_secs(3600),
+            body_bytes: 0,
+            redact_headers: Vec::new(),
+            summaries: 10_000,
+        }
+    }
 }
 
 /// Default of `Management::max_label_values`.

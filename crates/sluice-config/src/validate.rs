@@ -21,7 +21,7 @@ use crate::parse::{KnownNames, Parsed};
 use crate::problems::Problems;
 use crate::raw::{
     RawApi, RawApiSubscription, RawBackend, RawCounters, RawSecret, RawServer, RawSimulator,
-    RawSubscription, RawTimeouts,
+    RawSubscription, RawTimeouts, RawTracing,
 };
 use crate::types::{
     DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MAX_LABEL_VALUES, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
@@ -29,7 +29,7 @@ use crate::types::{
 };
 use crate::{
     Api, Backend, BackendTarget, BackendUrl, Config, Counters, Management, Secret, Server,
-    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
+    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, Tracing,
 };
 
 pub(crate) const DEFAULT_SERVICE_NAME: &str = "sluice";
@@ -248,6 +248,41 @@ impl Cx<'_, '_> {
         }
     }
 
+    /// `server.management.tracing`.
+    fn tracing(&mut self, raw: Option<RawTracing>) -> Tracing {
+        let raw = raw.unwrap_or_default();
+        let d = Tracing::default();
+        let path = |k: &str| key_path("server.management.tracing", k);
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let max_traces = self.in_range(raw.max_traces, &path("max_traces"), 1, 100_000, 1000);
+        let max_bytes = self.in_range(
+            raw.max_bytes,
+            &path("max_bytes"),
+            64 * 1024,
+            u64::MAX,
+            d.max_bytes as u64,
+        );
+        let ttl = self.in_range(raw.ttl_seconds, &path("ttl_seconds"), 60, 86_400, 3600);
+        let body_bytes = self.in_range(raw.body_bytes, &path("body_bytes"), 0, 1024 * 1024, 0);
+        let summaries = self.in_range(raw.summaries, &path("summaries"), 0, 1_000_000, 10_000);
+        let names = self.string_list(raw.redact_headers, &path("redact_headers"), false);
+        let mut redact_headers = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            let at = format!("{}[{i}]", path("redact_headers"));
+            if let Some(h) = self.header_name(n, &at) {
+                redact_headers.push(h);
+            }
+        }
+        Tracing {
+            max_traces: size(max_traces),
+            max_bytes: size(max_bytes),
+            ttl: Duration::from_secs(ttl),
+            body_bytes: size(body_bytes),
+            redact_headers,
+            summaries: size(summaries),
+        }
+    }
+
     fn positive(&mut self, value: Option<u64>, path: &str, default: u64) -> u64 {
         self.in_range(value, path, 1, u64::MAX, default)
     }
@@ -431,11 +466,26 @@ impl Cx<'_, '_> {
             {
                 self.err(key_path, "the signing key must be at least 32 characters");
             }
+            let entra_id = management.entra_id.map(|raw| {
+                let path = "server.management.entra_id";
+                let roles_missing = raw.required_roles.as_ref().is_none_or(Vec::is_empty);
+                let v = self.validate_jwt(raw, path);
+                if roles_missing {
+                    self.err(
+                        "server.management.entra_id.required_roles",
+                        "list at least one role: an operator token must carry it",
+                    );
+                }
+                v
+            });
+            let tracing = self.tracing(management.tracing);
             Management {
                 listen: addr,
                 max_label_values: usize::try_from(max_label_values).unwrap_or(usize::MAX),
                 operator_tokens,
                 debug_signing_key,
+                entra_id,
+                tracing,
             }
         });
         let trusted_proxies = self.trusted_proxies(raw.trusted_proxies);

@@ -1100,11 +1100,17 @@ fn the_documented_full_example_is_valid() {
     let example = &after[start..start + after[start..].find("```").expect("block end")];
     let env = |name: &str| match name {
         "AOAI_SWEDEN_KEY" | "TEAM_A_SECONDARY" => Some(format!("{name}-value")),
+        "SLUICE_DEBUG_SIGNING_KEY" => Some("a-shared-signing-key-0123456789abcdef".to_string()),
         _ => None,
     };
     let config = load_str_with_env(example, "configuration.md", &root, &env)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(config.server.management.is_some());
+    let management = config.server.management.as_ref().unwrap();
+    assert!(management.entra_id.is_some() && management.debug_signing_key.is_some());
+    assert_eq!(
+        management.tracing.redact_headers[0].as_str(),
+        "x-internal-secret"
+    );
     assert!(config.backends.iter().any(|b| b.auth.is_some()));
     assert_eq!(config.apis[0].policies.len(), 3);
     assert_eq!(config.apis[1].auth, ApiAuth::Jwt);

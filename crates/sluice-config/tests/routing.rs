@@ -345,3 +345,87 @@ fn a_debug_signing_key_must_be_long_enough() {
     let cfg = load_str(&text, "gateway.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.server.management.unwrap().debug_signing_key.is_some());
 }
+
+#[test]
+fn tracing_settings_have_defaults_and_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "server:\n  management:\n    listen: 127.0.0.1:0\n{BACKENDS}apis:\n  - name: a\n    path: /openai\n    backends: [east]\n"
+    );
+    let cfg = load_str(&base, "gateway.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let t = cfg.server.management.unwrap().tracing;
+    assert_eq!(t, sluice_config::Tracing::default());
+    assert_eq!(
+        (t.max_traces, t.ttl.as_secs(), t.body_bytes, t.summaries),
+        (1000, 3600, 0, 10_000)
+    );
+    let text = base.replace(
+        "listen: 127.0.0.1:0\n",
+        "listen: 127.0.0.1:0\n    tracing:\n      max_traces: 5\n      max_bytes: 1048576\n      ttl_seconds: 120\n      body_bytes: 512\n      redact_headers: [X-Secret]\n      summaries: 0\n",
+    );
+    let t = load_str(&text, "gateway.yaml", dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .server
+        .management
+        .unwrap()
+        .tracing;
+    assert_eq!(
+        (
+            t.max_traces,
+            t.max_bytes,
+            t.ttl.as_secs(),
+            t.body_bytes,
+            t.summaries
+        ),
+        (5, 1_048_576, 120, 512, 0)
+    );
+    assert_eq!(t.redact_headers[0].as_str(), "x-secret");
+    let bad = base.replace(
+        "listen: 127.0.0.1:0\n",
+        "listen: 127.0.0.1:0\n    tracing:\n      max_traces: 0\n      max_bytes: 10\n      ttl_seconds: 5\n      body_bytes: 2000000\n      redact_headers: ['bad header', x, x]\n      summaries: 2000000\n      colour: red\n",
+    );
+    let found = load_str(&bad, "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    for key in [
+        "max_traces",
+        "max_bytes",
+        "ttl_seconds",
+        "body_bytes",
+        "summaries",
+        "redact_headers[0]",
+        "redact_headers[2]",
+        "colour",
+    ] {
+        let path = format!("server.management.tracing.{key}");
+        assert!(!message(&found, &path).is_empty(), "{path}: {found:?}");
+    }
+}
+
+#[test]
+fn entra_id_operators_need_a_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "server:\n  management:\n    listen: 127.0.0.1:0\n    entra_id:\n      jwks_url: https://login.example/keys\n      issuers: [https://sts.example/]\n      audiences: [api://sluice-ops]\nROLES{BACKENDS}apis:\n  - name: a\n    path: /openai\n    backends: [east]\n"
+    );
+    let found = load_str(&base.replace("ROLES", ""), "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    assert!(
+        message(&found, "server.management.entra_id.required_roles").contains("at least one"),
+        "{found:?}"
+    );
+    let text = base.replace("ROLES", "      required_roles: [Sluice.Operator]\n");
+    let cfg = load_str(&text, "gateway.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let e = cfg.server.management.unwrap().entra_id.unwrap();
+    assert_eq!(e.required_roles, ["Sluice.Operator"]);
+    assert_eq!(e.audiences, ["api://sluice-ops"]);
+    let found = load_str(
+        &text.replace("      jwks_url: https://login.example/keys\n", ""),
+        "gateway.yaml",
+        dir.path(),
+    )
+    .unwrap_err()
+    .problems;
+    assert!(!message(&found, "server.management.entra_id").is_empty());
+}

@@ -146,9 +146,38 @@ pub struct RequestContext {
     /// What the request holds of the gateway's body-buffer budget, given
     /// back when the context drops. Written when the body is read.
     pub body_hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// What this request did, step by step, when it carries a valid debug
+    /// credential (`Apim-Debug-Authorization`); `None` (the usual case)
+    /// records nothing. Written by every step that decides something; read
+    /// when the exchange ends, to store the trace.
+    pub trace: Option<Box<sluice_trace::record::Recorder>>,
+    /// The traced request's id (`Apim-Trace-Id`). Written when tracing
+    /// starts; read by the response steps and the summary.
+    pub trace_id: Option<Box<str>>,
+    /// The header that says why a debug credential did not open tracing
+    /// (`Apim-Debug-Authorization-Expired` / `-WrongAPI`) and its value.
+    /// Written when the credential is checked; read by every response.
+    pub trace_note: Option<(&'static str, String)>,
+    /// What the traced response's body did as it passed. Written by the
+    /// response body step of a traced request; read when the trace is stored.
+    pub tally: Option<Box<sluice_trace::record::Tally>>,
 }
 
 impl RequestContext {
+    /// Record a step of a traced request; `data` is only built when the
+    /// request is traced.
+    #[inline]
+    pub fn trace(
+        &mut self,
+        section: sluice_trace::Section,
+        source: &'static str,
+        data: impl FnOnce() -> sluice_trace::record::Val,
+    ) {
+        if let Some(t) = self.trace.as_mut() {
+            t.add(section, source, data());
+        }
+    }
+
     /// Who the caller is for limits and metrics: `subscription:<name>`, else
     /// the JWT's `app:<appid/azp>`, else `sub:<subject>`.
     pub fn identity(&self) -> Option<String> {
@@ -198,6 +227,10 @@ impl Default for RequestContext {
             in_flight: None,
             routing: crate::selection::Routing::default(),
             body_hold: None,
+            trace: None,
+            trace_id: None,
+            trace_note: None,
+            tally: None,
         }
     }
 }

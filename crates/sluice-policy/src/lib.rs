@@ -16,7 +16,7 @@ pub mod subscription;
 pub use context::{BodyMode, RequestContext};
 pub use error::GatewayError;
 pub use metrics::TokenMetrics;
-pub use pipeline::{ApiPipeline, InboundRequest, Shared};
+pub use pipeline::{ApiPipeline, InboundRequest, Shared, jwt_validator};
 pub use route::{ApiRouter, MatchedApi};
 pub use selection::{After, Attempt, BackendSelector, Routing};
 pub use stream_tag::{StreamProbe, stream_flag};

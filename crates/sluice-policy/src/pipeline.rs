@@ -26,6 +26,9 @@ use sluice_limits::{
 };
 use sluice_tokens::{Operation, UsageScanner, encoding_for_model, estimate_request};
 
+use sluice_trace::Section;
+use sluice_trace::record::Val;
+
 use crate::context::{RequestContext, TokenCharge};
 use crate::error::GatewayError;
 use crate::metrics::TokenMetrics;
@@ -120,23 +123,7 @@ impl ApiPipeline {
         for p in &api.policies {
             match p {
                 Policy::ValidateJwt(v) => {
-                    let validator = Arc::new(JwtValidator::new(
-                        JwtSettings {
-                            keys_source: match &v.keys {
-                                JwtKeys::OpenIdConfiguration(u) => {
-                                    KeysSource::OpenIdConfiguration(u.clone())
-                                }
-                                JwtKeys::Jwks(u) => KeysSource::Jwks(u.clone()),
-                            },
-                            issuers: v.issuers.clone(),
-                            audiences: v.audiences.clone(),
-                            client_application_ids: v.client_application_ids.clone(),
-                            required_roles: v.required_roles.clone(),
-                            clock_skew: v.clock_skew,
-                            refetch_min_interval: Duration::from_secs(30),
-                        },
-                        fetch.clone(),
-                    ));
+                    let validator = Arc::new(jwt_validator(v, fetch.clone()));
                     jwt = Some(validator.clone());
                     steps.push(Step::Jwt(validator));
                 }
@@ -291,15 +278,40 @@ impl ApiPipeline {
                     .headers
                     .get(http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok());
-                ctx.caller = Some(v.validate(auth).await.map_err(|e| jwt_error(&e))?);
-                Ok(())
+                match v.validate(auth).await {
+                    Ok(caller) => {
+                        ctx.trace(Section::Inbound, "validate-jwt", || {
+                            jwt_accepted(v.settings(), &caller)
+                        });
+                        ctx.caller = Some(caller);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        ctx.trace(Section::Inbound, "validate-jwt", || {
+                            Val::obj([
+                                ("message", Val::from(e.message())),
+                                ("result", "refused".into()),
+                            ])
+                        });
+                        Err(jwt_error(&e))
+                    }
+                }
             }
             Step::Metric(_) => Ok(()),
             Step::Calls { limit, key, quota } => {
                 let k = counter_key(key, req, ctx, if *quota { "quota" } else { "calls" });
+                let source = if *quota { "quota" } else { "rate-limit" };
                 match shared.store.reserve(&k, limit, 1).await {
-                    Ok(_) => Ok(()),
+                    Ok(r) => {
+                        ctx.trace(Section::Inbound, source, || {
+                            limit_trace(&k, limit, "accepted", Some(r.remaining()), None)
+                        });
+                        Ok(())
+                    }
                     Err(ex) => {
+                        ctx.trace(Section::Inbound, source, || {
+                            limit_trace(&k, limit, "refused", None, Some(ex.retry_after))
+                        });
                         let secs = retry_after_secs(ex.retry_after).to_string();
                         Err(if *quota {
                             GatewayError::new(403, call_quota_message(ex.retry_after))
@@ -329,10 +341,27 @@ impl ApiPipeline {
                 .check(&self.api.name, settings, req.headers, req.query)
             {
                 Ok(sub) => {
+                    ctx.trace(Section::Inbound, "subscription-key", || match &sub {
+                        Some(m) => Val::obj([
+                            ("message", "The subscription key was accepted.".into()),
+                            ("subscription", Val::from(m.name.to_string())),
+                            ("key", Val::from(m.slot.label())),
+                        ]),
+                        None => "No subscription key is required for this API.".into(),
+                    });
                     ctx.subscription = sub;
                     Ok(())
                 }
-                Err(e) => Err(e.response(&realm(), settings)),
+                Err(e) => {
+                    let answer = e.response(&realm(), settings);
+                    ctx.trace(Section::Inbound, "subscription-key", || {
+                        Val::obj([
+                            ("message", Val::from(answer.message.to_string())),
+                            ("result", "refused".into()),
+                        ])
+                    });
+                    Err(answer)
+                }
             }
         };
         match self.api.auth {
@@ -342,6 +371,9 @@ impl ApiPipeline {
                 if extract_key(settings, req.headers, req.query).is_some() {
                     check(ctx)
                 } else {
+                    ctx.trace(Section::Inbound, "subscription-key", || {
+                        "No subscription key: the caller must present a JWT.".into()
+                    });
                     Ok(())
                 }
             }
@@ -386,10 +418,28 @@ impl ApiPipeline {
             tpm: None,
             quota: None,
         };
+        let estimated = ctx.estimate.as_ref().map(|e| e.prompt_tokens);
+        ctx.trace(Section::Inbound, "llm-token-limit", || {
+            Val::obj([
+                ("message", "Tokens were estimated for the request.".into()),
+                ("counterKey", Val::from(key.clone())),
+                ("estimatedPromptTokens", Val::from(estimated)),
+                ("promptTokensCharged", prompt.into()),
+                ("tokensReserved", amount.into()),
+            ])
+        });
         if let Some(limit) = tpm {
             match shared.store.reserve(&key, limit, amount).await {
-                Ok(r) => charge.tpm = Some(r),
+                Ok(r) => {
+                    ctx.trace(Section::Inbound, "llm-token-limit", || {
+                        limit_trace(&key, limit, "accepted", Some(r.remaining()), None)
+                    });
+                    charge.tpm = Some(r);
+                }
                 Err(ex) => {
+                    ctx.trace(Section::Inbound, "llm-token-limit", || {
+                        limit_trace(&key, limit, "refused", None, Some(ex.retry_after))
+                    });
                     return Err(GatewayError::new(429, token_limit_message(ex.retry_after))
                         .with_header_name(
                             cfg.retry_after_header_name.clone(),
@@ -400,8 +450,16 @@ impl ApiPipeline {
         }
         if let Some(limit) = quota {
             match shared.store.reserve(&key, limit, amount).await {
-                Ok(r) => charge.quota = Some(r),
+                Ok(r) => {
+                    ctx.trace(Section::Inbound, "llm-token-limit", || {
+                        limit_trace(&key, limit, "accepted", Some(r.remaining()), None)
+                    });
+                    charge.quota = Some(r);
+                }
                 Err(ex) => {
+                    ctx.trace(Section::Inbound, "llm-token-limit", || {
+                        limit_trace(&key, limit, "refused", None, Some(ex.retry_after))
+                    });
                     if let Some(r) = &charge.tpm {
                         shared.store.reconcile(r, 0).await;
                     }
@@ -470,6 +528,22 @@ impl ApiPipeline {
         let usage = ctx.usage_scanner.as_mut().and_then(UsageScanner::finish);
         ctx.usage = usage.map(|(u, _)| u);
         let answered_ok = (200..300).contains(&ctx.upstream_status);
+        if ctx.trace.is_some() {
+            let data = match (&usage, answered_ok) {
+                (Some((u, source)), _) => Val::obj([
+                    ("message", "Token usage of the response.".into()),
+                    ("source", Val::from(format!("{source:?}").to_lowercase())),
+                    ("promptTokens", u.prompt_tokens.into()),
+                    ("completionTokens", u.completion_tokens.into()),
+                    ("totalTokens", u.total_tokens.into()),
+                ]),
+                (None, true) => {
+                    "The response reported no usage: the reservation is kept as the charge.".into()
+                }
+                (None, false) => "The call failed: no tokens are charged.".into(),
+            };
+            ctx.trace(Section::Outbound, "llm-token-usage", || data);
+        }
         for charge in std::mem::take(&mut ctx.token_charges) {
             // Reported/counted tokens; a failed or refused call consumed
             // none; a success whose usage is unknown keeps its reservation.
@@ -546,6 +620,94 @@ impl ApiPipeline {
             _ => Vec::new(),
         })
     }
+}
+
+/// A validator for `validate_jwt` settings (also used for the management
+/// listener's Entra ID operators).
+pub fn jwt_validator(v: &sluice_config::ValidateJwt, fetch: Arc<dyn Fetch>) -> JwtValidator {
+    JwtValidator::new(
+        JwtSettings {
+            keys_source: match &v.keys {
+                JwtKeys::OpenIdConfiguration(u) => KeysSource::OpenIdConfiguration(u.clone()),
+                JwtKeys::Jwks(u) => KeysSource::Jwks(u.clone()),
+            },
+            issuers: v.issuers.clone(),
+            audiences: v.audiences.clone(),
+            client_application_ids: v.client_application_ids.clone(),
+            required_roles: v.required_roles.clone(),
+            clock_skew: v.clock_skew,
+            refetch_min_interval: Duration::from_secs(30),
+        },
+        fetch,
+    )
+}
+
+/// A limit's decision, for a trace.
+fn limit_trace(
+    key: &str,
+    limit: &Limit,
+    result: &'static str,
+    remaining: Option<u64>,
+    retry_after: Option<Duration>,
+) -> Val {
+    let window = match limit.window {
+        Window::Sliding(d) => format!("{} s sliding", d.as_secs()),
+        Window::Fixed(d) => format!("{} s fixed", d.as_secs()),
+        Window::Calendar(p) => format!("{p:?}").to_lowercase(),
+    };
+    Val::obj([
+        ("counterKey", Val::from(key.to_string())),
+        ("limit", limit.limit.into()),
+        ("window", window.into()),
+        ("result", result.into()),
+        ("remaining", remaining.into()),
+        (
+            "retryAfterSeconds",
+            retry_after.map(retry_after_secs).into(),
+        ),
+    ])
+}
+
+/// An accepted JWT, for a trace: what was checked and who the caller is
+/// (never the token itself).
+fn jwt_accepted(settings: &JwtSettings, caller: &sluice_auth::Caller) -> Val {
+    let roles = caller
+        .claims
+        .get("roles")
+        .and_then(|r| r.as_array())
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x.as_str().map(|s| Val::from(s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let claim = |n: &str| {
+        Val::from(
+            caller
+                .claims
+                .get(n)
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        )
+    };
+    Val::obj([
+        ("message", "The JWT was validated.".into()),
+        ("issuer", claim("iss")),
+        ("audience", claim("aud")),
+        ("subject", Val::from(caller.subject.clone())),
+        ("appId", Val::from(caller.app_id.clone())),
+        ("roles", Val::Arr(roles)),
+        (
+            "requiredRoles",
+            Val::Arr(
+                settings
+                    .required_roles
+                    .iter()
+                    .map(|r| Val::from(r.clone()))
+                    .collect(),
+            ),
+        ),
+    ])
 }
 
 /// Bodies larger than this are tokenized on the blocking pool, off the
@@ -813,6 +975,155 @@ mod tests {
             window: Window::Sliding(Duration::from_secs(60)),
         };
         assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 35);
+    }
+
+    /// The entries a traced context recorded: (section, source, data).
+    fn recorded(ctx: &RequestContext) -> Vec<(String, serde_json::Value)> {
+        let t = ctx.trace.as_ref().expect("traced").to_trace("s", "id");
+        let v = serde_json::to_value(&t).unwrap();
+        let mut out = Vec::new();
+        for section in ["inbound", "backend", "outbound", "on-error"] {
+            for e in v["traceEntries"][section].as_array().into_iter().flatten() {
+                out.push((
+                    format!("{section}/{}", e["source"].as_str().unwrap()),
+                    e["data"].clone(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn traced() -> RequestContext {
+        RequestContext {
+            trace: Some(Box::new(sluice_trace::record::Recorder::new(
+                std::time::Instant::now(),
+            ))),
+            ..RequestContext::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_traced_request_records_each_decision() {
+        let (p, shared, _) = setup(
+            "      - rate_limit: {calls: 5, renewal_period_seconds: 60, counter_key: subscription}\n\
+             \x20     - quota: {calls: 9, renewal_period_seconds: 3600, counter_key: subscription}\n\
+             \x20     - token_limit: {counter_key: subscription, tokens_per_minute: 1000, token_quota: 5000, token_quota_period: daily, estimate_prompt_tokens: true}\n",
+        );
+        let h = headers(&[("api-key", "key-a")]);
+        let body = br#"{"messages":[{"role":"user","content":"Hello there!"}],"max_tokens":40}"#;
+        let mut ctx = traced();
+        p.inbound(&request(&h, Some(body)), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(
+            &mut ctx,
+            br#"{"usage":{"prompt_tokens":10,"completion_tokens":25,"total_tokens":35}}"#,
+        );
+        p.finish(&mut ctx, &shared, Some("b")).await;
+        let r = recorded(&ctx);
+        let names: Vec<&str> = r.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "inbound/subscription-key",
+                "inbound/rate-limit",
+                "inbound/quota",
+                "inbound/llm-token-limit",
+                "inbound/llm-token-limit",
+                "inbound/llm-token-limit",
+                "outbound/llm-token-usage",
+            ]
+        );
+        assert_eq!(r[0].1["subscription"], "team-a");
+        assert_eq!(r[0].1["key"], "primary");
+        let rate = &r[1].1;
+        assert_eq!(
+            (&rate["result"], &rate["limit"], &rate["remaining"]),
+            (&"accepted".into(), &5.into(), &4.into())
+        );
+        assert_eq!(rate["window"], "60 s sliding");
+        assert_eq!(rate["counterKey"], "calls|sub:team-a");
+        assert_eq!(r[2].1["window"], "3600 s fixed");
+        assert_eq!(r[3].1["estimatedPromptTokens"], 10);
+        assert_eq!(r[3].1["promptTokensCharged"], 10);
+        assert_eq!(r[3].1["tokensReserved"], 50);
+        assert_eq!(r[4].1["remaining"], 950);
+        assert_eq!(r[4].1["window"], "60 s sliding");
+        assert_eq!(r[5].1["window"], "daily");
+        assert_eq!(r[5].1["remaining"], 4950);
+        let usage = &r[6].1;
+        assert_eq!(
+            (&usage["totalTokens"], &usage["source"]),
+            (&35.into(), &"reported".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_traced_refusal_says_why() {
+        let (p, shared, _) = setup(
+            "      - rate_limit: {calls: 1, renewal_period_seconds: 60, counter_key: subscription}\n",
+        );
+        let h = headers(&[("api-key", "key-a")]);
+        let mut ctx = traced();
+        p.inbound(&request(&h, None), &mut ctx, &shared)
+            .await
+            .unwrap();
+        let mut ctx = traced();
+        let err = p
+            .inbound(&request(&h, None), &mut ctx, &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 429);
+        let r = recorded(&ctx);
+        assert_eq!(r[1].0, "inbound/rate-limit");
+        assert_eq!(r[1].1["result"], "refused");
+        assert_eq!(r[1].1["remaining"], serde_json::Value::Null);
+        assert!(r[1].1["retryAfterSeconds"].as_u64().unwrap() > 0);
+        // A wrong key: the refusal, and never the key.
+        let h = headers(&[("api-key", "wrong-key-123")]);
+        let mut ctx = traced();
+        p.inbound(&request(&h, None), &mut ctx, &shared)
+            .await
+            .unwrap_err();
+        let r = recorded(&ctx);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1["result"], "refused");
+        assert!(
+            r[0].1["message"]
+                .as_str()
+                .unwrap()
+                .contains("invalid subscription key")
+        );
+        assert!(!format!("{r:?}").contains("wrong-key-123"));
+        // A failed call is charged nothing, and says so.
+        let (p, shared, _) =
+            setup("      - token_limit: {counter_key: subscription, tokens_per_minute: 100000}\n");
+        let h = headers(&[("api-key", "key-a")]);
+        let mut ctx = traced();
+        p.inbound(&request(&h, Some(b"{}")), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 500, None, None);
+        p.finish(&mut ctx, &shared, None).await;
+        let last = recorded(&ctx).pop().unwrap();
+        assert_eq!(last.1, "The call failed: no tokens are charged.");
+        // A success without usage keeps the reservation.
+        let mut ctx = traced();
+        p.inbound(&request(&h, Some(b"{}")), &mut ctx, &shared)
+            .await
+            .unwrap();
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(&mut ctx, b"{}");
+        p.finish(&mut ctx, &shared, None).await;
+        let last = recorded(&ctx).pop().unwrap();
+        assert!(last.1.as_str().unwrap().contains("reservation is kept"));
+        // Untraced, nothing is recorded and nothing is built.
+        let mut ctx = RequestContext::default();
+        p.inbound(&request(&h, Some(b"{}")), &mut ctx, &shared)
+            .await
+            .unwrap();
+        assert!(ctx.trace.is_none());
     }
 
     #[tokio::test]

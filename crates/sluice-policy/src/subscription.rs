@@ -27,6 +27,16 @@ pub enum KeySlot {
     Secondary,
 }
 
+impl KeySlot {
+    /// `primary` or `secondary`.
+    pub fn label(self) -> &'static str {
+        match self {
+            KeySlot::Primary => "primary",
+            KeySlot::Secondary => "secondary",
+        }
+    }
+}
+
 /// The caller's subscription, as the later steps (limits, metrics) key on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionMatch {

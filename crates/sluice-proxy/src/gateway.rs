@@ -249,6 +249,22 @@ fn sensitive(value: &str) -> Result<http::HeaderValue> {
 }
 
 impl Gateway {
+    /// Answer with a gateway-made response, which a traced request records
+    /// (`on-error`) and which carries the trace's header.
+    pub(crate) async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        err: &GatewayError,
+        continued: bool,
+    ) -> Result<()> {
+        if ctx.trace.is_none() && ctx.trace_note.is_none() {
+            return respond(session, err, continued).await;
+        }
+        let err = self.traced_answer(ctx, err);
+        respond(session, &err, continued).await
+    }
+
     /// The client's address: the TCP peer, or, when the peer is a trusted
     /// proxy (`server.trusted_proxies`), the right-most `X-Forwarded-For`
     /// address that is not itself a trusted proxy.
@@ -439,7 +455,7 @@ impl Gateway {
         &self,
         session: &Session,
         upstream: &mut RequestHeader,
-        ctx: &RequestContext,
+        ctx: &mut RequestContext,
     ) -> Result<()> {
         let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
             return Err(Error::explain(
@@ -499,6 +515,7 @@ impl Gateway {
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }
+        self.trace_forward(ctx, upstream);
         Ok(())
     }
 
@@ -568,13 +585,15 @@ impl ProxyHttp for Gateway {
         let api_index = m.index;
         ctx.api = Some(api_index);
         ctx.rest_offset = rest_offset;
+        self.begin_trace(session, ctx, api_index);
         let api = self.state.apis[api_index].config();
 
         // A declared body over the limit is refused before anything else.
         let limit = api.max_request_body_bytes;
         let content_length = content_length(session);
         if content_length.is_some_and(|n| n > limit) {
-            respond(session, &GatewayError::body_too_large(limit), false).await?;
+            self.refuse(session, ctx, &GatewayError::body_too_large(limit), false)
+                .await?;
             return Ok(true);
         }
         let client_ip = self.client_ip(session);
@@ -590,7 +609,7 @@ impl ProxyHttp for Gateway {
                 .await
         };
         if let Err(e) = verdict {
-            respond(session, &e, false).await?;
+            self.refuse(session, ctx, &e, false).await?;
             return Ok(true);
         }
 
@@ -615,7 +634,7 @@ impl ProxyHttp for Gateway {
                 match self.preread_body(session, ctx, limit, true).await? {
                     Ok(b) => body = Some(b),
                     Err(e) => {
-                        respond(session, &e, ctx.continue_sent).await?;
+                        self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
                 }
@@ -635,7 +654,7 @@ impl ProxyHttp for Gateway {
                             body = Some(b);
                         }
                         Err(e) => {
-                            respond(session, &e, ctx.continue_sent).await?;
+                            self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                             return Ok(true);
                         }
                     },
@@ -647,8 +666,12 @@ impl ProxyHttp for Gateway {
             }
             _ => {}
         }
+        if ctx.trace.is_some()
+            && let Some(b) = &body
+        {
+            self.trace_request_body(ctx, b);
+        }
 
-        // The API's remaining policies, which may need the body.
         // The API's remaining policies, which need the body. A body that
         // streams to the backend (over 64 KiB, or chunked) has them run at its
         // end, from a copy, before its last bytes are released.
@@ -665,7 +688,7 @@ impl ProxyHttp for Gateway {
             };
             if let Err(e) = verdict {
                 // Reservations made before the refusal are returned at `logging`.
-                respond(session, &e, ctx.continue_sent).await?;
+                self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                 return Ok(true);
             }
         }
@@ -838,6 +861,7 @@ impl ProxyHttp for Gateway {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
+        self.trace_backend_head(ctx, upstream_response);
         let replayable = replayable_now(session, ctx);
         let headers = &upstream_response.headers;
         let get = |n: &str| {
@@ -914,6 +938,10 @@ impl ProxyHttp for Gateway {
                 region.as_deref(),
             );
         }
+        if let Some((name, value)) = Self::trace_headers(ctx) {
+            upstream_response.insert_header(name, value)?;
+        }
+        self.trace_response(ctx, upstream_response);
         Ok(())
     }
 
@@ -1015,6 +1043,7 @@ impl ProxyHttp for Gateway {
         } else {
             match self.error_for(e, ctx) {
                 Some(err) => {
+                    let err = self.traced_answer(ctx, &err);
                     if respond(session, &err, ctx.continue_sent).await.is_err() {
                         tracing::debug!("could not write the error response");
                     }
@@ -1044,6 +1073,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<Duration>> {
         if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
             self.state.apis[api].pipeline.response_chunk(ctx, b);
+            if let Some(t) = ctx.tally.as_mut() {
+                t.feed(b);
+            }
         }
         Ok(None)
     }
@@ -1062,6 +1094,7 @@ impl ProxyHttp for Gateway {
             .filter(|r| !r.status.is_informational())
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        self.end_trace(session, ctx, status);
         tracing::debug!(
             target: "sluice::access",
             method = %session.req_header().method,

@@ -7,6 +7,7 @@ mod management;
 mod relay;
 mod server;
 mod state;
+mod traces;
 
 pub use gateway::Gateway;
 pub use server::{

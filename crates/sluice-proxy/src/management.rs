@@ -15,7 +15,23 @@ use sha2::{Digest, Sha256};
 use sluice_policy::error::GatewayError;
 use subtle::ConstantTimeEq;
 
+use sluice_auth::JwtError;
+use sluice_trace::store::Lookup;
+use sluice_trace::summary::{SummaryFilter, summary_json};
+
 use crate::state::GatewayState;
+
+/// The trace viewer: a static page, its script and its style.
+const VIEWER_HTML: &str = include_str!("../assets/viewer.html");
+const VIEWER_JS: &str = include_str!("../assets/viewer.js");
+const VIEWER_CSS: &str = include_str!("../assets/viewer.css");
+
+/// The viewer's Content-Security-Policy: only its own script, style and
+/// API calls; nothing inline, nothing framed.
+const VIEWER_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// How long `listTrace` waits for a trace whose request is still running.
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Answers management requests.
 #[derive(Debug)]
@@ -38,25 +54,65 @@ impl ManagementApp {
     /// Whether the request carries `Authorization: Bearer <an operator
     /// token>`. Digests are compared in constant time, and every token is
     /// compared, so timing says nothing about which (if any) matched.
-    fn is_operator(&self, req: &pingora::http::RequestHeader) -> bool {
-        let Some(token) = req
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-        else {
-            return false;
-        };
+    fn is_operator(&self, token: &str) -> bool {
         let d = digest(token);
         self.operators
             .iter()
             .fold(subtle::Choice::from(0), |found, op| found | op.ct_eq(&d))
             .into()
     }
+
+    /// Who may use the operator endpoints: a configured operator token, or
+    /// (with `server.management.entra_id`) an Entra ID token that passes
+    /// `validate_jwt`'s checks and carries the required roles.
+    async fn access(&self, req: &pingora::http::RequestHeader) -> Access {
+        let header = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(token) = header
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+        else {
+            return Access::Unauthorized(if header.is_some() {
+                "The Authorization header must be 'Bearer <token>'."
+            } else if self.operators.is_empty() && self.state.operator_jwt.is_none() {
+                "Operator endpoints are closed: no operator token is configured (server.management.operator_tokens)."
+            } else {
+                "An operator token is required: send Authorization: Bearer <token>."
+            });
+        };
+        if self.is_operator(token) {
+            return Access::Granted;
+        }
+        let Some(validator) = &self.state.operator_jwt else {
+            return Access::Unauthorized("The operator token is not valid.");
+        };
+        match validator.validate(header).await {
+            Ok(_) => Access::Granted,
+            Err(e @ (JwtError::MissingRole | JwtError::AppNotAllowed)) => {
+                Access::Forbidden(e.message())
+            }
+            Err(JwtError::KeysUnavailable) => Access::Unavailable,
+            Err(JwtError::Malformed) => Access::Unauthorized("The operator token is not valid."),
+            Err(e) => Access::Unauthorized(e.message()),
+        }
+    }
+}
+
+/// Whether a management request may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Granted,
+    /// No valid credential: 401.
+    Unauthorized(&'static str),
+    /// A valid Entra ID token without the operator role: 403.
+    Forbidden(&'static str),
+    /// Entra ID keys cannot be fetched: 503.
+    Unavailable,
 }
 
 /// `{prefix}/gateways/{gateway}/{action}`: any prefix, so APIM's own URLs
@@ -151,6 +207,120 @@ impl ManagementApp {
     }
 }
 
+impl ManagementApp {
+    /// APIM's `listTrace`: `{"traceId": ...}` -> the trace.
+    async fn list_trace(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let bad = |m: &str| management_error(400, "ValidationError", m);
+        let Some(body) = read_body(session).await else {
+            return bad("The request body is too large.");
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return bad("The request body must be a JSON object with 'traceId'.");
+        };
+        match v.get("traceId").and_then(|t| t.as_str()) {
+            Some(id) if !id.trim().is_empty() => self.trace_by_id(id.trim()).await,
+            _ => bad("'traceId' is required: the value of the Apim-Trace-Id response header."),
+        }
+    }
+
+    /// The trace with this id, built now from what its request recorded.
+    async fn trace_by_id(&self, id: &str) -> Response<Vec<u8>> {
+        let traces = &self.state.traces;
+        let lookup = traces
+            .store
+            .get_waiting(id, PENDING_WAIT, || traces.now())
+            .await;
+        match lookup {
+            Lookup::Found(rec) => {
+                let trace = rec.to_trace(&self.state.service_name, id);
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::to_vec(&trace).unwrap_or_default(),
+                )
+            }
+            Lookup::Pending => management_error(
+                409,
+                "TraceInProgress",
+                &format!(
+                    "The request traced as '{id}' is still running; its trace is complete when its response ends. Ask again then."
+                ),
+            ),
+            Lookup::Unknown => management_error(
+                404,
+                "NotFound",
+                &format!(
+                    "Trace '{id}' was not found: it may never have existed, or it expired or was evicted from the trace store."
+                ),
+            ),
+        }
+    }
+
+    /// `GET /traces?...`: recent request summaries, newest first.
+    fn summaries(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let filter = match SummaryFilter::parse(query, std::time::SystemTime::now()) {
+            Ok(f) => f,
+            Err(m) => return management_error(400, "ValidationError", &m),
+        };
+        let traces = &self.state.traces;
+        let list: Vec<serde_json::Value> =
+            traces.ring.list(&filter).iter().map(summary_json).collect();
+        let stats = traces.store.stats();
+        let body = serde_json::json!({
+            "summaries": list,
+            "ringCapacity": traces.ring.capacity(),
+            "store": {
+                "traces": stats.traces,
+                "bytes": stats.bytes,
+                "pending": stats.pending,
+                "evicted": stats.evicted,
+                "rejected": stats.rejected,
+            },
+        });
+        reply(
+            200,
+            "application/json",
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+    }
+}
+
+/// The viewer file a path names: (content type, text).
+fn viewer_asset(path: &str) -> Option<(&'static str, &'static str)> {
+    match path {
+        "/viewer" | "/viewer/" => Some(("text/html; charset=utf-8", VIEWER_HTML)),
+        "/viewer/app.js" => Some(("text/javascript; charset=utf-8", VIEWER_JS)),
+        "/viewer/app.css" => Some(("text/css; charset=utf-8", VIEWER_CSS)),
+        p => p
+            .strip_prefix("/viewer/traces/")
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .map(|_| ("text/html; charset=utf-8", VIEWER_HTML)),
+    }
+}
+
+/// A viewer file, with its strict Content-Security-Policy.
+fn viewer_reply(content_type: &str, text: &str) -> Response<Vec<u8>> {
+    let mut r = reply(200, content_type, text.as_bytes().to_vec());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(VIEWER_CSP),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::REFERRER_POLICY,
+        http::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -184,21 +354,51 @@ impl ServeHttp for ManagementApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let get = req.method == http::Method::GET;
-        let open = matches!(req.uri.path(), "/metrics" | "/health");
-        if !open && !self.is_operator(req) {
-            // A subscription key never opens these endpoints.
-            let message = if self.operators.is_empty() {
-                "Operator endpoints are closed: no operator token is configured (server.management.operator_tokens)."
-            } else if req.headers.contains_key(http::header::AUTHORIZATION) {
-                "The operator token is not valid."
-            } else {
-                "An operator token is required: send Authorization: Bearer <token>."
-            };
-            return unauthorized(message);
+        if get && let Some((content_type, text)) = viewer_asset(req.uri.path()) {
+            // The page holds no data: it asks for a token and sends it.
+            return viewer_reply(content_type, text);
         }
+        if get && req.uri.path() == "/favicon.ico" {
+            // Browsers ask for it on their own; answered without a token.
+            return reply(404, "application/json", GatewayError::not_found().body());
+        }
+        let open = matches!(req.uri.path(), "/metrics" | "/health");
+        if !open {
+            // A subscription key never opens these endpoints.
+            match self.access(req).await {
+                Access::Granted => {}
+                Access::Unauthorized(m) => return unauthorized(m),
+                Access::Forbidden(m) => {
+                    return management_error(
+                        403,
+                        "Forbidden",
+                        &format!(
+                            "{m} Operators need every role in server.management.entra_id.required_roles."
+                        ),
+                    );
+                }
+                Access::Unavailable => {
+                    return management_error(
+                        503,
+                        "ServiceUnavailable",
+                        "Entra ID signing keys are unavailable; try again shortly.",
+                    );
+                }
+            }
+        }
+        let req = session.req_header();
         let path = req.uri.path().to_string();
         if req.method == http::Method::POST && is_gateway_action(&path, "listDebugCredentials") {
             return self.list_debug_credentials(session).await;
+        }
+        if req.method == http::Method::POST && is_gateway_action(&path, "listTrace") {
+            return self.list_trace(session).await;
+        }
+        if get && (path == "/traces" || path == "/traces/") {
+            return self.summaries(req.uri.query());
+        }
+        if get && let Some(id) = path.strip_prefix("/traces/") {
+            return self.trace_by_id(id).await;
         }
         let req = session.req_header();
         match req.uri.path() {
@@ -232,6 +432,31 @@ impl ServeHttp for ManagementApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn viewer_paths() {
+        assert_eq!(
+            viewer_asset("/viewer").map(|a| a.0),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(
+            viewer_asset("/viewer/").map(|a| a.0),
+            Some("text/html; charset=utf-8")
+        );
+        assert!(viewer_asset("/viewer/traces/abc").is_some());
+        assert_eq!(
+            viewer_asset("/viewer/app.js").map(|a| a.0),
+            Some("text/javascript; charset=utf-8")
+        );
+        assert_eq!(
+            viewer_asset("/viewer/app.css").map(|a| a.0),
+            Some("text/css; charset=utf-8")
+        );
+        assert!(viewer_asset("/viewer/traces/").is_none());
+        assert!(viewer_asset("/viewer/other").is_none());
+        assert!(viewer_asset("/viewerx").is_none());
+        assert!(viewer_asset("/traces").is_none());
+    }
 
     #[test]
     fn gateway_actions_take_any_prefix() {

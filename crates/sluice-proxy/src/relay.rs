@@ -21,7 +21,7 @@ use pingora::{Error, ErrorType};
 use sluice_policy::{After, RequestContext};
 use sluice_routing::Outcome;
 
-use crate::gateway::{Gateway, connect_outcome, outcome_of, respond, routing_header};
+use crate::gateway::{Gateway, connect_outcome, outcome_of, routing_header};
 
 /// Hop-by-hop request headers that are not forwarded on a relayed attempt
 /// (pingora's own path drops them as well).
@@ -58,7 +58,10 @@ impl Gateway {
         loop {
             let backend = match selector.next_backend(ctx) {
                 Ok(b) => b,
-                Err(refusal) => return respond(session, &refusal, ctx.continue_sent).await,
+                Err(refusal) => {
+                    let continued = ctx.continue_sent;
+                    return self.refuse(session, ctx, &refusal, continued).await;
+                }
             };
             let peer = match self.peer_for(ctx, backend).await {
                 Ok(p) => p,
@@ -116,6 +119,7 @@ impl Gateway {
                     }
                 }
                 Sent::Head(mut head) => {
+                    self.trace_backend_head(ctx, &head);
                     let status = head.status.as_u16();
                     let decision = {
                         let headers = &head.headers;
@@ -133,7 +137,8 @@ impl Gateway {
                         }
                         After::Refuse(r) => {
                             up.shutdown().await;
-                            return respond(session, &r, ctx.continue_sent).await;
+                            let continued = ctx.continue_sent;
+                            return self.refuse(session, ctx, &r, continued).await;
                         }
                         After::Deliver => {}
                     }
@@ -197,7 +202,10 @@ impl Gateway {
     ) -> Option<Result<()>> {
         match after {
             After::Retry => None,
-            After::Refuse(r) => Some(respond(session, &r, ctx.continue_sent).await),
+            After::Refuse(r) => {
+                let continued = ctx.continue_sent;
+                Some(self.refuse(session, ctx, &r, continued).await)
+            }
             After::Deliver => Some(self.answer_error(session, ctx, e).await),
         }
     }
@@ -210,7 +218,10 @@ impl Gateway {
         e: &Error,
     ) -> Result<()> {
         match self.error_for(e, ctx) {
-            Some(err) => respond(session, &err, ctx.continue_sent).await,
+            Some(err) => {
+                let continued = ctx.continue_sent;
+                self.refuse(session, ctx, &err, continued).await
+            }
             None => Err(Error::explain(
                 ErrorType::ConnectionClosed,
                 "the client went away",

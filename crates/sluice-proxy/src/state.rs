@@ -399,6 +399,10 @@ pub struct GatewayState {
     /// Connects to backends for attempts the gateway runs itself (bodies
     /// larger than pingora's retry buffer).
     pub connector: BackendConnector,
+    /// Trace store, request summaries and how traces are written.
+    pub traces: crate::traces::Traces,
+    /// Checks Entra ID operator tokens (`server.management.entra_id`).
+    pub operator_jwt: Option<Arc<sluice_auth::JwtValidator>>,
 }
 
 /// pingora's HTTP connector (it has no `Debug` of its own).
@@ -557,6 +561,14 @@ impl GatewayState {
                 .register(m)
                 .map_err(|e| BuildError(format!("counter metrics: {e}")))?;
         }
+        let traces = crate::traces::Traces::new(cfg, &registry)
+            .map_err(|e| BuildError(format!("traces: {e}")))?;
+        let operator_jwt = cfg
+            .server
+            .management
+            .as_ref()
+            .and_then(|m| m.entra_id.as_ref())
+            .map(|v| Arc::new(sluice_policy::jwt_validator(v, fetch.clone())));
         let shared = Shared {
             subscriptions: Arc::new(SubscriptionIndex::new(&cfg.subscriptions)),
             store: counters.clone(),
@@ -606,6 +618,8 @@ impl GatewayState {
             replay_skipped,
             body_buffer_gauge,
             connector: BackendConnector(pingora::connectors::http::Connector::new(None)),
+            traces,
+            operator_jwt,
         }))
     }
 }

@@ -4,10 +4,14 @@
 //! on-error}}`; each entry is `{source, timestamp, elapsed, data}` with the
 //! timestamp in ISO-8601 UTC (7 fraction digits) and `elapsed` as a .NET
 //! TimeSpan `hh:mm:ss.fffffff` since the gateway received the request.
-//! Recording and the store arrive with the tracing issue; the model and its
-//! wire formats live here so every crate agrees on them.
+//! [`record`] keeps what a traced request did while it runs; [`store`] keeps
+//! finished traces for `listTrace`; [`summary`] keeps one line per request.
+//! The model and its wire formats live here so every crate agrees on them.
 
 pub mod credentials;
+pub mod record;
+pub mod store;
+pub mod summary;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +34,9 @@ pub struct TraceEntry {
     pub source: String,
     pub timestamp: String,
     pub elapsed: String,
-    pub data: serde_json::Value,
+    /// A string or an object; objects keep their keys in the order the
+    /// step wrote them (`message` first, as APIM's do).
+    pub data: record::Val,
 }
 
 /// The entries of one request, by section.
@@ -71,7 +77,7 @@ impl Trace {
         source: &str,
         at: SystemTime,
         elapsed: Duration,
-        data: serde_json::Value,
+        data: record::Val,
     ) {
         let e = TraceEntry {
             source: source.to_string(),
@@ -172,7 +178,7 @@ mod tests {
             "api-inspector",
             UNIX_EPOCH,
             Duration::ZERO,
-            serde_json::json!({"request": {}}),
+            record::Val::obj([("request", record::Val::obj([])), ("b", 1u64.into())]),
         );
         t.push(
             Section::OnError,
@@ -187,6 +193,9 @@ mod tests {
         assert_eq!(v["traceEntries"]["inbound"][0]["source"], "api-inspector");
         assert_eq!(v["traceEntries"]["on-error"][0]["data"], "x");
         assert!(v["traceEntries"].get("backend").is_none());
+        // Keys stay in the order they were written.
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains(r#""data":{"request":{},"b":1}"#), "{text}");
     }
 
     #[test]

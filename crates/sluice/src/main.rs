@@ -280,7 +280,7 @@ fn print_banner(
     if let Some(m) = listeners.management {
         let _ = writeln!(
             out,
-            "sluice: management on http://{m} (/metrics, /health, /backends)"
+            "sluice: management on http://{m} (/metrics, /health, /backends, /traces, trace viewer at /viewer)"
         );
     }
     for api in &cfg.apis {

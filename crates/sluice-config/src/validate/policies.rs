@@ -197,7 +197,7 @@ impl Cx<'_, '_> {
         out
     }
 
-    fn validate_jwt(&mut self, raw: RawValidateJwt, path: &str) -> ValidateJwt {
+    pub(super) fn validate_jwt(&mut self, raw: RawValidateJwt, path: &str) -> ValidateJwt {
         let openid_path = key_path(path, "openid_config_url");
         let jwks_path = key_path(path, "jwks_url");
         let placeholder = JwtKeys::Jwks(String::new());
@@ -256,7 +256,7 @@ impl Cx<'_, '_> {
 
     /// A list of non-empty strings, each listed once. `required` lists must
     /// be present and non-empty.
-    fn string_list(
+    pub(super) fn string_list(
         &mut self,
         raw: Option<Vec<Option<String>>>,
         path: &str,
@@ -641,7 +641,7 @@ impl Cx<'_, '_> {
     }
 
     /// A valid HTTP header name, or a problem at `path`.
-    fn header_name(&mut self, name: &str, path: &str) -> Option<HeaderName> {
+    pub(super) fn header_name(&mut self, name: &str, path: &str) -> Option<HeaderName> {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(name) => Some(name),
             Err(_) => {
