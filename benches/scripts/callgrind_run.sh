@@ -1,8 +1,10 @@
 #!/bin/bash
 # Instructions one gateway run takes for N sequential requests (chat|stream)
 # under callgrind; per request = (run N=1200 - run N=200) / 1000.
-# usage: callgrind_run.sh SLUICE_BIN N chat|stream -> prints the total
-BIN=$1; N=$2; MODE=$3
+# usage: callgrind_run.sh SLUICE_BIN N chat|stream [management] -> prints the total
+# With `management`, the gateway also runs its management listener (which
+# turns on the request summaries every request leaves).
+BIN=$1; N=$2; MODE=$3; MGMT=${4:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$(realpath "$BIN")
 W=$(mktemp -d)
@@ -13,8 +15,10 @@ $BIN sim --listen 127.0.0.1:0 --api-key-file bkey --completion-tokens 16 > sim.o
 SIM=$!
 for i in $(seq 100); do grep -q "listening on" sim.out && break; sleep 0.05; done
 SIMURL=$(grep -o "http://[0-9.:]*" sim.out | head -1)
+MGMT_YAML=""
+[ "$MGMT" = management ] && MGMT_YAML=", management: {listen: 127.0.0.1:0}"
 cat > gw.yaml <<YAML
-server: {listen: 127.0.0.1:0, threads: 1}
+server: {listen: 127.0.0.1:0, threads: 1$MGMT_YAML}
 backends: [{name: b, url: '$SIMURL', api_key: {file: bkey}}]
 subscriptions: [{name: t, primary_key: {file: key}}]
 apis: [{name: a, path: /openai, backends: [b]}]

@@ -227,14 +227,15 @@ apis:
 """
 
 
-def _start_full(d, body_bytes=0):
+def _start_full(d, body_bytes=0, extra_server=""):
     entra = FakeEntra()
     capture = CaptureBackend()
     for name, value in [("operator.token", OPERATOR), ("signing.key", SIGNING), ("a.key", SUB_KEY),
                         ("b.key", OTHER_KEY), ("backend.key", BACKEND_KEY)]:
         (d / name).write_text(value)
     config = (FULL.replace("ENTRA_OPENID", entra.openid_url).replace("ENTRA_ISSUER", entra.issuer)
-              .replace("CAPTURE_URL", capture.url).replace("BODY_BYTES", str(body_bytes)))
+              .replace("CAPTURE_URL", capture.url).replace("BODY_BYTES", str(body_bytes))
+              .replace("  threads: 2\n", "  threads: 2\n" + extra_server))
     return start_gateway(d, config), entra, capture
 
 
@@ -375,6 +376,17 @@ def test_expired_and_wrong_api_credentials_are_served_untraced(full):
     assert r.status_code == 200 and "apim-trace-id" not in r.headers
 
 
+def test_a_key_in_the_query_string_is_redacted_even_encoded(full):
+    token = debug_token(full)
+    for name in ["subscription-key", "subscription%2Dkey", "%73ubscription-key"]:
+        r = httpx.post(f"{full.url}{CHAT}&{name}={SUB_KEY}", json={"messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Apim-Debug-Authorization": token}, timeout=30)
+        assert r.status_code == 200, (name, r.text)
+        t = list_trace(full, r.headers["apim-trace-id"])
+        assert SUB_KEY not in t.text, name
+        assert f"{name}=<redacted>" in entries(t.json(), "inbound", "api-inspector")[0]["request"]["url"]
+
+
 def test_refused_requests_are_traced(full):
     token = debug_token(full)
     r = httpx.post(f"{full.url}{CHAT}", json={"messages": []},
@@ -507,7 +519,8 @@ def test_bodies_are_recorded_only_when_configured(tmp_path, full):
                    headers={"api-key": SUB_KEY, "Apim-Debug-Authorization": token}, timeout=30)
     assert secret_text not in list_trace(full, r.headers["apim-trace-id"]).text
     # Configured: up to body_bytes of each, for traced requests only.
-    g, entra, capture = _start_full(tmp_path, body_bytes=40)
+    # No room to hold bodies for failover: a large one streams to the backend.
+    g, entra, capture = _start_full(tmp_path, body_bytes=40, extra_server="  body_buffer_bytes: 0\n")
     try:
         token = debug_token(g)
         r = httpx.post(f"{g.url}{CHAT}", json={"messages": [{"role": "user", "content": secret_text}]},
@@ -519,6 +532,15 @@ def test_bodies_are_recorded_only_when_configured(tmp_path, full):
         assert out["text"] and out["bytes"] == len(r.content)
         summaries = httpx.get(f"{g.management}/traces", headers=op_headers(), timeout=10).text
         assert secret_text not in summaries
+        # A body that streamed to the backend is recorded when it has ended.
+        big = {"messages": [{"role": "user", "content": "y" * 100_000}], "max_tokens": 2}
+        r = httpx.post(f"{g.url}{CHAT}", json=big, timeout=30,
+                       headers={"api-key": SUB_KEY, "Apim-Debug-Authorization": token})
+        assert r.status_code == 200, r.text
+        trace = list_trace(g, r.headers["apim-trace-id"]).json()
+        handler = entries(trace, "inbound", "request-payload-handler")[0]
+        assert "streamed to the backend" in handler["message"]
+        assert handler["body"]["bytes"] > 100_000 and len(handler["body"]["text"]) == 40
     finally:
         g.stop()
         entra.server.stop()

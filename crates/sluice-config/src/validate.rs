@@ -54,7 +54,13 @@ pub(crate) fn build(
         poisoned,
         names,
     } = parsed;
-    let credentials = credential_headers(raw.apis.as_deref());
+    let redacted = raw
+        .server
+        .as_ref()
+        .and_then(|s| s.management.as_ref())
+        .and_then(|m| m.tracing.as_ref())
+        .and_then(|t| t.redact_headers.as_deref());
+    let credentials = credential_headers(raw.apis.as_deref(), redacted);
     let mut cx = Cx {
         problems,
         poisoned: &poisoned,
@@ -108,7 +114,10 @@ pub(crate) fn build(
 /// be checked against the subscription headers of APIs after it.
 type CredentialHeaders = HashMap<HeaderName, Option<String>>;
 
-fn credential_headers(apis: Option<&[Option<RawApi>]>) -> CredentialHeaders {
+fn credential_headers(
+    apis: Option<&[Option<RawApi>]>,
+    redacted: Option<&[Option<String>]>,
+) -> CredentialHeaders {
     let mut out: CredentialHeaders = FIXED_CREDENTIAL_HEADERS
         .iter()
         .map(|name| (HeaderName::from_static(name), None))
@@ -126,6 +135,13 @@ fn credential_headers(apis: Option<&[Option<RawApi>]>) -> CredentialHeaders {
                 out.entry(name)
                     .or_insert_with(|| Some(format!("apis[{i}].subscription.header_names[{k}]")));
             }
+        }
+    }
+    // Headers the operator marked secret for traces are secret everywhere.
+    for (k, name) in redacted.unwrap_or_default().iter().enumerate() {
+        if let Some(Ok(name)) = name.as_ref().map(|n| HeaderName::from_bytes(n.as_bytes())) {
+            out.entry(name)
+                .or_insert_with(|| Some(format!("server.management.tracing.redact_headers[{k}]")));
         }
     }
     out
@@ -265,6 +281,17 @@ impl Cx<'_, '_> {
         let ttl = self.in_range(raw.ttl_seconds, &path("ttl_seconds"), 60, 86_400, 3600);
         let body_bytes = self.in_range(raw.body_bytes, &path("body_bytes"), 0, 1024 * 1024, 0);
         let summaries = self.in_range(raw.summaries, &path("summaries"), 0, 1_000_000, 10_000);
+        // A trace holds up to two bodies; one that can never fit the store
+        // would be dropped every time.
+        let room = 2 * body_bytes + 64 * 1024;
+        if max_bytes < room {
+            self.err(
+                path("max_bytes"),
+                format!(
+                    "must be at least {room} (twice body_bytes plus 64 KiB): a trace holds up to two bodies"
+                ),
+            );
+        }
         let names = self.string_list(raw.redact_headers, &path("redact_headers"), false);
         let mut redact_headers = Vec::new();
         for (i, n) in names.iter().enumerate() {

@@ -400,6 +400,39 @@ fn tracing_settings_have_defaults_and_bounds() {
         let path = format!("server.management.tracing.{key}");
         assert!(!message(&found, &path).is_empty(), "{path}: {found:?}");
     }
+    // Bodies that could never fit the store.
+    let small = base.replace(
+        "listen: 127.0.0.1:0\n",
+        "listen: 127.0.0.1:0\n    tracing: {max_bytes: 100000, body_bytes: 65536}\n",
+    );
+    let found = load_str(&small, "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    assert!(
+        message(&found, "server.management.tracing.max_bytes").contains("at least 196608"),
+        "{found:?}"
+    );
+    // A header redacted from traces is a credential: never a metric label.
+    let label = base
+        .replace(
+            "listen: 127.0.0.1:0\n",
+            "listen: 127.0.0.1:0\n    tracing: {redact_headers: [x-team-secret]}\n",
+        )
+        .replace(
+            "    backends: [east]\n",
+            "    backends: [east]\n    policies:\n      - emit_token_metric: {dimensions: ['header:x-team-secret']}\n",
+        );
+    let found = load_str(&label, "gateway.yaml", dir.path())
+        .unwrap_err()
+        .problems;
+    assert!(
+        message(
+            &found,
+            "apis[0].policies[0].emit_token_metric.dimensions[0]"
+        )
+        .contains("redacted from traces"),
+        "{found:?}"
+    );
 }
 
 #[test]

@@ -161,6 +161,9 @@ pub struct RequestContext {
     /// What the traced response's body did as it passed. Written by the
     /// response body step of a traced request; read when the trace is stored.
     pub tally: Option<Box<sluice_trace::record::Tally>>,
+    /// The same for a traced request's body streamed to the backend.
+    /// Written by the request body step; recorded at the body's end.
+    pub request_tally: Option<Box<sluice_trace::record::Tally>>,
 }
 
 impl RequestContext {
@@ -231,6 +234,7 @@ impl Default for RequestContext {
             trace_id: None,
             trace_note: None,
             tally: None,
+            request_tally: None,
         }
     }
 }

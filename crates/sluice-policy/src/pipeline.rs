@@ -681,14 +681,16 @@ fn jwt_accepted(settings: &JwtSettings, caller: &sluice_auth::Caller) -> Val {
                 .collect()
         })
         .unwrap_or_default();
-    let claim = |n: &str| {
-        Val::from(
-            caller
-                .claims
-                .get(n)
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-        )
+    // A claim that is a string, or a list of strings (`aud` may be either).
+    let claim = |n: &str| match caller.claims.get(n) {
+        Some(serde_json::Value::String(s)) => Val::from(s.clone()),
+        Some(serde_json::Value::Array(items)) => Val::Arr(
+            items
+                .iter()
+                .filter_map(|x| x.as_str().map(|s| Val::from(s.to_string())))
+                .collect(),
+        ),
+        _ => Val::Null,
     };
     Val::obj([
         ("message", "The JWT was validated.".into()),

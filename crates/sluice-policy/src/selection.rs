@@ -715,21 +715,6 @@ impl BackendSelector {
         self.pools.get(i).map(Pool::name)
     }
 
-    /// Backend `i`'s breaker now, in words (`closed`, `open for 4.9 s
-    /// more`, `half-open`), for traces.
-    pub fn breaker_state(&self, i: usize) -> String {
-        let now = self.now();
-        match self.health.get(i).map(|h| h.breaker.view(now)) {
-            None => "unknown".to_string(),
-            Some(BreakerView::Closed) => "closed".to_string(),
-            Some(BreakerView::Open { until, .. }) => format!(
-                "open for {:.1} s more",
-                until.saturating_sub(now).as_secs_f64()
-            ),
-            Some(BreakerView::HalfOpen { .. }) => "half-open".to_string(),
-        }
-    }
-
     pub fn statuses(&self) -> Vec<BackendStatus> {
         let now = self.now();
         self.names

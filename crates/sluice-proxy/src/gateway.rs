@@ -455,7 +455,7 @@ impl Gateway {
         &self,
         session: &Session,
         upstream: &mut RequestHeader,
-        ctx: &mut RequestContext,
+        ctx: &RequestContext,
     ) -> Result<()> {
         let (Some(api), Some(backend)) = (ctx.api, ctx.backend) else {
             return Err(Error::explain(
@@ -515,7 +515,6 @@ impl Gateway {
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }
-        self.trace_forward(ctx, upstream);
         Ok(())
     }
 
@@ -707,6 +706,11 @@ impl ProxyHttp for Gateway {
             // Usage must be readable: no compressed answers from the backend.
             ctx.strip_accept_encoding = true;
         }
+        if ctx.body_mode == BodyMode::Streamed && ctx.trace.is_some() {
+            ctx.request_tally = Some(Box::new(sluice_trace::record::Tally::new(
+                self.state.traces.body_bytes,
+            )));
+        }
         if ctx.body_mode == BodyMode::Streamed && (pipeline.needs_usage() || deferred) {
             // Keep a bounded copy: for the deferred steps, and to estimate
             // the prompt once it has passed.
@@ -760,6 +764,9 @@ impl ProxyHttp for Gateway {
             if ctx.body_len > limit {
                 return Err(status_error(413, "request body over the limit"));
             }
+            if let Some(t) = ctx.request_tally.as_mut() {
+                t.feed(b);
+            }
             ctx.body_probe.feed(b);
             // The deferred steps need the whole body (it is bounded by the
             // API's limit, checked above); an estimate alone makes do with
@@ -779,6 +786,9 @@ impl ProxyHttp for Gateway {
         }
         if end_of_stream {
             ctx.stream = ctx.body_probe.finish();
+            if let Some(t) = ctx.request_tally.take() {
+                self.trace_streamed_body(ctx, &t);
+            }
             let Some(api) = ctx.api else { return Ok(()) };
             let pipeline = &self.state.apis[api].pipeline;
             let copy = ctx.streamed_body_copy.take();
@@ -897,7 +907,9 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        self.rewrite_request(session, upstream, ctx)
+        self.rewrite_request(session, upstream, ctx)?;
+        self.trace_forward(ctx, upstream);
+        Ok(())
     }
 
     async fn response_filter(

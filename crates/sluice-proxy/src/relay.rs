@@ -95,6 +95,7 @@ impl Gateway {
             strip_hop_by_hop(&mut req);
             req.set_version(http::Version::HTTP_11);
             req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            self.trace_forward(ctx, &req);
             // Waiting for the answer, watch the client: one that leaves ends
             // the attempt (pingora's own path does the same).
             let sent = tokio::select! {

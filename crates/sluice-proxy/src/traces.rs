@@ -247,6 +247,10 @@ impl Gateway {
                         ]),
                     ),
                     ("pool", Val::from(cfg.pool.clone())),
+                    // Sluice has no users or products: subscriptions are
+                    // allowed per API. Written as APIM writes "none".
+                    ("user", Val::from("-")),
+                    ("product", Val::from("-")),
                 ]),
             )]),
         );
@@ -270,22 +274,30 @@ impl Gateway {
         ctx: &mut RequestContext,
         err: &GatewayError,
     ) -> GatewayError {
-        ctx.trace(Section::OnError, "gateway", || {
-            Val::obj([
-                ("status", err.status.into()),
-                ("reason", Val::from(err.reason())),
-                ("message", Val::from(err.message.to_string())),
-                (
-                    "headers",
-                    Val::Headers(
-                        err.headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str().to_string(), v.clone()))
-                            .collect(),
+        // An answer that could not be written is offered again by
+        // `fail_to_proxy`: it is recorded once.
+        if let Some(t) = ctx.trace.as_mut()
+            && !t.has(Section::OnError, "gateway")
+        {
+            t.add(
+                Section::OnError,
+                "gateway",
+                Val::obj([
+                    ("status", err.status.into()),
+                    ("reason", Val::from(err.reason())),
+                    ("message", Val::from(err.message.to_string())),
+                    (
+                        "headers",
+                        Val::Headers(
+                            err.headers
+                                .iter()
+                                .map(|(n, v)| (n.as_str().to_string(), v.clone()))
+                                .collect(),
+                        ),
                     ),
-                ),
-            ])
-        });
+                ]),
+            );
+        }
         let mut out = err.clone();
         if let Some((name, value)) = Self::trace_headers(ctx) {
             out = out.with_header(name, value);
@@ -342,9 +354,11 @@ impl Gateway {
             .backend
             .and_then(|i| self.state.backends.get(i))
             .map(|b| b.name.clone());
+        let took = ctx.routing.attempts.last().map(|a| ms(a.started.elapsed()));
         ctx.trace(Section::Backend, "forward-request", || {
             Val::obj([
                 ("backend", Val::from(backend)),
+                ("durationMs", Val::from(took)),
                 (
                     "response",
                     Val::obj([
@@ -408,6 +422,34 @@ impl Gateway {
         });
     }
 
+    /// A traced request's body that streamed to the backend has ended.
+    pub(crate) fn trace_streamed_body(&self, ctx: &mut RequestContext, t: &Tally) {
+        let keep = self.state.traces.body_bytes;
+        ctx.trace(Section::Inbound, "request-payload-handler", || {
+            let message = Val::from(format!(
+                "The request payload streamed to the backend: {} bytes.",
+                t.bytes
+            ));
+            if keep == 0 {
+                return message;
+            }
+            Val::obj([
+                ("message", message),
+                (
+                    "body",
+                    Val::obj([
+                        ("bytes", t.bytes.into()),
+                        ("truncated", (t.bytes > t.body.len() as u64).into()),
+                        (
+                            "text",
+                            Val::from(String::from_utf8_lossy(&t.body).into_owned()),
+                        ),
+                    ]),
+                ),
+            ])
+        });
+    }
+
     /// The exchange is over: store a traced request's trace, and leave
     /// every request's summary in the ring.
     pub(crate) fn end_trace(&self, session: &Session, ctx: &mut RequestContext, status: u16) {
@@ -425,15 +467,13 @@ impl Gateway {
             ];
             if let Some(t) = &tally {
                 fields.push(("bytes", t.bytes.into()));
+                let since = |at: Option<Instant>| {
+                    Val::from(at.map(|f| ms(f.saturating_duration_since(ctx.started))))
+                };
+                fields.push(("timeToFirstByteMs", since(t.first)));
                 if ctx.stream {
                     fields.push(("events", t.events.into()));
-                    fields.push((
-                        "timeToFirstEventMs",
-                        Val::from(
-                            t.first
-                                .map(|f| ms(f.saturating_duration_since(ctx.started))),
-                        ),
-                    ));
+                    fields.push(("timeToFirstEventMs", since(t.first_event)));
                 }
                 if traces.body_bytes > 0 {
                     fields.push((
@@ -471,22 +511,30 @@ impl Gateway {
         let Some(api) = ctx.api else { return };
         let req = session.req_header();
         let labels = ctx.backend.and_then(|i| traces.backend_labels.get(i));
-        let region = ctx
-            .backend_region
+        // The region the backend reported, sharing the configured label's
+        // text when it is the same (it is, unless the backend says otherwise).
+        let region = match (ctx.backend_region.as_deref(), labels) {
+            (Some(r), Some(l)) if *l.1 == *r => Some(l.1.clone()),
+            (Some(r), _) => Some(Arc::from(clip(r, MAX_LABEL))),
+            (None, l) => l.map(|l| l.1.clone()),
+        };
+        let deployment = ctx
+            .deployment
             .as_deref()
-            .map(Arc::from)
-            .or_else(|| labels.map(|l| l.1.clone()));
-        let deployment = ctx.deployment.as_deref().map(Box::from).or_else(|| {
-            sluice_policy::route::deployment_of(req.uri.path().get(ctx.rest_offset..).unwrap_or(""))
-                .map(Box::from)
-        });
+            .or_else(|| {
+                sluice_policy::route::deployment_of(
+                    req.uri.path().get(ctx.rest_offset..).unwrap_or(""),
+                )
+            })
+            .map(|d| Box::from(clip(d, MAX_LABEL)));
+        let latency = ctx.started.elapsed();
         traces.ring.push(Summary {
             at: SystemTime::now()
-                .checked_sub(ctx.started.elapsed())
+                .checked_sub(latency)
                 .unwrap_or_else(SystemTime::now),
             api: traces.api_names[api].clone(),
             method: req.method.clone(),
-            path: Box::from(req.uri.path()),
+            path: Box::from(clip(req.uri.path(), MAX_PATH)),
             subscription: ctx.subscription.as_ref().map(|s| s.name.clone()),
             deployment,
             backend: labels.map(|l| l.0.clone()),
@@ -495,7 +543,7 @@ impl Gateway {
             prompt_tokens: ctx.usage.as_ref().map(|u| u.prompt_tokens),
             completion_tokens: ctx.usage.as_ref().map(|u| u.completion_tokens),
             total_tokens: ctx.usage.as_ref().map(|u| u.total_tokens),
-            latency: ctx.started.elapsed(),
+            latency,
             stream: ctx.stream,
             attempts: u8::try_from(ctx.routing.attempts.len()).unwrap_or(u8::MAX),
             trace_id: ctx.trace_id.clone(),
@@ -576,10 +624,6 @@ impl Gateway {
                             "retryAfterSeconds",
                             Val::from(trip.retry_after.map(|d| d.as_secs_f64())),
                         ),
-                        (
-                            "breaker",
-                            Val::from(self.state.selector.breaker_state(a.backend)),
-                        ),
                     ]),
                 );
             }
@@ -603,6 +647,24 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The most of a request's path a summary keeps (a request head may be
+/// up to 1 MiB long; the ring must stay small).
+const MAX_PATH: usize = 256;
+/// The most of a client-given name (deployment, region) a summary keeps.
+const MAX_LABEL: usize = 128;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -648,6 +710,14 @@ mod tests {
         let id = uuid_simple();
         assert_eq!(id.len(), 32);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn long_names_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abcd", 3), "abc");
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip(&"x".repeat(2000), MAX_PATH).len(), MAX_PATH);
     }
 
     #[test]

@@ -145,7 +145,10 @@ pub fn parse_iso_duration(text: &str) -> Option<Duration> {
     if let Some(t) = time {
         take(t, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)])?;
     }
-    (any && total.is_finite()).then(|| Duration::from_secs_f64(total))
+    if !any {
+        return None;
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 #[cfg(test)]
@@ -161,6 +164,9 @@ mod tests {
         assert_eq!(parse_iso_duration("P0DT0H5M"), s(300));
         assert_eq!(parse_iso_duration("P1D"), s(86_400));
         assert_eq!(parse_iso_duration("PT1H2M3S"), s(3723));
+        // Too long for a Duration: no answer rather than a panic.
+        assert_eq!(parse_iso_duration("P99999999999999999999D"), None);
+        assert_eq!(parse_iso_duration("PT1e400S"), None);
         assert_eq!(
             parse_iso_duration("PT0.5S"),
             Some(Duration::from_millis(500))

@@ -255,6 +255,13 @@ impl Recorder {
         });
     }
 
+    /// Whether an event from `source` in `section` was recorded.
+    pub fn has(&self, section: Section, source: &str) -> bool {
+        self.events
+            .iter()
+            .any(|e| e.section == section && e.source == source)
+    }
+
     /// Events kept so far.
     pub fn len(&self) -> usize {
         self.events.len()
@@ -388,7 +395,10 @@ impl Redactor {
                 out.push('&');
             }
             let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-            if pair.contains('=') && self.params.iter().any(|p| p.eq_ignore_ascii_case(name)) {
+            // Names are compared decoded, as the gateway reads them
+            // (`subscription%2Dkey` is `subscription-key`).
+            let decoded = form_decode(name);
+            if pair.contains('=') && self.params.iter().any(|p| p.eq_ignore_ascii_case(&decoded)) {
                 out.push_str(name);
                 out.push('=');
                 out.push_str(REDACTED);
@@ -400,6 +410,33 @@ impl Redactor {
     }
 }
 
+/// A query-string component decoded as a form does (`+` is a space,
+/// `%XX` a byte; bad escapes stay as they are).
+fn form_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// What a traced response body did as it passed: when its first bytes
 /// went out, how many, how many server-sent events, and (when bodies are
 /// recorded) its first bytes. O(1) per chunk but for the bounded copy.
@@ -407,6 +444,8 @@ impl Redactor {
 pub struct Tally {
     /// When the first body bytes went to the client.
     pub first: Option<Instant>,
+    /// When the first server-sent event was complete (its blank line passed).
+    pub first_event: Option<Instant>,
     pub bytes: u64,
     /// Server-sent events seen (blank-line separated blocks).
     pub events: u64,
@@ -443,6 +482,9 @@ impl Tally {
                 b'\n' => {
                     if prev_nl {
                         self.events += 1;
+                        if self.first_event.is_none() {
+                            self.first_event = Some(Instant::now());
+                        }
                         prev_nl = false;
                     } else {
                         prev_nl = true;
@@ -537,6 +579,9 @@ mod tests {
             Val::obj([("n", 1u64.into())]),
         );
         assert_eq!(r.len(), 3);
+        assert!(r.has(Section::Backend, "early"));
+        assert!(!r.has(Section::Inbound, "early"));
+        assert!(!r.has(Section::Backend, "missing"));
         let t = r.to_trace("sluice", "id1");
         assert_eq!(t.trace_id, "id1");
         assert_eq!(t.service_name, "sluice");
@@ -634,8 +679,11 @@ mod tests {
         let mut t = Tally::new(8);
         t.feed(b"");
         assert!(t.first.is_none());
-        t.feed(b"data: {}\n\ndata: {\"a\":1}\n");
+        t.feed(b"data: {}\n");
+        assert!(t.first.is_some() && t.first_event.is_none());
+        t.feed(b"\ndata: {\"a\":1}\n");
         assert_eq!(t.events, 1);
+        assert!(t.first_event.unwrap() >= t.first.unwrap());
         t.feed(b"\ndata: [DONE]\r\n\r\n");
         assert_eq!(t.events, 3);
         assert!(t.first.is_some());

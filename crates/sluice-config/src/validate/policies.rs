@@ -627,6 +627,9 @@ impl Cx<'_, '_> {
             return false;
         };
         let origin = match source {
+            Some(at) if at.starts_with("server.") => {
+                format!(" (it is redacted from traces, see {at})")
+            }
             Some(at) => format!(" (it is a subscription key header, see {at})"),
             None => String::new(),
         };
