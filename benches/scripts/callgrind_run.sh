@@ -1,9 +1,10 @@
 #!/bin/bash
 # Instructions one gateway run takes for N sequential requests (chat|stream)
 # under callgrind; per request = (run N=1200 - run N=200) / 1000.
-# usage: callgrind_run.sh SLUICE_BIN N chat|stream [management] -> prints the total
+# usage: callgrind_run.sh SLUICE_BIN N chat|stream [management|trace] -> prints the total
 # With `management`, the gateway also runs its management listener (which
-# turns on the request summaries every request leaves).
+# turns on the request summaries every request leaves); with `trace`, every
+# request also carries a debug credential and is traced.
 BIN=$1; N=$2; MODE=$3; MGMT=${4:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$(realpath "$BIN")
@@ -17,6 +18,22 @@ for i in $(seq 100); do grep -q "listening on" sim.out && break; sleep 0.05; don
 SIMURL=$(grep -o "http://[0-9.:]*" sim.out | head -1)
 MGMT_YAML=""
 [ "$MGMT" = management ] && MGMT_YAML=", management: {listen: 127.0.0.1:0}"
+if [ "$MGMT" = trace ]; then
+  echo -n cg-debug-signing-key-0123456789abcdef > sk
+  MGMT_YAML=", management: {listen: 127.0.0.1:0, debug_signing_key: {file: sk}}"
+  NOW=$(date +%s)
+  TRACE_TOKEN=$(python3 - "$NOW" <<'PY'
+import base64, hashlib, hmac, json, sys
+now = int(sys.argv[1])
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"typ": "JWT", "alg": "HS256"}).encode())
+body = b64(json.dumps({"aid": "a", "p": "tracing", "iat": now, "exp": now + 3600, "iss": "sluice"}).encode())
+sig = hmac.new(b"cg-debug-signing-key-0123456789abcdef", f"{head}.{body}".encode(), hashlib.sha256).digest()
+print(f"{head}.{body}.{b64(sig)}")
+PY
+)
+  export TRACE_TOKEN
+fi
 cat > gw.yaml <<YAML
 server: {listen: 127.0.0.1:0, threads: 1$MGMT_YAML}
 backends: [{name: b, url: '$SIMURL', api_key: {file: bkey}}]

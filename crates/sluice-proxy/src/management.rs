@@ -250,7 +250,7 @@ impl ManagementApp {
                 404,
                 "NotFound",
                 &format!(
-                    "Trace '{id}' was not found: it may never have existed, or it expired or was evicted from the trace store."
+                    "Trace '{id}' was not found: it may never have existed, or it expired, was evicted from the trace store, or was larger than tracing.max_bytes allows."
                 ),
             ),
         }

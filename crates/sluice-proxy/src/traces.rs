@@ -87,6 +87,9 @@ impl Traces {
                 max_traces: t.max_traces,
                 max_bytes: t.max_bytes,
                 ttl: t.ttl,
+                // A running request (a long stream) keeps its mark until it
+                // ends; only a mark whose request never ended is swept.
+                pending_ttl: t.ttl.max(Duration::from_secs(86_400)),
             }),
             ring: SummaryRing::new(if enabled { t.summaries } else { 0 }),
             redactor: Redactor::new(names, params),

@@ -6,6 +6,8 @@
 //! `iss` (`sluice`). The key comes from configuration (so that replicas
 //! accept each other's tokens) or is generated at start.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -49,7 +51,19 @@ pub enum CredentialError {
 pub struct DebugKey {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// Claims of credentials whose signature was verified, by the whole
+    /// credential: an operator replays a call many times with one
+    /// credential, and a lookup costs a small part of verifying the
+    /// signature and decoding the claims. Only a credential this key signed
+    /// gets in, so what it holds is no secret the gateway did not make; its
+    /// keys are hashed with a per-process random key, so a caller cannot
+    /// choose which cached entry a forged credential is compared with.
+    /// Bounded by [`VERIFIED_CAPACITY`] (emptied when full).
+    verified: Mutex<HashMap<Box<str>, Arc<DebugClaims>>>,
 }
+
+/// The most verified credentials remembered at once.
+const VERIFIED_CAPACITY: usize = 256;
 
 impl std::fmt::Debug for DebugKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,6 +77,7 @@ impl DebugKey {
         DebugKey {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -87,7 +102,36 @@ impl DebugKey {
         token: &str,
         api: &str,
         now_unix: u64,
-    ) -> Result<DebugClaims, CredentialError> {
+    ) -> Result<Arc<DebugClaims>, CredentialError> {
+        let known = self.lock().get(token).cloned();
+        let claims = match known {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(self.verify(token)?);
+                let mut cache = self.lock();
+                if cache.len() >= VERIFIED_CAPACITY {
+                    cache.clear();
+                }
+                cache.insert(Box::from(token), c.clone());
+                c
+            }
+        };
+        // Expiry and API are judged on every use, cached or not.
+        if claims.exp <= now_unix {
+            return Err(CredentialError::Expired(claims.exp));
+        }
+        if claims.aid != api {
+            return Err(CredentialError::WrongApi(claims.aid.clone()));
+        }
+        Ok(claims)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<DebugClaims>>> {
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The claims of a credential this key signed for tracing.
+    fn verify(&self, token: &str) -> Result<DebugClaims, CredentialError> {
         let mut v = Validation::new(Algorithm::HS256);
         // Expiry is judged here, so that an expired token can be told apart.
         v.validate_exp = false;
@@ -98,12 +142,6 @@ impl DebugKey {
             .claims;
         if claims.p != PURPOSE_TRACING {
             return Err(CredentialError::Invalid);
-        }
-        if claims.exp <= now_unix {
-            return Err(CredentialError::Expired(claims.exp));
-        }
-        if claims.aid != api {
-            return Err(CredentialError::WrongApi(claims.aid));
         }
         Ok(claims)
     }
@@ -208,5 +246,40 @@ mod tests {
         let long = key.issue("a", Duration::from_secs(7200), 0);
         assert_eq!(key.check(&long, "a", 1).unwrap().exp, 3600);
         assert_eq!(format!("{key:?}"), "DebugKey(<redacted>)");
+    }
+
+    #[test]
+    fn verified_credentials_are_remembered_but_still_judged() {
+        let key = DebugKey::new(b"a-secret-of-enough-length-0123456789");
+        let t = key.issue("api", Duration::from_secs(600), 1_000);
+        assert!(key.check(&t, "api", 1_100).is_ok());
+        assert_eq!(key.lock().len(), 1);
+        // From the cache: expiry and API are judged each time.
+        assert_eq!(
+            key.check(&t, "api", 1_600),
+            Err(CredentialError::Expired(1_600))
+        );
+        assert_eq!(
+            key.check(&t, "other", 1_100),
+            Err(CredentialError::WrongApi("api".into()))
+        );
+        assert_eq!(key.check(&t, "api", 1_599).unwrap().exp, 1_600);
+        // A credential with one character changed is not the cached one.
+        let mut forged = t.clone().into_bytes();
+        let i = t.find('.').unwrap() + 3;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(
+            key.check(&forged, "api", 1_100),
+            Err(CredentialError::Invalid)
+        );
+        // Invalid ones are not remembered; the cache stays bounded.
+        assert_eq!(key.lock().len(), 1);
+        for n in 0..VERIFIED_CAPACITY as u64 + 5 {
+            let t = key.issue("api", Duration::from_secs(600), 2_000 + n);
+            assert!(key.check(&t, "api", 2_100).is_ok());
+        }
+        assert!(key.lock().len() <= VERIFIED_CAPACITY);
+        assert!(!key.lock().is_empty());
     }
 }

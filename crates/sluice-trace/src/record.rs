@@ -34,6 +34,10 @@ pub enum Val {
     Arr(Vec<Val>),
     /// A header list, written as APIM writes one: `[{"name", "value"}]`.
     Headers(Vec<(String, String)>),
+    /// The same, kept as a header map (values already redacted): cloning
+    /// one shares its values' bytes instead of copying every header into
+    /// two strings, and dropping it frees one table.
+    Map(http::HeaderMap),
 }
 
 impl Val {
@@ -64,6 +68,19 @@ impl Val {
                 Value::Object(m)
             }
             Val::Arr(items) => Value::Array(items.iter().map(Val::to_json).collect()),
+            Val::Map(map) => Value::Array(
+                map.iter()
+                    .map(|(n, v)| {
+                        let mut m = Map::with_capacity(2);
+                        m.insert("name".into(), Value::String(n.as_str().to_string()));
+                        m.insert(
+                            "value".into(),
+                            Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                        );
+                        Value::Object(m)
+                    })
+                    .collect(),
+            ),
             Val::Headers(list) => Value::Array(
                 list.iter()
                     .map(|(n, v)| {
@@ -89,6 +106,10 @@ impl Val {
                 .map(|(_, v)| v.approx_bytes() + std::mem::size_of::<&str>())
                 .sum(),
             Val::Arr(items) => items.iter().map(Val::approx_bytes).sum(),
+            Val::Map(map) => map
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 2 * std::mem::size_of::<usize>() * 4)
+                .sum(),
             Val::Headers(list) => list
                 .iter()
                 .map(|(n, v)| n.capacity() + v.capacity() + 2 * std::mem::size_of::<String>())
@@ -119,6 +140,16 @@ impl serde::Serialize for Val {
                 let mut q = s.serialize_seq(Some(items.len()))?;
                 for v in items {
                     q.serialize_element(v)?;
+                }
+                q.end()
+            }
+            Val::Map(map) => {
+                let mut q = s.serialize_seq(Some(map.len()))?;
+                for (n, v) in map {
+                    q.serialize_element(&Header {
+                        name: n.as_str(),
+                        value: &String::from_utf8_lossy(v.as_bytes()),
+                    })?;
                 }
                 q.end()
             }
@@ -359,27 +390,22 @@ impl Redactor {
     /// A header list with hidden values replaced; an `Authorization`
     /// value keeps its scheme (`Bearer <redacted>`).
     pub fn headers(&self, headers: &http::HeaderMap) -> Val {
-        let list = headers
-            .iter()
-            .map(|(n, v)| {
-                let value = if self.hides(n) {
-                    let text = v.to_str().unwrap_or("");
-                    match text.split_once(' ') {
-                        Some((scheme, _))
-                            if n == http::header::AUTHORIZATION
-                                || n == http::header::PROXY_AUTHORIZATION =>
-                        {
-                            format!("{scheme} {REDACTED}")
-                        }
-                        _ => REDACTED.to_string(),
-                    }
-                } else {
-                    String::from_utf8_lossy(v.as_bytes()).into_owned()
-                };
-                (n.as_str().to_string(), value)
-            })
-            .collect();
-        Val::Headers(list)
+        let mut map = headers.clone();
+        for (n, v) in map.iter_mut() {
+            if !self.hides(n) {
+                continue;
+            }
+            let scheme = (n == http::header::AUTHORIZATION
+                || n == http::header::PROXY_AUTHORIZATION)
+                .then(|| v.to_str().ok()?.split_once(' ').map(|(s, _)| s.to_string()))
+                .flatten();
+            *v = match scheme {
+                Some(s) => http::HeaderValue::from_str(&format!("{s} {REDACTED}"))
+                    .unwrap_or(http::HeaderValue::from_static(REDACTED)),
+                None => http::HeaderValue::from_static(REDACTED),
+            };
+        }
+        Val::Map(map)
     }
 
     /// A path and query with the values of hidden query parameters replaced.
@@ -475,25 +501,26 @@ impl Tally {
         let room = self.keep.saturating_sub(self.body.len());
         self.body.extend_from_slice(&chunk[..room.min(chunk.len())]);
         // An event ends at a blank line: "\n\n" (a "\r\n\r\n" ends in "\n\r\n").
+        // Only the line ends are visited: O(lines), not O(bytes).
         let mut prev_nl = self.after_newline;
-        let mut i = 0;
-        while i < chunk.len() {
-            match chunk[i] {
-                b'\n' => {
-                    if prev_nl {
-                        self.events += 1;
-                        if self.first_event.is_none() {
-                            self.first_event = Some(Instant::now());
-                        }
-                        prev_nl = false;
-                    } else {
-                        prev_nl = true;
-                    }
-                }
-                b'\r' => {}
-                _ => prev_nl = false,
+        let mut from = 0;
+        for at in memchr::memchr_iter(b'\n', chunk) {
+            if chunk[from..at].iter().any(|&c| c != b'\r') {
+                prev_nl = false;
             }
-            i += 1;
+            if prev_nl {
+                self.events += 1;
+                if self.first_event.is_none() {
+                    self.first_event = Some(Instant::now());
+                }
+                prev_nl = false;
+            } else {
+                prev_nl = true;
+            }
+            from = at + 1;
+        }
+        if chunk[from..].iter().any(|&c| c != b'\r') {
+            prev_nl = false;
         }
         self.after_newline = prev_nl;
     }
@@ -545,6 +572,16 @@ mod tests {
         assert!(owned.approx_bytes() >= small.approx_bytes() + 1000);
         let h = Val::Headers(vec![("n".repeat(100), "v".repeat(100))]);
         assert!(h.approx_bytes() >= 200);
+        let mut map = http::HeaderMap::new();
+        map.insert("x-long", "v".repeat(300).parse().unwrap());
+        let m = Val::Map(map);
+        assert!(m.approx_bytes() >= 306);
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), m.to_json());
+        assert!(
+            text.starts_with(r#"[{"name":"x-long","value":"vvv"#),
+            "{text}"
+        );
         let nested = Val::obj([("k", owned.clone())]);
         assert!(nested.approx_bytes() > owned.approx_bytes());
         let arr = Val::Arr(vec![owned.clone(), owned.clone()]);
@@ -694,6 +731,22 @@ mod tests {
         j.feed(b"{\n  \"a\": 1\n}\n");
         assert_eq!(j.events, 0);
         assert!(j.body.is_empty());
+        // A blank line split across chunks, with and without carriage returns.
+        let mut k = Tally::new(0);
+        for part in [
+            &b"data: a\r"[..],
+            b"\n",
+            b"\r",
+            b"\ndata: b\n",
+            b"x\n",
+            b"\n",
+        ] {
+            k.feed(part);
+        }
+        assert_eq!(k.events, 2);
+        let mut l = Tally::new(0);
+        l.feed(b"\n\n\n\n");
+        assert_eq!(l.events, 2);
     }
 
     #[test]

@@ -30,9 +30,12 @@ pub struct TraceLimits {
     pub max_traces: usize,
     /// The most bytes (as estimated by the caller) of finished traces kept.
     pub max_bytes: usize,
-    /// How long a finished trace is kept after it finished, and how long a pending mark
-    /// is believed after it began.
+    /// How long a finished trace is kept after it finished.
     pub ttl: Duration,
+    /// How long a pending mark is believed after it began: longer than any
+    /// request runs (a long stream must not lose its mark), so that only a
+    /// mark whose request never ended at all is ever swept.
+    pub pending_ttl: Duration,
 }
 
 /// The answer to a lookup by trace id.
@@ -229,7 +232,7 @@ impl<T: Send + Sync> TraceStore<T> {
     /// its mark and always succeeds.
     pub fn begin(&self, id: &str, now: Duration) -> bool {
         let mut inner = self.lock();
-        inner.sweep_pending(now, self.limits.ttl);
+        inner.sweep_pending(now, self.limits.pending_ttl);
         let key = match inner.pending.get_key_value(id) {
             Some((key, _)) => Arc::clone(key),
             None if inner.pending.len() < self.limits.max_traces => Arc::from(id),
@@ -256,7 +259,7 @@ impl<T: Send + Sync> TraceStore<T> {
         {
             let mut inner = self.lock();
             inner.pending.remove(id);
-            inner.sweep_pending(now, self.limits.ttl);
+            inner.sweep_pending(now, self.limits.pending_ttl);
             inner.sweep_finished(now, self.limits.ttl);
             // The earlier trace under this id goes whatever happens to the new one. It is
             // dropped after the lock is released, in case dropping a trace is costly.
@@ -306,18 +309,19 @@ impl<T: Send + Sync> TraceStore<T> {
     /// Looks `id` up at `now`.
     ///
     /// [`Lookup::Pending`] while the request is under way (begun, neither finished nor
-    /// abandoned, and begun no longer than `ttl` ago); this wins over an earlier finished
+    /// abandoned, and begun no longer than `pending_ttl` ago); this wins over an earlier finished
     /// trace under the same id. Otherwise [`Lookup::Found`] with the finished trace if it
     /// finished no longer than `ttl` ago, else [`Lookup::Unknown`].
     pub fn get(&self, id: &str, now: Duration) -> Lookup<T> {
         let ttl = self.limits.ttl;
+        let pending_ttl = self.limits.pending_ttl;
         let mut inner = self.lock();
-        inner.sweep_pending(now, ttl);
+        inner.sweep_pending(now, pending_ttl);
         inner.sweep_finished(now, ttl);
         if inner
             .pending
             .get(id)
-            .is_some_and(|p| !expired(p.begun_at, now, ttl))
+            .is_some_and(|p| !expired(p.begun_at, now, pending_ttl))
         {
             return Lookup::Pending;
         }
@@ -380,7 +384,29 @@ mod tests {
             max_traces,
             max_bytes,
             ttl: S(ttl),
+            pending_ttl: S(ttl),
         })
+    }
+
+    #[test]
+    fn a_long_request_keeps_its_pending_mark_past_the_ttl() {
+        let s: TraceStore<String> = TraceStore::new(TraceLimits {
+            max_traces: 4,
+            max_bytes: 1000,
+            ttl: S(60),
+            pending_ttl: S(86_400),
+        });
+        assert!(s.begin("stream", S(0)));
+        // A stream running for an hour is still pending, not unknown.
+        assert_eq!(s.get("stream", S(3600)), Lookup::Pending);
+        s.finish("stream", "t".into(), 1, S(3600));
+        assert_eq!(found(s.get("stream", S(3660))), "t");
+        assert_eq!(s.get("stream", S(3661)), Lookup::Unknown);
+        // A mark whose request never ended goes after pending_ttl.
+        assert!(s.begin("lost", S(0)));
+        assert_eq!(s.get("lost", S(86_400)), Lookup::Pending);
+        assert_eq!(s.get("lost", S(86_401)), Lookup::Unknown);
+        assert_eq!(s.stats().pending, 0);
     }
 
     fn found(l: Lookup<String>) -> String {
@@ -648,6 +674,19 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_mark_in_front_does_not_stop_the_sweep() {
+        let s = store(10, 1000, 10);
+        assert!(s.begin("a", S(0)));
+        assert!(s.begin("b", S(1)));
+        assert!(s.begin("a", S(5)));
+        // The first slot of "a" is stale; "b" behind it has expired and goes.
+        assert_eq!(s.get("zzz", S(12)), Lookup::Unknown);
+        assert_eq!(s.stats().pending, 1);
+        assert_eq!(pending_slots(&s), 1);
+        assert_eq!(s.get("a", S(12)), Lookup::Pending);
+    }
+
+    #[test]
     fn beginning_again_restarts_the_mark() {
         let s = store(10, 1000, 10);
         assert!(s.begin("a", S(0)));
@@ -707,27 +746,23 @@ mod tests {
     #[test]
     fn compaction_waits_for_enough_stale_slots() {
         let s = store(100, 1_000_000, 1000);
-        s.finish("front", "front".into(), 1, S(0));
-        assert!(s.begin("front", S(0)));
-        for _ in 0..COMPACT_SLACK + 1 {
+        for id in ["front", "middle"] {
+            s.finish(id, id.into(), 1, S(0));
+            assert!(s.begin(id, S(0)));
+        }
+        // Three live entries each, so up to 2 * 3 + slack slots are allowed.
+        let most = 2 * 3 + COMPACT_SLACK;
+        for _ in 0..most - 2 {
             s.finish("x", "x".into(), 1, S(0));
             assert!(s.begin("p", S(0)));
         }
-        // Two live entries each, so up to 2 * 2 + slack slots are allowed.
-        assert_eq!(finished_slots(&s), COMPACT_SLACK + 2);
-        assert_eq!(pending_slots(&s), COMPACT_SLACK + 2);
-        for _ in 0..2 {
-            s.finish("x", "x".into(), 1, S(0));
-            assert!(s.begin("p", S(0)));
-        }
-        // Exactly 2 * 2 + slack: still no compaction.
-        assert_eq!(finished_slots(&s), COMPACT_SLACK + 4);
-        assert_eq!(pending_slots(&s), COMPACT_SLACK + 4);
+        assert_eq!(finished_slots(&s), most);
+        assert_eq!(pending_slots(&s), most);
         // One more, and only the live slots remain.
         s.finish("x", "x".into(), 1, S(0));
         assert!(s.begin("p", S(0)));
-        assert_eq!(finished_slots(&s), 2);
-        assert_eq!(pending_slots(&s), 2);
+        assert_eq!(finished_slots(&s), 3);
+        assert_eq!(pending_slots(&s), 3);
     }
 
     #[test]

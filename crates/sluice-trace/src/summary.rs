@@ -969,6 +969,18 @@ mod tests {
     }
 
     #[test]
+    fn digits_take_exactly_what_they_need() {
+        let mut t: &[u8] = b"12";
+        assert_eq!(digits(&mut t, 2), Some(12));
+        assert!(t.is_empty());
+        let mut t: &[u8] = b"1";
+        assert_eq!(digits(&mut t, 2), None);
+        let mut t: &[u8] = b"0987x";
+        assert_eq!(digits(&mut t, 4), Some(987));
+        assert_eq!(t, b"x");
+    }
+
+    #[test]
     fn traced_values() {
         for bad in ["yes", "TRUE", "1", "False"] {
             let e = parse(&format!("traced={bad}")).unwrap_err();
