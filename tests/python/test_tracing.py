@@ -224,6 +224,16 @@ apis:
   - name: captured
     path: /captured/openai
     backends: [capture]
+  - name: entra
+    path: /entra/openai
+    backends: [capture]
+    auth: jwt
+    policies:
+      - validate_jwt:
+          openid_config_url: ENTRA_OPENID
+          issuers: [ENTRA_ISSUER]
+          audiences: [https://cognitiveservices.azure.com]
+          required_roles: [Chat.User]
 """
 
 
@@ -438,6 +448,31 @@ def test_the_debug_header_never_reaches_a_backend(full):
     _, headers = full.capture.requests[-1]
     assert not any(h.lower() == "apim-debug-authorization" for h in headers)
     assert token not in json.dumps(headers)
+
+
+def test_jwt_decisions_are_traced_without_the_token(full):
+    token = debug_token(full, api="entra")
+    jwt = full.entra.token(roles=["Chat.User"])
+    url = f"{full.url}/entra{CHAT}"
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(url, json=body, timeout=30,
+                   headers={"authorization": f"Bearer {jwt}", "Apim-Debug-Authorization": token})
+    assert r.status_code == 200, r.text
+    t = list_trace(full, r.headers["apim-trace-id"])
+    accepted = entries(t.json(), "inbound", "validate-jwt")[0]
+    assert accepted["message"] == "The JWT was validated."
+    assert accepted["appId"] == FakeEntra.APP_ID and accepted["roles"] == ["Chat.User"]
+    assert accepted["requiredRoles"] == ["Chat.User"] and accepted["issuer"] == full.entra.issuer
+    headers = {h["name"]: h["value"] for h in entries(t.json(), "inbound", "api-inspector")[0]["request"]["headers"]}
+    assert headers["authorization"] == "Bearer <redacted>"
+    assert jwt not in t.text and jwt.split(".")[2] not in t.text
+    # Without the role: refused, and the trace says why.
+    r = httpx.post(url, json=body, timeout=30,
+                   headers={"authorization": f"Bearer {full.entra.token(roles=['Other'])}",
+                            "Apim-Debug-Authorization": token})
+    assert r.status_code == 401
+    refused = entries(list_trace(full, r.headers["apim-trace-id"]).json(), "inbound", "validate-jwt")[0]
+    assert refused == {"message": "JWT is missing a required role.", "result": "refused"}
 
 
 def test_unknown_trace_ids_and_bad_list_trace_requests(full):

@@ -275,6 +275,11 @@ mod tests {
         );
         // Invalid ones are not remembered; the cache stays bounded.
         assert_eq!(key.lock().len(), 1);
+        for n in 0..9 {
+            let t = key.issue("api", Duration::from_secs(600), 1_001 + n);
+            assert!(key.check(&t, "api", 1_100).is_ok());
+        }
+        assert_eq!(key.lock().len(), 10, "kept until the cache is full");
         for n in 0..VERIFIED_CAPACITY as u64 + 5 {
             let t = key.issue("api", Duration::from_secs(600), 2_000 + n);
             assert!(key.check(&t, "api", 2_100).is_ok());

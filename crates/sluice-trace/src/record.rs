@@ -126,8 +126,8 @@ impl serde::Serialize for Val {
             Val::Bool(b) => s.serialize_bool(*b),
             Val::U64(n) => s.serialize_u64(*n),
             Val::I64(n) => s.serialize_i64(*n),
-            Val::F64(f) if f.is_finite() => s.serialize_f64(*f),
-            Val::F64(_) => s.serialize_unit(),
+            // JSON writes a NaN or an infinity as null, as `to_json` does.
+            Val::F64(f) => s.serialize_f64(*f),
             Val::Str(t) => s.serialize_str(t),
             Val::Obj(fields) => {
                 let mut m = s.serialize_map(Some(fields.len()))?;
@@ -640,6 +640,37 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_without_drops_has_no_note() {
+        let start = Instant::now();
+        let mut r = Recorder::new(start);
+        r.add_at(
+            Section::Outbound,
+            "x",
+            start + Duration::from_secs(2),
+            Val::Null,
+        );
+        let t = r.to_trace("s", "i");
+        assert_eq!(t.trace_entries.outbound.len(), 1);
+        // With drops, the note is dated at the last kept entry.
+        for _ in 0..MAX_EVENTS {
+            r.add_at(
+                Section::Inbound,
+                "y",
+                start + Duration::from_secs(1),
+                Val::Null,
+            );
+        }
+        let t = r.to_trace("s", "i");
+        let note = t.trace_entries.outbound.last().unwrap();
+        assert_eq!(note.source, "trace");
+        assert_eq!(note.elapsed, "00:00:02.0000000");
+        assert_eq!(
+            note.timestamp,
+            crate::format_timestamp(r.wall_start() + Duration::from_secs(2))
+        );
+    }
+
+    #[test]
     fn a_trace_keeps_at_most_max_events() {
         let mut r = Recorder::new(Instant::now());
         for _ in 0..MAX_EVENTS + 3 {
@@ -709,6 +740,72 @@ mod tests {
             "/p?api-version=1&Subscription-Key=<redacted>&flag"
         );
         assert_eq!(r.url("/p", Some("subscription-key")), "/p?subscription-key");
+        // Encoded names are the same parameter to the gateway, and here.
+        assert_eq!(
+            r.url(
+                "/p",
+                Some("subscription%2Dkey=abc&%73ubscription-key=d&x=%41")
+            ),
+            "/p?subscription%2Dkey=<redacted>&%73ubscription-key=<redacted>&x=%41"
+        );
+    }
+
+    #[test]
+    fn form_decoding() {
+        assert_eq!(form_decode("%41%42"), "AB");
+        assert_eq!(form_decode("%7a%7A"), "zz");
+        assert_eq!(form_decode("a+b%20c"), "a b c");
+        assert_eq!(form_decode("%2D-"), "--");
+        // Bad or cut escapes stay as they are.
+        assert_eq!(form_decode("%zz%4"), "%zz%4");
+        assert_eq!(form_decode("%4g"), "%4g");
+        assert_eq!(form_decode("x%"), "x%");
+        assert_eq!(form_decode("x%4"), "x%4");
+        assert_eq!(form_decode("%41"), "A");
+        assert_eq!(form_decode("ab%41"), "abA");
+        assert_eq!(form_decode("%ff"), "\u{fffd}");
+        assert_eq!(form_decode(""), "");
+    }
+
+    #[test]
+    fn sizes_are_counted_exactly() {
+        let v = std::mem::size_of::<Val>();
+        let w = std::mem::size_of::<usize>();
+        assert_eq!(Val::Null.approx_bytes(), v);
+        assert_eq!(Val::from("static").approx_bytes(), v);
+        let owned = String::with_capacity(40) + "x";
+        assert_eq!(Val::from(owned).approx_bytes(), v + 40);
+        let obj = Val::obj([("a", Val::U64(1)), ("b", Val::Null)]);
+        assert_eq!(
+            obj.approx_bytes(),
+            v + 2 * (v + std::mem::size_of::<&str>())
+        );
+        let arr = Val::Arr(vec![Val::Null, Val::Bool(true), Val::I64(-1)]);
+        assert_eq!(arr.approx_bytes(), 4 * v);
+        let mut map = http::HeaderMap::new();
+        map.insert("x-a", "12345".parse().unwrap());
+        map.insert("x-bb", "1".parse().unwrap());
+        assert_eq!(
+            Val::Map(map).approx_bytes(),
+            v + (3 + 5 + 8 * w) + (4 + 1 + 8 * w)
+        );
+        let list = Val::Headers(vec![
+            (String::with_capacity(10), String::with_capacity(20)),
+            (String::with_capacity(3), String::with_capacity(0)),
+        ]);
+        let s = std::mem::size_of::<String>();
+        assert_eq!(list.approx_bytes(), v + (30 + 2 * s) + (3 + 2 * s));
+        let mut r = Recorder::new(Instant::now());
+        assert!(r.is_empty());
+        let base = r.approx_bytes();
+        assert_eq!(base, std::mem::size_of::<Recorder>());
+        r.add(Section::Inbound, "x", Val::Null);
+        r.add(Section::Inbound, "y", Val::from(String::with_capacity(7)));
+        assert!(!r.is_empty());
+        assert_eq!(
+            r.approx_bytes(),
+            base + 2 * std::mem::size_of::<Event>() + 2 * v + 7
+        );
     }
 
     #[test]
@@ -754,6 +851,10 @@ mod tests {
         assert_eq!(
             body_excerpt(b"hello", 3).to_json(),
             serde_json::json!({"bytes": 5, "truncated": true, "text": "hel"})
+        );
+        assert_eq!(
+            body_excerpt(b"hey", 3).to_json(),
+            serde_json::json!({"bytes": 3, "truncated": false, "text": "hey"})
         );
         assert_eq!(
             body_excerpt(b"hi", 3).to_json(),
