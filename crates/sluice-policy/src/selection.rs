@@ -194,6 +194,10 @@ impl RoutingMetrics {
     }
 }
 
+/// How many times one request may be repeated on the same backend after a
+/// pooled connection turned out stale ([`BackendSelector::retry_same`]).
+pub const MAX_STALE_RETRIES: usize = 2;
+
 /// Chooses backends for requests: the pools, each backend's breaker and
 /// headroom, and the failover rules of every API.
 #[derive(Debug)]
@@ -647,14 +651,21 @@ impl BackendSelector {
 
     /// The attempt failed on a pooled connection the backend had closed
     /// (not the backend's fault): plan the same backend again, without
-    /// counting a failure. Only once per request, and only for calls that
-    /// may be repeated after a lost connection (the request may have reached
-    /// the backend before the connection broke). Returns whether it did.
+    /// counting a failure. At most [`MAX_STALE_RETRIES`] times per request
+    /// (a backend that closed its idle connections closed every one the
+    /// pool holds, and the retry may draw another of them), and only for
+    /// calls that may be repeated after a lost connection (the request may
+    /// have reached the backend before the connection broke). Returns
+    /// whether it did.
     pub fn retry_same(&self, ctx: &mut RequestContext) -> bool {
         let kind = ctx.routing.kind.unwrap_or(CallKind::Generation);
-        if !kind.may_fail_over(&Outcome::ConnectionLost)
-            || ctx.routing.attempts.iter().any(|a| a.stale_retry)
-        {
+        let stale = ctx
+            .routing
+            .attempts
+            .iter()
+            .filter(|a| a.stale_retry)
+            .count();
+        if !kind.may_fail_over(&Outcome::ConnectionLost) || stale >= MAX_STALE_RETRIES {
             return false;
         }
         let Some(a) = ctx.routing.attempts.last_mut() else {
@@ -1055,10 +1066,13 @@ pools:
         assert!(c.routing.attempts[1].stale_retry);
         assert!(!c.routing.attempts[0].stale_retry);
         assert_eq!(s.statuses()[0].state, "closed", "not the backend's fault");
-        // Once per request only.
+        // Twice per request at most.
+        assert!(s.retry_same(&mut c));
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert!(c.routing.attempts[2].stale_retry);
         assert!(!s.retry_same(&mut c));
-        // The repeat does not use up the attempts: with max_attempts 1 the
-        // request still gets its one real attempt, which was this one.
+        // The repeats do not use up the attempts: with max_attempts 1 the
+        // request still gets its one real attempt.
         assert_eq!(c.routing.counted_attempts(), 1);
         // Only an open attempt can be retried so.
         s.after_status(&mut c, 200, headers(&[]), true);

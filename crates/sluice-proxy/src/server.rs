@@ -97,10 +97,12 @@ fn build_server(
         threads: threads.max(1),
         grace_period_seconds: Some(shutdown_timeout.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        // pingora's own retry loop: one turn per attempt the routing allows,
-        // plus room for a stale pooled connection retried on the same
+        // pingora's own retry loop: room for every attempt the routing
+        // allows and every stale pooled connection repeated on the same
         // backend. The routing decides every retry; this only bounds it.
-        max_retries: state.selector.max_attempts() * 2 + 1,
+        max_retries: state.selector.max_attempts() * 2
+            + sluice_policy::selection::MAX_STALE_RETRIES
+            + 1,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
