@@ -139,26 +139,30 @@ impl<T> Inner<T> {
         seq
     }
 
-    /// Removes a finished trace by id, keeping the byte count exact. Its queue slot turns stale.
-    fn remove_finished(&mut self, id: &str) {
+    /// Removes a finished trace by id, keeping the byte count exact, and moves it to `gone`
+    /// (freed by the caller once the lock is released). Its queue slot turns stale.
+    fn remove_finished(&mut self, id: &str, gone: &mut Vec<Finished<T>>) {
         if let Some(old) = self.finished.remove(id) {
             self.bytes -= old.bytes;
+            gone.push(old);
         }
     }
 
-    /// Removes the oldest finished trace (skipping stale queue slots). False when there is none.
-    fn pop_oldest_finished(&mut self) -> bool {
+    /// Removes the oldest finished trace (skipping stale queue slots) into `gone`. False when
+    /// there is none.
+    fn pop_oldest_finished(&mut self, gone: &mut Vec<Finished<T>>) -> bool {
         while let Some((id, seq)) = self.finished_order.pop_front() {
             if self.finished.get(&id).is_some_and(|f| f.seq == seq) {
-                self.remove_finished(&id);
+                self.remove_finished(&id, gone);
                 return true;
             }
         }
         false
     }
 
-    /// Drops expired finished traces and stale queue slots from the front of the queue.
-    fn sweep_finished(&mut self, now: Duration, ttl: Duration) {
+    /// Moves expired finished traces into `gone`, and drops stale queue slots, from the front
+    /// of the queue.
+    fn sweep_finished(&mut self, now: Duration, ttl: Duration, gone: &mut Vec<Finished<T>>) {
         while let Some((id, seq)) = self.finished_order.front() {
             match self.finished.get(id) {
                 Some(f) if f.seq == *seq => {
@@ -166,7 +170,7 @@ impl<T> Inner<T> {
                         break;
                     }
                     let id = Arc::clone(id);
-                    self.remove_finished(&id);
+                    self.remove_finished(&id, gone);
                 }
                 _ => {}
             }
@@ -255,24 +259,22 @@ impl<T: Send + Sync> TraceStore<T> {
     /// its id then looks [`Lookup::Unknown`]. Finishing an id a second time replaces the
     /// first trace, which then counts as finished at `now`.
     pub fn finish(&self, id: &str, value: T, bytes: usize, now: Duration) {
-        let dropped;
+        // Traces that leave the store are freed after the lock is released: freeing a trace
+        // is costly (it holds many small values), and others wait for the lock meanwhile.
+        let mut gone = Vec::new();
         {
             let mut inner = self.lock();
             inner.pending.remove(id);
             inner.sweep_pending(now, self.limits.pending_ttl);
-            inner.sweep_finished(now, self.limits.ttl);
-            // The earlier trace under this id goes whatever happens to the new one. It is
-            // dropped after the lock is released, in case dropping a trace is costly.
-            dropped = inner.finished.remove(id);
-            if let Some(old) = &dropped {
-                inner.bytes -= old.bytes;
-            }
+            inner.sweep_finished(now, self.limits.ttl, &mut gone);
+            // The earlier trace under this id goes whatever happens to the new one.
+            inner.remove_finished(id, &mut gone);
             if bytes > self.limits.max_bytes || self.limits.max_traces == 0 {
                 inner.rejected += 1;
             } else {
                 let room = self.limits.max_bytes - bytes;
                 while (inner.finished.len() >= self.limits.max_traces || inner.bytes > room)
-                    && inner.pop_oldest_finished()
+                    && inner.pop_oldest_finished(&mut gone)
                 {
                     inner.evicted += 1;
                 }
@@ -292,7 +294,7 @@ impl<T: Send + Sync> TraceStore<T> {
             }
             inner.compact();
         }
-        drop(dropped);
+        drop(gone);
         self.changed.notify_waiters();
     }
 
@@ -315,9 +317,12 @@ impl<T: Send + Sync> TraceStore<T> {
     pub fn get(&self, id: &str, now: Duration) -> Lookup<T> {
         let ttl = self.limits.ttl;
         let pending_ttl = self.limits.pending_ttl;
+        // Declared before the guard, so dropped after it: expired traces are freed once the
+        // lock is released.
+        let mut gone = Vec::new();
         let mut inner = self.lock();
         inner.sweep_pending(now, pending_ttl);
-        inner.sweep_finished(now, ttl);
+        inner.sweep_finished(now, ttl, &mut gone);
         if inner
             .pending
             .get(id)
@@ -386,6 +391,59 @@ mod tests {
             ttl: S(ttl),
             pending_ttl: S(ttl),
         })
+    }
+
+    /// A trace that notes whether the store's lock was free when it was freed.
+    struct Probe {
+        store: Arc<std::sync::OnceLock<Arc<TraceStore<Probe>>>>,
+        freed_under_lock: Arc<std::sync::atomic::AtomicUsize>,
+        freed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.freed.fetch_add(1, SeqCst);
+            if let Some(s) = self.store.get()
+                && s.inner.try_lock().is_err()
+            {
+                self.freed_under_lock.fetch_add(1, SeqCst);
+            }
+        }
+    }
+
+    #[test]
+    fn traces_leaving_the_store_are_freed_outside_its_lock() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let under = Arc::new(AtomicUsize::new(0));
+        let freed = Arc::new(AtomicUsize::new(0));
+        let store = Arc::new(TraceStore::new(TraceLimits {
+            max_traces: 2,
+            max_bytes: 100,
+            ttl: S(10),
+            pending_ttl: S(10),
+        }));
+        let _ = cell.set(Arc::clone(&store));
+        let probe = || Probe {
+            store: Arc::clone(&cell),
+            freed_under_lock: Arc::clone(&under),
+            freed: Arc::clone(&freed),
+        };
+        // Evicted for count, replaced under the same id, expired on finish and on get.
+        store.finish("a", probe(), 1, S(0));
+        store.finish("b", probe(), 1, S(0));
+        store.finish("c", probe(), 1, S(0));
+        store.finish("c", probe(), 1, S(1));
+        store.finish("d", probe(), 1, S(20));
+        store.finish("e", probe(), 1, S(21));
+        assert!(matches!(store.get("e", S(40)), Lookup::Unknown));
+        assert_eq!(freed.load(SeqCst), 6);
+        assert_eq!(under.load(SeqCst), 0, "freed while the lock was held");
+        // Too large to keep: freed at once, outside the lock too.
+        store.finish("f", probe(), 1000, S(40));
+        assert_eq!(freed.load(SeqCst), 7);
+        assert_eq!(under.load(SeqCst), 0);
     }
 
     #[test]
