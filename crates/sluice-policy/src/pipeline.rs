@@ -32,7 +32,7 @@ use sluice_trace::record::Val;
 use crate::context::{RequestContext, TokenCharge};
 use crate::error::GatewayError;
 use crate::metrics::TokenMetrics;
-use crate::subscription::{SubscriptionIndex, extract_key};
+use crate::subscription::{SubscriptionIndex, bearer_key, extract_key};
 
 /// What every API's pipeline shares.
 #[derive(Debug, Clone)]
@@ -335,11 +335,16 @@ impl ApiPipeline {
     ) -> Result<(), GatewayError> {
         let realm = || format!("http://{}{}", req.host, self.api.path);
         let settings = &self.api.subscription;
+        // On v1 paths the plain `OpenAI` client sends the key as a bearer.
+        let v1 = req.rest_path == "/v1" || req.rest_path.starts_with("/v1/");
         let check = |ctx: &mut RequestContext| -> Result<(), GatewayError> {
-            match shared
-                .subscriptions
-                .check(&self.api.name, settings, req.headers, req.query)
-            {
+            match shared.subscriptions.check_with_bearer(
+                &self.api.name,
+                settings,
+                req.headers,
+                req.query,
+                v1,
+            ) {
                 Ok(sub) => {
                     ctx.trace(Section::Inbound, "subscription-key", || match &sub {
                         Some(m) => Val::obj([
@@ -368,7 +373,9 @@ impl ApiPipeline {
             ApiAuth::Key => check(ctx),
             ApiAuth::Jwt => Ok(()),
             ApiAuth::KeyOrJwt => {
-                if extract_key(settings, req.headers, req.query).is_some() {
+                let key = extract_key(settings, req.headers, req.query).is_some()
+                    || (v1 && bearer_key(req.headers).is_some());
+                if key {
                     check(ctx)
                 } else {
                     ctx.trace(Section::Inbound, "subscription-key", || {
@@ -977,6 +984,42 @@ mod tests {
             window: Window::Sliding(Duration::from_secs(60)),
         };
         assert_eq!(store.peek("tokens|sub:team-a", &limit).await.used, 35);
+    }
+
+    #[tokio::test]
+    async fn v1_paths_take_the_key_from_a_bearer() {
+        let (p, shared, _) = setup("      []\n");
+        let h = headers(&[("authorization", "Bearer key-a")]);
+        let v1 = |h: &'static HeaderMap, path: &'static str| InboundRequest {
+            rest_path: path,
+            ..request(h, None)
+        };
+        let h: &'static HeaderMap = Box::leak(Box::new(h));
+        let mut ctx = RequestContext::default();
+        p.inbound(&v1(h, "/v1/chat/completions"), &mut ctx, &shared)
+            .await
+            .unwrap();
+        assert_eq!(ctx.subscription.as_ref().map(|s| &*s.name), Some("team-a"));
+        // The deployments form keeps APIM's rule: the key is in api-key.
+        let mut ctx = RequestContext::default();
+        let e = p
+            .inbound(&v1(h, CHAT), &mut ctx, &shared)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(e.message.contains("missing subscription key"));
+        // A wrong bearer key on v1 is an invalid key.
+        let bad: &'static HeaderMap =
+            Box::leak(Box::new(headers(&[("authorization", "Bearer nope")])));
+        let e = p
+            .inbound(
+                &v1(bad, "/v1/embeddings"),
+                &mut RequestContext::default(),
+                &shared,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("invalid subscription key"));
     }
 
     /// The entries a traced context recorded: (section, source, data).

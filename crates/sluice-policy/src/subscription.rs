@@ -167,7 +167,23 @@ impl SubscriptionIndex {
         headers: &HeaderMap,
         query: Option<&str>,
     ) -> Result<Option<SubscriptionMatch>, KeyError> {
-        let key = extract_key(settings, headers, query);
+        self.check_with_bearer(api_name, settings, headers, query, false)
+    }
+
+    /// [`Self::check`], also taking the key from `Authorization: Bearer
+    /// <key>` when `bearer` (v1 paths, where the plain `OpenAI` client sends
+    /// its key so) and no other place carries one. A bearer that looks like
+    /// a JWT is never taken for a key.
+    pub fn check_with_bearer(
+        &self,
+        api_name: &str,
+        settings: &SubscriptionSettings,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        bearer: bool,
+    ) -> Result<Option<SubscriptionMatch>, KeyError> {
+        let key = extract_key(settings, headers, query)
+            .or_else(|| bearer.then(|| bearer_key(headers)).flatten());
         let Some(key) = key else {
             return if settings.required {
                 Err(KeyError::Missing)
@@ -191,6 +207,23 @@ impl SubscriptionIndex {
             slot,
         }))
     }
+}
+
+/// The value of `Authorization: Bearer <value>` when it is not a JWT (three
+/// dot-separated parts, the first a base64url JSON header, `eyJ...`): a
+/// subscription key as the plain `OpenAI` client sends it on v1 paths.
+pub fn bearer_key(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let v = headers
+        .get(http::header::AUTHORIZATION)?
+        .as_bytes()
+        .trim_ascii();
+    let (scheme, rest) = v.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    let jwt = token.starts_with(b"eyJ") && token.iter().filter(|&&c| c == b'.').count() == 2;
+    (!token.is_empty() && !jwt).then(|| token.to_vec())
 }
 
 /// The key a request carries, headers first (in configured order), then the
@@ -237,6 +270,59 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(name, HeaderValue::from_str(v).unwrap());
         h
+    }
+
+    #[test]
+    fn a_bearer_key_counts_only_where_asked_and_only_when_not_a_jwt() {
+        let idx = SubscriptionIndex::new(&[sub("a", "k1", Some("k2"))]);
+        let s = settings();
+        let bearer = hdr("authorization", "Bearer k2");
+        let m = idx
+            .check_with_bearer("api", &s, &bearer, None, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((&*m.name, m.slot), ("a", KeySlot::Secondary));
+        // Not asked (deployments paths): as if no key were sent.
+        assert!(matches!(
+            idx.check("api", &s, &bearer, None),
+            Err(KeyError::Missing)
+        ));
+        // A header key wins over the bearer.
+        let mut both = bearer.clone();
+        both.insert("api-key", HeaderValue::from_static("k1"));
+        let m = idx
+            .check_with_bearer("api", &s, &both, None, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.slot, KeySlot::Primary);
+        // Unknown key: invalid, as any other place would be.
+        assert!(matches!(
+            idx.check_with_bearer("api", &s, &hdr("authorization", "bearer nope"), None, true),
+            Err(KeyError::Invalid)
+        ));
+        assert_eq!(
+            bearer_key(&hdr("authorization", "bearer  k9 ")),
+            Some(b"k9".to_vec())
+        );
+        for not_a_key in [
+            "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+            "Basic azE6cA==",
+            "Bearer ",
+            "Bearer",
+            "k1",
+        ] {
+            assert_eq!(
+                bearer_key(&hdr("authorization", not_a_key)),
+                None,
+                "{not_a_key}"
+            );
+        }
+        // Something shaped like a key that happens to hold dots is a key.
+        assert_eq!(
+            bearer_key(&hdr("authorization", "Bearer a.b.c")),
+            Some(b"a.b.c".to_vec())
+        );
+        assert_eq!(bearer_key(&HeaderMap::new()), None);
     }
 
     #[test]
