@@ -258,11 +258,10 @@ impl Gateway {
         err: &GatewayError,
         continued: bool,
     ) -> Result<()> {
-        if ctx.trace.is_none() && ctx.trace_note.is_none() {
-            return respond(session, err, continued).await;
+        match self.traced_answer(ctx, err) {
+            Some(traced) => respond(session, &traced, continued).await,
+            None => respond(session, err, continued).await,
         }
-        let err = self.traced_answer(ctx, err);
-        respond(session, &err, continued).await
     }
 
     /// The client's address: the TCP peer, or, when the peer is a trusted
@@ -1055,7 +1054,7 @@ impl ProxyHttp for Gateway {
         } else {
             match self.error_for(e, ctx) {
                 Some(err) => {
-                    let err = self.traced_answer(ctx, &err);
+                    let err = self.traced_answer(ctx, &err).unwrap_or(err);
                     if respond(session, &err, ctx.continue_sent).await.is_err() {
                         tracing::debug!("could not write the error response");
                     }

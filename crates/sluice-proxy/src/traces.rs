@@ -187,7 +187,7 @@ impl Gateway {
                 return;
             }
         }
-        let id = uuid_simple();
+        let id = sluice_trace::new_trace_id();
         if !traces.store.begin(&id, traces.now()) {
             tracing::debug!("trace store full of unfinished traces; request not traced");
             return;
@@ -270,13 +270,16 @@ impl Gateway {
         ctx.trace_note.clone()
     }
 
-    /// A gateway-made answer (refusal or error): recorded in `on-error`,
-    /// and carrying the trace's header.
+    /// A gateway-made answer (refusal or error) to a traced request (or
+    /// one whose credential did not open tracing): recorded in `on-error`,
+    /// and carrying the trace's header. `None` for any other request, which
+    /// gets `err` as it is.
     pub(crate) fn traced_answer(
         &self,
         ctx: &mut RequestContext,
         err: &GatewayError,
-    ) -> GatewayError {
+    ) -> Option<GatewayError> {
+        let (name, value) = Self::trace_headers(ctx)?;
         // An answer that could not be written is offered again by
         // `fail_to_proxy`: it is recorded once.
         if let Some(t) = ctx.trace.as_mut()
@@ -301,11 +304,7 @@ impl Gateway {
                 ]),
             );
         }
-        let mut out = err.clone();
-        if let Some((name, value)) = Self::trace_headers(ctx) {
-            out = out.with_header(name, value);
-        }
-        out
+        Some(err.clone().with_header(name, value))
     }
 
     /// The request as it goes to the backend (after every rewrite).
@@ -405,23 +404,13 @@ impl Gateway {
     pub(crate) fn trace_request_body(&self, ctx: &mut RequestContext, body: &[u8]) {
         let keep = self.state.traces.body_bytes;
         ctx.trace(Section::Inbound, "request-payload-handler", || {
-            if keep == 0 {
-                Val::from(format!(
+            payload_entry(
+                format!(
                     "Reading request payload succeeded. {} bytes read.",
                     body.len()
-                ))
-            } else {
-                Val::obj([
-                    (
-                        "message",
-                        Val::from(format!(
-                            "Reading request payload succeeded. {} bytes read.",
-                            body.len()
-                        )),
-                    ),
-                    ("body", body_excerpt(body, keep)),
-                ])
-            }
+                ),
+                (keep > 0).then(|| body_excerpt(body, keep)),
+            )
         });
     }
 
@@ -429,27 +418,13 @@ impl Gateway {
     pub(crate) fn trace_streamed_body(&self, ctx: &mut RequestContext, t: &Tally) {
         let keep = self.state.traces.body_bytes;
         ctx.trace(Section::Inbound, "request-payload-handler", || {
-            let message = Val::from(format!(
-                "The request payload streamed to the backend: {} bytes.",
-                t.bytes
-            ));
-            if keep == 0 {
-                return message;
-            }
-            Val::obj([
-                ("message", message),
-                (
-                    "body",
-                    Val::obj([
-                        ("bytes", t.bytes.into()),
-                        ("truncated", (t.bytes > t.body.len() as u64).into()),
-                        (
-                            "text",
-                            Val::from(String::from_utf8_lossy(&t.body).into_owned()),
-                        ),
-                    ]),
+            payload_entry(
+                format!(
+                    "The request payload streamed to the backend: {} bytes.",
+                    t.bytes
                 ),
-            ])
+                (keep > 0).then(|| t.excerpt()),
+            )
         });
     }
 
@@ -479,17 +454,7 @@ impl Gateway {
                     fields.push(("timeToFirstEventMs", since(t.first_event)));
                 }
                 if traces.body_bytes > 0 {
-                    fields.push((
-                        "body",
-                        Val::obj([
-                            ("bytes", t.bytes.into()),
-                            ("truncated", (t.bytes > t.body.len() as u64).into()),
-                            (
-                                "text",
-                                Val::from(String::from_utf8_lossy(&t.body).into_owned()),
-                            ),
-                        ]),
-                    ));
+                    fields.push(("body", t.excerpt()));
                 }
             }
             let message = match (status, &tally) {
@@ -652,6 +617,15 @@ impl Gateway {
     }
 }
 
+/// A `request-payload-handler` entry: the message alone, or with the body
+/// when bodies are recorded.
+fn payload_entry(message: String, body: Option<Val>) -> Val {
+    match body {
+        None => Val::from(message),
+        Some(b) => Val::obj([("message", Val::from(message)), ("body", b)]),
+    }
+}
+
 /// The most of a request's path a summary keeps (a request head may be
 /// up to 1 MiB long; the ring must stay small).
 const MAX_PATH: usize = 256;
@@ -686,11 +660,6 @@ fn uri_template(rest: &str) -> String {
     }
 }
 
-/// A new trace id: 32 lowercase hex characters, as APIM's look.
-fn uuid_simple() -> String {
-    sluice_trace::new_request_id().replace('-', "")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,13 +675,6 @@ mod tests {
             "/deployments/{deployment-id}"
         );
         assert_eq!(uri_template("/v1/responses"), "/v1/responses");
-    }
-
-    #[test]
-    fn trace_ids_are_32_hex() {
-        let id = uuid_simple();
-        assert_eq!(id.len(), 32);
-        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
     }
 
     #[test]

@@ -133,6 +133,12 @@ pub fn new_request_id() -> String {
     Uuid::new_v4().to_string()
 }
 
+/// A new trace id (`Apim-Trace-Id`): 32 lowercase hex characters, as APIM's
+/// look.
+pub fn new_trace_id() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +202,17 @@ mod tests {
         // Keys stay in the order they were written.
         let text = serde_json::to_string(&t).unwrap();
         assert!(text.contains(r#""data":{"request":{},"b":1}"#), "{text}");
+    }
+
+    #[test]
+    fn trace_ids_are_32_hex() {
+        let id = new_trace_id();
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        );
+        assert_ne!(id, new_trace_id());
     }
 
     #[test]

@@ -491,6 +491,11 @@ impl Tally {
         }
     }
 
+    /// The body's first bytes as kept, in the shape of [`body_excerpt`].
+    pub fn excerpt(&self) -> Val {
+        excerpt(self.bytes, &self.body)
+    }
+
     /// A chunk went to the client.
     pub fn feed(&mut self, chunk: &[u8]) {
         if chunk.is_empty() {
@@ -529,12 +534,19 @@ impl Tally {
 /// A body for a trace: its first `limit` bytes as text (lossy UTF-8), with
 /// a note when it was cut.
 pub fn body_excerpt(body: &[u8], limit: usize) -> Val {
-    let cut = body.len() > limit;
-    let text = String::from_utf8_lossy(&body[..body.len().min(limit)]).into_owned();
+    excerpt(body.len() as u64, &body[..body.len().min(limit)])
+}
+
+/// `{bytes, truncated, text}` for a body of `total` bytes of which `kept`
+/// are its first.
+fn excerpt(total: u64, kept: &[u8]) -> Val {
     Val::Obj(vec![
-        ("bytes", Val::from(body.len())),
-        ("truncated", Val::Bool(cut)),
-        ("text", Val::from(text)),
+        ("bytes", Val::from(total)),
+        ("truncated", Val::Bool(total > kept.len() as u64)),
+        (
+            "text",
+            Val::from(String::from_utf8_lossy(kept).into_owned()),
+        ),
     ])
 }
 
@@ -823,6 +835,10 @@ mod tests {
         assert!(t.first.is_some());
         assert_eq!(t.bytes, 41);
         assert_eq!(t.body, b"data: {}");
+        assert_eq!(
+            t.excerpt().to_json(),
+            serde_json::json!({"bytes": 41, "truncated": true, "text": "data: {}"})
+        );
         // JSON bodies have no blank lines.
         let mut j = Tally::new(0);
         j.feed(b"{\n  \"a\": 1\n}\n");
