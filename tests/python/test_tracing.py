@@ -158,6 +158,32 @@ apis:
         r = list_credentials(gw, {"apiId": "/apis/aoai", "purposes": ["tracing"]})
         debug_token = r.json()["token"]
         assert list_credentials(gw, {"apiId": "/apis/aoai", "purposes": ["tracing"]}, token="wrong-operator-token-000").status_code == 401
+        # Traced requests (failing over, refused, streamed), their traces,
+        # the summaries, and a v1 call with the key as a bearer.
+        traced = {**fault, "apim-debug-authorization": debug_token}
+        ids = []
+        for body in [small, large, {**small, "stream": True}]:
+            r = httpx.post(f"{gw.url}{chat}", json=body, headers=traced, timeout=30)
+            assert r.status_code == 200
+            ids.append(r.headers["apim-trace-id"])
+        r = httpx.post(f"{gw.url}{chat}&subscription-key={key}", json=small, timeout=30,
+                       headers={"apim-debug-authorization": debug_token})
+        assert r.status_code == 200
+        ids.append(r.headers["apim-trace-id"])
+        r = httpx.post(f"{gw.url}{chat}", json=small, timeout=30,
+                       headers={"api-key": "wrong-key-0000", "apim-debug-authorization": debug_token})
+        assert r.status_code == 401
+        ids.append(r.headers["apim-trace-id"])
+        for i in ids:
+            t = list_trace(gw, i)
+            assert t.status_code == 200
+            for secret in [key, backend_key, OPERATOR, SIGNING, debug_token]:
+                assert secret not in t.text
+        assert httpx.get(f"{gw.management}/traces", headers=op, timeout=10).status_code == 200
+        assert httpx.get(f"{gw.management}/viewer", timeout=10).status_code == 200
+        r = httpx.post(f"{gw.url}/openai/v1/chat/completions", timeout=30,
+                       json={**small, "model": "gpt-4o"}, headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
     finally:
         gw.stop()
     log = (tmp_path / "sluice.log").read_text()
