@@ -80,6 +80,7 @@ fn routing_and_errors(c: &mut Criterion) {
         backends: vec!["b".into()],
         pool: "api/b".into(),
         deployment_pools: Default::default(),
+        models: vec![],
         failover: sluice_config::Failover::default(),
         subscription: settings(),
         max_request_body_bytes: 1 << 22,

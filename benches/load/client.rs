@@ -31,8 +31,9 @@ pub struct RequestSpec {
     /// Prints redacted.
     pub api_key: sluice_sim::Secret,
     pub body: Bytes,
-    /// SSE: the body must end the stream with `data: [DONE]`.
-    pub stream: bool,
+    /// SSE: the body must hold this marker of a complete stream
+    /// (`[DONE]` for chat, `event: response.completed` for Responses).
+    pub stream_end: Option<&'static [u8]>,
     /// A debug credential sent as `Apim-Debug-Authorization` (traced requests).
     pub debug_token: Option<String>,
 }
@@ -256,7 +257,10 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
     let mut body = resp.into_body();
     let mut first = None;
     let mut len = 0usize;
-    // Enough of the end of the body to see the SSE terminator.
+    // The SSE end marker, looked for across frame boundaries (the last
+    // bytes of the previous frame are searched with each new one).
+    let marker = spec.stream_end.unwrap_or_default();
+    let mut ended = marker.is_empty();
     let mut tail: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame?;
@@ -265,9 +269,13 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
         {
             first.get_or_insert_with(Instant::now);
             len += data.len();
-            tail.extend_from_slice(&data);
-            if tail.len() > 64 {
-                tail.drain(..tail.len() - 64);
+            if !ended {
+                tail.extend_from_slice(&data);
+                ended = memchr::memmem::find(&tail, marker).is_some();
+                let keep = marker.len().saturating_sub(1);
+                if tail.len() > keep {
+                    tail.drain(..tail.len() - keep);
+                }
             }
         }
     }
@@ -276,8 +284,11 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
         Some(format!("HTTP {status}"))
     } else if len == 0 {
         Some("empty body".to_string())
-    } else if spec.stream && !String::from_utf8_lossy(&tail).contains("[DONE]") {
-        Some("SSE stream did not end with data: [DONE]".to_string())
+    } else if !ended {
+        Some(format!(
+            "SSE stream ended without {}",
+            String::from_utf8_lossy(marker)
+        ))
     } else {
         None
     };

@@ -20,6 +20,7 @@ use procs::{Proc, ProcGroup, StopSignal, TempDir};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const CHAT_PATH: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+const RESPONSES_PATH: &str = "/openai/v1/responses";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +87,8 @@ struct Args {
 enum Scenario {
     Chat,
     Stream,
+    /// A streamed Responses call on the v1 API (`/openai/v1/responses`).
+    Responses,
 }
 
 impl Scenario {
@@ -93,11 +96,43 @@ impl Scenario {
         match self {
             Scenario::Chat => "chat",
             Scenario::Stream => "stream",
+            Scenario::Responses => "responses",
         }
     }
 
-    /// A ~300-byte chat completions body.
+    fn path(self) -> &'static str {
+        match self {
+            Scenario::Responses => RESPONSES_PATH,
+            _ => CHAT_PATH,
+        }
+    }
+
+    fn streams(self) -> bool {
+        self != Scenario::Chat
+    }
+
+    /// What a complete stream of this scenario holds.
+    fn stream_end(self) -> Option<&'static [u8]> {
+        match self {
+            Scenario::Chat => None,
+            Scenario::Stream => Some(b"[DONE]"),
+            Scenario::Responses => Some(b"event: response.completed"),
+        }
+    }
+
+    /// A ~300-byte chat completions body (the same prompt as a Responses
+    /// `input`).
     fn body(self) -> Bytes {
+        if self == Scenario::Responses {
+            let body = serde_json::json!({
+                "model": "gpt-4o",
+                "instructions": "You are a terse assistant. Answer in one short sentence.",
+                "input": "Why would a team put an API gateway in front of Azure OpenAI? Mention quotas, failover between regions and per-team usage reporting.",
+                "max_output_tokens": 16,
+                "stream": true
+            });
+            return Bytes::from(body.to_string());
+        }
         let mut body = serde_json::json!({
             "messages": [
                 {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."},
@@ -534,11 +569,11 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
     for &scenario in &args.scenarios {
         for t in targets {
             let spec = Arc::new(RequestSpec {
-                path: CHAT_PATH.to_string(),
+                path: scenario.path().to_string(),
                 host: t.addr.to_string(),
                 api_key: sluice_sim::Secret::new(key),
                 body: scenario.body(),
-                stream: scenario == Scenario::Stream,
+                stream_end: scenario.stream_end(),
                 debug_token: t.debug_token.clone(),
             });
             eprintln!(
@@ -589,7 +624,7 @@ fn row(
     r.ttfb_us.sort_unstable();
     let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
     let lat = &r.latency_us;
-    let ttfb = if scenario == Scenario::Stream {
+    let ttfb = if scenario.streams() {
         [
             ms(percentile(&r.ttfb_us, 50.0)),
             ms(percentile(&r.ttfb_us, 99.0)),

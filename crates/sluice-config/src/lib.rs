@@ -28,11 +28,11 @@ pub use ipnet::IpNet;
 /// The redacted secret type shared by every Sluice crate (resolved API keys, subscription keys, client secrets).
 pub use sluice_base::Secret;
 pub use types::{
-    Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, BreakerRule, CallLimit, Config,
-    CounterKey, Counters, Credential, Dimension, EmitTokenMetric, FIXED_CREDENTIAL_HEADERS,
-    Failover, JwtKeys, Management, Policy, Pool, PoolMember, QuotaPeriod, Server, SimDeployment,
-    SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, TokenLimit, Tracing,
-    ValidateJwt,
+    AffinitySettings, Api, ApiAuth, Backend, BackendAuth, BackendTarget, BackendUrl, BreakerRule,
+    CallLimit, Config, CounterKey, Counters, Credential, Dimension, EmitTokenMetric,
+    FIXED_CREDENTIAL_HEADERS, Failover, JwtKeys, Management, Policy, Pool, PoolMember, QuotaPeriod,
+    Server, SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
+    TokenLimit, Tracing, ValidateJwt,
 };
 
 /// Loads and validates a configuration file. Relative secret `file:` paths

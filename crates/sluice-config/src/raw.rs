@@ -31,6 +31,8 @@ pub(crate) struct RawServer {
     pub trusted_proxies: Option<Vec<Option<String>>>,
     #[serde(default, deserialize_with = "present")]
     pub counters: Option<RawCounters>,
+    #[serde(default, deserialize_with = "present")]
+    pub affinity: Option<RawAffinity>,
     pub shutdown_timeout_seconds: Option<u64>,
     pub body_buffer_bytes: Option<u64>,
 }
@@ -56,6 +58,13 @@ pub(crate) struct RawTracing {
     pub body_bytes: Option<u64>,
     pub redact_headers: Option<Vec<Option<String>>>,
     pub summaries: Option<u64>,
+}
+
+/// `server.affinity`: which backend owns each object clients created.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawAffinity {
+    pub max_ids: Option<u64>,
+    pub ttl_seconds: Option<u64>,
 }
 
 /// `server.counters`: the in-memory counter store.
@@ -215,6 +224,7 @@ pub(crate) struct RawApi {
     pub backends: Option<Vec<Option<String>>>,
     pub pool: Option<String>,
     pub deployment_pools: Option<BTreeMap<String, String>>,
+    pub models: Option<Vec<Option<String>>>,
     #[serde(default, deserialize_with = "present")]
     pub failover: Option<RawFailover>,
     pub max_request_body_bytes: Option<u64>,

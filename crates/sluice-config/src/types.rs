@@ -60,6 +60,31 @@ pub struct Config {
 }
 
 impl Config {
+    /// The deployment names API `api` lists at `GET /models`: its `models`
+    /// when set; otherwise every name the configuration routes for it, sorted
+    /// and each once: the `deployment_pools` keys, the client names its
+    /// backends rename (`backends[].deployments`), and the deployments of
+    /// the simulators behind it.
+    pub fn api_models(&self, api: &Api) -> Vec<String> {
+        if !api.models.is_empty() {
+            return api.models.clone();
+        }
+        let mut names: std::collections::BTreeSet<&str> =
+            api.deployment_pools.keys().map(String::as_str).collect();
+        for backend in self
+            .backends
+            .iter()
+            .filter(|b| api.backends.contains(&b.name))
+        {
+            names.extend(backend.deployments.keys().map(String::as_str));
+            if let BackendTarget::Simulator(sim) = &backend.target {
+                let sims = self.simulators.iter().filter(|s| &s.name == sim);
+                names.extend(sims.flat_map(|s| s.deployments.keys().map(String::as_str)));
+            }
+        }
+        names.into_iter().map(str::to_string).collect()
+    }
+
     /// Every request header that carries a client credential: the fixed
     /// [`FIXED_CREDENTIAL_HEADERS`] (`api-key`, `authorization`,
     /// `proxy-authorization`, `cookie`, `ocp-apim-subscription-key`,
@@ -100,6 +125,8 @@ pub struct Server {
     pub trusted_proxies: Vec<IpNet>,
     /// The in-memory counter store of the limits.
     pub counters: Counters,
+    /// The map of backend-owned objects to their backend.
+    pub affinity: AffinitySettings,
     /// On SIGTERM: how long in-flight requests (open streams included) may
     /// run after the listeners stop accepting; 0..=3600 s, default 60 s.
     pub shutdown_timeout: Duration,
@@ -126,6 +153,29 @@ pub struct Counters {
     pub max_keys: u64,
     /// How often idle counters are purged, 1..=3600 s.
     pub purge_interval: Duration,
+}
+
+/// Which backend owns each object created through the gateway (responses,
+/// files, batches, ...): `server.affinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffinitySettings {
+    /// Most ids remembered at once (at least 1); at the cap the oldest go.
+    pub max_ids: u64,
+    /// How long an id is remembered after it was learnt, 1 s to 365 days.
+    pub ttl: Duration,
+}
+
+/// Upper bound of `server.affinity.ttl_seconds` (365 days).
+pub(crate) const MAX_AFFINITY_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
+impl Default for AffinitySettings {
+    /// 100,000 ids for 30 days (the time Azure keeps a stored response).
+    fn default() -> Self {
+        AffinitySettings {
+            max_ids: 100_000,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// Upper bound of `server.counters.purge_interval_seconds`.
@@ -436,6 +486,9 @@ pub struct Api {
     pub pool: String,
     /// Client deployment name -> the pool for that deployment.
     pub deployment_pools: BTreeMap<String, String>,
+    /// Deployment names `GET /models` lists (`apis[].models`); empty: the
+    /// names the configuration routes (see `Config::api_models`).
+    pub models: Vec<String>,
     /// Retrying on another backend.
     pub failover: Failover,
     /// How clients present subscription keys.

@@ -20,16 +20,18 @@ use crate::lines::{index_path, key_path};
 use crate::parse::{KnownNames, Parsed};
 use crate::problems::Problems;
 use crate::raw::{
-    RawApi, RawApiSubscription, RawBackend, RawCounters, RawSecret, RawServer, RawSimulator,
-    RawSubscription, RawTimeouts, RawTracing,
+    RawAffinity, RawApi, RawApiSubscription, RawBackend, RawCounters, RawSecret, RawServer,
+    RawSimulator, RawSubscription, RawTimeouts, RawTracing,
 };
 use crate::types::{
     DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MAX_LABEL_VALUES, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
-    FIXED_CREDENTIAL_HEADERS, MAX_PURGE_INTERVAL_SECONDS, MAX_SHUTDOWN_TIMEOUT_SECONDS,
+    FIXED_CREDENTIAL_HEADERS, MAX_AFFINITY_TTL_SECONDS, MAX_PURGE_INTERVAL_SECONDS,
+    MAX_SHUTDOWN_TIMEOUT_SECONDS,
 };
 use crate::{
-    Api, Backend, BackendTarget, BackendUrl, Config, Counters, Management, Secret, Server,
-    SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts, Tracing,
+    AffinitySettings, Api, Backend, BackendTarget, BackendUrl, Config, Counters, Management,
+    Secret, Server, SimDeployment, SimulatorRegion, Subscription, SubscriptionSettings, Timeouts,
+    Tracing,
 };
 
 pub(crate) const DEFAULT_SERVICE_NAME: &str = "sluice";
@@ -330,6 +332,31 @@ impl Cx<'_, '_> {
         }
     }
 
+    /// `apis[].models`: deployment names, each non-empty and listed once.
+    fn models(&mut self, raw: Option<Vec<Option<String>>>, list_path: &str) -> Vec<String> {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (j, item_path, name) in self.entries(raw, list_path) {
+            if name.trim().is_empty() || name.len() > 256 || name.contains(['/', '?', '#']) {
+                self.err(
+                    &item_path,
+                    "must be a deployment name: 1 to 256 characters, without '/', '?' or '#'",
+                );
+                continue;
+            }
+            if let Some(first) = seen.get(&name) {
+                self.err(
+                    &item_path,
+                    format!("'{name}' is listed twice (also at {list_path}[{first}])"),
+                );
+                continue;
+            }
+            seen.insert(name.clone(), j);
+            out.push(name);
+        }
+        out
+    }
+
     /// `server.trusted_proxies`: IP addresses (a `/32` or `/128`) and CIDR
     /// networks, each listed once.
     fn trusted_proxies(&mut self, raw: Option<Vec<Option<String>>>) -> Vec<IpNet> {
@@ -358,6 +385,23 @@ impl Cx<'_, '_> {
     }
 
     /// `server.counters`.
+    fn affinity(&mut self, raw: Option<RawAffinity>) -> AffinitySettings {
+        let raw = raw.unwrap_or_default();
+        let default = AffinitySettings::default();
+        let max_ids = self.positive(raw.max_ids, "server.affinity.max_ids", default.max_ids);
+        let ttl = self.in_range(
+            raw.ttl_seconds,
+            "server.affinity.ttl_seconds",
+            1,
+            MAX_AFFINITY_TTL_SECONDS,
+            default.ttl.as_secs(),
+        );
+        AffinitySettings {
+            max_ids,
+            ttl: Duration::from_secs(ttl),
+        }
+    }
+
     fn counters(&mut self, raw: Option<RawCounters>) -> Counters {
         let raw = raw.unwrap_or_default();
         let default = Counters::default();
@@ -517,6 +561,7 @@ impl Cx<'_, '_> {
         });
         let trusted_proxies = self.trusted_proxies(raw.trusted_proxies);
         let counters = self.counters(raw.counters);
+        let affinity = self.affinity(raw.affinity);
         let shutdown_timeout = self.in_range(
             raw.shutdown_timeout_seconds,
             "server.shutdown_timeout_seconds",
@@ -529,6 +574,7 @@ impl Cx<'_, '_> {
             management,
             trusted_proxies,
             counters,
+            affinity,
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
             body_buffer_bytes: self.in_range(
                 raw.body_buffer_bytes,
@@ -854,6 +900,7 @@ impl Cx<'_, '_> {
             let subscription =
                 self.subscription_settings(raw.subscription, &key_path(&path, "subscription"));
             let auth = self.api_auth(raw.auth, &key_path(&path, "auth"));
+            let models = self.models(raw.models, &key_path(&path, "models"));
             let policies = self.policies(raw.policies, &path, auth, &subscription);
             out.push(Api {
                 name,
@@ -861,6 +908,7 @@ impl Cx<'_, '_> {
                 backends: routing.backends,
                 pool: routing.pool,
                 deployment_pools: routing.deployment_pools,
+                models,
                 failover: routing.failover,
                 subscription,
                 max_request_body_bytes,

@@ -164,6 +164,16 @@ pub struct RequestContext {
     /// The same for a traced request's body streamed to the backend.
     /// Written by the request body step; recorded at the body's end.
     pub request_tally: Option<Box<sluice_trace::record::Tally>>,
+    /// The edits this request's body gets on its way to a backend (the v1
+    /// `model` renamed per backend, usage asked of a stream); `None` when
+    /// it goes as sent. Written before routing; read on every attempt.
+    pub edit: Option<Box<crate::body_edit::BodyEdit>>,
+    /// The backend-owned object the request names or creates. Written
+    /// before routing; read when the answer arrives and at the end.
+    pub owned: Option<Box<crate::affinity::OwnedCall>>,
+    /// Keeps the usage chunk Sluice asked for (`stream_options`) from the
+    /// client. Written when a stream's head arrives; read per chunk.
+    pub usage_filter: Option<Box<sluice_tokens::UsageChunkFilter>>,
 }
 
 impl RequestContext {
@@ -235,6 +245,9 @@ impl Default for RequestContext {
             trace_note: None,
             tally: None,
             request_tally: None,
+            edit: None,
+            owned: None,
+            usage_filter: None,
         }
     }
 }

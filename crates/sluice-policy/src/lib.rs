@@ -4,6 +4,8 @@
 //! per-request [`RequestContext`]) so that each piece is unit-tested without a
 //! server. Only `sluice-proxy` drives these from pingora's hooks.
 
+pub mod affinity;
+pub mod body_edit;
 pub mod context;
 pub mod error;
 pub mod metrics;

@@ -246,7 +246,11 @@ impl ApiPipeline {
         if self.needs_usage {
             let op = Operation::from_path(req.rest_path);
             ctx.operation = Some(op);
-            ctx.deployment = crate::route::deployment_of(req.rest_path).map(str::to_string);
+            // The path's deployment; on v1 paths the body's `model`, read
+            // before routing, stays.
+            if let Some(d) = crate::route::deployment_of(req.rest_path) {
+                ctx.deployment = Some(d.to_string());
+            }
         }
         for step in &self.steps[self.body_from..] {
             if !matches!(step, Step::Jwt(_)) {
@@ -799,8 +803,8 @@ impl ReservationPlan {
 /// The tokens a request may use, reserved before it is forwarded so that
 /// concurrent requests cannot together overrun a limit: the prompt estimate
 /// plus the completion the request allows (`max_completion_tokens`,
-/// `max_tokens` or `max_output_tokens`, times `n`). Chat and completions
-/// calls that name no maximum are given `default_completion` per choice,
+/// `max_tokens` or `max_output_tokens`, times `n`). Chat, completions and
+/// Responses calls that name no maximum are given `default_completion` per choice,
 /// lowered so the reservation fits `smallest_limit` (a request that names
 /// nothing is never refused for that default alone). Embeddings generate
 /// nothing; other operations reserve only an explicit maximum.
@@ -819,9 +823,11 @@ fn reservation(
     let completion = match (op, explicit) {
         (Operation::Embeddings, _) => 0,
         (_, Some(max)) => u64::from(max).saturating_mul(choices),
-        (Operation::ChatCompletions | Operation::Completions, None) => default_completion
-            .saturating_mul(choices)
-            .min(smallest_limit.saturating_sub(prompt)),
+        (Operation::ChatCompletions | Operation::Completions | Operation::Responses, None) => {
+            default_completion
+                .saturating_mul(choices)
+                .min(smallest_limit.saturating_sub(prompt))
+        }
         (Operation::Other, None) => 0,
     };
     let plan = ReservationPlan { prompt, completion };

@@ -146,6 +146,7 @@ mod tests {
             backends: vec!["b".into()],
             pool: "api/x".into(),
             deployment_pools: Default::default(),
+            models: vec![],
             failover: sluice_config::Failover::default(),
             subscription: sluice_config::SubscriptionSettings::default(),
             max_request_body_bytes: 1024,

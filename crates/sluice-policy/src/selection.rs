@@ -70,6 +70,19 @@ pub struct Routing {
     /// The planned attempt repeats the last one on the same backend after a
     /// stale pooled connection.
     repeat_planned: bool,
+    /// The request names an object a backend owns (a response, a file...).
+    pub affinity: Option<Affinity>,
+}
+
+/// How a call that names a backend-owned object is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// The owner is known: every attempt goes to this backend, and a failure
+    /// is never moved to another one (the object is not there).
+    Pinned(usize),
+    /// The owner is not known (a restart, another replica): the API's
+    /// backends are asked in turn until one answers other than 404.
+    Seek,
 }
 
 impl Routing {
@@ -100,6 +113,8 @@ pub enum After {
 #[derive(Debug)]
 struct ApiRouting {
     pool: usize,
+    /// Every backend the API reaches, in config order (seeking an owner).
+    backends: Vec<usize>,
     deployment_pools: HashMap<String, usize>,
     failover: Failover,
 }
@@ -265,6 +280,11 @@ impl BackendSelector {
             .map(|a| {
                 Ok(ApiRouting {
                     pool: pool_index(&a.pool)?,
+                    backends: a
+                        .backends
+                        .iter()
+                        .filter_map(|b| index.get(b.as_str()).copied())
+                        .collect(),
                     deployment_pools: a
                         .deployment_pools
                         .iter()
@@ -337,7 +357,9 @@ impl BackendSelector {
         need_tokens: Option<u64>,
     ) {
         let Some(a) = self.apis.get(api) else { return };
+        // The path's deployment, else (v1 API) the body's `model`.
         let pool = crate::route::deployment_of(rest_path)
+            .or(ctx.deployment.as_deref())
             .and_then(|d| a.deployment_pools.get(d).copied())
             .unwrap_or(a.pool);
         ctx.routing = Routing {
@@ -350,7 +372,25 @@ impl BackendSelector {
             planned: None,
             started: Some(Instant::now()),
             repeat_planned: false,
+            affinity: None,
         };
+    }
+
+    /// Route the request begun with [`begin`](Self::begin) to the owner of
+    /// the object it names: `Some(backend)` when known, `None` to seek it.
+    pub fn set_affinity(&self, ctx: &mut RequestContext, owner: Option<usize>) {
+        ctx.routing.affinity = Some(match owner {
+            Some(b) if b < self.health.len() => Affinity::Pinned(b),
+            _ => Affinity::Seek,
+        });
+    }
+
+    /// A backend of the API not asked yet, for a request seeking the owner
+    /// of the object it names.
+    fn next_to_seek(&self, ctx: &RequestContext) -> Option<usize> {
+        let api = ctx.api.and_then(|a| self.apis.get(a))?;
+        let tried = ctx.routing.tried();
+        api.backends.iter().copied().find(|b| !tried.contains(b))
     }
 
     /// What is left of the API's failover time for the next attempt; `None`
@@ -369,9 +409,19 @@ impl BackendSelector {
     /// gateway's answer when every backend of the pool is resting.
     pub fn next_backend(&self, ctx: &mut RequestContext) -> Result<usize, GatewayError> {
         let pool = ctx.routing.pool.unwrap_or(0);
-        let (choice, chosen_at) = match ctx.routing.planned.take() {
-            Some(planned) => planned,
-            None => (self.choose(ctx, pool), self.now()),
+        let (choice, chosen_at) = match (ctx.routing.planned.take(), ctx.routing.affinity) {
+            (Some(planned), _) => planned,
+            // The owner takes it whatever its breaker says: no other
+            // backend has the object.
+            (None, Some(Affinity::Pinned(backend))) => (
+                Choice::Backend {
+                    backend,
+                    probe: false,
+                    steered: false,
+                },
+                self.now(),
+            ),
+            (None, _) => (self.choose(ctx, pool), self.now()),
         };
         match choice {
             Choice::Backend {
@@ -581,9 +631,15 @@ impl BackendSelector {
         } else {
             kind.may_fail_over(&outcome)
         };
+        let seeking_404 = matches!(outcome, Outcome::Status { status: 404, .. });
         let Some(backend) = self.close_attempt(ctx, outcome) else {
             return After::Deliver;
         };
+        match ctx.routing.affinity {
+            Some(Affinity::Pinned(_)) => return After::Deliver,
+            Some(Affinity::Seek) => return self.seek_on(ctx, seeking_404 && replayable),
+            None => {}
+        }
         if !may || !replayable {
             return After::Deliver;
         }
@@ -619,6 +675,44 @@ impl BackendSelector {
             self.release(a);
         }
         next
+    }
+
+    /// After an attempt of a request seeking the owner of its object: a 404
+    /// (`not_here`) asks the next backend of the API, within the failover
+    /// time; any other answer is the client's.
+    fn seek_on(&self, ctx: &mut RequestContext, not_here: bool) -> After {
+        let in_time = ctx.api.and_then(|a| self.apis.get(a)).is_some_and(|api| {
+            ctx.routing.started.unwrap_or(ctx.started).elapsed() < api.failover.timeout
+        });
+        let next = (not_here && in_time)
+            .then(|| self.next_to_seek(ctx))
+            .flatten();
+        let Some(backend) = next else {
+            return After::Deliver;
+        };
+        self.plan(ctx, backend);
+        if let Some(a) = ctx.routing.attempts.last_mut() {
+            a.failed_over = true;
+            self.release(a);
+        }
+        After::Retry
+    }
+
+    /// The backend that answered the request other than 404 while it was
+    /// seeking the owner of its object: the owner, to remember.
+    pub fn found_owner(&self, ctx: &RequestContext) -> Option<usize> {
+        if ctx.routing.affinity != Some(Affinity::Seek) {
+            return None;
+        }
+        let last = ctx.routing.attempts.last()?;
+        match last.outcome {
+            Some(Outcome::Status { status, .. })
+                if status != 404 && status < 500 && status != 429 && status != 408 =>
+            {
+                Some(last.backend)
+            }
+            _ => None,
+        }
     }
 
     /// Nothing is left to try after the last attempt failed. When backends
@@ -679,16 +773,19 @@ impl BackendSelector {
         a.failed_over = true;
         let backend = a.backend;
         self.release(a);
-        ctx.routing.planned = Some((
-            Choice::Backend {
-                backend,
-                probe: false,
-                steered: false,
-            },
-            self.now(),
-        ));
+        self.plan(ctx, backend);
         ctx.routing.repeat_planned = true;
         true
+    }
+
+    /// The next attempt goes to `backend`, whatever its breaker says.
+    fn plan(&self, ctx: &mut RequestContext, backend: usize) {
+        let choice = Choice::Backend {
+            backend,
+            probe: false,
+            steered: false,
+        };
+        ctx.routing.planned = Some((choice, self.now()));
     }
 
     /// The attempt no longer counts as in flight.
@@ -843,6 +940,141 @@ pools:
         assert_eq!(c.routing.kind, Some(CallKind::Generation));
         let c = ctx(&s, "POST", "/files");
         assert_eq!(c.routing.kind, Some(CallKind::Stateful));
+    }
+
+    #[test]
+    fn a_v1_call_goes_to_the_pool_of_its_body_model() {
+        let (s, _) = selector("    pool: main\n    deployment_pools: {emb: other}\n");
+        let mut c = RequestContext {
+            api: Some(0),
+            deployment: Some("emb".into()),
+            ..RequestContext::default()
+        };
+        s.begin(&mut c, 0, "POST", "/v1/embeddings", None);
+        assert_eq!(c.routing.pool, Some(1));
+        // The path's deployment wins over anything else.
+        let mut c = RequestContext {
+            api: Some(0),
+            deployment: Some("emb".into()),
+            ..RequestContext::default()
+        };
+        s.begin(&mut c, 0, "POST", CHAT, None);
+        assert_eq!(c.routing.pool, Some(0));
+    }
+
+    #[test]
+    fn a_pinned_call_goes_to_its_owner_and_never_fails_over() {
+        let (s, _) = selector("    pool: three\n");
+        for status in [429, 500, 404, 200] {
+            let mut c = ctx(&s, "POST", "/v1/responses");
+            s.set_affinity(&mut c, Some(2));
+            assert_eq!(c.routing.affinity, Some(Affinity::Pinned(2)));
+            assert_eq!(s.next_backend(&mut c), Ok(2));
+            assert_eq!(
+                s.after_status(&mut c, status, headers(&[]), true),
+                After::Deliver,
+                "{status}"
+            );
+            assert_eq!(s.found_owner(&c), None, "a pinned call finds nothing new");
+            s.finish(&mut c);
+        }
+        // Even when its breaker rests the owner (the 429 above tripped it).
+        assert_eq!(s.statuses()[2].state, "open");
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut c, Some(2));
+        assert_eq!(s.next_backend(&mut c), Ok(2));
+        // A connection failure is not moved either.
+        assert_eq!(
+            s.after_connect_error(&mut c, Outcome::ConnectFailed, true),
+            After::Deliver
+        );
+        // A backend index out of range seeks instead.
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut c, Some(9));
+        assert_eq!(c.routing.affinity, Some(Affinity::Seek));
+    }
+
+    #[test]
+    fn an_unknown_owner_is_sought_backend_by_backend() {
+        let (s, _) = selector("    pool: main\n    deployment_pools: {emb: other}\n");
+        // The API reaches a, b (main) and c (other): each is asked once.
+        let mut c = ctx(&s, "GET", "/v1/responses/resp_1");
+        s.set_affinity(&mut c, None);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert_eq!(
+            s.after_status(&mut c, 404, headers(&[]), true),
+            After::Retry
+        );
+        assert_eq!(s.found_owner(&c), None);
+        let second = s.next_backend(&mut c).unwrap();
+        assert_ne!(second, 0);
+        assert_eq!(
+            s.after_status(&mut c, 404, headers(&[]), true),
+            After::Retry
+        );
+        let third = s.next_backend(&mut c).unwrap();
+        assert!(![0, second].contains(&third));
+        // The last one says 404 too: that is the answer.
+        assert_eq!(
+            s.after_status(&mut c, 404, headers(&[]), true),
+            After::Deliver
+        );
+        assert_eq!(s.found_owner(&c), None);
+        assert!(c.routing.attempts.iter().take(2).all(|a| a.failed_over));
+        s.finish(&mut c);
+        assert!(s.statuses().iter().all(|b| b.in_flight == 0));
+
+        // The second backend has it: it is the owner.
+        let mut c = ctx(&s, "GET", "/v1/responses/resp_2");
+        s.set_affinity(&mut c, None);
+        s.next_backend(&mut c).unwrap();
+        s.after_status(&mut c, 404, headers(&[]), true);
+        let owner = s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 200, headers(&[]), true),
+            After::Deliver
+        );
+        assert_eq!(s.found_owner(&c), Some(owner));
+        // Other answers end the search where they are, without failover:
+        // a 429, a 5xx, or a body that cannot be sent again.
+        for (status, replayable) in [(429, true), (500, true), (408, true), (404, false)] {
+            let mut c = ctx(&s, "GET", "/v1/responses/resp_3");
+            s.set_affinity(&mut c, None);
+            s.next_backend(&mut c).unwrap();
+            assert_eq!(
+                s.after_status(&mut c, status, headers(&[]), replayable),
+                After::Deliver,
+                "{status}"
+            );
+            assert_eq!(s.found_owner(&c), None, "{status}");
+        }
+        // A 4xx other than 404 does say who has it.
+        let mut c = ctx(&s, "DELETE", "/v1/files/file-1");
+        s.set_affinity(&mut c, None);
+        let b = s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 400, headers(&[]), true),
+            After::Deliver
+        );
+        assert_eq!(s.found_owner(&c), Some(b));
+        // Not seeking: nothing found.
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        s.next_backend(&mut c).unwrap();
+        s.after_status(&mut c, 200, headers(&[]), true);
+        assert_eq!(s.found_owner(&c), None);
+    }
+
+    #[test]
+    fn seeking_stops_when_the_failover_time_is_spent() {
+        let (s, _) = selector("    pool: three\n    failover: {timeout_ms: 1}\n");
+        let mut c = ctx(&s, "GET", "/v1/responses/resp_1");
+        s.set_affinity(&mut c, None);
+        s.next_backend(&mut c).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            s.after_status(&mut c, 404, headers(&[]), true),
+            After::Deliver
+        );
     }
 
     #[test]

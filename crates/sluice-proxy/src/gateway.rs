@@ -10,6 +10,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
+use sluice_policy::body_edit::{BodyEdit, BodyPlan, api_version_takes_stream_options};
 use sluice_policy::context::BodyMode;
 use sluice_policy::error::GatewayError;
 use sluice_policy::route::{strip_query_param, upstream_path};
@@ -517,6 +518,165 @@ impl Gateway {
         Ok(())
     }
 
+    /// A call that names an object a backend owns (a stored response, a
+    /// file, a batch...) goes to that backend, or seeks it when the owner is
+    /// not known; a call that creates one is noted, to learn its id from
+    /// the answer.
+    async fn route_owned(&self, session: &Session, ctx: &mut RequestContext, body: Option<&[u8]>) {
+        let req = session.req_header();
+        let rest = req.uri.path().get(ctx.rest_offset..).unwrap_or("");
+        let method = req.method.as_str();
+        let in_path = sluice_routing::owned_id_in_path(rest);
+        // The hot generation calls name no owned object in their body.
+        let hot = matches!(
+            sluice_tokens::Operation::from_path(rest),
+            sluice_tokens::Operation::ChatCompletions
+                | sluice_tokens::Operation::Completions
+                | sluice_tokens::Operation::Embeddings
+        );
+        let named: Vec<String> = match (in_path, body) {
+            (Some((_, id)), _) => vec![id.to_string()],
+            (None, Some(b)) if !hot && req.method == http::Method::POST => {
+                sluice_routing::owned_ids_in_body(b)
+                    .into_iter()
+                    .map(|(_, id)| id)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let creates = sluice_routing::creates(method, rest).is_some_and(|kind| {
+            // Every chat completion would be a create: only those asking to
+            // be stored are (a cheap look for the key before parsing).
+            kind != sluice_routing::OwnedKind::ChatCompletion
+                || body.is_some_and(|b| {
+                    memchr::memmem::find(b, b"\"store\"").is_some()
+                        && sluice_routing::asks_to_store(b)
+                })
+        });
+        if named.is_empty() && !creates {
+            return;
+        }
+        let mut call = sluice_policy::affinity::OwnedCall {
+            creates,
+            deletes: in_path.is_some() && req.method == http::Method::DELETE,
+            ..Default::default()
+        };
+        if !named.is_empty() {
+            let mut owner = None;
+            for id in &named {
+                if let Some(name) = self.state.affinity.owner(id).await
+                    && let Some(i) = self.state.backends.iter().position(|b| *b.name == *name)
+                {
+                    owner = Some((id.clone(), i));
+                    break;
+                }
+            }
+            match owner {
+                Some((id, backend)) => {
+                    self.state.selector.set_affinity(ctx, Some(backend));
+                    self.state
+                        .affinity_total
+                        .with_label_values(&["pinned"])
+                        .inc();
+                    call.named = Some(id);
+                    call.pinned = true;
+                }
+                None => {
+                    self.state.selector.set_affinity(ctx, None);
+                    call.named = named.into_iter().next();
+                }
+            }
+        }
+        ctx.owned = Some(Box::new(call));
+    }
+
+    /// At the end of a call that named or created a backend-owned object:
+    /// remember who owns what was created or found, forget what is gone.
+    async fn settle_owned(&self, ctx: &mut RequestContext) {
+        let Some(call) = ctx.owned.take() else { return };
+        let status = ctx.upstream_status;
+        let ok = (200..300).contains(&status);
+        let backend = ctx.backend.and_then(|i| self.state.backends.get(i));
+        let count = |result: &str| {
+            self.state.affinity_total.with_label_values(&[result]).inc();
+        };
+        if let Some(named) = &call.named {
+            if call.pinned {
+                if status == 404 || (call.deletes && ok) {
+                    self.state.affinity.forget(named).await;
+                    count("forgotten");
+                }
+            } else if let Some(owner) = self.state.selector.found_owner(ctx)
+                && let Some(b) = self.state.backends.get(owner)
+            {
+                count("found");
+                if !(call.deletes && ok) {
+                    self.state
+                        .affinity
+                        .remember(named, b.name.as_str().into())
+                        .await;
+                }
+            } else if status == 404 {
+                count("not_found");
+            }
+        }
+        if call.creates
+            && ok
+            && let Some(b) = backend
+        {
+            let id = ctx
+                .usage_scanner
+                .as_ref()
+                .and_then(|s| s.object_id())
+                .or_else(|| call.id_scanner.as_ref().and_then(|s| s.object_id()));
+            if let Some(id) = id {
+                self.state
+                    .affinity
+                    .remember(id, b.name.as_str().into())
+                    .await;
+                count("learned");
+            }
+        }
+    }
+
+    /// Prepare the body of this attempt when the request's body is edited
+    /// (the v1 `model` renamed for the attempt's backend, usage asked of a
+    /// stream): its length, for the attempt's `Content-Length`.
+    pub(crate) fn edit_for_attempt(&self, ctx: &mut RequestContext) -> Option<usize> {
+        let edit = ctx.edit.as_mut()?;
+        let backend = self.state.backends.get(ctx.backend?)?;
+        let rename = edit
+            .plan
+            .model()
+            .and_then(|m| backend.deployments.get(m))
+            .cloned();
+        Some(match edit.for_attempt(rename.as_deref()) {
+            Some(b) => b.len(),
+            None => edit.body.len(),
+        })
+    }
+
+    /// A `200` (or other) JSON answer the gateway makes itself, with the
+    /// trace's header when the request is traced.
+    async fn answer_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        status: u16,
+        body: Bytes,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(3))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        if let Some((name, value)) = Self::trace_headers(ctx) {
+            resp.insert_header(name, value)?;
+        }
+        ctx.upstream_status = status;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
     /// Read the whole body before routing. With `retry_buffer` (bodies up
     /// to 64 KiB) pingora keeps its own copy and replays it on every
     /// attempt; larger bodies are sent by [`Gateway::relay`] from this one.
@@ -610,6 +770,24 @@ impl ProxyHttp for Gateway {
             self.refuse(session, ctx, &e, false).await?;
             return Ok(true);
         }
+        let is_post = session.req_header().method == http::Method::POST;
+        let (v1, models) = {
+            let rest = session
+                .req_header()
+                .uri
+                .path()
+                .get(rest_offset..)
+                .unwrap_or("");
+            let models = (session.req_header().method == http::Method::GET)
+                .then(|| crate::models::models_call(rest))
+                .flatten()
+                .map(|call| self.state.apis[api_index].models.answer(call));
+            (rest.starts_with("/v1/"), models)
+        };
+        if let Some((status, body)) = models {
+            self.answer_json(session, ctx, status, body).await?;
+            return Ok(true);
+        }
 
         // The caller is known: read small bodies before routing.
         let chunked = session
@@ -669,6 +847,34 @@ impl ProxyHttp for Gateway {
         {
             self.trace_request_body(ctx, b);
         }
+        // The v1 API names the deployment in the body's `model`; it decides
+        // the pool, and may be renamed per backend. A body that streams to
+        // the backend (no room to hold it) cannot be read for it first.
+        let routes_by_model = self.state.apis[api_index].routes_by_model;
+        let mut plan = None;
+        // Only v1 bodies (for `model`) and streams that may be asked for
+        // their usage are parsed here.
+        if is_post && (v1 || (pipeline.needs_usage() && ctx.stream)) {
+            match &body {
+                Some(b) => {
+                    let p = BodyPlan::new(b);
+                    if v1 && let Some(m) = p.model() {
+                        ctx.deployment = Some(m.to_string());
+                    }
+                    plan = Some(p);
+                }
+                None if v1 && routes_by_model && ctx.body_mode == BodyMode::Streamed => {
+                    let busy = GatewayError::new(
+                        503,
+                        "The gateway is holding as many request bodies as it may; retry shortly.",
+                    )
+                    .with_header("retry-after", "1");
+                    self.refuse(session, ctx, &busy, ctx.continue_sent).await?;
+                    return Ok(true);
+                }
+                None => {}
+            }
+        }
 
         // The API's remaining policies, which need the body. A body that
         // streams to the backend (over 64 KiB, or chunked) has them run at its
@@ -688,6 +894,38 @@ impl ProxyHttp for Gateway {
                 // Reservations made before the refusal are returned at `logging`.
                 self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                 return Ok(true);
+            }
+        }
+        if let (Some(mut p), Some(b)) = (plan, &body) {
+            let asks_usage = pipeline.needs_usage() && ctx.stream && {
+                let req = session.req_header();
+                let rest = req.uri.path().get(rest_offset..).unwrap_or("");
+                matches!(
+                    sluice_tokens::Operation::from_path(rest),
+                    sluice_tokens::Operation::ChatCompletions
+                        | sluice_tokens::Operation::Completions
+                ) && (v1
+                    || req.uri.query().is_some_and(|q| {
+                        sluice_policy::route::query_param(q, "api-version").is_some_and(|v| {
+                            api_version_takes_stream_options(&String::from_utf8_lossy(&v))
+                        })
+                    }))
+            };
+            if asks_usage {
+                p.ask_usage(b);
+            }
+            let renamed = p.model().is_some_and(|m| {
+                self.state
+                    .backends
+                    .iter()
+                    .any(|be| be.deployments.contains_key(m))
+            });
+            if renamed || p.adds_usage() {
+                ctx.edit = Some(Box::new(BodyEdit {
+                    plan: p,
+                    body: b.clone(),
+                    attempt: None,
+                }));
             }
         }
         for h in pipeline.header_dimensions() {
@@ -733,6 +971,7 @@ impl ProxyHttp for Gateway {
                 .selector
                 .begin(ctx, api_index, req.method.as_str(), rest, need);
         }
+        self.route_owned(session, ctx, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {
             let body = body.unwrap_or_default();
             // Boxed: the relay's state is large, and inline it would make
@@ -752,6 +991,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if ctx.body_mode != BodyMode::Streamed {
+            // A body read before routing is sent from pingora's retry
+            // buffer, whole, on every attempt: edited for the attempt's
+            // backend when it has to be.
+            if body.is_some()
+                && let Some(edited) = ctx.edit.as_mut().and_then(|e| e.attempt.take())
+            {
+                *body = Some(edited);
+            }
             return Ok(());
         }
         let limit = ctx
@@ -907,6 +1154,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         self.rewrite_request(session, upstream, ctx)?;
+        if let Some(len) = self.edit_for_attempt(ctx) {
+            upstream.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+        }
         self.trace_forward(ctx, upstream);
         Ok(())
     }
@@ -948,6 +1198,30 @@ impl ProxyHttp for Gateway {
                 content_type.as_deref(),
                 region.as_deref(),
             );
+            if upstream_response.status.is_success()
+                && ctx.edit.as_ref().is_some_and(|e| e.plan.adds_usage())
+                && content_type
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("text/event-stream"))
+            {
+                ctx.usage_filter = Some(Box::default());
+            }
+            if upstream_response.status.is_success()
+                && ctx.usage_scanner.is_none()
+                && let Some(call) = ctx.owned.as_mut()
+                && call.creates
+            {
+                // Only the id is wanted; counting (no prompt) is dropped
+                // with the scanner once the id is found.
+                let sse = content_type
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("text/event-stream"));
+                call.id_scanner = Some(sluice_tokens::UsageScanner::new(
+                    sse,
+                    sluice_tokens::Encoding::O200kBase,
+                    0,
+                ));
+            }
         }
         if let Some((name, value)) = Self::trace_headers(ctx) {
             upstream_response.insert_header(name, value)?;
@@ -1079,7 +1353,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
@@ -1087,6 +1361,27 @@ impl ProxyHttp for Gateway {
             if let Some(t) = ctx.tally.as_mut() {
                 t.feed(b);
             }
+            if let Some(call) = ctx.owned.as_mut()
+                && let Some(s) = call.id_scanner.as_mut()
+                && s.object_id().is_none()
+            {
+                s.feed(b);
+            }
+        }
+        if let Some(filter) = ctx.usage_filter.as_mut() {
+            // The usage chunk Sluice asked for is not the client's.
+            let chunk = body.take().unwrap_or_default();
+            let mut out = filter.feed(chunk);
+            if end_of_stream {
+                let rest = filter.finish();
+                if !rest.is_empty() {
+                    let mut all = BytesMut::with_capacity(out.len() + rest.len());
+                    all.extend_from_slice(&out);
+                    all.extend_from_slice(&rest);
+                    out = all.freeze();
+                }
+            }
+            *body = Some(out);
         }
         Ok(None)
     }
@@ -1099,7 +1394,22 @@ impl ProxyHttp for Gateway {
                 .pipeline
                 .finish(ctx, &self.state.shared, backend.as_deref())
                 .await;
+            if let Some(failure) = ctx.usage_scanner.as_ref().and_then(|s| s.failure()) {
+                self.state
+                    .stream_failures
+                    .with_label_values(&[
+                        self.state.api_names[api].as_str(),
+                        backend.as_deref().unwrap_or(""),
+                        match failure.kind {
+                            sluice_tokens::StreamFailureKind::Error => "error",
+                            sluice_tokens::StreamFailureKind::Failed => "failed",
+                            sluice_tokens::StreamFailureKind::Incomplete => "incomplete",
+                        },
+                    ])
+                    .inc();
+            }
         }
+        self.settle_owned(ctx).await;
         let status = session
             .response_written()
             .filter(|r| !r.status.is_informational())

@@ -4,6 +4,7 @@
 
 mod gateway;
 mod management;
+mod models;
 mod relay;
 mod server;
 mod state;

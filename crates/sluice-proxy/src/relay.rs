@@ -94,12 +94,20 @@ impl Gateway {
             self.rewrite_request(session, &mut req, ctx)?;
             strip_hop_by_hop(&mut req);
             req.set_version(http::Version::HTTP_11);
-            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            let attempt_body = match self.edit_for_attempt(ctx) {
+                Some(_) => ctx
+                    .edit
+                    .as_mut()
+                    .and_then(|e| e.attempt.take())
+                    .unwrap_or_else(|| body.clone()),
+                None => body.clone(),
+            };
+            req.insert_header(http::header::CONTENT_LENGTH, attempt_body.len().to_string())?;
             self.trace_forward(ctx, &req);
             // Waiting for the answer, watch the client: one that leaves ends
             // the attempt (pingora's own path does the same).
             let sent = tokio::select! {
-                sent = send(&mut up, req, body.clone()) => sent,
+                sent = send(&mut up, req, attempt_body) => sent,
                 gone = client_gone(session) => {
                     up.shutdown().await;
                     return Err(gone);

@@ -72,6 +72,7 @@ impl pingora::services::background::BackgroundService for CounterHousekeeping {
                     // A full pass over the store: on the blocking pool.
                     let _ = tokio::task::spawn_blocking(move || {
                         state.counters.purge_expired();
+                        state.affinity_memory.sweep();
                         state.sync_counter_metrics();
                     })
                     .await;

@@ -283,6 +283,12 @@ impl BackendRuntime {
 pub struct ApiRuntime {
     /// The API's policies, compiled.
     pub pipeline: ApiPipeline,
+    /// What `GET /models` lists.
+    pub models: crate::models::ModelList,
+    /// Whether the backend an API call goes to depends on the deployment it
+    /// names (`deployment_pools`, or a backend that renames deployments):
+    /// then a v1 body must be read for its `model` before routing.
+    pub routes_by_model: bool,
 }
 
 impl ApiRuntime {
@@ -403,6 +409,19 @@ pub struct GatewayState {
     pub traces: crate::traces::Traces,
     /// Checks Entra ID operator tokens (`server.management.entra_id`).
     pub operator_jwt: Option<Arc<sluice_auth::JwtValidator>>,
+    /// Which backend owns each object clients created (responses, files...).
+    pub affinity: Arc<dyn sluice_policy::affinity::AffinityStore>,
+    /// The in-process map behind `affinity` (swept and measured by the
+    /// background task).
+    pub affinity_memory: Arc<sluice_policy::affinity::MemoryAffinity>,
+    /// `sluice_affinity_total{result}`: calls naming a backend-owned object
+    /// (`pinned`, `found`, `not_found`) and ids `learned` and `forgotten`.
+    pub affinity_total: prometheus::IntCounterVec,
+    /// `sluice_affinity_ids`: ids remembered now.
+    pub affinity_ids: prometheus::IntGauge,
+    /// `sluice_stream_failures_total{api,backend,kind}`: streams that failed
+    /// after their 200 (`error`, `failed`, `incomplete`).
+    pub stream_failures: prometheus::IntCounterVec,
 }
 
 /// pingora's HTTP connector (it has no `Debug` of its own).
@@ -466,6 +485,8 @@ impl GatewayState {
         }
         self.counter_count
             .set(i64::try_from(self.counters.len()).unwrap_or(i64::MAX));
+        self.affinity_ids
+            .set(i64::try_from(self.affinity_memory.len()).unwrap_or(i64::MAX));
     }
 
     /// Bring every gauge read at scrape time up to date: the counter store,
@@ -518,11 +539,20 @@ impl GatewayState {
             sluice_auth::HttpFetch::new(Duration::from_secs(10))
                 .map_err(|e| BuildError(format!("JWT key fetcher: {e}")))?,
         );
+        let started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let apis = cfg
             .apis
             .iter()
             .map(|a| ApiRuntime {
                 pipeline: ApiPipeline::new(a, fetch.clone()),
+                models: crate::models::ModelList::new(cfg.api_models(a), started_unix),
+                routes_by_model: !a.deployment_pools.is_empty()
+                    || cfg
+                        .backends
+                        .iter()
+                        .any(|b| a.backends.contains(&b.name) && !b.deployments.is_empty()),
             })
             .collect();
         let selector = BackendSelector::new(cfg, Arc::new(SystemClock), &registry)
@@ -551,8 +581,37 @@ impl GatewayState {
             "Limit counters held by the in-memory store.",
         )
         .map_err(|e| BuildError(format!("counter metrics: {e}")))?;
+        let affinity_total = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "sluice_affinity_total",
+                "Calls naming an object a backend owns, by result: pinned (owner known), found (owner found by asking the backends), not_found (no backend has it); and ids learned and forgotten.",
+            ),
+            &["result"],
+        )
+        .map_err(|e| BuildError(format!("affinity metrics: {e}")))?;
+        let affinity_ids = prometheus::IntGauge::new(
+            "sluice_affinity_ids",
+            "Ids of backend-owned objects whose backend is remembered now.",
+        )
+        .map_err(|e| BuildError(format!("affinity metrics: {e}")))?;
+        let stream_failures = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "sluice_stream_failures_total",
+                "Streams that failed after their 200, by API, backend and kind (error: an error event; failed: response.failed; incomplete: response.incomplete).",
+            ),
+            &["api", "backend", "kind"],
+        )
+        .map_err(|e| BuildError(format!("stream metrics: {e}")))?;
+        let affinity_memory = Arc::new(sluice_policy::affinity::MemoryAffinity::new(
+            usize::try_from(cfg.server.affinity.max_ids).unwrap_or(usize::MAX),
+            cfg.server.affinity.ttl,
+            Arc::new(SystemClock),
+        ));
         for m in [
             Box::new(counter_evictions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(affinity_total.clone()),
+            Box::new(affinity_ids.clone()),
+            Box::new(stream_failures.clone()),
             Box::new(counter_count.clone()),
             Box::new(replay_skipped.clone()),
             Box::new(body_buffer_gauge.clone()),
@@ -620,6 +679,11 @@ impl GatewayState {
             connector: BackendConnector(pingora::connectors::http::Connector::new(None)),
             traces,
             operator_jwt,
+            affinity: affinity_memory.clone(),
+            affinity_memory,
+            affinity_total,
+            affinity_ids,
+            stream_failures,
         }))
     }
 }

@@ -14,12 +14,17 @@
 //! - [`Pool`] and [`select`]: members grouped by priority, smooth weighted round robin within a group, skipping
 //!   backends that are resting, already tried, or (when the pool steers) short of room;
 //! - [`call_kind`] / [`CallKind::may_fail_over`]: which failures may be retried on another backend without risking
-//!   that an operation is carried out twice.
+//!   that an operation is carried out twice;
+//! - [`creates`], [`owned_id_in_path`] / [`owned_ids_in_body`] and [`AffinityMap`]: object affinity. Stored
+//!   responses, files, batches, vector stores, conversations, stored chat completions, fine-tuning jobs, assistants,
+//!   threads and uploads ([`OwnedKind`]) exist only on the backend that created them; the gateway learns each new id
+//!   from the answer to the call that created it and sends every later call naming that id to the same backend.
 //!
-//! State that worker threads share ([`Breaker`], [`Headroom`], a pool's round-robin counters) sits behind
-//! `std::sync::Mutex`es held only for a few comparisons; a poisoned lock is taken over as it is, since every update
-//! leaves the state consistent.
+//! State that worker threads share ([`Breaker`], [`Headroom`], a pool's round-robin counters, an [`AffinityMap`]'s
+//! shards) sits behind `std::sync::Mutex`es held only for a few comparisons or a hash-map operation; a poisoned lock
+//! is taken over as it is, since every update leaves the state consistent.
 
+mod affinity;
 mod breaker;
 mod call;
 mod headroom;
@@ -28,6 +33,10 @@ mod pool;
 mod retry_after;
 mod select;
 
+pub use affinity::{
+    AffinityMap, MAX_ID_LEN, MAX_IDS_IN_BODY, OwnedKind, asks_to_store, creates, owned_id_in_path,
+    owned_ids_in_body, plausible_id,
+};
 pub use breaker::{Admit, Breaker, BreakerRule, BreakerView, PROBE_LEASE, TripCause};
 pub use call::{CallKind, call_kind};
 pub use headroom::{Fit, Headroom, HeadroomView};

@@ -6,12 +6,19 @@
 //! `/openai/deployments/{name}/...` and the `/openai/v1/...` forms) with Azure-shaped bodies,
 //! headers, SSE streams, per-deployment token/request rate limits and injectable faults.
 //!
+//! Per region it also keeps the resource-style APIs, under both `/openai/v1/...` and
+//! `/openai/...`: the Responses API (`responses`, JSON or SSE, stored responses,
+//! `previous_response_id` chains, `input_items`), `files` (multipart uploads), `batches`
+//! (recorded, never run) and `models`. What a region stores is its own, bounded to the newest
+//! 10,000 objects of each kind.
+//!
 //! Faults can be injected three ways: [`SimHandle::set_fault`]; a per-request header
 //! `x-sim-fault: <form>` (optionally limited to the simulators named in
 //! `x-sim-fault-region: name[,name]`); or the control endpoint `POST /_sim/fault` with
 //! `{"fault":"status=503","times":2}` (`{"fault":null}` clears). `GET /_sim/stats` returns
 //! `{"requests":N}` and `GET /` is a plain-text health check. See [`parse_fault`] for the
-//! textual forms.
+//! textual forms. A streamed request with `x-sim-stream-fail: response.failed` or `error`
+//! (also filtered by `x-sim-fault-region`) keeps its 200 status but fails after two deltas.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -29,7 +36,12 @@ use std::time::Duration;
 
 mod body;
 pub mod limiter;
+mod multipart;
+mod resources;
+mod responses;
+mod routes;
 mod server;
+mod store;
 mod synth;
 
 pub use limiter::{Admission, RateLimiter, Throttle, ThrottleKind};

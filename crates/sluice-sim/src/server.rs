@@ -24,8 +24,10 @@ use uuid::Uuid;
 
 use crate::body::SimBody;
 use crate::limiter::{Admission, RateLimiter, Throttle, ThrottleKind};
-use crate::synth;
+use crate::routes::{Endpoint, parse_endpoint};
+use crate::store::Stores;
 use crate::{Fault, RegionConfig, parse_fault};
+use crate::{resources, responses, synth};
 use sluice_base::{Clock, SystemClock};
 
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -67,6 +69,8 @@ fn serve(listener: TcpListener, cfg: RegionConfig) -> std::io::Result<SimHandle>
         requests: AtomicU64::new(0),
         last_headers: Mutex::new(None),
         limiters: Mutex::new(HashMap::new()),
+        stores: Stores::new(),
+        started_at: SystemClock.unix_now().as_secs(),
         shutdown,
     });
     debug!(region = %shared.cfg.name, %addr, "simulator listening");
@@ -79,17 +83,21 @@ struct ArmedFault {
     remaining: Option<u32>,
 }
 
-struct Shared {
-    cfg: RegionConfig,
+pub(crate) struct Shared {
+    pub(crate) cfg: RegionConfig,
     addr: SocketAddr,
     fault: Mutex<Option<ArmedFault>>,
     requests: AtomicU64,
     last_headers: Mutex<Option<HeaderMap>>,
     limiters: Mutex<HashMap<String, RateLimiter>>,
+    /// Stored responses, files and batches: only what this region created.
+    pub(crate) stores: Stores,
+    /// Unix seconds when the simulator started (the models' `created`).
+    pub(crate) started_at: u64,
     shutdown: watch::Sender<bool>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -412,7 +420,7 @@ fn parse_route(path: &str) -> Option<(Op, Option<String>)> {
     }
 }
 
-fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     query?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -420,24 +428,66 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether the fault headers of a request are meant for this region: true without an
+/// `x-sim-fault-region` header, else when the header names it.
+fn fault_targets_region(headers: &HeaderMap, cfg: &RegionConfig) -> bool {
+    let Some(regions) = headers.get("x-sim-fault-region") else {
+        return true;
+    };
+    regions
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .any(|r| r.trim().eq_ignore_ascii_case(&cfg.name))
+}
+
 /// The per-request fault from `x-sim-fault`, honouring `x-sim-fault-region`.
 fn header_fault(headers: &HeaderMap, cfg: &RegionConfig) -> Result<Option<Fault>, String> {
     let Some(raw) = headers.get("x-sim-fault") else {
         return Ok(None);
     };
-    if let Some(regions) = headers.get("x-sim-fault-region") {
-        let regions = regions.to_str().unwrap_or("");
-        let matches = regions
-            .split(',')
-            .any(|r| r.trim().eq_ignore_ascii_case(&cfg.name));
-        if !matches {
-            return Ok(None);
-        }
+    if !fault_targets_region(headers, cfg) {
+        return Ok(None);
     }
     let text = raw
         .to_str()
         .map_err(|_| "x-sim-fault header is not valid text".to_string())?;
     parse_fault(text).map(Some)
+}
+
+/// How a stream is made to fail part-way (HTTP status still 200), from `x-sim-stream-fail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamFail {
+    /// Responses: a `response.failed` event. Chat/completions: the error event.
+    ResponseFailed,
+    /// Responses: an `error` event. Chat/completions: `data: {"error":{...}}`.
+    Error,
+}
+
+/// The message sent in a simulated in-stream failure.
+pub(crate) const STREAM_FAIL_MESSAGE: &str = "The server had an error while processing your \
+request. Sorry about that! (simulated stream failure)";
+
+/// The in-stream failure asked for by `x-sim-stream-fail` (`response.failed` or `error`),
+/// honouring `x-sim-fault-region`.
+fn header_stream_fail(
+    headers: &HeaderMap,
+    cfg: &RegionConfig,
+) -> Result<Option<StreamFail>, String> {
+    let Some(raw) = headers.get("x-sim-stream-fail") else {
+        return Ok(None);
+    };
+    if !fault_targets_region(headers, cfg) {
+        return Ok(None);
+    }
+    let text = raw.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    match text.as_str() {
+        "response.failed" => Ok(Some(StreamFail::ResponseFailed)),
+        "error" => Ok(Some(StreamFail::Error)),
+        _ => Err(format!(
+            "unknown x-sim-stream-fail value {text:?}; expected response.failed or error"
+        )),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -479,6 +529,10 @@ async fn openai(
         Ok(None) => shared.take_fault(),
         Err(msg) => return bad_request(&msg),
     };
+    let stream_fail = match header_stream_fail(&parts.headers, &shared.cfg) {
+        Ok(f) => f,
+        Err(msg) => return bad_request(&msg),
+    };
     if let Some(fault) = fault {
         debug!(region = %shared.cfg.name, %fault, "injecting fault");
         match fault {
@@ -497,6 +551,10 @@ async fn openai(
         && !authorized(&parts.headers, key.expose())
     {
         return azure_error(StatusCode::UNAUTHORIZED, "401", ACCESS_DENIED);
+    }
+
+    if let Some(endpoint) = parse_endpoint(&parts.method, path) {
+        return resource_endpoint(shared, endpoint, &parts, bytes, stream_fail).await;
     }
 
     if parts.method != Method::POST {
@@ -523,13 +581,7 @@ async fn openai(
             _ => return bad_request("Missing required parameter: 'model'."),
         },
     };
-    let dep_cfg = shared.cfg.deployments.get(&deployment);
-    let model = dep_cfg
-        .and_then(|d| d.model.clone())
-        .unwrap_or_else(|| deployment.clone());
-    let tpm = dep_cfg
-        .and_then(|d| d.tokens_per_minute)
-        .or(shared.cfg.default_tokens_per_minute);
+    let (model, tpm) = deployment_settings(&shared.cfg, &deployment);
 
     let plan = match plan_request(op, &body, &bytes, &deployment, &shared.cfg) {
         Ok(p) => p,
@@ -537,22 +589,17 @@ async fn openai(
     };
 
     let api_version = query_param(parts.uri.query(), "api-version").unwrap_or("unknown");
-    let admission = match tpm {
-        None => None,
-        Some(tpm) => {
-            let cost = plan.prompt_tokens + plan.completion_tokens;
-            let outcome = lock(&shared.limiters)
-                .entry(deployment.clone())
-                .or_insert_with(|| RateLimiter::new(tpm))
-                .try_acquire(SystemClock.monotonic(), cost);
-            match outcome {
-                Ok(a) => Some(a),
-                Err(t) => {
-                    debug!(region = %shared.cfg.name, %deployment, ?t, "throttled");
-                    return throttled(op, api_version, &t);
-                }
-            }
-        }
+    let cost = plan.prompt_tokens + plan.completion_tokens;
+    let admission = match admit(
+        shared,
+        &deployment,
+        tpm,
+        cost,
+        op.operation_name(),
+        api_version,
+    ) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
     };
 
     let ctx = GenContext {
@@ -561,6 +608,7 @@ async fn openai(
         plan,
         latency: shared.cfg.latency,
         created: SystemClock.unix_now().as_secs(),
+        stream_fail,
     };
     let mut resp = match op {
         Op::Embeddings => embeddings_response(&ctx).await,
@@ -571,6 +619,72 @@ async fn openai(
         add_ratelimit_headers(resp.headers_mut(), &a);
     }
     resp
+}
+
+/// Dispatch one of the resource endpoints (Responses, files, batches, models).
+async fn resource_endpoint(
+    shared: &Arc<Shared>,
+    endpoint: Endpoint,
+    parts: &http::request::Parts,
+    bytes: Bytes,
+    stream_fail: Option<StreamFail>,
+) -> Response<SimBody> {
+    let query = parts.uri.query();
+    match endpoint {
+        Endpoint::CreateResponse => responses::create(shared, query, &bytes, stream_fail).await,
+        Endpoint::GetResponse(id) => responses::get(shared, &id),
+        Endpoint::DeleteResponse(id) => responses::delete(shared, &id),
+        Endpoint::ResponseInputItems(id) => responses::input_items(shared, &id, query),
+        Endpoint::UploadFile => resources::upload_file(shared, &parts.headers, bytes),
+        Endpoint::ListFiles => resources::list_files(shared, query),
+        Endpoint::GetFile(id) => resources::get_file(shared, &id),
+        Endpoint::FileContent(id) => resources::file_content(shared, &id),
+        Endpoint::DeleteFile(id) => resources::delete_file(shared, &id),
+        Endpoint::CreateBatch => resources::create_batch(shared, &bytes),
+        Endpoint::ListBatches => resources::list_batches(shared, query),
+        Endpoint::GetBatch(id) => resources::get_batch(shared, &id),
+        Endpoint::CancelBatch(id) => resources::cancel_batch(shared, &id),
+        Endpoint::ListModels => resources::list_models(shared),
+        Endpoint::GetModel(id) => resources::get_model(shared, &id),
+    }
+}
+
+/// The model name reported for a deployment and its tokens-per-minute limit.
+pub(crate) fn deployment_settings(cfg: &RegionConfig, deployment: &str) -> (String, Option<u64>) {
+    let dep_cfg = cfg.deployments.get(deployment);
+    let model = dep_cfg
+        .and_then(|d| d.model.clone())
+        .unwrap_or_else(|| deployment.to_string());
+    let tpm = dep_cfg
+        .and_then(|d| d.tokens_per_minute)
+        .or(cfg.default_tokens_per_minute);
+    (model, tpm)
+}
+
+/// Charge `cost` tokens to the deployment's limiter when it has a limit (`tpm`). A refusal is
+/// returned as the finished 429 answer; `operation` and `api_version` go into its message.
+pub(crate) fn admit(
+    shared: &Shared,
+    deployment: &str,
+    tpm: Option<u64>,
+    cost: u64,
+    operation: &str,
+    api_version: &str,
+) -> Result<Option<Admission>, Box<Response<SimBody>>> {
+    let Some(tpm) = tpm else {
+        return Ok(None);
+    };
+    let outcome = lock(&shared.limiters)
+        .entry(deployment.to_string())
+        .or_insert_with(|| RateLimiter::new(tpm))
+        .try_acquire(SystemClock.monotonic(), cost);
+    match outcome {
+        Ok(a) => Ok(Some(a)),
+        Err(t) => {
+            debug!(region = %shared.cfg.name, %deployment, ?t, "throttled");
+            Err(Box::new(throttled(operation, api_version, &t)))
+        }
+    }
 }
 
 /// What a validated request asks for.
@@ -699,9 +813,11 @@ struct GenContext {
     plan: Plan,
     latency: crate::Latency,
     created: u64,
+    /// Streams only: fail after two content chunks.
+    stream_fail: Option<StreamFail>,
 }
 
-fn per_token_total(per_token: Duration, n: u64) -> Duration {
+pub(crate) fn per_token_total(per_token: Duration, n: u64) -> Duration {
     per_token.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
@@ -862,6 +978,11 @@ impl StreamMeta {
 fn stream_response(ctx: GenContext) -> Response<SimBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(produce_stream(ctx, tx));
+    sse_response(rx)
+}
+
+/// A 200 `text/event-stream` answer whose events come from `rx`.
+pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<SimBody> {
     let mut resp = Response::new(SimBody::Stream(rx));
     let h = resp.headers_mut();
     h.insert(
@@ -927,6 +1048,18 @@ async fn produce_stream(ctx: GenContext, tx: mpsc::Sender<Bytes>) {
             format!(" {w}")
         };
         send!(sse_event(&meta.choice(Some(&piece), false, None)));
+        if ctx.stream_fail.is_some() && i + 1 == 2 {
+            break;
+        }
+    }
+    if ctx.stream_fail.is_some() {
+        // After two chunks (or all of them, when fewer): an error event, then the end of the
+        // stream without `[DONE]`. Both x-sim-stream-fail values fail chat streams this way.
+        debug!("failing the stream (x-sim-stream-fail)");
+        send!(sse_event(&json!({
+            "error": { "code": "server_error", "message": STREAM_FAIL_MESSAGE },
+        })));
+        return;
     }
     send!(sse_event(&meta.choice(None, false, Some(p.finish_reason))));
     if p.include_usage {
@@ -937,7 +1070,7 @@ async fn produce_stream(ctx: GenContext, tx: mpsc::Sender<Bytes>) {
     send!(Bytes::from_static(b"data: [DONE]\n\n"));
 }
 
-fn add_ratelimit_headers(h: &mut HeaderMap, a: &Admission) {
+pub(crate) fn add_ratelimit_headers(h: &mut HeaderMap, a: &Admission) {
     h.insert(
         "x-ratelimit-limit-requests",
         HeaderValue::from(a.limit_requests),
@@ -960,7 +1093,7 @@ fn add_ratelimit_headers(h: &mut HeaderMap, a: &Admission) {
     h.insert("x-ratelimit-reset-requests", secs(a.reset_requests));
 }
 
-fn throttled(op: Op, api_version: &str, t: &Throttle) -> Response<SimBody> {
+fn throttled(operation: &str, api_version: &str, t: &Throttle) -> Response<SimBody> {
     let secs = t.retry_after_secs();
     let what = match t.kind {
         ThrottleKind::Tokens => "token rate limit",
@@ -977,7 +1110,7 @@ fn throttled(op: Op, api_version: &str, t: &Throttle) -> Response<SimBody> {
          your current OpenAI S0 pricing tier. Please retry after {} second{}. Please go here: \
          https://aka.ms/oai/quotaincrease if you would like to further increase the default \
          rate limit.",
-        op.operation_name(),
+        operation,
         if version.is_empty() {
             "unknown"
         } else {
@@ -1077,7 +1210,7 @@ fn throttle_fault(wait: Duration) -> Response<SimBody> {
     resp
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> {
     let mut resp = Response::new(SimBody::full(v.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -1098,6 +1231,54 @@ fn bad_request(message: &str) -> Response<SimBody> {
 
 fn not_found() -> Response<SimBody> {
     azure_error(StatusCode::NOT_FOUND, "404", "Resource not found")
+}
+
+/// An error in the OpenAI v1 shape, used by the resource endpoints (Responses, files,
+/// batches, models): `{"error":{"message","type":"invalid_request_error","param","code"}}`.
+pub(crate) fn oai_error(
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response<SimBody> {
+    json_response(
+        status,
+        &json!({ "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": code,
+        } }),
+    )
+}
+
+/// 404 for an id this region does not hold, e.g. `Response with id 'x' not found.`
+pub(crate) fn unknown_id(kind: &str, id: &str) -> Response<SimBody> {
+    oai_error(
+        StatusCode::NOT_FOUND,
+        &format!("{kind} with id '{id}' not found."),
+        None,
+        None,
+    )
+}
+
+/// Parse a request body that must be a JSON object (OpenAI-shaped 400 otherwise).
+pub(crate) fn json_object_body(bytes: &[u8]) -> Result<Value, Box<Response<SimBody>>> {
+    match serde_json::from_slice(bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Box::new(oai_error(
+            StatusCode::BAD_REQUEST,
+            "The request body must be a JSON object.",
+            None,
+            None,
+        ))),
+        Err(e) => Err(Box::new(oai_error(
+            StatusCode::BAD_REQUEST,
+            &format!("We could not parse the JSON body of your request. ({e})"),
+            None,
+            None,
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -1171,6 +1352,32 @@ mod tests {
         assert_eq!(header_fault(&h, &cfg), Ok(Some(Fault::Status(500))));
         h.insert("x-sim-fault", HeaderValue::from_static("bogus"));
         assert!(header_fault(&h, &cfg).is_err());
+    }
+
+    #[test]
+    fn stream_fail_header_parses_and_respects_region() {
+        let cfg = RegionConfig::new("eastus");
+        let mut h = HeaderMap::new();
+        assert_eq!(header_stream_fail(&h, &cfg), Ok(None));
+        h.insert(
+            "x-sim-stream-fail",
+            HeaderValue::from_static("response.failed"),
+        );
+        assert_eq!(
+            header_stream_fail(&h, &cfg),
+            Ok(Some(StreamFail::ResponseFailed))
+        );
+        h.insert("x-sim-stream-fail", HeaderValue::from_static(" Error "));
+        assert_eq!(header_stream_fail(&h, &cfg), Ok(Some(StreamFail::Error)));
+        h.insert("x-sim-fault-region", HeaderValue::from_static("westus"));
+        assert_eq!(header_stream_fail(&h, &cfg), Ok(None));
+        h.insert(
+            "x-sim-fault-region",
+            HeaderValue::from_static("westus,eastus"),
+        );
+        assert_eq!(header_stream_fail(&h, &cfg), Ok(Some(StreamFail::Error)));
+        h.insert("x-sim-stream-fail", HeaderValue::from_static("explode"));
+        assert!(header_stream_fail(&h, &cfg).is_err());
     }
 
     /// `plan_request` on a JSON value, as the handler calls it on a body.

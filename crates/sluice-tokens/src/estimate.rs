@@ -13,6 +13,11 @@ const TOKENS_PER_NAME: u64 = 1;
 const REPLY_PRIMING: u64 = 3;
 /// Fixed estimate per image part, as APIM's token-limit policy uses.
 const IMAGE_TOKENS: u64 = 1200;
+/// Fixed estimate per Responses `input_file` part. The part holds base64 data, a URL or a file id,
+/// none of which is the text the model reads (pages of extracted text and images), so its JSON
+/// text would be either far too high (base64) or far too low (an id); like an image it gets a
+/// flat cost, and the backend's reported usage settles the actual charge afterwards.
+const FILE_TOKENS: u64 = 1200;
 
 /// What the gateway learns from a request body before forwarding it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,6 +48,19 @@ pub struct RequestEstimate {
 ///   tokens of their JSON text, a rough but deterministic estimate.
 /// * Completions: `prompt` — a string, a list of strings, or token array(s) (their length).
 /// * Embeddings: `input`, with the same shapes.
+/// * Responses: `instructions` as one message (3 + its tokens + the tokens of `developer`), and
+///   `input`: a string as one user message, or a list of items, each charged 3 tokens plus
+///   - a message (`{role, content}`, with or without `"type": "message"`): its role and its
+///     content, a string or a list of parts — `input_text`/`output_text` by their `text`,
+///     `refusal` by its refusal, `input_image` at 1200 tokens as for chat, `input_file` at a
+///     fixed 1200 tokens (its data is not the text the model reads);
+///   - a `function_call`: its `name` and `arguments`;
+///   - a `function_call_output`: its `output` (a string, or a list of parts as above);
+///   - any other item (reasoning, built-in tool calls, item references, …): its JSON text;
+///
+///   then +3 for the reply priming when there was any instruction or input, and the `tools` as
+///   their JSON text. Context the backend holds (`previous_response_id`, `conversation`, stored
+///   prompts) is invisible here and not estimated.
 ///
 /// Invalid JSON, or a body that is not an object, gives `RequestEstimate::default()`.
 ///
@@ -62,6 +80,7 @@ pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) ->
         Operation::ChatCompletions => chat_tokens(encoding, &obj),
         Operation::Completions => obj.get("prompt").map_or(0, |p| input_tokens(encoding, p)),
         Operation::Embeddings => obj.get("input").map_or(0, |i| input_tokens(encoding, i)),
+        Operation::Responses => responses_tokens(encoding, &obj),
         Operation::Other => 0,
     };
     let max_completion_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
@@ -142,6 +161,84 @@ fn str_field(enc: Encoding, obj: &Map<String, Value>, key: &str) -> u64 {
         .map_or(0, |s| count(enc, s))
 }
 
+/// Tokens of a Responses request's prompt (see [`estimate_request`]).
+fn responses_tokens(enc: Encoding, obj: &Map<String, Value>) -> u64 {
+    let mut n = 0u64;
+    let mut any = false;
+    if let Some(Value::String(s)) = obj.get("instructions") {
+        n = n.saturating_add(message(enc, "developer", count(enc, s)));
+        any = true;
+    }
+    match obj.get("input") {
+        Some(Value::String(s)) => {
+            n = n.saturating_add(message(enc, "user", count(enc, s)));
+            any = true;
+        }
+        Some(Value::Array(items)) => {
+            for item in items {
+                if let Value::Object(item) = item {
+                    n = n.saturating_add(response_item(enc, item));
+                    any = true;
+                }
+            }
+        }
+        _ => {}
+    }
+    if any {
+        n = n.saturating_add(REPLY_PRIMING);
+    }
+    if let Some(v) = obj.get("tools").filter(|v| v.is_array() || v.is_object()) {
+        n = n.saturating_add(json_tokens(enc, v));
+    }
+    n
+}
+
+/// A message of `role` whose content has `content` tokens, with its framing.
+fn message(enc: Encoding, role: &str, content: u64) -> u64 {
+    TOKENS_PER_MESSAGE
+        .saturating_add(count(enc, role))
+        .saturating_add(content)
+}
+
+/// One item of a Responses `input` list, framing included.
+fn response_item(enc: Encoding, item: &Map<String, Value>) -> u64 {
+    let kind = item.get("type").and_then(Value::as_str);
+    let body = match kind {
+        None | Some("message") => {
+            let role = item.get("role").and_then(Value::as_str).unwrap_or("");
+            return message(enc, role, response_content(enc, item.get("content")));
+        }
+        Some("function_call") => {
+            str_field(enc, item, "name").saturating_add(str_field(enc, item, "arguments"))
+        }
+        Some("function_call_output") => response_content(enc, item.get("output")),
+        Some(_) => json_tokens(enc, item),
+    };
+    TOKENS_PER_MESSAGE.saturating_add(body)
+}
+
+/// A Responses message `content` (or function output): a string, or a list of parts.
+fn response_content(enc: Encoding, content: Option<&Value>) -> u64 {
+    match content {
+        Some(Value::String(s)) => count(enc, s),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|part| match part {
+                Value::Object(p) => match p.get("type").and_then(Value::as_str).unwrap_or("") {
+                    "input_image" | "image_url" | "image" => IMAGE_TOKENS,
+                    "input_file" | "file" => FILE_TOKENS,
+                    "refusal" => str_field(enc, p, "refusal"),
+                    _ => str_field(enc, p, "text"),
+                },
+                Value::String(s) => count(enc, s),
+                _ => 0,
+            })
+            .fold(0u64, u64::saturating_add),
+        Some(other @ Value::Object(_)) => json_tokens(enc, other),
+        _ => 0,
+    }
+}
+
 /// Tokens of a `prompt`/`input`: a string, a token array, or a list of strings / token arrays.
 fn input_tokens(enc: Encoding, v: &Value) -> u64 {
     match v {
@@ -160,7 +257,7 @@ fn input_tokens(enc: Encoding, v: &Value) -> u64 {
 }
 
 /// Tokens of a JSON value's compact text.
-fn json_tokens(enc: Encoding, v: &Value) -> u64 {
+fn json_tokens<T: serde::Serialize + ?Sized>(enc: Encoding, v: &T) -> u64 {
     serde_json::to_string(v).map_or(0, |s| count(enc, &s))
 }
 
@@ -265,6 +362,26 @@ mod tests {
         assert_eq!(
             chat(Some("gpt-4o"), &with_functions).prompt_tokens,
             expected + c(r#"[{"name":"f","parameters":{}}]"#)
+        );
+    }
+
+    #[test]
+    fn chat_string_and_refusal_parts() {
+        let c = |s: &str| count_text(Encoding::O200kBase, s);
+        let body = json!({"messages": [{"role": "assistant", "content": [
+            "plain string part",
+            {"type": "refusal", "refusal": "I won't."},
+            {"type": "text", "text": "But here is this."},
+            {"type": "other"},
+            7,
+        ]}]});
+        assert_eq!(
+            chat(Some("gpt-4o"), &body).prompt_tokens,
+            3 + c("assistant")
+                + c("plain string part")
+                + c("I won't.")
+                + c("But here is this.")
+                + 3
         );
     }
 
@@ -399,6 +516,7 @@ mod tests {
                 Operation::ChatCompletions,
                 Operation::Completions,
                 Operation::Embeddings,
+                Operation::Responses,
                 Operation::Other,
             ] {
                 assert_eq!(
@@ -428,5 +546,161 @@ mod tests {
         let e = estimate_request(Operation::Other, None, body.to_string().as_bytes());
         assert_eq!(e.prompt_tokens, 0);
         assert_eq!(e.model.as_deref(), Some("gpt-4o"));
+    }
+
+    fn responses(deployment: Option<&str>, body: &Value) -> RequestEstimate {
+        estimate_request(
+            Operation::Responses,
+            deployment,
+            body.to_string().as_bytes(),
+        )
+    }
+
+    #[test]
+    fn responses_string_input_and_instructions() {
+        let enc = Encoding::O200kBase;
+        let c = |s: &str| count_text(enc, s);
+        let body = json!({
+            "model": "gpt-4.1",
+            "instructions": "Talk like a pirate.",
+            "input": "Are semicolons optional in JavaScript?",
+            "max_output_tokens": 300,
+            "stream": true,
+        });
+        let e = responses(None, &body);
+        assert_eq!(
+            e,
+            RequestEstimate {
+                prompt_tokens: 3
+                    + c("developer")
+                    + c("Talk like a pirate.")
+                    + 3
+                    + c("user")
+                    + c("Are semicolons optional in JavaScript?")
+                    + 3,
+                max_completion_tokens: Some(300),
+                choices: None,
+                include_usage: false,
+                model: Some("gpt-4.1".into()),
+            }
+        );
+        // The encoding follows the deployment, else the model.
+        let text = "Привет, как дела? Это тест.";
+        let cl = count_text(Encoding::Cl100kBase, text);
+        assert_ne!(cl, count_text(enc, text));
+        let body = json!({"model": "gpt-4", "input": text});
+        let cl_user = count_text(Encoding::Cl100kBase, "user");
+        assert_eq!(responses(None, &body).prompt_tokens, 3 + cl_user + cl + 3);
+        assert_eq!(
+            responses(Some("gpt-4o"), &body).prompt_tokens,
+            3 + c("user") + c(text) + 3
+        );
+        // Instructions alone; neither (nothing to prime); non-string shapes are ignored.
+        assert_eq!(
+            responses(None, &json!({"instructions": "Be terse."})).prompt_tokens,
+            3 + c("developer") + c("Be terse.") + 3
+        );
+        for body in [
+            json!({}),
+            json!({"input": null, "instructions": null}),
+            json!({"input": 5, "instructions": ["x"]}),
+            json!({"input": [], "instructions": {"a": "b"}}),
+            json!({"input": ["text", 1, null]}),
+        ] {
+            assert_eq!(responses(None, &body).prompt_tokens, 0, "{body}");
+        }
+    }
+
+    #[test]
+    fn responses_item_list() {
+        let enc = Encoding::O200kBase;
+        let c = |s: &str| count_text(enc, s);
+        let reasoning = json!({"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thought about it."}]});
+        let tools = json!([{"type": "function", "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+        let body = json!({
+            "model": "gpt-4o",
+            "input": [
+                {"role": "system", "content": "Be brief."},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "What is in this image and file?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+                    {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQ="},
+                    {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                    "loose text",
+                    7,
+                ]},
+                {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed", "content": [
+                    {"type": "output_text", "text": "A cat and a report.", "annotations": []},
+                    {"type": "refusal", "refusal": "No more."},
+                ]},
+                reasoning.clone(),
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21°C"},
+                {"type": "function_call_output", "call_id": "call_2", "output": [
+                    {"type": "input_text", "text": "Chart:"},
+                    {"type": "input_image", "image_url": "https://example.com/c.png"},
+                ]},
+                {"type": "function_call_output", "call_id": "call_3", "output": {"odd": true}},
+                {"type": "function_call_output", "call_id": "call_4"},
+                {"role": "user"},
+                "not an item",
+            ],
+            "tools": tools.clone(),
+        });
+        let expected = (3 + c("system") + c("Be brief."))
+            + (3 + c("user")
+                + c("What is in this image and file?")
+                + 1200
+                + 1200
+                + c("loose text"))
+            + (3 + c("assistant") + c("A cat and a report.") + c("No more."))
+            + (3 + c(&reasoning.to_string()))
+            + (3 + c("get_weather") + c("{\"city\":\"Oslo\"}"))
+            + (3 + c("Sunny, 21°C"))
+            + (3 + c("Chart:") + 1200)
+            + (3 + c(r#"{"odd":true}"#))
+            + 3
+            + (3 + c("user"))
+            + 3
+            + c(&tools.to_string());
+        assert_eq!(responses(None, &body).prompt_tokens, expected);
+        // Tools alone: no message framing, no priming; a non-list `tools` is ignored.
+        assert_eq!(
+            responses(None, &json!({"tools": tools})).prompt_tokens,
+            c(&tools.to_string())
+        );
+        assert_eq!(responses(None, &json!({"tools": "all"})).prompt_tokens, 0);
+        // A content that is an object counts as its JSON text.
+        assert_eq!(
+            responses(
+                None,
+                &json!({"input": [{"role": "user", "content": {"text": "x"}}]})
+            )
+            .prompt_tokens,
+            3 + c("user") + c(r#"{"text":"x"}"#) + 3
+        );
+        // Chat's `image_url` / `file` part names count the same.
+        assert_eq!(
+            responses(None, &json!({"input": [{"role": "user", "content": [
+                {"type": "image_url"}, {"type": "image"}, {"type": "file"}, {"type": "input_text"}]}]}))
+            .prompt_tokens,
+            3 + c("user") + 3 * 1200 + 3
+        );
+    }
+
+    #[test]
+    fn responses_limits_and_flags() {
+        let body = json!({"input": "hi", "max_output_tokens": 1000, "stream": true,
+            "stream_options": {"include_usage": true}});
+        let e = responses(Some("gpt-4o"), &body);
+        assert_eq!(e.max_completion_tokens, Some(1000));
+        assert!(e.include_usage);
+        let body = json!({"input": "hi", "max_output_tokens": null});
+        assert_eq!(responses(None, &body).max_completion_tokens, None);
+        assert_eq!(
+            estimate_request(Operation::Responses, None, b"not json"),
+            RequestEstimate::default()
+        );
     }
 }

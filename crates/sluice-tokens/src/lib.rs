@@ -6,6 +6,13 @@
 //! * While the response streams back, a [`UsageScanner`] is fed every body chunk and, at the end,
 //!   yields the actual [`Usage`]: the JSON body's `usage`, a stream's usage chunk, or — for a
 //!   stream without one — the prompt estimate plus the streamed content counted token by token.
+//!   It also notes the id of the object the call created ([`UsageScanner::object_id`]) and a
+//!   failure reported inside a stream after its 200 status ([`UsageScanner::failure`]).
+//! * When the gateway itself asked a chat stream for its usage chunk, a [`UsageChunkFilter`]
+//!   removes that chunk before the stream reaches the client.
+//!
+//! Chat completions, legacy completions, embeddings and the Responses API are understood
+//! ([`Operation`]).
 //!
 //! The vocabularies are compiled into the binary (tiktoken-rs embeds them); nothing is fetched at
 //! run time. Each vocabulary is parsed once, on first use (about a second for o200k in a debug
@@ -13,10 +20,13 @@
 
 mod count;
 mod estimate;
+mod filter;
+mod lenient;
 mod usage;
 
 pub use estimate::{RequestEstimate, estimate_request};
-pub use usage::{Usage, UsageScanner, UsageSource};
+pub use filter::UsageChunkFilter;
+pub use usage::{StreamFailure, StreamFailureKind, Usage, UsageScanner, UsageSource};
 
 /// The kind of Azure OpenAI call, which decides how a request body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +37,9 @@ pub enum Operation {
     Completions,
     /// `.../embeddings`
     Embeddings,
+    /// `.../responses` (the Responses API's create call; `responses/{id}` and its sub-paths are
+    /// [`Operation::Other`]).
+    Responses,
     /// Anything else: no prompt estimate.
     Other,
 }
@@ -43,6 +56,8 @@ impl Operation {
             Operation::Completions
         } else if ends_with_segments(path, "embeddings") {
             Operation::Embeddings
+        } else if ends_with_segments(path, "responses") {
+            Operation::Responses
         } else {
             Operation::Other
         }
@@ -137,6 +152,19 @@ mod tests {
             ("/v1/completions", Completions),
             ("/deployments/embed/embeddings", Embeddings),
             ("/v1/embeddings?x=1", Embeddings),
+            ("/v1/responses", Responses),
+            ("/responses", Responses),
+            ("responses", Responses),
+            ("/openai/v1/responses", Responses),
+            ("/openai/v1/Responses/?api-version=preview", Responses),
+            (
+                "/openai/responses?api-version=2025-04-01-preview",
+                Responses,
+            ),
+            ("/v1/responses/resp_123", Other),
+            ("/v1/responses/resp_123/input_items", Other),
+            ("/responses/resp_123/cancel", Other),
+            ("/v1/myresponses", Other),
             ("/deployments/x/images/generations", Other),
             ("/deployments/x/audio/transcriptions", Other),
             ("/v1/models", Other),

@@ -7,11 +7,19 @@ use serde::Deserialize;
 
 use crate::Encoding;
 use crate::count::count;
+use crate::lenient::{Code, Detail, Text};
 
 /// The largest `usage` value (JSON bodies) kept for parsing; real ones are a few hundred bytes.
 const MAX_USAGE_BYTES: usize = 64 * 1024;
 /// The largest SSE line or event payload kept for parsing; a larger event is skipped.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// The longest object id kept (bytes, after unescaping); a longer one is ignored.
+const MAX_ID_BYTES: usize = 256;
+/// The longest raw JSON text of a top-level `id` value kept for parsing (quotes, whitespace and
+/// escapes included).
+const MAX_ID_CAPTURE: usize = 2 * MAX_ID_BYTES;
+/// The longest failure code kept (bytes); a longer one is cut at a character boundary.
+const MAX_CODE_BYTES: usize = 64;
 
 /// Token usage of one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +39,33 @@ pub enum UsageSource {
     Reported,
     /// Sluice counted it: the prompt estimate plus the streamed content's tokens.
     Counted,
+}
+
+/// What kind of failure a stream reported after its 200 status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFailureKind {
+    /// An error event: a chat/completions event with a top-level `error` object, or a Responses
+    /// `error` event.
+    Error,
+    /// A Responses `response.failed` event.
+    Failed,
+    /// A Responses `response.incomplete` event (e.g. the output hit `max_output_tokens`, or a
+    /// content filter stopped it).
+    Incomplete,
+}
+
+/// A failure seen inside a stream that had started with a 200 status.
+///
+/// Only a short machine-readable code is kept, never the message: messages may quote the
+/// request's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamFailure {
+    /// What kind of failure.
+    pub kind: StreamFailureKind,
+    /// The error's `code` (for [`StreamFailureKind::Incomplete`], the
+    /// `incomplete_details.reason`), when it is a string or an integer; cut to at most 64 bytes
+    /// at a character boundary.
+    pub code: Option<String>,
 }
 
 /// A `usage` object as the backend sends it. The Responses API's `input_tokens`/`output_tokens`
@@ -68,13 +103,20 @@ impl RawUsage {
 
 /// Reads usage from a response body as it streams past (chunks in order), with bounded memory.
 ///
-/// JSON bodies are scanned incrementally for the top-level `usage` member, so a body of any size
-/// (e.g. a large embeddings batch) is handled while keeping only that member. SSE bodies are split
-/// into events across chunk boundaries (`\n`, `\r\n` or `\r` line endings, `data:` with or
-/// without the space); each event's `usage` is taken when non-null, and the content of every
-/// chunk is counted as it arrives, event by event (a streamed delta is usually one token, and
-/// counting per event keeps no text around; the total can differ by a few tokens from
-/// tokenizing the whole text at once).
+/// JSON bodies are scanned incrementally for the top-level `usage` and `id` members, so a body of
+/// any size (e.g. a large embeddings batch) is handled while keeping only those members. SSE
+/// bodies are split into events across chunk boundaries (`\n`, `\r\n` or `\r` line endings,
+/// `data:` with or without the space); each event's `usage` is taken when non-null, and the
+/// content of every chunk is counted as it arrives, event by event (a streamed delta is usually
+/// one token, and counting per event keeps no text around; the total can differ by a few tokens
+/// from tokenizing the whole text at once).
+///
+/// Streams may be chat/completions chunks or Responses API events (which carry a `type`); for
+/// the latter the usage is the one nested in the final `response.completed` (or
+/// `response.incomplete` / `response.failed`) event's `response`, and the counted fallback counts
+/// the `delta` of `response.output_text.delta`, `response.refusal.delta` and
+/// `response.function_call_arguments.delta` events. Each event is parsed once, into one struct
+/// that borrows its strings from the event.
 pub struct UsageScanner {
     inner: Inner,
 }
@@ -92,6 +134,7 @@ impl fmt::Debug for UsageScanner {
                 .field("kind", &"json")
                 .field("state", &j.state)
                 .field("usage", &j.usage)
+                .field("object_id", &j.id)
                 .finish_non_exhaustive(),
             Inner::Sse(s) => f
                 .debug_struct("UsageScanner")
@@ -100,6 +143,8 @@ impl fmt::Debug for UsageScanner {
                 .field("usage", &s.usage)
                 .field("chunks", &s.chunks)
                 .field("completion_tokens", &s.completion_tokens)
+                .field("object_id", &s.id)
+                .field("failure", &s.failure)
                 .finish_non_exhaustive(),
         }
     }
@@ -126,18 +171,50 @@ impl UsageScanner {
         }
     }
 
-    /// At end of body: JSON — the body's `usage` (Reported); SSE — the last non-null `usage`
-    /// (Reported) or, if none, the prompt estimate plus the tokens of all `choices[].delta`
-    /// content, refusal and tool/function-call text (chat) or `choices[].text` (completions)
+    /// At end of body: JSON — the body's `usage` (Reported); SSE — the last non-null `usage`,
+    /// top-level or in a Responses event's `response` (Reported) or, if none, the prompt
+    /// estimate plus the tokens of all `choices[].delta` content, refusal and tool/function-call
+    /// text (chat), `choices[].text` (completions) or Responses text/refusal/argument deltas
     /// seen (Counted). `None` when there is nothing usable: a body without usage (e.g. an error),
-    /// a body that is not a JSON object, or a stream with no completion chunk. Calling it again
-    /// gives the same answer.
+    /// a body that is not a JSON object, or a stream with no completion chunk and no `response.*`
+    /// event. Calling it again gives the same answer.
     pub fn finish(&mut self) -> Option<(Usage, UsageSource)> {
         match &mut self.inner {
             Inner::Json(j) => j.finish().map(|u| (u, UsageSource::Reported)),
             Inner::Sse(s) => s.finish(),
         }
     }
+
+    /// The first failure a stream reported so far (see [`StreamFailure`]); always `None` for a
+    /// JSON body (a failed call answers with an error status instead). Events are read as they
+    /// complete; an event cut off at the end of the body is read by [`UsageScanner::finish`].
+    pub fn failure(&self) -> Option<&StreamFailure> {
+        match &self.inner {
+            Inner::Json(_) => None,
+            Inner::Sse(s) => s.failure.as_ref(),
+        }
+    }
+
+    /// The id of the object the call created, once seen: for a JSON body its top-level `id`
+    /// member when that is a non-empty string of at most 256 bytes (the first such member); for a
+    /// stream the `response.id` of the first Responses event that has one (`response.created`),
+    /// else the top-level `id` of the first chat/completions chunk that has a non-empty one
+    /// (Azure's first chunk has `"id": ""`). Ids longer than 256 bytes are ignored.
+    pub fn object_id(&self) -> Option<&str> {
+        match &self.inner {
+            Inner::Json(j) => j.id.as_deref(),
+            Inner::Sse(s) => s.id.as_deref(),
+        }
+    }
+}
+
+/// `code` as kept in a [`StreamFailure`]: at most [`MAX_CODE_BYTES`], cut at a char boundary.
+fn short_code(code: &str) -> String {
+    let mut end = code.len().min(MAX_CODE_BYTES);
+    while !code.is_char_boundary(end) {
+        end -= 1;
+    }
+    code[..end].to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,12 +244,38 @@ enum Member {
     InValue,
 }
 
-const USAGE_KEY: &[u8] = b"usage";
-/// `key_matched` value once the key being read is known not to be `usage`.
+/// The longest top-level key the JSON scanner looks for (`usage`).
+const KEY_CAP: usize = 5;
+/// `key_len` once the key being read is known to be none of the wanted ones.
 const KEY_MISMATCH: usize = usize::MAX;
 
+/// A top-level member whose value the JSON scanner copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Usage,
+    Id,
+}
+
+impl Target {
+    fn of_key(key: &[u8]) -> Option<Target> {
+        match key {
+            b"usage" => Some(Target::Usage),
+            b"id" => Some(Target::Id),
+            _ => None,
+        }
+    }
+
+    /// The most raw JSON text kept for this member's value.
+    fn cap(self) -> usize {
+        match self {
+            Target::Usage => MAX_USAGE_BYTES,
+            Target::Id => MAX_ID_CAPTURE,
+        }
+    }
+}
+
 /// An incremental scanner that tracks strings and nesting just enough to find the top-level
-/// `"usage"` member and copy its value.
+/// `"usage"` and `"id"` members and copy their values.
 #[derive(Default)]
 struct JsonScan {
     state: JsonState,
@@ -180,12 +283,16 @@ struct JsonScan {
     in_string: bool,
     escape: bool,
     member: Member,
-    /// How many bytes of the current top-level key matched `usage` so far.
-    key_matched: usize,
-    capturing: bool,
+    /// The current top-level key so far (its first `key_len` bytes), or [`KEY_MISMATCH`] once it
+    /// is too long or has an escape.
+    key: [u8; KEY_CAP],
+    key_len: usize,
+    /// The member whose value is being copied.
+    capturing: Option<Target>,
     capture_too_big: bool,
     capture: Vec<u8>,
     usage: Option<Usage>,
+    id: Option<String>,
 }
 
 impl JsonScan {
@@ -194,7 +301,7 @@ impl JsonScan {
             return;
         }
         // Start of the part of `chunk` that belongs to the captured value.
-        let mut cap_from = self.capturing.then_some(0);
+        let mut cap_from = self.capturing.map(|_| 0);
         let mut i = 0;
         while i < chunk.len() {
             if self.in_string {
@@ -211,7 +318,7 @@ impl JsonScan {
                 self.key_bytes(&rest[..off]);
                 if rest[off] == b'\\' {
                     self.escape = true;
-                    self.key_matched = KEY_MISMATCH;
+                    self.key_len = KEY_MISMATCH;
                 } else {
                     self.in_string = false;
                     if self.depth == 1 && self.member == Member::InKey {
@@ -242,7 +349,7 @@ impl JsonScan {
                     self.in_string = true;
                     if self.depth == 1 && self.member == Member::ExpectKey {
                         self.member = Member::InKey;
-                        self.key_matched = 0;
+                        self.key_len = 0;
                     }
                 }
                 b'{' | b'[' => self.depth = self.depth.saturating_add(1),
@@ -259,8 +366,11 @@ impl JsonScan {
                 }
                 b':' if self.depth == 1 && self.member == Member::AfterKey => {
                     self.member = Member::InValue;
-                    if self.key_matched == USAGE_KEY.len() {
-                        self.capturing = true;
+                    let target = self.key.get(..self.key_len).and_then(Target::of_key);
+                    if target == Some(Target::Usage)
+                        || (target == Some(Target::Id) && self.id.is_none())
+                    {
+                        self.capturing = target;
                         self.capture_too_big = false;
                         self.capture.clear();
                         cap_from = Some(i + 1);
@@ -282,24 +392,28 @@ impl JsonScan {
         }
     }
 
-    /// Unescaped string bytes: matched against `usage` while reading a top-level key.
+    /// Unescaped string bytes: collected while reading a top-level key (short keys only).
     fn key_bytes(&mut self, bytes: &[u8]) {
-        if self.depth != 1 || self.member != Member::InKey || self.key_matched == KEY_MISMATCH {
+        if self.depth != 1 || self.member != Member::InKey || self.key_len == KEY_MISMATCH {
             return;
         }
-        let end = self.key_matched + bytes.len();
-        self.key_matched = if end <= USAGE_KEY.len() && USAGE_KEY[self.key_matched..end] == *bytes {
-            end
+        let end = self.key_len + bytes.len();
+        if end <= KEY_CAP {
+            self.key[self.key_len..end].copy_from_slice(bytes);
+            self.key_len = end;
         } else {
-            KEY_MISMATCH
-        };
+            self.key_len = KEY_MISMATCH;
+        }
     }
 
     fn capture_slice(&mut self, bytes: &[u8]) {
+        let Some(target) = self.capturing else {
+            return;
+        };
         if self.capture_too_big {
             return;
         }
-        if self.capture.len() + bytes.len() > MAX_USAGE_BYTES {
+        if self.capture.len() + bytes.len() > target.cap() {
             self.capture_too_big = true;
             self.capture = Vec::new();
         } else {
@@ -307,14 +421,28 @@ impl JsonScan {
         }
     }
 
-    /// The captured value is complete: parse it (a later `usage` member replaces an earlier one).
+    /// The captured value is complete: parse it (a later `usage` member replaces an earlier one;
+    /// the first usable `id` is kept).
     fn end_capture(&mut self) {
-        self.capturing = false;
-        if !self.capture_too_big
-            && let Ok(Some(raw)) = serde_json::from_slice::<Option<RawUsage>>(&self.capture)
-            && let Some(u) = raw.into_usage()
-        {
-            self.usage = Some(u);
+        let target = self.capturing.take();
+        if !self.capture_too_big {
+            match target {
+                Some(Target::Usage) => {
+                    if let Ok(Some(raw)) = serde_json::from_slice::<Option<RawUsage>>(&self.capture)
+                        && let Some(u) = raw.into_usage()
+                    {
+                        self.usage = Some(u);
+                    }
+                }
+                Some(Target::Id) => {
+                    if let Ok(id) = serde_json::from_slice::<String>(&self.capture)
+                        && usable_id(&id)
+                    {
+                        self.id = Some(id);
+                    }
+                }
+                None => {}
+            }
         }
         self.capture = Vec::new();
     }
@@ -323,7 +451,7 @@ impl JsonScan {
         if self.state == JsonState::Invalid {
             return None;
         }
-        if self.capturing {
+        if self.capturing.is_some() {
             // The body ended inside the value (truncated): use it if it is complete anyway.
             self.end_capture();
         }
@@ -331,18 +459,61 @@ impl JsonScan {
     }
 }
 
+/// An id worth keeping: non-empty and at most [`MAX_ID_BYTES`].
+fn usable_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES
+}
+
 // ---------------------------------------------------------------------------------------------
 // SSE bodies
 // ---------------------------------------------------------------------------------------------
 
-/// One `chat.completion.chunk` / `text_completion` event, reduced to what is counted.
+/// One streamed event, reduced to what is read: a `chat.completion.chunk` / `text_completion`
+/// (no `type`), or a Responses API event (`type`, and `delta` or `response` as the type has).
 #[derive(Deserialize)]
-struct StreamChunk {
+struct StreamEvent<'a> {
+    /// Responses events only.
+    #[serde(default, rename = "type", borrow)]
+    kind: Text<'a>,
     #[serde(default)]
     choices: Option<Vec<StreamChoice>>,
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default, borrow)]
+    id: Text<'a>,
+    /// A chat/completions error event's `error` (Responses `error` events may have one too).
+    #[serde(default, borrow)]
+    error: Detail<'a>,
+    /// A Responses `error` event's code.
+    #[serde(default, borrow)]
+    code: Code<'a>,
+    /// A Responses `*.delta` event's text.
+    #[serde(default, borrow)]
+    delta: Text<'a>,
+    /// The response, in Responses `response.*` lifecycle events.
+    #[serde(default, borrow)]
+    response: Option<ResponseObject<'a>>,
 }
+
+/// The `response` of a Responses lifecycle event (`response.created` … `response.completed`).
+#[derive(Deserialize)]
+struct ResponseObject<'a> {
+    #[serde(default, borrow)]
+    id: Text<'a>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default, borrow)]
+    error: Detail<'a>,
+    #[serde(default, borrow)]
+    incomplete_details: Detail<'a>,
+}
+
+/// Responses event types whose `delta` is generated text, counted for the fallback.
+const COUNTED_DELTAS: [&str; 3] = [
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.function_call_arguments.delta",
+];
 
 #[derive(Deserialize)]
 struct StreamChoice {
@@ -394,9 +565,16 @@ struct SseScan {
     data_too_big: bool,
     /// The last non-null usage seen.
     usage: Option<Usage>,
-    /// Events that parsed as completion chunks (objects with `choices`).
+    /// Events that parsed as completion chunks (objects with `choices`) or as Responses
+    /// `response.*` events.
     chunks: u64,
     completion_tokens: u64,
+    /// The first failure reported.
+    failure: Option<StreamFailure>,
+    /// The object id (see [`UsageScanner::object_id`]), and whether it came from a Responses
+    /// event (which is final; a chat chunk's id is kept only until a Responses id turns up).
+    id: Option<String>,
+    id_is_final: bool,
 }
 
 impl SseScan {
@@ -413,6 +591,9 @@ impl SseScan {
             usage: None,
             chunks: 0,
             completion_tokens: 0,
+            failure: None,
+            id: None,
+            id_is_final: false,
         }
     }
 
@@ -508,11 +689,16 @@ impl SseScan {
         if payload.first() != Some(&b'{') {
             return;
         }
-        let Ok(chunk) = serde_json::from_slice::<StreamChunk>(payload) else {
+        let Ok(mut chunk) = serde_json::from_slice::<StreamEvent<'_>>(payload) else {
             return;
         };
-        if let Some(u) = chunk.usage.and_then(RawUsage::into_usage) {
+        if let Some(u) = chunk.usage.take().and_then(RawUsage::into_usage) {
             self.usage = Some(u);
+        }
+        self.note_failure(&chunk);
+        self.note_id(&chunk);
+        if let Some(kind) = chunk.kind.as_str() {
+            self.responses_event(kind, chunk.delta.as_str(), chunk.response);
         }
         let Some(choices) = chunk.choices else {
             return;
@@ -538,6 +724,77 @@ impl SseScan {
                     self.add(&text);
                 }
             }
+        }
+    }
+
+    /// A Responses event of type `kind`: nested usage, and counted deltas.
+    fn responses_event(
+        &mut self,
+        kind: &str,
+        delta: Option<&str>,
+        response: Option<ResponseObject>,
+    ) {
+        if !kind.starts_with("response.") {
+            return;
+        }
+        self.chunks += 1;
+        if let Some(u) = response
+            .and_then(|r| r.usage)
+            .and_then(RawUsage::into_usage)
+        {
+            self.usage = Some(u);
+        }
+        if let Some(text) = delta
+            && COUNTED_DELTAS.contains(&kind)
+        {
+            self.add(text);
+        }
+    }
+
+    /// Records the event's failure, if it reports one and none was recorded before.
+    fn note_failure(&mut self, ev: &StreamEvent) {
+        if self.failure.is_some() {
+            return;
+        }
+        let response = ev.response.as_ref();
+        let (kind, code) = match ev.kind.as_str() {
+            Some("response.failed") => (
+                StreamFailureKind::Failed,
+                response.and_then(|r| r.error.code()),
+            ),
+            Some("response.incomplete") => (
+                StreamFailureKind::Incomplete,
+                response.and_then(|r| r.incomplete_details.reason()),
+            ),
+            Some("error") => (
+                StreamFailureKind::Error,
+                ev.code.as_str().or_else(|| ev.error.code()),
+            ),
+            _ if ev.error.0.is_some() => (StreamFailureKind::Error, ev.error.code()),
+            _ => return,
+        };
+        self.failure = Some(StreamFailure {
+            kind,
+            code: code.map(short_code),
+        });
+    }
+
+    /// Records the object id: a Responses event's `response.id` (final), else a chat chunk's id.
+    fn note_id(&mut self, ev: &StreamEvent) {
+        if self.id_is_final {
+            return;
+        }
+        if let Some(id) = ev.response.as_ref().and_then(|r| r.id.as_str())
+            && usable_id(id)
+        {
+            self.id = Some(id.to_owned());
+            self.id_is_final = true;
+        } else if self.id.is_none()
+            && ev.kind.as_str().is_none()
+            && let Some(id) = ev.id.as_str()
+            && usable_id(id)
+        {
+            self.id = Some(id.to_owned());
         }
     }
 
@@ -697,6 +954,36 @@ mod tests {
             assert!(j.capture.capacity() <= MAX_USAGE_BYTES);
         }
         assert_eq!(s.finish(), Some((usage(11, 0, 11), UsageSource::Reported)));
+    }
+
+    #[test]
+    fn large_usage_and_events_are_read() {
+        // A usage object with many details, well under its 64 KiB cap.
+        let details: Vec<String> = (0..500).map(|i| format!("\"detail_{i}\":{i}")).collect();
+        let body = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":2,{}}}}}"#,
+            details.join(",")
+        );
+        assert!(body.len() > 8 * 1024);
+        assert_eq!(
+            scan_chunks(false, &[body.as_bytes()], 0),
+            Some((usage(1, 2, 3), UsageSource::Reported))
+        );
+        // A `response.completed` carrying a long output, well under the 1 MiB event cap.
+        let text = "All work and no play makes Jack a dull boy. ".repeat(2000);
+        let body = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_big\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":5,\"output_tokens\":20000,\"total_tokens\":20005}}}}}}\n\n"
+        );
+        assert!(body.len() > 64 * 1024);
+        assert_eq!(
+            report_chunks(true, &[body.as_bytes()], 0),
+            (
+                Some((usage(5, 20000, 20005), UsageSource::Reported)),
+                Some("resp_big".to_owned()),
+                None
+            )
+        );
+        assert_eq!((MAX_USAGE_BYTES, MAX_EVENT_BYTES), (64 << 10, 1 << 20));
     }
 
     #[test]
@@ -921,5 +1208,490 @@ mod tests {
             !dbg.contains("backslashes") && dbg.contains("json"),
             "{dbg}"
         );
+    }
+
+    /// Everything a scanner tells after a body: usage, object id, failure.
+    type Report = (
+        Option<(Usage, UsageSource)>,
+        Option<String>,
+        Option<StreamFailure>,
+    );
+
+    fn report_chunks(sse: bool, chunks: &[&[u8]], prompt: u32) -> Report {
+        let mut s = UsageScanner::new(sse, ENC, prompt);
+        for c in chunks {
+            s.feed(c);
+        }
+        let usage = s.finish();
+        assert_eq!(s.finish(), usage, "finish is repeatable");
+        (
+            usage,
+            s.object_id().map(str::to_owned),
+            s.failure().cloned(),
+        )
+    }
+
+    /// [`report_chunks`] for `body` whole, split in two at every byte, and byte by byte, which
+    /// must all agree.
+    fn report_all_ways(sse: bool, body: &[u8], prompt: u32) -> Report {
+        let whole = report_chunks(sse, &[body], prompt);
+        for at in 0..=body.len() {
+            let (a, b) = body.split_at(at);
+            assert_eq!(report_chunks(sse, &[a, b], prompt), whole, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(report_chunks(sse, &bytes, prompt), whole, "byte by byte");
+        whole
+    }
+
+    fn failure(kind: StreamFailureKind, code: Option<&str>) -> Option<StreamFailure> {
+        Some(StreamFailure {
+            kind,
+            code: code.map(str::to_owned),
+        })
+    }
+
+    const RESP_ID: &str = "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b";
+
+    /// A Responses API non-streamed body, as Azure returns it.
+    const RESPONSES_BODY: &str = r#"{
+  "id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+  "object": "response",
+  "created_at": 1741476542,
+  "status": "completed",
+  "error": null,
+  "incomplete_details": null,
+  "instructions": "Answer with \"id\": and \"usage\": words {braces}",
+  "max_output_tokens": null,
+  "model": "gpt-4.1-2025-04-14",
+  "output": [
+    {
+      "type": "message",
+      "id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
+      "status": "completed",
+      "role": "assistant",
+      "content": [
+        {"type": "output_text", "text": "In a peaceful grove beneath a silver moon, a unicorn named Lumina discovered a hidden pool.", "annotations": []}
+      ]
+    }
+  ],
+  "parallel_tool_calls": true,
+  "previous_response_id": null,
+  "reasoning": {"effort": null, "summary": null},
+  "store": true,
+  "temperature": 1.0,
+  "text": {"format": {"type": "text"}},
+  "tool_choice": "auto",
+  "tools": [],
+  "top_p": 1.0,
+  "truncation": "disabled",
+  "usage": {
+    "input_tokens": 36,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 87,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 123
+  },
+  "user": null,
+  "metadata": {}
+}"#;
+
+    #[test]
+    fn json_responses_body_usage_and_id() {
+        assert_eq!(
+            report_all_ways(false, RESPONSES_BODY.as_bytes(), 5),
+            (
+                Some((usage(36, 87, 123), UsageSource::Reported)),
+                Some(RESP_ID.to_owned()),
+                None
+            )
+        );
+        // A chat body's id too, when it comes after a nested or quoted "id".
+        assert_eq!(
+            report_chunks(false, &[CHAT_BODY.as_bytes()], 0)
+                .1
+                .as_deref(),
+            Some("chatcmpl-A1")
+        );
+    }
+
+    #[test]
+    fn json_object_ids() {
+        let id = |body: &[u8]| report_all_ways(false, body, 0).1;
+        assert_eq!(id(br#"{"id":"a"}"#).as_deref(), Some("a"));
+        assert_eq!(
+            id(b" {\n \"id\" :\t\"x-1\" ,\"id\":\"second\"}").as_deref(),
+            Some("x-1")
+        );
+        assert_eq!(
+            id(br#"{"data":{"id":"nested"},"i":"id","idx":"no","Id":"no","i\u0064":"no","id":"yes"}"#)
+                .as_deref(),
+            Some("yes")
+        );
+        // Escapes in the id are decoded.
+        assert_eq!(id(br#"{"id":"a\"b\u0041"}"#).as_deref(), Some("a\"bA"));
+        // Not a string, empty, or too long: ignored (a later usable one is taken).
+        for body in [
+            &br#"{"id":5}"#[..],
+            br#"{"id":null}"#,
+            br#"{"id":{"id":"x"}}"#,
+            br#"{"id":["x"]}"#,
+            br#"{"id":""}"#,
+            br#"["id","x"]"#,
+            br#"{"object":"x"}"#,
+            b"",
+        ] {
+            assert_eq!(id(body), None, "{body:?}");
+        }
+        let longest = "i".repeat(MAX_ID_BYTES);
+        let body = format!(r#"{{"id":"{longest}"}}"#);
+        assert_eq!(id(body.as_bytes()), Some(longest.clone()));
+        let body = format!(r#"{{"id":"{longest}x","id":"short"}}"#);
+        assert_eq!(id(body.as_bytes()).as_deref(), Some("short"));
+        // Raw text over the capture cap (whitespace here) is dropped without parsing.
+        let spaced = format!(
+            r#"{{"id":{}"a","usage":{{"prompt_tokens":1}}}}"#,
+            " ".repeat(MAX_ID_CAPTURE)
+        );
+        assert_eq!(
+            report_chunks(false, &[spaced.as_bytes()], 0),
+            (Some((usage(1, 0, 1), UsageSource::Reported)), None, None)
+        );
+        let spaced = format!(r#"{{"id":{}"a"}}"#, " ".repeat(MAX_ID_CAPTURE - 3));
+        assert_eq!(id(spaced.as_bytes()).as_deref(), Some("a"));
+        let spaced = format!(r#"{{"id":{}"b"}}"#, " ".repeat(400));
+        assert_eq!(id(spaced.as_bytes()).as_deref(), Some("b"));
+        // Truncated right after the id's value.
+        assert_eq!(id(br#"{"id":"trunc""#).as_deref(), Some("trunc"));
+        // A JSON body never reports a stream failure.
+        assert_eq!(
+            report_chunks(false, &[br#"{"error":{"code":"x"},"type":"error"}"#], 0).2,
+            None
+        );
+    }
+
+    fn resp_object(status: &str, extra: &str, usage: &str) -> String {
+        format!(
+            r#"{{"id":"{RESP_ID}","object":"response","created_at":1741476542,"status":"{status}","error":null,"incomplete_details":null,"instructions":null,"model":"gpt-4o-mini","output":[],"text":{{"format":{{"type":"text"}}}},"tools":[],"usage":{usage}{extra}}}"#
+        )
+    }
+
+    fn resp_event(kind: &str, seq: u32, body: &str) -> String {
+        format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{seq}{body}}}\n\n")
+    }
+
+    const RESP_WORDS: [&str; 3] = ["Hello", " from", " Responses!"];
+
+    /// An Azure-shaped Responses stream; `end` is the final event (`None`: the stream is cut
+    /// before it).
+    fn responses_stream(end: Option<(&str, &str, &str)>) -> String {
+        let msg = "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b";
+        let mut s = resp_event(
+            "response.created",
+            0,
+            &format!(r#","response":{}"#, resp_object("in_progress", "", "null")),
+        );
+        s += &resp_event(
+            "response.in_progress",
+            1,
+            &format!(r#","response":{}"#, resp_object("in_progress", "", "null")),
+        );
+        s += &resp_event(
+            "response.output_item.added",
+            2,
+            &format!(
+                r#","output_index":0,"item":{{"id":"{msg}","type":"message","status":"in_progress","content":[],"role":"assistant"}}"#
+            ),
+        );
+        s += &resp_event(
+            "response.content_part.added",
+            3,
+            &format!(
+                r#","item_id":"{msg}","output_index":0,"content_index":0,"part":{{"type":"output_text","annotations":[],"text":""}}"#
+            ),
+        );
+        for (i, w) in RESP_WORDS.iter().enumerate() {
+            s += &resp_event(
+                "response.output_text.delta",
+                4 + i as u32,
+                &format!(
+                    r#","item_id":"{msg}","output_index":0,"content_index":0,"delta":{}"#,
+                    serde_json::json!(w)
+                ),
+            );
+        }
+        let text = RESP_WORDS.concat();
+        s += &resp_event(
+            "response.output_text.done",
+            7,
+            &format!(r#","item_id":"{msg}","output_index":0,"content_index":0,"text":"{text}""#),
+        );
+        if let Some((kind, status, extra)) = end {
+            s += &resp_event(
+                kind,
+                8,
+                &format!(
+                    r#","response":{}"#,
+                    resp_object(
+                        status,
+                        extra,
+                        r#"{"input_tokens":21,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":26}"#
+                    )
+                ),
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn sse_responses_completed_at_every_split() {
+        let body = responses_stream(Some(("response.completed", "completed", "")));
+        assert_eq!(
+            report_all_ways(true, body.as_bytes(), 100),
+            (
+                Some((usage(21, 5, 26), UsageSource::Reported)),
+                Some(RESP_ID.to_owned()),
+                None
+            )
+        );
+        // CRLF line endings.
+        let crlf = body.replace('\n', "\r\n");
+        assert_eq!(
+            report_chunks(true, &[crlf.as_bytes()], 100),
+            report_chunks(true, &[body.as_bytes()], 100)
+        );
+    }
+
+    #[test]
+    fn sse_responses_without_completed_is_counted() {
+        let body = responses_stream(None);
+        let counted: u64 = RESP_WORDS
+            .iter()
+            .map(|w| u64::from(count_text(ENC, w)))
+            .sum();
+        assert_eq!(
+            report_all_ways(true, body.as_bytes(), 40),
+            (
+                Some((usage(40, counted, 40 + counted), UsageSource::Counted)),
+                Some(RESP_ID.to_owned()),
+                None
+            )
+        );
+        // Refusal and function-argument deltas count; other deltas and `done` texts do not.
+        let c = |s: &str| u64::from(count_text(ENC, s));
+        let body = concat!(
+            "data: {\"type\":\"response.refusal.delta\",\"delta\":\"I can't\"}\n\n",
+            "data: {\"type\":\"response.function_call_arguments.delta\",\"delta\":\"{\\\"city\\\":\"}\n\n",
+            "data: {\"type\":\"response.function_call_arguments.done\",\"arguments\":\"{\\\"city\\\":1}\"}\n\n",
+            "data: {\"type\":\"response.reasoning_summary_text.delta\",\"delta\":\"thinking hard\"}\n\n",
+            "data: {\"type\":\"response.audio.delta\",\"delta\":\"UklGRg==\"}\n\n",
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":{\"odd\":true}}\n\n",
+            "data: {\"type\":\"response.output_text.done\",\"text\":\"I can't\"}\n\n",
+            "data: {\"type\":\"other.delta\",\"delta\":\"nope\"}\n\n",
+            "data: {\"type\":7,\"delta\":\"nope\"}\n\n",
+        );
+        let expected = c("I can't") + c("{\"city\":");
+        assert_eq!(
+            report_chunks(true, &[body.as_bytes()], 2),
+            (
+                Some((usage(2, expected, 2 + expected), UsageSource::Counted)),
+                None,
+                None
+            )
+        );
+        // Events that are not `response.*` do not make a stream countable.
+        let body = "data: {\"type\":\"other.delta\",\"delta\":\"nope\"}\n\n";
+        assert_eq!(report_chunks(true, &[body.as_bytes()], 2).0, None);
+    }
+
+    #[test]
+    fn sse_responses_usage_in_failed_and_incomplete() {
+        let body = responses_stream(Some((
+            "response.incomplete",
+            "incomplete",
+            r#","incomplete_details_x":1,"incomplete_details":{"reason":"max_output_tokens"}"#,
+        )))
+        .replace(r#""incomplete_details":null,"#, "");
+        assert_eq!(
+            report_all_ways(true, body.as_bytes(), 0),
+            (
+                Some((usage(21, 5, 26), UsageSource::Reported)),
+                Some(RESP_ID.to_owned()),
+                failure(StreamFailureKind::Incomplete, Some("max_output_tokens"))
+            )
+        );
+        let body = responses_stream(Some((
+            "response.failed",
+            "failed",
+            r#","error_":1"#,
+        )))
+        .replace(
+            r#""status":"failed","error":null"#,
+            r#""status":"failed","error":{"code":"server_error","message":"The model failed on your text: secret"}"#,
+        );
+        let (u, id, f) = report_chunks(true, &[body.as_bytes()], 0);
+        assert_eq!(u, Some((usage(21, 5, 26), UsageSource::Reported)));
+        assert_eq!(id.as_deref(), Some(RESP_ID));
+        assert_eq!(f, failure(StreamFailureKind::Failed, Some("server_error")));
+        assert!(!format!("{f:?}").contains("secret"));
+    }
+
+    #[test]
+    fn sse_failures() {
+        let f = |body: &str| report_all_ways(true, body.as_bytes(), 1).2;
+        use StreamFailureKind::*;
+        // Chat: a top-level error object.
+        assert_eq!(
+            f(
+                "data: {\"error\":{\"code\":\"content_filter\",\"message\":\"m\",\"param\":null,\"status\":400}}\n\n"
+            ),
+            failure(Error, Some("content_filter"))
+        );
+        assert_eq!(
+            f(
+                "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"code\":null}}\n\n"
+            ),
+            failure(Error, None)
+        );
+        assert_eq!(
+            f("data: {\"error\":{\"code\":500}}\n\n"),
+            failure(Error, Some("500"))
+        );
+        // Not an object: not a failure.
+        assert_eq!(f("data: {\"error\":null,\"choices\":[]}\n\n"), None);
+        assert_eq!(f("data: {\"error\":\"x\",\"choices\":[]}\n\n"), None);
+        // Responses `error` event: top-level code, else a nested one.
+        assert_eq!(
+            f(
+                "event: error\ndata: {\"type\":\"error\",\"code\":\"ERR_SOMETHING\",\"message\":\"Something went wrong\",\"param\":null,\"sequence_number\":1}\n\n"
+            ),
+            failure(Error, Some("ERR_SOMETHING"))
+        );
+        assert_eq!(
+            f(
+                "data: {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"code\":\"bad\"}}\n\n"
+            ),
+            failure(Error, Some("bad"))
+        );
+        assert_eq!(
+            f("data: {\"type\":\"error\",\"code\":\"top\",\"error\":{\"code\":\"nested\"}}\n\n"),
+            failure(Error, Some("top"))
+        );
+        assert_eq!(f("data: {\"type\":\"error\"}\n\n"), failure(Error, None));
+        // response.failed / response.incomplete without details.
+        assert_eq!(
+            f("data: {\"type\":\"response.failed\",\"response\":{\"error\":null}}\n\n"),
+            failure(Failed, None)
+        );
+        assert_eq!(
+            f("data: {\"type\":\"response.failed\"}\n\n"),
+            failure(Failed, None)
+        );
+        assert_eq!(
+            f(
+                "data: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"content_filter\"},\"error\":{\"code\":\"no\"}}}\n\n"
+            ),
+            failure(Incomplete, Some("content_filter"))
+        );
+        assert_eq!(
+            f(
+                "data: {\"type\":\"response.failed\",\"response\":{\"incomplete_details\":{\"reason\":\"no\"},\"error\":{\"code\":\"yes\"}}}\n\n"
+            ),
+            failure(Failed, Some("yes"))
+        );
+        // First failure wins.
+        assert_eq!(
+            f(
+                "data: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"first\"}}}\n\ndata: {\"type\":\"error\",\"code\":\"second\"}\n\n"
+            ),
+            failure(Incomplete, Some("first"))
+        );
+        // Ordinary events are no failure.
+        assert_eq!(f(&chat_stream(true, "\n")), None);
+        assert_eq!(
+            f(&responses_stream(Some((
+                "response.completed",
+                "completed",
+                ""
+            )))),
+            None
+        );
+    }
+
+    #[test]
+    fn failure_codes_are_cut_at_64_bytes() {
+        let code = format!("{}é{}", "a".repeat(63), "b".repeat(100));
+        let body = format!("data: {{\"type\":\"error\",\"code\":\"{code}\"}}\n\n");
+        let got = report_chunks(true, &[body.as_bytes()], 0).2.unwrap();
+        assert_eq!(got.code.as_deref(), Some(&*"a".repeat(63)));
+        let code = "c".repeat(70);
+        let body = format!("data: {{\"type\":\"error\",\"code\":\"{code}\"}}\n\n");
+        let got = report_chunks(true, &[body.as_bytes()], 0).2.unwrap();
+        assert_eq!(got.code.as_deref(), Some(&*"c".repeat(64)));
+        assert_eq!(short_code("short"), "short");
+        assert_eq!(short_code(&"d".repeat(64)), "d".repeat(64));
+    }
+
+    #[test]
+    fn failure_and_id_are_known_as_events_complete() {
+        let mut s = UsageScanner::new(true, ENC, 0);
+        let body = responses_stream(Some(("response.incomplete", "incomplete", "")));
+        let first_end = body.find("\n\n").unwrap();
+        s.feed(&body.as_bytes()[..first_end + 1]);
+        assert_eq!(s.object_id(), None);
+        s.feed(&body.as_bytes()[first_end + 1..first_end + 2]);
+        assert_eq!(s.object_id(), Some(RESP_ID));
+        assert_eq!(s.failure(), None);
+        s.feed(&body.as_bytes()[first_end + 2..]);
+        assert_eq!(
+            s.failure(),
+            failure(StreamFailureKind::Incomplete, None).as_ref()
+        );
+        // JSON bodies: the id is known once its member has ended.
+        let mut j = UsageScanner::new(false, ENC, 0);
+        j.feed(br#"{"id":"abc""#);
+        assert_eq!(j.object_id(), None);
+        j.feed(b",");
+        assert_eq!(j.object_id(), Some("abc"));
+        assert_eq!(j.failure(), None);
+    }
+
+    #[test]
+    fn sse_object_ids() {
+        let id = |body: &str| report_all_ways(true, body.as_bytes(), 0).1;
+        // Chat: Azure's first chunk has an empty id; the next chunk's id is taken.
+        assert_eq!(
+            id(&chat_stream(false, "\r\n")).as_deref(),
+            Some("chatcmpl-A1")
+        );
+        assert_eq!(
+            id("data: {\"id\":\"cmpl-1\",\"choices\":[]}\n\ndata: {\"id\":\"cmpl-2\",\"choices\":[]}\n\n")
+                .as_deref(),
+            Some("cmpl-1")
+        );
+        // A Responses id wins over a chat one; the first Responses id is kept.
+        assert_eq!(
+            id("data: {\"id\":\"chat\"}\n\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\"}}\n\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_2\"}}\n\ndata: {\"id\":\"chat2\"}\n\n")
+                .as_deref(),
+            Some("resp_1")
+        );
+        // Responses events' own top-level ids (not `response.id`) are not object ids.
+        assert_eq!(
+            id(
+                "data: {\"type\":\"response.output_item.added\",\"id\":\"item\",\"item\":{\"id\":\"msg_1\"}}\n\n"
+            ),
+            None
+        );
+        // Empty, non-string and oversized ids are skipped.
+        let long = "r".repeat(MAX_ID_BYTES + 1);
+        let body = format!(
+            "data: {{\"type\":\"response.created\",\"response\":{{\"id\":\"{long}\"}}}}\n\ndata: {{\"type\":\"response.in_progress\",\"response\":{{\"id\":7}}}}\n\ndata: {{\"type\":\"response.in_progress\",\"response\":{{\"id\":\"\"}}}}\n\ndata: {{\"id\":\"{long}\"}}\n\ndata: {{\"id\":\"c\"}}\n\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"ok\"}}}}\n\n"
+        );
+        assert_eq!(id(&body).as_deref(), Some("ok"));
+        let exact = "r".repeat(MAX_ID_BYTES);
+        let body = format!("data: {{\"id\":\"{exact}\"}}\n\n");
+        assert_eq!(id(&body), Some(exact));
+        let body = format!("data: {{\"id\":\"{long}\"}}\n\ndata: {{\"id\":\"c\"}}\n\n");
+        assert_eq!(id(&body).as_deref(), Some("c"));
     }
 }

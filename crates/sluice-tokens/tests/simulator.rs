@@ -11,7 +11,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use sluice_sim::{RegionConfig, SimHandle, Simulator};
 use sluice_tokens::{
-    Encoding, Operation, Usage, UsageScanner, UsageSource, encoding_for_model, estimate_request,
+    Encoding, Operation, StreamFailure, StreamFailureKind, Usage, UsageChunkFilter, UsageScanner,
+    UsageSource, encoding_for_model, estimate_request,
 };
 use tokio::net::TcpStream;
 
@@ -39,11 +40,16 @@ impl Captured {
     }
 
     fn scan(&self, encoding: Encoding, prompt_estimate: u32) -> Option<(Usage, UsageSource)> {
+        self.scanner(encoding, prompt_estimate).finish()
+    }
+
+    /// A scanner fed every frame (not finished).
+    fn scanner(&self, encoding: Encoding, prompt_estimate: u32) -> UsageScanner {
         let mut s = UsageScanner::new(self.sse, encoding, prompt_estimate);
         for f in &self.frames {
             s.feed(f);
         }
-        s.finish()
+        s
     }
 
     /// `data:` payloads of an SSE body, parsed independently of the scanner.
@@ -51,7 +57,7 @@ impl Captured {
         String::from_utf8(self.body())
             .unwrap()
             .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
             .filter(|d| *d != "[DONE]")
             .map(|d| serde_json::from_str(d).unwrap())
             .collect()
@@ -59,6 +65,15 @@ impl Captured {
 }
 
 async fn call(addr: SocketAddr, path: &str, body: &Value) -> Captured {
+    call_with(addr, path, body, &[]).await
+}
+
+async fn call_with(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Captured {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
@@ -66,11 +81,13 @@ async fn call(addr: SocketAddr, path: &str, body: &Value) -> Captured {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::post(path)
+    let mut req = Request::post(path)
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let resp = sender.send_request(req).await.expect("response");
     assert!(resp.status().is_success(), "{}", resp.status());
     let sse = resp
@@ -218,4 +235,170 @@ async fn legacy_completion_streams() {
     assert_eq!(usage.prompt_tokens, 4);
     // Each streamed word is at least one token.
     assert!(usage.completion_tokens >= 5, "{usage:?}");
+}
+
+const RESPONSES: &str = "/openai/v1/responses";
+
+fn responses_body(stream: bool) -> Value {
+    json!({
+        "model": "gpt-4o",
+        "instructions": "You are terse.",
+        "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "Tell me about canals and sluice gates."}]}],
+        "max_output_tokens": 12,
+        "stream": stream,
+    })
+}
+
+/// A Responses `usage` as a [`Usage`].
+fn reported_responses(v: &Value) -> Option<(Usage, UsageSource)> {
+    let n = |k: &str| v[k].as_u64().unwrap();
+    Some((
+        Usage {
+            prompt_tokens: n("input_tokens"),
+            completion_tokens: n("output_tokens"),
+            total_tokens: n("total_tokens"),
+        },
+        UsageSource::Reported,
+    ))
+}
+
+#[tokio::test]
+async fn responses_json_usage_and_id_match_the_body() {
+    let sim = start().await;
+    let req = responses_body(false);
+    let est = estimate_request(
+        Operation::from_path(RESPONSES),
+        None,
+        req.to_string().as_bytes(),
+    );
+    assert!(est.prompt_tokens > 0);
+    assert_eq!(est.max_completion_tokens, Some(12));
+    let r = call(sim.addr(), RESPONSES, &req).await;
+    assert!(!r.sse);
+    let body: Value = serde_json::from_slice(&r.body()).unwrap();
+    let s = r.scanner(Encoding::O200kBase, est.prompt_tokens);
+    assert_eq!(s.object_id(), body["id"].as_str());
+    assert!(s.object_id().unwrap().starts_with("resp"));
+    assert_eq!(s.failure(), None);
+    assert_eq!(
+        r.scan(Encoding::O200kBase, est.prompt_tokens),
+        reported_responses(&body["usage"])
+    );
+}
+
+#[tokio::test]
+async fn responses_stream_usage_id_and_failures() {
+    let sim = start().await;
+    let req = responses_body(true);
+    let r = call(sim.addr(), RESPONSES, &req).await;
+    assert!(r.sse);
+    let events = r.events();
+    let completed = events.last().unwrap();
+    assert_eq!(completed["type"], "response.completed");
+    let mut s = r.scanner(Encoding::O200kBase, 3);
+    assert_eq!(s.object_id(), events[0]["response"]["id"].as_str());
+    assert!(s.object_id().is_some());
+    assert_eq!(s.failure(), None);
+    assert_eq!(
+        s.finish(),
+        reported_responses(&completed["response"]["usage"])
+    );
+    // Cut before `response.completed`: counted from the text deltas, which the simulator
+    // reports as the output tokens.
+    let cut = r.body();
+    let cut = &cut[..cut.len() - named_event_len(&r, "response.completed")];
+    let mut c = UsageScanner::new(true, Encoding::O200kBase, 3);
+    c.feed(cut);
+    let (counted, source) = c.finish().unwrap();
+    assert_eq!(source, UsageSource::Counted);
+    assert_eq!(counted.prompt_tokens, 3);
+    assert!(counted.completion_tokens > 0);
+
+    // In-stream failures after the 200.
+    for (header, kind) in [
+        ("response.failed", StreamFailureKind::Failed),
+        ("error", StreamFailureKind::Error),
+    ] {
+        let r = call_with(
+            sim.addr(),
+            RESPONSES,
+            &req,
+            &[("x-sim-stream-fail", header)],
+        )
+        .await;
+        let s = r.scanner(Encoding::O200kBase, 3);
+        assert_eq!(
+            s.failure(),
+            Some(&StreamFailure {
+                kind,
+                code: Some("server_error".into())
+            }),
+            "{header}"
+        );
+        assert!(s.object_id().is_some(), "{header}");
+    }
+}
+
+/// The length of the (last) `event: kind` event of an SSE body with `\n` line endings.
+fn named_event_len(r: &Captured, kind: &str) -> usize {
+    let body = String::from_utf8(r.body()).unwrap();
+    let start = body.rfind(&format!("event: {kind}\n")).unwrap();
+    body.len() - start
+}
+
+#[tokio::test]
+async fn chat_stream_failure_and_id() {
+    let sim = start().await;
+    let r = call(sim.addr(), CHAT, &chat_body(true, false)).await;
+    let s = r.scanner(Encoding::O200kBase, 0);
+    assert_eq!(s.failure(), None);
+    let first_id = r.events().into_iter().find_map(|e| {
+        e["id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+    });
+    assert_eq!(s.object_id().map(str::to_owned), first_id);
+    assert!(first_id.is_some());
+    let r = call_with(
+        sim.addr(),
+        CHAT,
+        &chat_body(true, false),
+        &[("x-sim-stream-fail", "error")],
+    )
+    .await;
+    let s = r.scanner(Encoding::O200kBase, 0);
+    assert_eq!(s.failure().map(|f| f.kind), Some(StreamFailureKind::Error));
+}
+
+#[tokio::test]
+async fn usage_chunk_filter_on_a_simulator_stream() {
+    let sim = start().await;
+    let r = call(sim.addr(), CHAT, &chat_body(true, true)).await;
+    let mut filter = UsageChunkFilter::new();
+    let mut out = Vec::new();
+    for frame in &r.frames {
+        out.extend_from_slice(&filter.feed(frame.clone()));
+    }
+    out.extend_from_slice(&filter.finish());
+    let filtered = Captured {
+        sse: true,
+        frames: vec![Bytes::from(out)],
+    };
+    let mut expected = r.events();
+    let usage_chunk = expected.pop().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert!(usage_chunk["usage"].is_object());
+    assert_eq!(filtered.events(), expected);
+    assert!(
+        String::from_utf8(filtered.body())
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
+    // The usage read from the unfiltered stream is still the reported one.
+    assert_eq!(
+        r.scan(Encoding::O200kBase, 0),
+        reported(&usage_chunk["usage"])
+    );
 }

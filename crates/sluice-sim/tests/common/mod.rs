@@ -54,6 +54,8 @@ pub struct Call<'a> {
     pub path: &'a str,
     pub headers: Vec<(&'a str, String)>,
     pub body: Option<Value>,
+    /// A non-JSON body with its content type (used instead of `body` when set).
+    pub raw: Option<(String, Bytes)>,
 }
 
 impl<'a> Call<'a> {
@@ -63,6 +65,7 @@ impl<'a> Call<'a> {
             path,
             headers: Vec::new(),
             body: Some(body),
+            raw: None,
         }
     }
 
@@ -72,6 +75,23 @@ impl<'a> Call<'a> {
             path,
             headers: Vec::new(),
             body: None,
+            raw: None,
+        }
+    }
+
+    pub fn delete(path: &'a str) -> Self {
+        Call {
+            method: Method::DELETE,
+            ..Call::get(path)
+        }
+    }
+
+    /// A POST with a raw body of the given content type.
+    pub fn post_raw(path: &'a str, content_type: &str, body: impl Into<Bytes>) -> Self {
+        Call {
+            method: Method::POST,
+            raw: Some((content_type.to_string(), body.into())),
+            ..Call::get(path)
         }
     }
 
@@ -88,12 +108,16 @@ impl<'a> Call<'a> {
         for (k, v) in &self.headers {
             b = b.header(*k, v.as_str());
         }
-        let body = match &self.body {
-            Some(v) => {
+        let body = match (&self.raw, &self.body) {
+            (Some((content_type, bytes)), _) => {
+                b = b.header("content-type", content_type.as_str());
+                bytes.clone()
+            }
+            (None, Some(v)) => {
                 b = b.header("content-type", "application/json");
                 Bytes::from(v.to_string())
             }
-            None => Bytes::new(),
+            (None, None) => Bytes::new(),
         };
         b.body(Full::new(body)).unwrap()
     }
@@ -172,6 +196,58 @@ impl Streamed {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// Named SSE events (`event: <name>\ndata: <json>\n\n`, as the Responses API sends),
+    /// in order: `(event name, parsed data)`. Panics on any other framing.
+    pub fn named_events(&self) -> Vec<(String, Value)> {
+        let raw: Vec<u8> = self.frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+        let raw = String::from_utf8(raw).expect("utf-8 SSE");
+        assert!(
+            raw.is_empty() || raw.ends_with("\n\n"),
+            "partial event: {raw:?}"
+        );
+        raw.split_terminator("\n\n")
+            .map(|block| {
+                let (event, data) = block
+                    .split_once('\n')
+                    .unwrap_or_else(|| panic!("not a named event: {block:?}"));
+                let name = event
+                    .strip_prefix("event: ")
+                    .unwrap_or_else(|| panic!("no event line: {block:?}"));
+                let data = data
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("no data line: {block:?}"));
+                let v: Value = serde_json::from_str(data).expect("JSON data");
+                (name.to_string(), v)
+            })
+            .collect()
+    }
+}
+
+/// A `multipart/form-data` upload body with a `purpose` field and a `file` part; returns
+/// `(content type, body)`.
+pub fn multipart_upload(purpose: &str, filename: &str, content: &[u8]) -> (String, Bytes) {
+    let boundary = "----sluice-test-boundary-7MA4YWxk";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/form-data; boundary=\"{boundary}\""),
+        Bytes::from(body),
+    )
 }
 
 /// Send a request on a fresh connection and return the response with its
