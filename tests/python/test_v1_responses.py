@@ -97,6 +97,9 @@ apis:
   - name: plain
     path: /plain/openai
     backends: [eastus, westus, sweden]
+  - name: east
+    path: /east/openai
+    backends: [eastus]
 """
 
 
@@ -336,6 +339,43 @@ def test_an_id_the_gateway_never_saw_is_found_by_asking(gw):
         c.responses.retrieve("resp_" + "0" * 32)
 
 
+def test_an_unknown_previous_response_id_is_sought_through_400s(gw):
+    # The service answers an unknown previous_response_id with a 400: each
+    # backend that says so is passed by until the owner answers.
+    sim = gw.simulators["sweden"]
+    r = httpx.post(f"{sim}/openai/v1/responses", json={"model": "gpt-4o", "input": "hi"},
+                   headers={"api-key": BACKEND_KEY}, timeout=10)
+    rid = r.json()["id"]
+    c = v1(gw)
+    before = metric_sum(gw, "sluice_affinity_total", result="found")
+    for _ in range(3):  # whichever backend the pool offers first
+        f = c.responses.with_raw_response.create(model="gpt-4o", input="on", previous_response_id=rid)
+        assert f.headers["x-ms-region"] == "Sweden Central"
+    assert metric_sum(gw, "sluice_affinity_total", result="found") == before + 1, "found once, then pinned"
+    # A previous_response_id nobody has: the client gets the last 400.
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="gpt-4o", input="x", previous_response_id="resp_" + "1" * 32)
+    assert "previous_response_not_found" in str(e.value)
+
+
+def test_an_id_never_opens_another_apis_backends(gw):
+    c = v1(gw)
+    for _ in range(3):
+        r = c.responses.with_raw_response.create(model="gpt-4o", input="x", max_output_tokens=2)
+        if r.headers["x-ms-region"] == "West US":
+            break
+    assert r.headers["x-ms-region"] == "West US"
+    rid = r.parse().id
+    # The /east API reaches only East: the id, known to be West's, is
+    # sought there and not found, rather than opened on West.
+    east = v1(gw, prefix="/east/openai")
+    with pytest.raises(openai.NotFoundError) as e:
+        east.responses.retrieve(rid)
+    assert e.value.response.headers["x-ms-region"] == "East US"
+    # Through its own API it is still West's.
+    assert c.responses.with_raw_response.retrieve(rid).headers["x-ms-region"] == "West US"
+
+
 def test_a_pinned_call_is_never_moved_elsewhere(gw):
     c = v1(gw)
     r = c.responses.with_raw_response.create(model="gpt-4o", input="Start", max_output_tokens=2)
@@ -404,3 +444,27 @@ def test_other_openai_paths_reach_the_backend(gw):
     assert r.headers.get("x-ms-region")
     r = httpx.post(f"{gw.url}/openai/v1/vector_stores", json={"name": "x"}, timeout=10)
     assert r.status_code == 401
+
+
+def test_traces_record_the_affinity_and_the_stream_failure(gw):
+    prefix = "/subscriptions/s/resourceGroups/r/providers/Microsoft.ApiManagement/service/sluice"
+    op = {"authorization": f"Bearer {OPERATOR}"}
+    r = httpx.post(f"{gw.management}{prefix}/gateways/managed/listDebugCredentials?api-version=2023-05-01-preview",
+                   headers=op, timeout=10,
+                   json={"credentialsExpireAfter": "PT1H", "apiId": f"{prefix}/apis/v1", "purposes": ["tracing"]})
+    assert r.status_code == 200, r.text
+    debug = {"Apim-Debug-Authorization": r.json()["token"]}
+    c = v1(gw)
+    first = c.responses.create(model="gpt-4o", input="Start", max_output_tokens=2)
+    raw = c.responses.with_raw_response.create(
+        model="gpt-4o", input="x", stream=True, previous_response_id=first.id,
+        extra_headers={**debug, "x-sim-stream-fail": "response.failed"})
+    list(raw.parse())
+    trace = httpx.post(f"{gw.management}{prefix}/gateways/managed/listTrace?api-version=2024-06-01-preview",
+                       headers=op, json={"traceId": raw.headers["apim-trace-id"]}, timeout=15).json()
+    inbound = {e["source"]: e["data"] for e in trace["traceEntries"]["inbound"]}
+    assert "goes there, with no failover" in inbound["affinity"]["message"]
+    assert inbound["affinity"]["backend"] in ("eastus", "westus", "sweden")
+    outbound = {e["source"]: e["data"] for e in trace["traceEntries"]["outbound"]}
+    assert outbound["stream-failure"]["kind"] == "failed"
+    assert outbound["stream-failure"]["code"] == "server_error"

@@ -884,3 +884,96 @@ apis:
         "unknown key 'raed_ms' (did you mean 'read_ms'?)"
     );
 }
+
+#[test]
+fn affinity_and_models_are_checked() {
+    let text = "\
+server:
+  affinity: { max_ids: 0, ttl_seconds: 31536001 }
+backends:
+  - name: b
+    url: https://b.example
+    deployments: { gpt-4o: gpt-4o-b }
+apis:
+  - name: a
+    path: /openai
+    backends: [b]
+    models:
+      - gpt-4o
+      - ''
+      - a/b
+      - gpt-4o
+      -
+";
+    let found = problems(text);
+    let expected = [
+        ("server.affinity.max_ids", 2),
+        ("server.affinity.ttl_seconds", 2),
+        ("apis[0].models[1]", 13),
+        ("apis[0].models[2]", 14),
+        ("apis[0].models[3]", 15),
+        ("apis[0].models[4]", 16),
+    ];
+    for (path, line) in expected {
+        assert_eq!(find(&found, path).line, Some(line), "line of {path}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    let at = |path: &str| find(&found, path).message.clone();
+    assert_eq!(at("server.affinity.max_ids"), "must be at least 1");
+    assert_eq!(
+        at("server.affinity.ttl_seconds"),
+        "must be between 1 and 31536000"
+    );
+    assert!(at("apis[0].models[1]").contains("deployment name"));
+    assert!(at("apis[0].models[2]").contains("without '/'"));
+    assert_eq!(
+        at("apis[0].models[3]"),
+        "'gpt-4o' is listed twice (also at apis[0].models[0])"
+    );
+    assert_eq!(at("apis[0].models[4]"), "empty entry");
+}
+
+#[test]
+fn affinity_defaults_and_the_models_an_api_lists() {
+    let dir = std::env::temp_dir();
+    let text = "\
+simulators:
+  - name: s
+    region: Somewhere
+    deployments: { sim-only: {model: m} }
+backends:
+  - {name: b, url: 'https://b.example', deployments: {gpt-4o: gpt-4o-b}}
+  - {name: s, simulator: s}
+  - {name: other, url: 'https://o.example', deployments: {elsewhere: e}}
+pools:
+  - {name: emb, backends: [{backend: b}]}
+apis:
+  - {name: a, path: /openai, backends: [b, s], deployment_pools: {text-embedding-3-small: emb}}
+  - {name: listed, path: /x/openai, backends: [b], models: [z, a]}
+";
+    let cfg = sluice_config::load_str(text, "t.yaml", &dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.server.affinity,
+        sluice_config::AffinitySettings::default()
+    );
+    assert_eq!(cfg.server.affinity.max_ids, 100_000);
+    assert_eq!(cfg.server.affinity.ttl.as_secs(), 30 * 24 * 3600);
+    assert_eq!(
+        cfg.api_models(&cfg.apis[0]),
+        ["gpt-4o", "sim-only", "text-embedding-3-small"]
+    );
+    assert_eq!(
+        cfg.api_models(&cfg.apis[1]),
+        ["z", "a"],
+        "as listed, in order"
+    );
+    let cfg = sluice_config::load_str(
+        "server: {affinity: {max_ids: 7, ttl_seconds: 60}}\nbackends: [{name: b, url: 'https://b.example'}]\napis: [{name: a, path: /openai, backends: [b]}]\n",
+        "t.yaml",
+        &dir,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.server.affinity.max_ids, 7);
+    assert_eq!(cfg.server.affinity.ttl.as_secs(), 60);
+    assert!(cfg.api_models(&cfg.apis[0]).is_empty());
+}

@@ -24,6 +24,8 @@ pub struct OwnedCall {
     pub creates: bool,
     /// The call deletes `named`.
     pub deletes: bool,
+    /// The call is about `named` itself, not something below it.
+    pub itself: bool,
     /// Reads the created object's id from the answer when no usage scanner
     /// does; dropped once it has found it.
     pub id_scanner: Option<sluice_tokens::UsageScanner>,

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// A request body that is edited on its way: the body as the client sent
-/// it, what to edit, and the body of the attempt under way.
-#[derive(Debug)]
+/// it, what to edit, and the body of the attempt under way. Its `Debug`
+/// shows sizes only: the body is the caller's content.
 pub struct BodyEdit {
     pub plan: BodyPlan,
     /// The body as the client sent it.
@@ -26,6 +26,17 @@ pub struct BodyEdit {
     /// `body`. Written when the attempt's head is built; taken by the body
     /// step.
     pub attempt: Option<Bytes>,
+}
+
+impl std::fmt::Debug for BodyEdit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyEdit")
+            .field("body_len", &self.body.len())
+            .field("renames_model", &self.plan.model.is_some())
+            .field("adds_usage", &self.plan.adds_usage())
+            .field("attempt_len", &self.attempt.as_ref().map(Bytes::len))
+            .finish()
+    }
 }
 
 impl BodyEdit {
@@ -69,6 +80,20 @@ pub struct BodyPlan {
     model: Option<(Range<usize>, String)>,
     /// Where `include_usage: true` goes, and what is written there.
     usage: Option<(Range<usize>, String)>,
+    /// What the body holds for `stream_options`, read with `model`.
+    options: Options,
+}
+
+/// The body's `stream_options` member, as first read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Options {
+    /// Not a JSON object body: nothing can be added.
+    #[default]
+    NotAnObject,
+    /// No member; the object opens at this byte.
+    Absent { open: usize },
+    /// The member's value bytes.
+    Present(Range<usize>),
 }
 
 /// Where the `stream_options` member stands on usage.
@@ -100,7 +125,20 @@ impl BodyPlan {
             let name = serde_json::from_str::<String>(raw.get()).ok()?;
             Some((span(body, raw), name))
         });
-        BodyPlan { model, usage: None }
+        let options = match top.stream_options {
+            Some(raw) => Options::Present(span(body, raw)),
+            None => Options::Absent {
+                open: body
+                    .iter()
+                    .position(|b| !b.is_ascii_whitespace())
+                    .unwrap_or(0),
+            },
+        };
+        BodyPlan {
+            model,
+            usage: None,
+            options,
+        }
     }
 
     /// The body's `model`, when it is a string.
@@ -112,25 +150,30 @@ impl BodyPlan {
     /// this plan was made from). Says where the body stands; only
     /// [`UsageAsk::Addable`] plans an edit.
     pub fn ask_usage(&mut self, body: &[u8]) -> UsageAsk {
-        let Some(top) = top(body) else {
+        let range = match &self.options {
+            Options::NotAnObject => return UsageAsk::Unusable,
+            Options::Absent { open } => {
+                // No member: add one right after the opening brace. The
+                // body has other members (`stream` at least), so a comma
+                // follows.
+                let open = *open;
+                if body.get(open) != Some(&b'{') || !has_members(&body[open + 1..]) {
+                    return UsageAsk::Unusable;
+                }
+                let at = open + 1;
+                self.usage = Some((at..at, r#""stream_options":{"include_usage":true},"#.into()));
+                return UsageAsk::Addable;
+            }
+            Options::Present(range) => range.clone(),
+        };
+        let Some(text) = body
+            .get(range.clone())
+            .and_then(|t| std::str::from_utf8(t).ok())
+        else {
             return UsageAsk::Unusable;
         };
-        let Some(raw) = top.stream_options else {
-            // No member: add one right after the opening brace. The body
-            // has other members (`stream` at least), so a comma follows.
-            let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
-                return UsageAsk::Unusable;
-            };
-            if body[open] != b'{' || !has_members(&body[open + 1..]) {
-                return UsageAsk::Unusable;
-            }
-            let at = open + 1;
-            self.usage = Some((at..at, r#""stream_options":{"include_usage":true},"#.into()));
-            return UsageAsk::Addable;
-        };
-        let text = raw.get();
         if text == "null" {
-            self.usage = Some((span(body, raw), r#"{"include_usage":true}"#.into()));
+            self.usage = Some((range, r#"{"include_usage":true}"#.into()));
             return UsageAsk::Addable;
         }
         let Ok(mut options) =
@@ -145,7 +188,7 @@ impl BodyPlan {
         let Ok(edited) = serde_json::to_string(&options) else {
             return UsageAsk::Unusable;
         };
-        self.usage = Some((span(body, raw), edited));
+        self.usage = Some((range, edited));
         UsageAsk::Addable
     }
 

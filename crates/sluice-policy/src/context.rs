@@ -174,6 +174,9 @@ pub struct RequestContext {
     /// Keeps the usage chunk Sluice asked for (`stream_options`) from the
     /// client. Written when a stream's head arrives; read per chunk.
     pub usage_filter: Option<Box<sluice_tokens::UsageChunkFilter>>,
+    /// Sluice added `stream_options.include_usage` to the body it sent.
+    /// Written before routing; read when the answer's head arrives.
+    pub usage_asked: bool,
 }
 
 impl RequestContext {
@@ -248,6 +251,7 @@ impl Default for RequestContext {
             edit: None,
             owned: None,
             usage_filter: None,
+            usage_asked: false,
         }
     }
 }

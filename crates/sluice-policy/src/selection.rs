@@ -47,6 +47,11 @@ pub struct Attempt {
     /// It repeats the attempt before on the same backend, whose pooled
     /// connection had gone stale.
     pub stale_retry: bool,
+    /// It went to its backend without the breaker's say (a call pinned to
+    /// the owner of its object, or seeking it): its outcome counts against
+    /// the breaker only while the breaker is closed, so it can neither
+    /// close a half-open breaker nor free its probe slot.
+    pub bypassed: bool,
 }
 
 /// Routing state of one request. Written by the selector; read by the
@@ -326,9 +331,11 @@ impl BackendSelector {
     /// The largest number of attempts any API may make (pingora's own
     /// retry limit is set from it).
     pub fn max_attempts(&self) -> usize {
+        // A call seeking the owner of its object may ask every backend of
+        // its API once.
         self.apis
             .iter()
-            .map(|a| self.attempt_limit(a))
+            .map(|a| self.attempt_limit(a).max(a.backends.len()))
             .max()
             .unwrap_or(1)
     }
@@ -378,19 +385,36 @@ impl BackendSelector {
 
     /// Route the request begun with [`begin`](Self::begin) to the owner of
     /// the object it names: `Some(backend)` when known, `None` to seek it.
+    ///
+    /// An owner the request's API does not reach is not used: the request
+    /// seeks among its own API's backends instead (an id never opens
+    /// another API's backends).
     pub fn set_affinity(&self, ctx: &mut RequestContext, owner: Option<usize>) {
+        let reaches = |b: usize| {
+            ctx.api
+                .and_then(|a| self.apis.get(a))
+                .is_some_and(|api| api.backends.contains(&b))
+        };
         ctx.routing.affinity = Some(match owner {
-            Some(b) if b < self.health.len() => Affinity::Pinned(b),
+            Some(b) if reaches(b) => Affinity::Pinned(b),
             _ => Affinity::Seek,
         });
     }
 
     /// A backend of the API not asked yet, for a request seeking the owner
     /// of the object it names.
+    /// Backends whose breaker would let a request through now come first.
     fn next_to_seek(&self, ctx: &RequestContext) -> Option<usize> {
         let api = ctx.api.and_then(|a| self.apis.get(a))?;
         let tried = ctx.routing.tried();
-        api.backends.iter().copied().find(|b| !tried.contains(b))
+        let now = self.now();
+        let mut untried = api.backends.iter().copied().filter(|b| !tried.contains(b));
+        let first = untried.clone().next()?;
+        Some(
+            untried
+                .find(|&b| self.health.get(b).is_some_and(|h| h.breaker.available(now)))
+                .unwrap_or(first),
+        )
     }
 
     /// What is left of the API's failover time for the next attempt; `None`
@@ -409,6 +433,13 @@ impl BackendSelector {
     /// gateway's answer when every backend of the pool is resting.
     pub fn next_backend(&self, ctx: &mut RequestContext) -> Result<usize, GatewayError> {
         let pool = ctx.routing.pool.unwrap_or(0);
+        // Every attempt of a pinned call, and every seeking attempt after
+        // the first, goes where affinity says.
+        let mut bypassed = match ctx.routing.affinity {
+            Some(Affinity::Pinned(_)) => true,
+            Some(Affinity::Seek) => !ctx.routing.attempts.is_empty(),
+            None => false,
+        };
         let (choice, chosen_at) = match (ctx.routing.planned.take(), ctx.routing.affinity) {
             (Some(planned), _) => planned,
             // The owner takes it whatever its breaker says: no other
@@ -421,7 +452,23 @@ impl BackendSelector {
                 },
                 self.now(),
             ),
-            (None, _) => (self.choose(ctx, pool), self.now()),
+            (None, affinity) => match self.choose(ctx, pool) {
+                // Seeking an owner: when the pool has no one to offer now,
+                // another backend of the API is asked (it may be the owner).
+                Choice::Exhausted { .. }
+                    if affinity == Some(Affinity::Seek)
+                        && let Some(backend) = self.next_to_seek(ctx) =>
+                {
+                    bypassed = true;
+                    let choice = Choice::Backend {
+                        backend,
+                        probe: false,
+                        steered: false,
+                    };
+                    (choice, self.now())
+                }
+                choice => (choice, self.now()),
+            },
         };
         match choice {
             Choice::Backend {
@@ -445,6 +492,7 @@ impl BackendSelector {
                     in_flight: true,
                     probe_admitted: probe.then_some(chosen_at),
                     stale_retry: std::mem::take(&mut ctx.routing.repeat_planned),
+                    bypassed,
                 });
                 ctx.backend = Some(backend);
                 Ok(backend)
@@ -540,7 +588,12 @@ impl BackendSelector {
                 .inc(),
         }
         if let Some(h) = self.health.get(backend) {
-            let tripped = h.breaker.record(&outcome, now);
+            let counts = !attempt.bypassed || matches!(h.breaker.view(now), BreakerView::Closed);
+            let tripped = if counts {
+                h.breaker.record(&outcome, now)
+            } else {
+                None
+            };
             if let Some(cause) = &tripped {
                 self.metrics
                     .trips
@@ -631,13 +684,22 @@ impl BackendSelector {
         } else {
             kind.may_fail_over(&outcome)
         };
-        let seeking_404 = matches!(outcome, Outcome::Status { status: 404, .. });
+        // Not the owner: a 404, or a 400 (an unknown `previous_response_id`
+        // is a 400), or an attempt that never reached the backend.
+        let not_here = not_sent
+            || matches!(
+                outcome,
+                Outcome::Status {
+                    status: 404 | 400,
+                    ..
+                }
+            );
         let Some(backend) = self.close_attempt(ctx, outcome) else {
             return After::Deliver;
         };
         match ctx.routing.affinity {
             Some(Affinity::Pinned(_)) => return After::Deliver,
-            Some(Affinity::Seek) => return self.seek_on(ctx, seeking_404 && replayable),
+            Some(Affinity::Seek) => return self.seek_on(ctx, not_here && replayable),
             None => {}
         }
         if !may || !replayable {
@@ -677,9 +739,9 @@ impl BackendSelector {
         next
     }
 
-    /// After an attempt of a request seeking the owner of its object: a 404
-    /// (`not_here`) asks the next backend of the API, within the failover
-    /// time; any other answer is the client's.
+    /// After an attempt of a request seeking the owner of its object: when
+    /// it was not there (`not_here`), the next backend of the API is asked,
+    /// within the failover time; any other answer is the client's.
     fn seek_on(&self, ctx: &mut RequestContext, not_here: bool) -> After {
         let in_time = ctx.api.and_then(|a| self.apis.get(a)).is_some_and(|api| {
             ctx.routing.started.unwrap_or(ctx.started).elapsed() < api.failover.timeout
@@ -698,17 +760,16 @@ impl BackendSelector {
         After::Retry
     }
 
-    /// The backend that answered the request other than 404 while it was
-    /// seeking the owner of its object: the owner, to remember.
+    /// The backend that answered a request seeking the owner of its object
+    /// with a success: the owner, to remember. Any other answer proves
+    /// nothing about who holds the object.
     pub fn found_owner(&self, ctx: &RequestContext) -> Option<usize> {
         if ctx.routing.affinity != Some(Affinity::Seek) {
             return None;
         }
         let last = ctx.routing.attempts.last()?;
         match last.outcome {
-            Some(Outcome::Status { status, .. })
-                if status != 404 && status < 500 && status != 429 && status != 408 =>
-            {
+            Some(Outcome::Status { status, .. }) if (200..300).contains(&status) => {
                 Some(last.backend)
             }
             _ => None,
@@ -1048,20 +1109,120 @@ pools:
             );
             assert_eq!(s.found_owner(&c), None, "{status}");
         }
-        // A 4xx other than 404 does say who has it.
-        let mut c = ctx(&s, "DELETE", "/v1/files/file-1");
+        // A 400 (an unknown previous_response_id) moves on like a 404, and
+        // so does a failure to connect; a 401 or 403 ends the search but
+        // names no owner.
+        let mut c = ctx(&s, "POST", "/v1/responses");
         s.set_affinity(&mut c, None);
-        let b = s.next_backend(&mut c).unwrap();
+        s.next_backend(&mut c).unwrap();
         assert_eq!(
             s.after_status(&mut c, 400, headers(&[]), true),
+            After::Retry
+        );
+        s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_connect_error(&mut c, Outcome::ConnectFailed, true),
+            After::Retry
+        );
+        let last = s.next_backend(&mut c).unwrap();
+        assert_eq!(
+            s.after_status(&mut c, 201, headers(&[]), true),
             After::Deliver
         );
-        assert_eq!(s.found_owner(&c), Some(b));
+        assert_eq!(s.found_owner(&c), Some(last));
+        for status in [401, 403, 409] {
+            let mut c = ctx(&s, "DELETE", "/v1/files/file-1");
+            s.set_affinity(&mut c, None);
+            s.next_backend(&mut c).unwrap();
+            assert_eq!(
+                s.after_status(&mut c, status, headers(&[]), true),
+                After::Deliver
+            );
+            assert_eq!(s.found_owner(&c), None, "{status}");
+        }
         // Not seeking: nothing found.
         let mut c = ctx(&s, "GET", "/v1/files/file-1");
         s.next_backend(&mut c).unwrap();
         s.after_status(&mut c, 200, headers(&[]), true);
         assert_eq!(s.found_owner(&c), None);
+    }
+
+    #[test]
+    fn an_owner_outside_the_api_is_not_used() {
+        // The API reaches a and b (pool main) only: an owner c seeks instead.
+        let (s, _) = selector("    pool: main\n");
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut c, Some(2));
+        assert_eq!(c.routing.affinity, Some(Affinity::Seek));
+        s.set_affinity(&mut c, Some(1));
+        assert_eq!(c.routing.affinity, Some(Affinity::Pinned(1)));
+        // Without an API nothing is reached.
+        let mut c = RequestContext::default();
+        s.set_affinity(&mut c, Some(0));
+        assert_eq!(c.routing.affinity, Some(Affinity::Seek));
+    }
+
+    #[test]
+    fn pinned_attempts_never_stand_in_for_a_breakers_probe() {
+        let (s, clock) = selector("    pool: main\n");
+        // a rests after a 429 with Retry-After: 5.
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        let h = [("retry-after", "5")];
+        s.after_status(&mut c, 429, headers(&h), true);
+        s.finish(&mut c);
+        assert_eq!(s.statuses()[0].state, "open");
+        // A pinned failure while it rests does not extend or change the rest.
+        let mut p = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut p, Some(0));
+        assert_eq!(s.next_backend(&mut p), Ok(0));
+        assert!(p.routing.attempts[0].bypassed);
+        let h = [("retry-after", "60")];
+        s.after_status(&mut p, 429, headers(&h), true);
+        s.finish(&mut p);
+        assert_eq!(s.statuses()[0].open_for_seconds, Some(5.0));
+        // Half-open: a pinned success does not close the breaker; only the
+        // probe's outcome does.
+        clock.advance(Duration::from_secs(5));
+        let mut p = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut p, Some(0));
+        s.next_backend(&mut p).unwrap();
+        s.after_status(&mut p, 200, headers(&[]), true);
+        s.finish(&mut p);
+        assert_eq!(s.statuses()[0].state, "half_open");
+        // The probe (a comes first in its pool) closes it.
+        let mut c = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut c), Ok(0));
+        assert!(c.routing.attempts[0].probe);
+        s.after_status(&mut c, 200, headers(&[]), true);
+        s.finish(&mut c);
+        assert_eq!(s.statuses()[0].state, "closed");
+        let mut p = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut p, Some(0));
+        s.next_backend(&mut p).unwrap();
+        s.after_status(&mut p, 429, headers(&[("retry-after", "3")]), true);
+        s.finish(&mut p);
+        assert_eq!(s.statuses()[0].state, "open");
+        assert_eq!(s.statuses()[0].open_for_seconds, Some(3.0));
+    }
+
+    #[test]
+    fn a_seeking_call_asks_the_api_when_its_pool_is_resting() {
+        // Pool main (a, b) rests; the API also reaches c through a
+        // deployment pool: the seeking call asks c.
+        let (s, _) = selector("    pool: main\n    deployment_pools: {emb: other}\n");
+        for _ in 0..2 {
+            let mut c = ctx(&s, "POST", CHAT);
+            s.next_backend(&mut c).unwrap();
+            s.after_status(&mut c, 429, headers(&[("retry-after", "30")]), false);
+            s.finish(&mut c);
+        }
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        assert!(s.next_backend(&mut c).is_err(), "nothing in the pool");
+        let mut c = ctx(&s, "GET", "/v1/files/file-1");
+        s.set_affinity(&mut c, None);
+        assert_eq!(s.next_backend(&mut c), Ok(2));
+        assert!(c.routing.attempts[0].bypassed);
     }
 
     #[test]
@@ -1268,7 +1429,9 @@ pools:
     #[test]
     fn attempts_and_time_are_bounded() {
         let (s, _) = selector("    pool: main\n    failover: {max_attempts: 1}\n");
-        assert_eq!(s.max_attempts(), 1);
+        // A call seeking the owner of its object may still ask both
+        // backends of the API: pingora's retry limit allows for it.
+        assert_eq!(s.max_attempts(), 2);
         let mut c = ctx(&s, "POST", CHAT);
         s.next_backend(&mut c).unwrap();
         assert_eq!(

@@ -556,9 +556,20 @@ impl Gateway {
         if named.is_empty() && !creates {
             return;
         }
+        // The call is about the object itself (`/files/{id}`), not
+        // something below it (`/vector_stores/{id}/files/{file}`): only then
+        // does deleting it, or a 404, mean the object is gone.
+        let itself = in_path.is_some_and(|(_, id)| {
+            rest.split(['?', '#'])
+                .next()
+                .unwrap_or(rest)
+                .trim_end_matches('/')
+                .ends_with(id)
+        });
         let mut call = sluice_policy::affinity::OwnedCall {
             creates,
-            deletes: in_path.is_some() && req.method == http::Method::DELETE,
+            deletes: itself && req.method == http::Method::DELETE,
+            itself,
             ..Default::default()
         };
         if !named.is_empty() {
@@ -571,6 +582,19 @@ impl Gateway {
                     break;
                 }
             }
+            let pinned_to = owner
+                .as_ref()
+                .map(|(_, b)| self.state.backends[*b].name.clone());
+            ctx.trace(sluice_trace::Section::Inbound, "affinity", || {
+                let message = match &pinned_to {
+                    Some(_) => "The call names an object its backend owns: it goes there, with no failover.",
+                    None => "The call names an object whose backend is not known: the backends are asked in turn until one does not answer 404.",
+                };
+                sluice_trace::record::Val::obj([
+                    ("message", message.into()),
+                    ("backend", sluice_trace::record::Val::from(pinned_to.clone())),
+                ])
+            });
             match owner {
                 Some((id, backend)) => {
                     self.state.selector.set_affinity(ctx, Some(backend));
@@ -602,7 +626,7 @@ impl Gateway {
         };
         if let Some(named) = &call.named {
             if call.pinned {
-                if status == 404 || (call.deletes && ok) {
+                if (call.itself && status == 404) || (call.deletes && ok) {
                     self.state.affinity.forget(named).await;
                     count("forgotten");
                 }
@@ -771,7 +795,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         let is_post = session.req_header().method == http::Method::POST;
-        let (v1, models) = {
+        let (v1, model_in_body, models) = {
             let rest = session
                 .req_header()
                 .uri
@@ -782,7 +806,11 @@ impl ProxyHttp for Gateway {
                 .then(|| crate::models::models_call(rest))
                 .flatten()
                 .map(|call| self.state.apis[api_index].models.answer(call));
-            (rest.starts_with("/v1/"), models)
+            (
+                rest.starts_with("/v1/"),
+                sluice_policy::route::deployment_of(rest).is_none(),
+                models,
+            )
         };
         if let Some((status, body)) = models {
             self.answer_json(session, ctx, status, body).await?;
@@ -851,19 +879,40 @@ impl ProxyHttp for Gateway {
         // the pool, and may be renamed per backend. A body that streams to
         // the backend (no room to hold it) cannot be read for it first.
         let routes_by_model = self.state.apis[api_index].routes_by_model;
+        // A JSON call whose path names no deployment (the v1 API, and the
+        // api-version Responses API) names it in the body's `model`.
+        let wants_model = is_post && model_in_body && {
+            let headers = &session.req_header().headers;
+            headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.to_ascii_lowercase().contains("json"))
+        };
+        // A chat or completions stream that may be asked for its usage.
+        let asks_usage = is_post && pipeline.needs_usage() && ctx.stream && {
+            let req = session.req_header();
+            let rest = req.uri.path().get(rest_offset..).unwrap_or("");
+            matches!(
+                sluice_tokens::Operation::from_path(rest),
+                sluice_tokens::Operation::ChatCompletions | sluice_tokens::Operation::Completions
+            ) && (v1
+                || req.uri.query().is_some_and(|q| {
+                    sluice_policy::route::query_param(q, "api-version").is_some_and(|v| {
+                        api_version_takes_stream_options(&String::from_utf8_lossy(&v))
+                    })
+                }))
+        };
         let mut plan = None;
-        // Only v1 bodies (for `model`) and streams that may be asked for
-        // their usage are parsed here.
-        if is_post && (v1 || (pipeline.needs_usage() && ctx.stream)) {
+        if wants_model || asks_usage {
             match &body {
                 Some(b) => {
                     let p = BodyPlan::new(b);
-                    if v1 && let Some(m) = p.model() {
+                    if wants_model && let Some(m) = p.model() {
                         ctx.deployment = Some(m.to_string());
                     }
                     plan = Some(p);
                 }
-                None if v1 && routes_by_model && ctx.body_mode == BodyMode::Streamed => {
+                None if wants_model && routes_by_model && ctx.body_mode == BodyMode::Streamed => {
                     let busy = GatewayError::new(
                         503,
                         "The gateway is holding as many request bodies as it may; retry shortly.",
@@ -897,22 +946,9 @@ impl ProxyHttp for Gateway {
             }
         }
         if let (Some(mut p), Some(b)) = (plan, &body) {
-            let asks_usage = pipeline.needs_usage() && ctx.stream && {
-                let req = session.req_header();
-                let rest = req.uri.path().get(rest_offset..).unwrap_or("");
-                matches!(
-                    sluice_tokens::Operation::from_path(rest),
-                    sluice_tokens::Operation::ChatCompletions
-                        | sluice_tokens::Operation::Completions
-                ) && (v1
-                    || req.uri.query().is_some_and(|q| {
-                        sluice_policy::route::query_param(q, "api-version").is_some_and(|v| {
-                            api_version_takes_stream_options(&String::from_utf8_lossy(&v))
-                        })
-                    }))
-            };
             if asks_usage {
                 p.ask_usage(b);
+                ctx.usage_asked = p.adds_usage();
             }
             let renamed = p.model().is_some_and(|m| {
                 self.state
@@ -1133,6 +1169,7 @@ impl ProxyHttp for Gateway {
             After::Deliver => {
                 // This answer goes to the client: the body is not needed again.
                 ctx.body_hold = None;
+                ctx.edit = None;
                 Ok(())
             }
             After::Retry => {
@@ -1199,11 +1236,13 @@ impl ProxyHttp for Gateway {
                 region.as_deref(),
             );
             if upstream_response.status.is_success()
-                && ctx.edit.as_ref().is_some_and(|e| e.plan.adds_usage())
+                && ctx.usage_asked
                 && content_type
                     .as_deref()
                     .is_some_and(|c| c.starts_with("text/event-stream"))
             {
+                // The client gets fewer bytes than the backend sent.
+                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
                 ctx.usage_filter = Some(Box::default());
             }
             if upstream_response.status.is_success()
@@ -1394,19 +1433,38 @@ impl ProxyHttp for Gateway {
                 .pipeline
                 .finish(ctx, &self.state.shared, backend.as_deref())
                 .await;
-            if let Some(failure) = ctx.usage_scanner.as_ref().and_then(|s| s.failure()) {
+            // An incomplete response (it hit max_output_tokens, say) is an
+            // ordinary end, not a failure.
+            let failure = ctx
+                .usage_scanner
+                .as_ref()
+                .and_then(|s| s.failure())
+                .filter(|f| f.kind != sluice_tokens::StreamFailureKind::Incomplete);
+            if let Some(failure) = failure {
+                let kind = match failure.kind {
+                    sluice_tokens::StreamFailureKind::Failed => "failed",
+                    _ => "error",
+                };
+                let code = failure.code.clone();
                 self.state
                     .stream_failures
                     .with_label_values(&[
                         self.state.api_names[api].as_str(),
                         backend.as_deref().unwrap_or(""),
-                        match failure.kind {
-                            sluice_tokens::StreamFailureKind::Error => "error",
-                            sluice_tokens::StreamFailureKind::Failed => "failed",
-                            sluice_tokens::StreamFailureKind::Incomplete => "incomplete",
-                        },
+                        kind,
                     ])
                     .inc();
+                ctx.trace(sluice_trace::Section::Outbound, "stream-failure", || {
+                    sluice_trace::record::Val::obj([
+                        (
+                            "message",
+                            "The backend reported a failure inside the stream, after its 200."
+                                .into(),
+                        ),
+                        ("kind", kind.into()),
+                        ("code", sluice_trace::record::Val::from(code)),
+                    ])
+                });
             }
         }
         self.settle_owned(ctx).await;

@@ -156,6 +156,7 @@ impl Gateway {
                     // rather than when a long stream ends.
                     drop(body);
                     ctx.body_hold = None;
+                    ctx.edit = None;
                     self.response_filter(session, &mut head, ctx).await?;
                     let no_body = status == 204 || status == 304;
                     session.write_response_header(head, no_body).await?;

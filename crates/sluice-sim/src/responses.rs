@@ -491,8 +491,9 @@ pub(crate) async fn create(
         Some(prev) => {
             let store = lock(&shared.stores.responses);
             if store.get(prev).is_none() {
+                // A 400, as the service answers it (not a 404).
                 return oai_error(
-                    StatusCode::NOT_FOUND,
+                    StatusCode::BAD_REQUEST,
                     &format!("Previous response with id '{prev}' not found."),
                     Some("previous_response_id"),
                     Some("previous_response_not_found"),

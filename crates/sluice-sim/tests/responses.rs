@@ -264,20 +264,20 @@ async fn previous_response_id_found_and_not_found() {
     };
     // Another region never saw it.
     let r = send(west.addr(), Call::post(V1, body.clone())).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     r.assert_azure_headers("West US");
     assert_eq!(r.json(), not_found(&first_id));
     // An id nobody created.
     let mut unknown = ask(json!("x"));
     unknown["previous_response_id"] = json!("resp_00000000000000000000000000000000");
     let r = send(east.addr(), Call::post(V1, unknown)).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.json(), not_found("resp_00000000000000000000000000000000"));
     // A deleted one.
     let r = send(east.addr(), Call::delete(&format!("{V1}/{first_id}"))).await;
     assert_eq!(r.status, StatusCode::OK);
     let r = send(east.addr(), Call::post(CLASSIC, body)).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.json(), not_found(&first_id));
     // One created with store: false.
     let mut unstored = ask(json!("x"));
@@ -288,7 +288,7 @@ async fn previous_response_id_found_and_not_found() {
     let mut follow = ask(json!("y"));
     follow["previous_response_id"] = json!(id);
     let r = send(east.addr(), Call::post(V1, follow)).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = send(east.addr(), Call::get(&format!("{V1}/{id}"))).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }

@@ -271,20 +271,8 @@ struct Probe {
 fn is_usage_chunk(event: &[u8]) -> bool {
     let mut data: Option<Vec<u8>> = None;
     let mut single: Option<&[u8]> = None;
-    let mut rest = event;
-    while !rest.is_empty() {
-        let (line, next) = match memchr2(b'\n', b'\r', rest) {
-            Some(at) => {
-                let skip = if rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n') {
-                    2
-                } else {
-                    1
-                };
-                (&rest[..at], &rest[at + skip..])
-            }
-            None => (rest, &rest[rest.len()..]),
-        };
-        rest = next;
+    // A `\r\n` splits into a line and an empty one; empty lines are no fields, so that is fine.
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
         let value = if line == b"data" {
             &b""[..]
         } else if let Some(v) = line.strip_prefix(b"data:") {
@@ -639,6 +627,14 @@ mod tests {
             .is_empty()
         );
         assert!(f.feed(Bytes::from(half.clone())).is_empty());
+        // Exactly at the cap: still held.
+        let mut g = UsageChunkFilter::new();
+        assert!(g.feed(Bytes::from(vec![b'd'; MAX_HELD_BYTES])).is_empty());
+        assert_eq!(g.held.len(), MAX_HELD_BYTES);
+        assert_eq!(
+            g.feed(Bytes::from_static(b"\n\n")).len(),
+            MAX_HELD_BYTES + 2
+        );
         // Past the cap: what was held and this chunk go out at once.
         let out = f.feed(Bytes::from(half.clone()));
         assert_eq!(out.len(), 36 + MAX_HELD_BYTES);
