@@ -103,10 +103,14 @@ mod tests {
         store.remember("file-2", "westus".into()).await;
         assert_eq!(store.owner("resp_1").await.as_deref(), Some("eastus"));
         assert_eq!(store.len(), 2);
+        assert!(!store.is_empty());
+        assert_eq!(store.sweep(), 0, "nothing has expired yet");
         store.forget("file-2").await;
         assert_eq!(store.owner("file-2").await, None);
+        store.remember("conv_3", "sweden".into()).await;
         clock.advance(Duration::from_secs(61));
-        assert_eq!(store.sweep(), 1);
+        assert_eq!(store.sweep(), 2);
+        assert!(store.is_empty());
         assert_eq!(store.owner("resp_1").await, None);
     }
 }

@@ -298,6 +298,28 @@ mod tests {
     }
 
     #[test]
+    fn an_edit_makes_each_attempts_body_and_prints_no_content() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4o","input":"secret words"}"#);
+        let mut edit = BodyEdit {
+            plan: BodyPlan::new(&body),
+            body: body.clone(),
+            attempt: None,
+        };
+        let renamed = edit.for_attempt(Some("gpt-4o-eu")).cloned().unwrap();
+        assert_eq!(parse(&renamed)["model"], "gpt-4o-eu");
+        assert_eq!(edit.attempt.as_ref(), Some(&renamed));
+        // The next attempt's backend keeps the name: the client's body, and
+        // no stale edit left behind.
+        assert_eq!(edit.for_attempt(None), None);
+        assert_eq!(edit.attempt, None);
+        edit.for_attempt(Some("x"));
+        let printed = format!("{edit:?}");
+        assert!(!printed.contains("secret"), "{printed}");
+        assert!(printed.contains("body_len: 41"), "{printed}");
+        assert!(printed.contains("attempt_len: Some(36)"), "{printed}");
+    }
+
+    #[test]
     fn adds_include_usage_in_each_shape() {
         // No stream_options: added first, the rest unchanged.
         let body = br#"  {"stream":true,"model":"m"}"#;

@@ -1069,6 +1069,10 @@ pools:
         assert_eq!(s.found_owner(&c), None);
         let second = s.next_backend(&mut c).unwrap();
         assert_ne!(second, 0);
+        // The first attempt was the pool's choice; the next ones go where
+        // the search says.
+        assert!(!c.routing.attempts[0].bypassed);
+        assert!(c.routing.attempts[1].bypassed);
         assert_eq!(
             s.after_status(&mut c, 404, headers(&[]), true),
             After::Retry

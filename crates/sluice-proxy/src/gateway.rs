@@ -116,6 +116,13 @@ pub(crate) async fn respond(
     Ok(())
 }
 
+/// Finds `"store"` in a chat completion's body (built once).
+fn store_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\"store\""))
+}
+
 /// The request's declared `Content-Length`, if any and well formed.
 fn content_length(session: &Session) -> Option<u64> {
     session
@@ -526,14 +533,32 @@ impl Gateway {
         let req = session.req_header();
         let rest = req.uri.path().get(ctx.rest_offset..).unwrap_or("");
         let method = req.method.as_str();
-        let in_path = sluice_routing::owned_id_in_path(rest);
-        // The hot generation calls name no owned object in their body.
+        // The hot generation calls (their path ends in the operation) name no
+        // owned object, in their path or body; a chat completion creates one
+        // only when it asks to be stored. They are settled with a look for
+        // `"store"` and nothing more.
+        let op = sluice_tokens::Operation::from_path(rest);
         let hot = matches!(
-            sluice_tokens::Operation::from_path(rest),
+            op,
             sluice_tokens::Operation::ChatCompletions
                 | sluice_tokens::Operation::Completions
                 | sluice_tokens::Operation::Embeddings
         );
+        if hot {
+            let stores = op == sluice_tokens::Operation::ChatCompletions
+                && req.method == http::Method::POST
+                && body.is_some_and(|b| {
+                    store_finder().find(b).is_some() && sluice_routing::asks_to_store(b)
+                });
+            if stores {
+                ctx.owned = Some(Box::new(sluice_policy::affinity::OwnedCall {
+                    creates: true,
+                    ..Default::default()
+                }));
+            }
+            return;
+        }
+        let in_path = sluice_routing::owned_id_in_path(rest);
         let named: Vec<String> = match (in_path, body) {
             (Some((_, id)), _) => vec![id.to_string()],
             (None, Some(b)) if !hot && req.method == http::Method::POST => {
@@ -545,13 +570,10 @@ impl Gateway {
             _ => Vec::new(),
         };
         let creates = sluice_routing::creates(method, rest).is_some_and(|kind| {
-            // Every chat completion would be a create: only those asking to
-            // be stored are (a cheap look for the key before parsing).
+            // Chat completions were settled above; this is the deployments
+            // form `/deployments/{d}/chat/completions` seen as a collection.
             kind != sluice_routing::OwnedKind::ChatCompletion
-                || body.is_some_and(|b| {
-                    memchr::memmem::find(b, b"\"store\"").is_some()
-                        && sluice_routing::asks_to_store(b)
-                })
+                || body.is_some_and(sluice_routing::asks_to_store)
         });
         if named.is_empty() && !creates {
             return;

@@ -311,17 +311,20 @@ impl JsonScan {
                     continue;
                 }
                 let rest = &chunk[i..];
-                let Some(off) = memchr2(b'"', b'\\', rest) else {
-                    self.key_bytes(rest);
+                let end = memchr2(b'"', b'\\', rest);
+                // `InKey` only while reading a top-level key (depth 1).
+                if self.member == Member::InKey {
+                    self.key_bytes(&rest[..end.unwrap_or(rest.len())]);
+                }
+                let Some(off) = end else {
                     break;
                 };
-                self.key_bytes(&rest[..off]);
                 if rest[off] == b'\\' {
                     self.escape = true;
                     self.key_len = KEY_MISMATCH;
                 } else {
                     self.in_string = false;
-                    if self.depth == 1 && self.member == Member::InKey {
+                    if self.member == Member::InKey {
                         self.member = Member::AfterKey;
                     }
                 }
@@ -392,9 +395,9 @@ impl JsonScan {
         }
     }
 
-    /// Unescaped string bytes: collected while reading a top-level key (short keys only).
+    /// Unescaped bytes of the top-level key being read: collected (short keys only).
     fn key_bytes(&mut self, bytes: &[u8]) {
-        if self.depth != 1 || self.member != Member::InKey || self.key_len == KEY_MISMATCH {
+        if self.key_len == KEY_MISMATCH {
             return;
         }
         let end = self.key_len + bytes.len();
@@ -605,7 +608,8 @@ impl SseScan {
             }
         }
         while let Some(pos) = memchr2(b'\n', b'\r', rest) {
-            if self.line.is_empty() && !self.line_too_big {
+            if self.line.is_empty() {
+                // Nothing carried over (or a line too big, which `line_done` drops).
                 self.line_done(&rest[..pos]);
             } else {
                 self.push_line(&rest[..pos]);
@@ -924,6 +928,27 @@ mod tests {
     }
 
     #[test]
+    fn json_malformed_bodies_give_nothing() {
+        for body in [
+            // Not starting with an object (an SSE body read as JSON, stray bytes).
+            &br#"data: {"usage":{"prompt_tokens":1},"id":"a"}"#[..],
+            br#"x{"usage":{"prompt_tokens":1},"id":"a"}"#,
+            br#"]{"usage":{"prompt_tokens":1},"id":"a"}"#,
+            // A colon where none belongs: no member starts there.
+            br#"{"usage":"a":{"prompt_tokens":1}}"#,
+            br#"{"a":"usage":{"prompt_tokens":1}}"#,
+            br#"{"usage":1:{"prompt_tokens":1}}"#,
+            br#"{"x":"id":"a"}"#,
+        ] {
+            assert_eq!(
+                report_all_ways(false, body, 0),
+                (None, None, None),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
     fn json_truncated_after_usage_still_reports() {
         let body =
             br#"{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}"#;
@@ -1101,6 +1126,15 @@ mod tests {
     }
 
     #[test]
+    fn sse_multi_line_data_with_crlf() {
+        let body = "data: {\"choices\":[{\"index\":0,\r\ndata: \"delta\":{\"content\":\"hello world\"}}]}\r\n\r\n";
+        assert_eq!(
+            scan_all_ways(true, body.as_bytes(), 0),
+            Some((usage(0, 2, 2), UsageSource::Counted))
+        );
+    }
+
+    #[test]
     fn sse_legacy_completions_and_tool_calls() {
         let c = |s: &str| u64::from(count_text(ENC, s));
         let completions = concat!(
@@ -1188,6 +1222,62 @@ mod tests {
         assert_eq!(
             scan_chunks(true, &[&body], 4),
             Some((usage(4, 0, 4), UsageSource::Counted))
+        );
+    }
+
+    /// A chat chunk with `hello world` as content, padded to exactly `len` bytes of JSON.
+    fn padded_chunk(len: usize) -> String {
+        let head = r#"{"choices":[{"index":0,"delta":{"content":"hello world"}}],"pad":""#;
+        let mut s = head.to_owned();
+        s.push_str(&"p".repeat(len - head.len() - 2));
+        s.push_str("\"}");
+        assert_eq!(s.len(), len);
+        s
+    }
+
+    #[test]
+    fn sse_line_and_data_caps_are_exact() {
+        let read = Some((usage(0, 2, 2), UsageSource::Counted));
+        // One line of exactly the cap is read, one byte more is not; the line arrives in pieces.
+        for (extra, expected) in [(0, read), (1, None)] {
+            let line = format!("data:{}", padded_chunk(MAX_EVENT_BYTES - 5 + extra));
+            assert_eq!(line.len(), MAX_EVENT_BYTES + extra);
+            let body = format!("{line}\n\n");
+            let (a, b) = body.as_bytes().split_at(line.len() / 2);
+            assert_eq!(scan_chunks(true, &[a, b], 0), expected, "+{extra}");
+            let pieces: Vec<&[u8]> = body.as_bytes().chunks(100_000).collect();
+            assert_eq!(scan_chunks(true, &pieces, 0), expected, "+{extra}");
+        }
+        // Data of exactly the cap (two lines joined by a newline) is read, one byte more is not.
+        for (extra, expected) in [(0, read), (1, None)] {
+            let json = padded_chunk(MAX_EVENT_BYTES - 1 + extra);
+            let (first, second) = json.split_at(json.find("\"pad\"").unwrap());
+            let body = format!("data: {first}\ndata: {second}\n\n");
+            assert_eq!(
+                scan_chunks(true, &[body.as_bytes()], 0),
+                expected,
+                "+{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn sse_event_with_an_oversized_line_is_dropped_whole() {
+        let small = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hello world\"}}]}\n";
+        let huge = format!("data: {}", "z".repeat(MAX_EVENT_BYTES));
+        // The event's first data line is not read on its own.
+        let body = format!("{small}{huge}\n\n");
+        assert_eq!(scan_chunks(true, &[body.as_bytes()], 0), None);
+        // Same when the body ends inside the oversized line.
+        let body = format!("{small}{huge}");
+        assert_eq!(scan_chunks(true, &[body.as_bytes()], 0), None);
+        let pieces: Vec<&[u8]> = body.as_bytes().chunks(65_536).collect();
+        assert_eq!(scan_chunks(true, &pieces, 0), None);
+        // A last line without any line ending is read at the end.
+        let body = small.trim_end();
+        assert_eq!(
+            scan_all_ways(true, body.as_bytes(), 0),
+            Some((usage(0, 2, 2), UsageSource::Counted))
         );
     }
 
