@@ -184,6 +184,29 @@ apis:
         r = httpx.post(f"{gw.url}/openai/v1/chat/completions", timeout=30,
                        json={**small, "model": "gpt-4o"}, headers={"authorization": f"Bearer {key}"})
         assert r.status_code == 200, r.text
+        # Issue 9's flows: Responses (JSON, then a streamed follow-up pinned
+        # by previous_response_id), a stored file read back, an id sought
+        # across the backends, and the models list; traced too.
+        bearer = {"authorization": f"Bearer {key}"}
+        r = httpx.post(f"{gw.url}/openai/v1/responses", timeout=30, headers=bearer,
+                       json={"model": "gpt-4o", "input": "hi", "max_output_tokens": 4})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{gw.url}/openai/v1/responses", timeout=30,
+                       headers={**bearer, "apim-debug-authorization": debug_token},
+                       json={"model": "gpt-4o", "input": "more", "stream": True,
+                             "previous_response_id": r.json()["id"]})
+        assert r.status_code == 200 and "response.completed" in r.text
+        t = list_trace(gw, r.headers["apim-trace-id"])
+        for secret in [key, backend_key, OPERATOR, SIGNING, debug_token]:
+            assert secret not in t.text
+        f = httpx.post(f"{gw.url}/openai/v1/files", timeout=30, headers=bearer,
+                       files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"})
+        assert f.status_code == 200, f.text
+        r = httpx.get(f"{gw.url}/openai/v1/files/{f.json()['id']}/content", timeout=30, headers=bearer)
+        assert r.content == b"{}\n"
+        r = httpx.get(f"{gw.url}/openai/v1/responses/resp_{'0' * 32}", timeout=30, headers=bearer)
+        assert r.status_code == 404
+        assert httpx.get(f"{gw.url}/openai/v1/models", timeout=30, headers=bearer).status_code == 200
     finally:
         gw.stop()
     log = (tmp_path / "sluice.log").read_text()
