@@ -17,7 +17,11 @@ else
   cargo test --workspace --no-fail-fast
 fi
 echo "== python e2e" >&2
-cargo build -p sluice --bin sluice
+# The gateway binary nextest's build already made (an integration test of the
+# sluice crate needs it): `cargo test --no-run` resolves the same features, so
+# nothing is built twice (`cargo build -p sluice` would resolve fewer features
+# and rebuild half the dependency tree beside the first).
+cargo test --workspace --no-run
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 # The trace viewer's browser test must run here, not skip.
 SLUICE_REQUIRE_BROWSER=1 SLUICE_BIN="$target_dir/debug/sluice" .venv/bin/python -m pytest -q tests/python
