@@ -84,6 +84,7 @@ fn routing_and_errors(c: &mut Criterion) {
         failover: sluice_config::Failover::default(),
         subscription: settings(),
         max_request_body_bytes: 1 << 22,
+        websocket_idle: std::time::Duration::from_secs(600),
         auth: sluice_config::ApiAuth::Key,
         policies: vec![],
     })

@@ -2,12 +2,15 @@
 the backend (inject_token), rate_limit, quota, token_limit and token
 metrics, driven with the real openai SDK and plain HTTP."""
 
+import json
 import re
 import time
 
 import httpx
 import openai
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 from openai import AzureOpenAI
 
 from conftest import start_gateway
@@ -186,6 +189,27 @@ def test_bad_tokens_get_401(env, case, message):
     if token:
         with pytest.raises(openai.AuthenticationError):
             sdk(env, "/entra", token=token).chat.completions.create(max_tokens=1, **CHAT)
+
+
+def test_realtime_handshake_with_an_entra_id_token(env):
+    # The Realtime WebSocket takes a bearer JWT at its handshake; the backend
+    # gets the gateway's managed-identity token instead.
+    url = env["gw"].url.replace("http://", "ws://") + (
+        f"/entra/openai/realtime?api-version={API_VERSION}&deployment=gpt-rt"
+    )
+    token = env["entra"].token()
+    with ws_connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(json.dumps({"type": "response.create"}))
+        while True:
+            ev = json.loads(ws.recv(timeout=10))
+            if ev["type"] == "response.done":
+                assert ev["response"]["usage"]["total_tokens"] > 0
+                break
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, additional_headers={"Authorization": f"Bearer {env['entra'].token(exp_in=-3600)}"})
+    assert refused.value.response.status_code == 401
+    assert json.loads(refused.value.response.body) == {"statusCode": 401, "message": "JWT has expired."}
 
 
 def test_key_or_jwt_accepts_either(env):

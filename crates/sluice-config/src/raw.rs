@@ -228,6 +228,7 @@ pub(crate) struct RawApi {
     #[serde(default, deserialize_with = "present")]
     pub failover: Option<RawFailover>,
     pub max_request_body_bytes: Option<u64>,
+    pub websocket_idle_seconds: Option<u64>,
     pub subscription: Option<RawApiSubscription>,
     pub auth: Option<String>,
     pub policies: Option<Vec<Option<RawPolicy>>>,

@@ -495,6 +495,9 @@ pub struct Api {
     pub subscription: SubscriptionSettings,
     /// Body size limit for this API (`server.max_request_body_bytes` if unset).
     pub max_request_body_bytes: u64,
+    /// A relayed WebSocket (Realtime) session is closed when either side
+    /// sends nothing for this long (`apis[].websocket_idle_seconds`).
+    pub websocket_idle: std::time::Duration,
     /// What callers must present: a subscription key, a JWT, or either.
     pub auth: ApiAuth,
     /// Inbound policies, in the configured order.

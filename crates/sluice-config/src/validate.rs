@@ -38,6 +38,9 @@ pub(crate) const DEFAULT_SERVICE_NAME: &str = "sluice";
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub(crate) const DEFAULT_SIMULATOR_LISTEN: &str = "127.0.0.1:0";
 pub(crate) const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// `apis[].websocket_idle_seconds`: ten minutes.
+pub(crate) const DEFAULT_WEBSOCKET_IDLE_SECONDS: u64 = 600;
 pub(crate) const MAX_THREADS: u64 = 256;
 pub(crate) const DEFAULT_COMPLETION_TOKENS: u64 = 24;
 pub(crate) const DEFAULT_EMBEDDING_DIMENSIONS: u64 = 1536;
@@ -897,6 +900,13 @@ impl Cx<'_, '_> {
                 &key_path(&path, "max_request_body_bytes"),
                 server.max_request_body_bytes,
             );
+            let websocket_idle = std::time::Duration::from_secs(self.in_range(
+                raw.websocket_idle_seconds,
+                &key_path(&path, "websocket_idle_seconds"),
+                1,
+                86_400,
+                DEFAULT_WEBSOCKET_IDLE_SECONDS,
+            ));
             let subscription =
                 self.subscription_settings(raw.subscription, &key_path(&path, "subscription"));
             let auth = self.api_auth(raw.auth, &key_path(&path, "auth"));
@@ -912,6 +922,7 @@ impl Cx<'_, '_> {
                 failover: routing.failover,
                 subscription,
                 max_request_body_bytes,
+                websocket_idle,
                 auth,
                 policies,
             });

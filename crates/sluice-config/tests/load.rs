@@ -95,6 +95,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(backend.timeouts, config.server.timeouts);
     let api = &config.apis[0];
     assert_eq!(api.max_request_body_bytes, 4 * 1024 * 1024);
+    assert_eq!(api.websocket_idle, std::time::Duration::from_secs(600));
     assert!(api.subscription.required);
     let headers: Vec<&str> = api
         .subscription
@@ -156,6 +157,7 @@ apis:
     path: /openai
     backends: [eastus, swedencentral]
     max_request_body_bytes: 1048576
+    websocket_idle_seconds: 30
     subscription:
       required: false
       header_names: [X-Key, Ocp-Apim-Subscription-Key]
@@ -293,6 +295,7 @@ fn full_config_resolves() {
     assert_eq!(api.path, "/openai");
     assert_eq!(api.backends, ["eastus", "swedencentral"]);
     assert_eq!(api.max_request_body_bytes, 1024 * 1024);
+    assert_eq!(api.websocket_idle, std::time::Duration::from_secs(30));
     assert!(!api.subscription.required);
     let headers: Vec<&str> = api
         .subscription
@@ -304,6 +307,7 @@ fn full_config_resolves() {
     assert_eq!(api.subscription.query_name, "key");
     assert_eq!(api_b.path, "/team-b/openai");
     assert_eq!(api_b.max_request_body_bytes, 2 * 1024 * 1024);
+    assert_eq!(api_b.websocket_idle, std::time::Duration::from_secs(600));
     assert!(api_b.subscription.required);
 
     // Nothing secret in the Debug output of the whole config.
@@ -464,6 +468,7 @@ apis:
     path: /openai
     backends: []
     max_request_body_bytes: 0
+    websocket_idle_seconds: 0
   - name: a3
     path: /openai/
     backends: [neither]
@@ -503,6 +508,7 @@ apis:
         "apis[1].path",
         "apis[1].backends",
         "apis[1].max_request_body_bytes",
+        "apis[1].websocket_idle_seconds",
         "apis[2].path",
         "apis[2].subscription.header_names",
         "apis[3].path",
@@ -516,7 +522,7 @@ apis:
     assert_eq!(find(&found, "server.threads").line, Some(4));
     assert_eq!(find(&found, "simulators[3]").line, Some(18));
     assert_eq!(find(&found, "backends[1]").line, Some(23));
-    assert_eq!(find(&found, "apis[3].path").line, Some(56));
+    assert_eq!(find(&found, "apis[3].path").line, Some(57));
     assert!(
         find(&found, "simulators[2].name")
             .message

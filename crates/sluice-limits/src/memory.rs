@@ -224,13 +224,15 @@ impl MemoryStore {
         shard.entries.len() - 1
     }
 
-    fn reserve_now(&self, key: &str, limit: &Limit, amount: u64) -> Result<Reservation, Exceeded> {
+    /// Runs `f` on the counter for `key` under `limit` (at its position in its shard), creating the counter first
+    /// when there is none.
+    fn with_counter<T>(&self, key: &str, limit: &Limit, f: impl Fn(&Shard, usize) -> T) -> T {
         let lookup = Lookup { key, limit };
         let shard = self.shard_of(&lookup);
         {
             let shard = read(shard);
             if let Some(i) = shard.position(&lookup) {
-                return self.reserve_in(&shard, i, amount);
+                return f(&shard, i);
             }
         }
         let mut shard = write(shard);
@@ -239,7 +241,11 @@ impl MemoryStore {
             Some(i) => i,
             None => self.insert(&mut shard, Arc::new(CounterId::new(key, limit))),
         };
-        self.reserve_in(&shard, i, amount)
+        f(&shard, i)
+    }
+
+    fn reserve_now(&self, key: &str, limit: &Limit, amount: u64) -> Result<Reservation, Exceeded> {
+        self.with_counter(key, limit, |shard, i| self.reserve_in(shard, i, amount))
     }
 
     fn reserve_in(&self, shard: &Shard, i: usize, amount: u64) -> Result<Reservation, Exceeded> {
@@ -266,6 +272,29 @@ impl MemoryStore {
             amount,
             remaining: limit.limit.saturating_sub(counter.used()),
         })
+    }
+
+    fn charge_now(&self, key: &str, limit: &Limit, amount: u64) -> Usage {
+        self.with_counter(key, limit, |shard, i| self.charge_in(shard, i, amount))
+    }
+
+    fn charge_in(&self, shard: &Shard, i: usize, amount: u64) -> Usage {
+        let entry = shard.touch(i);
+        let mut counter = lock(&entry.counter);
+        let now = self.clock.now_millis();
+        let limit = &entry.id.limit;
+        counter.advance(&limit.window, now);
+        if amount > 0 {
+            counter.charge(&limit.window, now, amount);
+        }
+        let used = counter.used();
+        let retry_after = (!fits(used, 0, limit.limit))
+            .then(|| counter.wait_for(&limit.window, now, used, 1, limit.limit));
+        Usage {
+            used,
+            remaining: limit.limit.saturating_sub(used),
+            retry_after,
+        }
     }
 
     fn reconcile_now(&self, reservation: &Reservation, actual: u64) {
@@ -354,6 +383,10 @@ impl CounterStore for MemoryStore {
 
     async fn peek(&self, key: &str, limit: &Limit) -> Usage {
         self.peek_now(key, limit)
+    }
+
+    async fn charge(&self, key: &str, limit: &Limit, amount: u64) -> Usage {
+        self.charge_now(key, limit, amount)
     }
 }
 
@@ -802,6 +835,35 @@ mod tests {
             .iter()
             .map(|shard| read(&shard.0).entries.len())
             .collect()
+    }
+
+    #[test]
+    fn a_charge_counts_whatever_the_window_holds_and_reports_the_state_after() {
+        let (clock, store) = store_at(T0);
+        let limit = sliding(100, 10);
+        let u = store.charge_now("k", &limit, 60);
+        assert_eq!((u.used, u.remaining, u.retry_after), (60, 40, None));
+        // Over the limit: charged all the same, and the window says how long it is full.
+        clock.set_millis(T0 + 2_000);
+        let u = store.charge_now("k", &limit, 70);
+        assert_eq!((u.used, u.remaining), (130, 0));
+        // It stays full until the first charge leaves the window (at T0 + 10 s).
+        assert_eq!(u.retry_after, Some(Duration::from_millis(8_000)));
+        // A reservation now waits the charge out; 0 is a pure look.
+        assert!(reserve(&store, "k", &limit, 0).is_err());
+        let u = store.charge_now("k", &limit, 0);
+        assert_eq!(u.used, 130);
+        // Exactly at the limit is full too.
+        let other = sliding(50, 10);
+        let u = store.charge_now("k", &other, 50);
+        assert_eq!((u.used, u.remaining), (50, 0));
+        assert!(u.retry_after.is_some());
+        let u = store.charge_now("k2", &other, 49);
+        assert_eq!((u.used, u.remaining, u.retry_after), (49, 1, None));
+        // The first charge ages out of the sliding window; the second stays.
+        clock.set_millis(T0 + 10_000);
+        assert_eq!(store.charge_now("k", &limit, 0).used, 70);
+        assert!(holds(&store, "k", &limit));
     }
 
     #[test]

@@ -156,4 +156,9 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// The counter's current state, without charging.
     async fn peek(&self, key: &str, limit: &Limit) -> Usage;
+
+    /// Charges `amount` now, whatever the window holds (units already consumed: a Realtime session's response
+    /// reports its usage after the fact), and returns the counter's state after the charge. The window may end up
+    /// over its limit; later reservations then wait it out.
+    async fn charge(&self, key: &str, limit: &Limit, amount: u64) -> Usage;
 }

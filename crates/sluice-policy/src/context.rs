@@ -102,6 +102,21 @@ pub struct RequestContext {
     pub estimate: Option<RequestEstimate>,
     /// Token reservations to reconcile. Written by `token_limit`; read at finish.
     pub token_charges: Vec<TokenCharge>,
+    /// A relayed Realtime (WebSocket) session. Written when the backend
+    /// answers the handshake with 101; read by the body filters and at
+    /// finish (its responses were charged as they completed).
+    pub realtime: Option<Box<crate::realtime::RealtimeSession>>,
+    /// The request is a Realtime handshake (a WebSocket upgrade of the
+    /// Realtime path). Written at inbound; read when building the backend's
+    /// request and when its 101 arrives.
+    pub realtime_call: Option<Box<crate::realtime::RealtimeCall>>,
+    /// The start of a streamed multipart body, read before routing to find
+    /// its `model` field (v1 uploads). Written at inbound; sent ahead of the
+    /// rest of the body on each attempt.
+    pub body_prefix: Option<bytes::Bytes>,
+    /// The attempt under way has not sent `body_prefix` yet. Set for each
+    /// attempt; cleared by the body filter once the prefix went out.
+    pub prefix_pending: bool,
     /// Headers the policies add to the response (remaining/consumed tokens).
     /// Written at inbound; read by the response step.
     pub response_headers: Vec<(HeaderName, String)>,
@@ -227,6 +242,10 @@ impl Default for RequestContext {
             deployment: None,
             estimate: None,
             token_charges: Vec::new(),
+            realtime: None,
+            realtime_call: None,
+            body_prefix: None,
+            prefix_pending: false,
             response_headers: Vec::new(),
             metric_headers: Vec::new(),
             upstream_status: 0,

@@ -10,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod metrics;
 pub mod pipeline;
+pub mod realtime;
 pub mod route;
 pub mod selection;
 pub mod stream_tag;

@@ -32,7 +32,7 @@ use sluice_trace::record::Val;
 use crate::context::{RequestContext, TokenCharge};
 use crate::error::GatewayError;
 use crate::metrics::TokenMetrics;
-use crate::subscription::{SubscriptionIndex, bearer_key, extract_key};
+use crate::subscription::{SubscriptionIndex, presented_key};
 
 /// What every API's pipeline shares.
 #[derive(Debug, Clone)]
@@ -341,14 +341,15 @@ impl ApiPipeline {
         let settings = &self.api.subscription;
         // On v1 paths the plain `OpenAI` client sends the key as a bearer.
         let v1 = req.rest_path == "/v1" || req.rest_path.starts_with("/v1/");
+        // A Realtime handshake from a browser carries it in `api-key=`.
+        let realtime = crate::realtime::is_realtime_path(req.rest_path).is_some();
+        let key = presented_key(settings, req.headers, req.query, v1, realtime);
+        let presented = key.is_some();
         let check = |ctx: &mut RequestContext| -> Result<(), GatewayError> {
-            match shared.subscriptions.check_with_bearer(
-                &self.api.name,
-                settings,
-                req.headers,
-                req.query,
-                v1,
-            ) {
+            match shared
+                .subscriptions
+                .check_presented(&self.api.name, settings, key)
+            {
                 Ok(sub) => {
                     ctx.trace(Section::Inbound, "subscription-key", || match &sub {
                         Some(m) => Val::obj([
@@ -377,9 +378,7 @@ impl ApiPipeline {
             ApiAuth::Key => check(ctx),
             ApiAuth::Jwt => Ok(()),
             ApiAuth::KeyOrJwt => {
-                let key = extract_key(settings, req.headers, req.query).is_some()
-                    || (v1 && bearer_key(req.headers).is_some());
-                if key {
+                if presented {
                     check(ctx)
                 } else {
                     ctx.trace(Section::Inbound, "subscription-key", || {
@@ -510,6 +509,10 @@ impl ApiPipeline {
         if !self.needs_usage || !(200..300).contains(&status) {
             return;
         }
+        // Speech, images and file contents come back as bytes: no usage there.
+        if content_type.is_some_and(is_binary_type) {
+            return;
+        }
         // `ctx.stream` is the one meaning of "stream" (see `stream_tag`); a
         // backend that answers a stream with JSON (it should not) is still
         // read as JSON.
@@ -534,6 +537,27 @@ impl ApiPipeline {
     /// `backend`: the name of the backend that answered, if any.
     pub async fn finish(&self, ctx: &mut RequestContext, shared: &Shared, backend: Option<&str>) {
         if !self.needs_usage {
+            return;
+        }
+        if let Some(session) = ctx.realtime.as_ref() {
+            // A Realtime session was charged response by response; the
+            // handshake's reservation is given back.
+            let (responses, total) = (session.responses, session.usage.total_tokens);
+            ctx.trace(Section::Outbound, "llm-token-usage", || {
+                Val::obj([
+                    (
+                        "message",
+                        "Token usage of the Realtime session, charged at each response.".into(),
+                    ),
+                    ("responses", responses.into()),
+                    ("totalTokens", total.into()),
+                ])
+            });
+            for charge in std::mem::take(&mut ctx.token_charges) {
+                for r in [&charge.tpm, &charge.quota].into_iter().flatten() {
+                    shared.store.reconcile(r, 0).await;
+                }
+            }
             return;
         }
         let usage = ctx.usage_scanner.as_mut().and_then(UsageScanner::finish);
@@ -570,7 +594,45 @@ impl ApiPipeline {
                 shared.store.reconcile(r, actual).await;
             }
         }
-        let (Some(metrics), Some(u)) = (&shared.metrics, &ctx.usage) else {
+        if let Some(u) = ctx.usage {
+            self.record_usage(ctx, shared, backend, &u);
+        }
+    }
+
+    /// Whether a Realtime session's responses are charged or measured: some
+    /// step needs their usage.
+    pub fn reads_realtime_usage(&self) -> bool {
+        self.needs_usage
+    }
+
+    /// The token counters the request reserved on (a Realtime handshake's),
+    /// each with whether it is a quota: a session's responses are charged to
+    /// them as they complete.
+    pub fn session_counters(&self, ctx: &RequestContext) -> Vec<crate::realtime::SessionCounter> {
+        let mut out = Vec::new();
+        for charge in &ctx.token_charges {
+            for (r, quota) in [(&charge.tpm, false), (&charge.quota, true)] {
+                if let Some(r) = r {
+                    out.push(crate::realtime::SessionCounter {
+                        key: r.key().to_string(),
+                        limit: r.limit().clone(),
+                        quota,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Record token metrics for one exchange (or one Realtime response).
+    pub fn record_usage(
+        &self,
+        ctx: &RequestContext,
+        shared: &Shared,
+        backend: Option<&str>,
+        u: &sluice_tokens::Usage,
+    ) {
+        let Some(metrics) = &shared.metrics else {
             return;
         };
         for step in &self.steps {
@@ -844,6 +906,15 @@ fn reservation(
         ));
     }
     Ok(plan)
+}
+
+/// A content type whose body is bytes, never JSON or SSE (audio from
+/// `audio/speech`, images, file contents).
+fn is_binary_type(content_type: &str) -> bool {
+    let c = content_type.trim_start().as_bytes();
+    ["audio/", "image/", "video/", "application/octet-stream"]
+        .iter()
+        .any(|p| c.len() >= p.len() && c[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
 }
 
 /// The counter a request is charged to. Keys are namespaced by what they

@@ -150,6 +150,7 @@ mod tests {
             failover: sluice_config::Failover::default(),
             subscription: sluice_config::SubscriptionSettings::default(),
             max_request_body_bytes: 1024,
+            websocket_idle: std::time::Duration::from_secs(600),
             auth: sluice_config::ApiAuth::Key,
             policies: vec![],
         }

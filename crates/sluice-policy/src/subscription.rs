@@ -182,8 +182,17 @@ impl SubscriptionIndex {
         query: Option<&str>,
         bearer: bool,
     ) -> Result<Option<SubscriptionMatch>, KeyError> {
-        let key = extract_key(settings, headers, query)
-            .or_else(|| bearer.then(|| bearer_key(headers)).flatten());
+        let key = presented_key(settings, headers, query, bearer, false);
+        self.check_presented(api_name, settings, key)
+    }
+
+    /// Check the key the caller presented (found by [`presented_key`]).
+    pub fn check_presented(
+        &self,
+        api_name: &str,
+        settings: &SubscriptionSettings,
+        key: Option<Vec<u8>>,
+    ) -> Result<Option<SubscriptionMatch>, KeyError> {
         let Some(key) = key else {
             return if settings.required {
                 Err(KeyError::Missing)
@@ -207,6 +216,27 @@ impl SubscriptionIndex {
             slot,
         }))
     }
+}
+
+/// The key a request presents: [`extract_key`]'s places, then (`bearer`,
+/// v1 paths) `Authorization: Bearer <key>`, then (`realtime`, a Realtime
+/// handshake, which a browser cannot give headers) Azure's `api-key` query
+/// parameter.
+pub fn presented_key(
+    settings: &SubscriptionSettings,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    bearer: bool,
+    realtime: bool,
+) -> Option<Vec<u8>> {
+    extract_key(settings, headers, query)
+        .or_else(|| bearer.then(|| bearer_key(headers)).flatten())
+        .or_else(|| {
+            realtime
+                .then(|| query_param(query?, crate::realtime::KEY_PARAM))
+                .flatten()
+                .filter(|v| !v.is_empty())
+        })
 }
 
 /// The value of `Authorization: Bearer <value>` when it is not a JWT (three

@@ -23,6 +23,10 @@ use crate::state::GatewayState;
 /// retry; it is pingora's fixed retry-buffer size.
 pub const PREREAD_LIMIT: u64 = 64 * 1024;
 
+/// The most of a streamed multipart body read before routing to find its
+/// `model` field; a field after that (after a large file) is not looked for.
+const FORM_PREFIX_LIMIT: usize = 64 * 1024;
+
 /// The largest streamed request body copied to estimate its prompt (token
 /// limits and metrics); a larger one is charged only what the backend reports.
 const STREAMED_ESTIMATE_LIMIT: usize = 1024 * 1024;
@@ -164,7 +168,12 @@ fn replayable_now(session: &Session, ctx: &RequestContext) -> bool {
         return false;
     }
     match ctx.body_mode {
-        BodyMode::Streamed => ctx.body_len == 0 && session.as_ref().body_bytes_read() == 0,
+        BodyMode::Streamed => {
+            // Nothing went to a backend yet: at most the multipart prefix
+            // read before routing, which is sent again.
+            let prefix = ctx.body_prefix.as_ref().map_or(0, |p| p.len());
+            ctx.body_len == 0 && session.as_ref().body_bytes_read() == prefix
+        }
         BodyMode::Preread => !session.as_ref().retry_buffer_truncated(),
         BodyMode::Held | BodyMode::None => true,
     }
@@ -450,6 +459,13 @@ impl Gateway {
         peer.options.connection_timeout = Some(left);
         peer.options.total_connection_timeout = Some(left);
         peer.options.read_timeout = Some(b.read_timeout);
+        if ctx.realtime_call.is_some()
+            && let Some(api) = ctx.api
+        {
+            // A WebSocket session waits for the backend as long as the
+            // API's idle timeout, not `read_ms`.
+            peer.options.read_timeout = Some(self.state.apis[api].config().websocket_idle);
+        }
         peer.options.write_timeout = Some(b.write_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(90));
         Ok(Box::new(peer))
@@ -478,7 +494,17 @@ impl Gateway {
             b.deployments.get(d).map(String::as_str)
         });
         if let Some(q) = uri.query() {
-            let q = strip_query_param(q, &api.subscription.query_name);
+            let q = match ctx.realtime_call.as_deref() {
+                // Without the browser's `api-key=`, with the backend's name
+                // for the deployment.
+                Some(call) => sluice_policy::realtime::upstream_query(
+                    q,
+                    call,
+                    &api.subscription.query_name,
+                    |d| b.deployments.get(d).map(String::as_str),
+                ),
+                None => strip_query_param(q, &api.subscription.query_name),
+            };
             if !q.is_empty() {
                 target.push('?');
                 target.push_str(&q);
@@ -509,6 +535,11 @@ impl Gateway {
         }
         if ctx.strip_accept_encoding {
             upstream.remove_header(&http::header::ACCEPT_ENCODING);
+        }
+        if ctx.realtime_call.is_some() {
+            // No compression through the gateway: the frames stay readable
+            // for usage (the backend then answers without the extension).
+            upstream.remove_header(&http::header::SEC_WEBSOCKET_EXTENSIONS);
         }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = client.ip().to_string();
@@ -723,6 +754,59 @@ impl Gateway {
         Ok(())
     }
 
+    /// Start a multipart body that streams to the backend: with `boundary`
+    /// (a v1 upload, whose deployment is its `model` field), read its parts
+    /// up to and including that field, at most [`FORM_PREFIX_LIMIT`] bytes,
+    /// and keep them to send ahead of the rest (`ctx.body_prefix`). A body
+    /// that ends within them is returned whole (`Some`): it is then held.
+    async fn read_form_prefix(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        limit: u64,
+        boundary: Option<&str>,
+    ) -> Result<std::result::Result<Option<Bytes>, GatewayError>> {
+        use sluice_tokens::multipart::{FieldSearch, find_field};
+        ctx.body_mode = BodyMode::Streamed;
+        let Some(boundary) = boundary else {
+            return Ok(Ok(None));
+        };
+        if expects_continue(session) {
+            let cont = ResponseHeader::build(100, Some(0))?;
+            session.write_response_header(Box::new(cont), false).await?;
+            ctx.continue_sent = true;
+        }
+        let mut prefix = BytesMut::new();
+        loop {
+            match find_field(&prefix, boundary, "model") {
+                FieldSearch::Found(model) => {
+                    ctx.deployment = Some(model);
+                    break;
+                }
+                FieldSearch::Absent => break,
+                FieldSearch::NeedMore if prefix.len() >= FORM_PREFIX_LIMIT => break,
+                FieldSearch::NeedMore => {}
+            }
+            match session.read_request_body().await? {
+                Some(chunk) => {
+                    prefix.extend_from_slice(&chunk);
+                    if prefix.len() as u64 > limit {
+                        return Ok(Err(GatewayError::body_too_large(limit)));
+                    }
+                }
+                None => break,
+            }
+        }
+        if session.is_body_done() {
+            ctx.body_len = prefix.len() as u64;
+            return Ok(Ok(Some(prefix.freeze())));
+        }
+        if !prefix.is_empty() {
+            ctx.body_prefix = Some(prefix.freeze());
+        }
+        Ok(Ok(None))
+    }
+
     /// Read the whole body before routing. With `retry_buffer` (bodies up
     /// to 64 KiB) pingora keeps its own copy and replays it on every
     /// attempt; larger bodies are sent by [`Gateway::relay`] from this one.
@@ -838,6 +922,31 @@ impl ProxyHttp for Gateway {
             self.answer_json(session, ctx, status, body).await?;
             return Ok(true);
         }
+        // A Realtime handshake: the deployment is in the query, and the
+        // session, once upgraded, is idle-timed by the API's own setting.
+        if session.is_upgrade_req() {
+            let call = {
+                let req = session.req_header();
+                let rest = req.uri.path().get(rest_offset..).unwrap_or("");
+                sluice_policy::realtime::realtime_call(rest, req.uri.query())
+            };
+            if let Some(call) = call {
+                let Some(deployment) = call.deployment.clone() else {
+                    let e = GatewayError::new(
+                        400,
+                        format!(
+                            "The Realtime handshake names no deployment: add '{}=<deployment>' to the query.",
+                            call.deployment_param()
+                        ),
+                    );
+                    self.refuse(session, ctx, &e, false).await?;
+                    return Ok(true);
+                };
+                ctx.deployment = Some(deployment);
+                session.set_read_timeout(Some(api.websocket_idle));
+                ctx.realtime_call = Some(Box::new(call));
+            }
+        }
 
         // The caller is known: read small bodies before routing.
         let chunked = session
@@ -847,8 +956,42 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let mut body = None;
+        // A multipart upload (audio, images, files) over 64 KiB streams to
+        // one backend; on v1 its `model` field is read first, from the
+        // parts before the file.
+        let boundary = if is_post {
+            session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(sluice_tokens::multipart::boundary)
+                .map(|b| b.to_string())
+        } else {
+            None
+        };
+        let large = content_length.is_none_or(|n| n > PREREAD_LIMIT);
         match content_length {
             Some(0) => {}
+            _ if boundary.is_some() && large && (content_length.is_some() || chunked) => {
+                let boundary = boundary.as_deref().unwrap_or_default();
+                match self
+                    .read_form_prefix(session, ctx, limit, model_in_body.then_some(boundary))
+                    .await?
+                {
+                    Ok(Some(whole)) => {
+                        // The whole body came with the prefix: it is held
+                        // and sent by the gateway, like any held body.
+                        ctx.body_mode = BodyMode::Held;
+                        body = Some(whole);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.refuse(session, ctx, &e, ctx.continue_sent).await?;
+                        return Ok(true);
+                    }
+                }
+            }
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
                 // Small bodies: read now with pingora's retry buffer, which
                 // replays them on every attempt.
@@ -924,6 +1067,15 @@ impl ProxyHttp for Gateway {
                     })
                 }))
         };
+        if is_post
+            && model_in_body
+            && ctx.deployment.is_none()
+            && let (Some(b), Some(boundary)) = (&body, boundary.as_deref())
+            && let sluice_tokens::multipart::FieldSearch::Found(m) =
+                sluice_tokens::multipart::find_field(b, boundary, "model")
+        {
+            ctx.deployment = Some(m);
+        }
         let mut plan = None;
         if wants_model || asks_usage {
             match &body {
@@ -1063,6 +1215,19 @@ impl ProxyHttp for Gateway {
             .api
             .map(|i| self.state.apis[i].config().max_request_body_bytes)
             .unwrap_or(u64::MAX);
+        if ctx.prefix_pending
+            && let Some(prefix) = ctx.body_prefix.clone()
+        {
+            // The parts read before routing go out ahead of the rest, on
+            // every attempt (and are counted once).
+            // (A later attempt only follows one that sent nothing.)
+            ctx.prefix_pending = false;
+            let rest = body.take().unwrap_or_default();
+            let mut all = BytesMut::with_capacity(prefix.len() + rest.len());
+            all.extend_from_slice(&prefix);
+            all.extend_from_slice(&rest);
+            *body = Some(all.freeze());
+        }
         if let Some(b) = body {
             ctx.body_len += b.len() as u64;
             if ctx.body_len > limit {
@@ -1172,7 +1337,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if upstream_response.status.is_informational() {
+        if upstream_response.status.is_informational() && status != 101 {
             return Ok(());
         }
         self.trace_backend_head(ctx, upstream_response);
@@ -1213,6 +1378,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         self.rewrite_request(session, upstream, ctx)?;
+        ctx.prefix_pending = ctx.body_prefix.is_some();
         if let Some(len) = self.edit_for_attempt(ctx) {
             upstream.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
         }
@@ -1226,10 +1392,13 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if upstream_response.status.is_informational() {
+        let switching = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if upstream_response.status.is_informational() && !switching {
             return Ok(());
         }
-        upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        if !switching {
+            upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+        }
         if !upstream_response.headers.contains_key("x-ms-region")
             && let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i))
         {
@@ -1257,6 +1426,9 @@ impl ProxyHttp for Gateway {
                 content_type.as_deref(),
                 region.as_deref(),
             );
+            if switching && ctx.realtime_call.is_some() {
+                self.open_realtime(ctx, api);
+            }
             if upstream_response.status.is_success()
                 && ctx.usage_asked
                 && content_type
@@ -1417,6 +1589,10 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
+        if ctx.realtime.is_some() {
+            self.realtime_frames(body, ctx);
+            return Ok(None);
+        }
         if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
             self.state.apis[api].pipeline.response_chunk(ctx, b);
             if let Some(t) = ctx.tally.as_mut() {
@@ -1449,6 +1625,19 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         self.state.selector.finish(ctx);
+        if let (Some(rt), Some(api)) = (ctx.realtime.as_ref(), ctx.api) {
+            let name = self.state.api_names[api].as_str();
+            self.state.websockets_open.with_label_values(&[name]).dec();
+            let end = if rt.closed_by_gateway {
+                "token_limit"
+            } else {
+                "closed"
+            };
+            self.state
+                .websocket_sessions
+                .with_label_values(&[name, end])
+                .inc();
+        }
         if let Some(api) = ctx.api {
             let backend = ctx.backend.map(|i| self.state.backends[i].name.clone());
             self.state.apis[api]

@@ -5,6 +5,7 @@
 mod gateway;
 mod management;
 mod models;
+mod realtime;
 mod relay;
 mod server;
 mod state;

@@ -422,6 +422,13 @@ pub struct GatewayState {
     /// `sluice_stream_failures_total{api,backend,kind}`: streams that failed
     /// after their 200 (`error`, `failed`, `incomplete`).
     pub stream_failures: prometheus::IntCounterVec,
+    /// `sluice_websockets_open{api}`: relayed WebSocket (Realtime) sessions
+    /// open now.
+    pub websockets_open: prometheus::IntGaugeVec,
+    /// `sluice_websocket_sessions_total{api,end}`: relayed WebSocket
+    /// sessions that ended (`closed`, or `token_limit` when the gateway
+    /// closed one that spent its token limit).
+    pub websocket_sessions: prometheus::IntCounterVec,
 }
 
 /// pingora's HTTP connector (it has no `Debug` of its own).
@@ -602,6 +609,22 @@ impl GatewayState {
             &["api", "backend", "kind"],
         )
         .map_err(|e| BuildError(format!("stream metrics: {e}")))?;
+        let websockets_open = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "sluice_websockets_open",
+                "Relayed WebSocket (Realtime) sessions open now, by API.",
+            ),
+            &["api"],
+        )
+        .map_err(|e| BuildError(format!("websocket metrics: {e}")))?;
+        let websocket_sessions = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "sluice_websocket_sessions_total",
+                "Relayed WebSocket (Realtime) sessions that ended, by API and how (closed: by either side or the idle timeout; token_limit: closed by the gateway when the caller's token limit was spent).",
+            ),
+            &["api", "end"],
+        )
+        .map_err(|e| BuildError(format!("websocket metrics: {e}")))?;
         let affinity_memory = Arc::new(sluice_policy::affinity::MemoryAffinity::new(
             usize::try_from(cfg.server.affinity.max_ids).unwrap_or(usize::MAX),
             cfg.server.affinity.ttl,
@@ -612,6 +635,8 @@ impl GatewayState {
             Box::new(affinity_total.clone()),
             Box::new(affinity_ids.clone()),
             Box::new(stream_failures.clone()),
+            Box::new(websockets_open.clone()),
+            Box::new(websocket_sessions.clone()),
             Box::new(counter_count.clone()),
             Box::new(replay_skipped.clone()),
             Box::new(body_buffer_gauge.clone()),
@@ -684,6 +709,8 @@ impl GatewayState {
             affinity_total,
             affinity_ids,
             stream_failures,
+            websockets_open,
+            websocket_sessions,
         }))
     }
 }

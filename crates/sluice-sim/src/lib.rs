@@ -12,13 +12,27 @@
 //! (recorded, never run) and `models`. What a region stores is its own, bounded to the newest
 //! 10,000 objects of each kind.
 //!
+//! Audio and images are answered under `/openai/v1/...` (the deployment named by the `model`
+//! field) and `/openai/deployments/{name}/...`: `audio/transcriptions` and
+//! `audio/translations` (multipart; deterministic text and token usage), `audio/speech` (a
+//! generated WAV, MP3 or PCM body) and `images/generations` / `images/edits` (real 8x8 PNGs).
+//! Realtime sessions run over WebSocket at `GET /openai/v1/realtime?model=...` (GA event
+//! names) and `GET /openai/realtime?api-version=...&deployment=...` (preview names); the key
+//! may also come as an `api-key` query parameter there, and faults answer in place of the 101.
+//! A client event `{"type":"sim.pad","bytes":N}` makes a session send one audio delta of about
+//! `N` base64 characters, and `response.sim_deltas` in `response.create` sets how many text
+//! deltas a response has. [`SimHandle::realtime_sessions`] counts open sessions (at most
+//! 10,000 per region by default, see [`SimHandle::set_max_realtime_sessions`]).
+//!
 //! Faults can be injected three ways: [`SimHandle::set_fault`]; a per-request header
 //! `x-sim-fault: <form>` (optionally limited to the simulators named in
 //! `x-sim-fault-region: name[,name]`); or the control endpoint `POST /_sim/fault` with
 //! `{"fault":"status=503","times":2}` (`{"fault":null}` clears). `GET /_sim/stats` returns
-//! `{"requests":N}` and `GET /` is a plain-text health check. See [`parse_fault`] for the
-//! textual forms. A streamed request with `x-sim-stream-fail: response.failed` or `error`
-//! (also filtered by `x-sim-fault-region`) keeps its 200 status but fails after two deltas.
+//! `{"requests":N,"realtime_sessions":open,"realtime_sessions_total":accepted}` and `GET /` is
+//! a plain-text health check. See [`parse_fault`] for the textual forms. A streamed request
+//! with `x-sim-stream-fail: response.failed` or `error` (also filtered by
+//! `x-sim-fault-region`) keeps its 200 status but fails after two deltas; on a realtime
+//! handshake the header makes every response of the session fail that way.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -34,9 +48,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+mod audio;
 mod body;
+mod encode;
+mod images;
 pub mod limiter;
 mod multipart;
+mod realtime;
 mod resources;
 mod responses;
 mod routes;

@@ -20,6 +20,29 @@ pub(crate) struct Part {
     pub(crate) data: Range<usize>,
 }
 
+impl Part {
+    /// The content as trimmed UTF-8 text, for a field that is not a file.
+    pub(crate) fn text<'a>(&self, body: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(&body[self.data.clone()])
+            .ok()
+            .map(str::trim)
+    }
+}
+
+/// The parts of a request whose `Content-Type` header is `content_type`.
+pub(crate) fn parse_form(content_type: &str, body: &[u8]) -> Result<Vec<Part>, String> {
+    boundary(content_type).and_then(|b| parse(body, &b))
+}
+
+/// The trimmed text of the first non-file field called `name`, if present and not empty.
+pub(crate) fn field<'a>(parts: &[Part], body: &'a [u8], name: &str) -> Option<&'a str> {
+    parts
+        .iter()
+        .find(|p| p.name == name && p.filename.is_none())
+        .and_then(|p| p.text(body))
+        .filter(|t| !t.is_empty())
+}
+
 /// The `boundary` parameter of a `multipart/form-data` content type.
 pub(crate) fn boundary(content_type: &str) -> Result<String, String> {
     let (media, params) = match content_type.split_once(';') {
@@ -230,10 +253,7 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if needle.is_empty() || from > haystack.len() {
         return None;
     }
-    haystack[from..]
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|i| i + from)
+    memchr::memmem::find(&haystack[from..], needle).map(|i| i + from)
 }
 
 #[cfg(test)]

@@ -321,9 +321,9 @@ fn count_input_tokens(
 
 /// The generated output: its stream pieces (one per delta) and its token count.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Output {
-    pieces: Vec<String>,
-    tokens: u64,
+pub(crate) struct Output {
+    pub(crate) pieces: Vec<String>,
+    pub(crate) tokens: u64,
 }
 
 impl Output {
@@ -334,7 +334,7 @@ impl Output {
 
 /// `budget` tokens of generated words; when the budget has room, the last tokens are
 /// ` from <region>` (e.g. `the lock gate from eastus`).
-fn plan_output(budget: u64, region: &str, deployment: &str) -> Output {
+pub(crate) fn plan_output(budget: u64, region: &str, deployment: &str) -> Output {
     let encoding = sluice_tokens::encoding_for_model(deployment);
     let suffix_tokens = if region.is_empty() {
         0

@@ -1,5 +1,8 @@
 //! Routing of the resource-style endpoints (Responses, files, batches, models), which live
-//! both under `/openai/v1/...` and under `/openai/...` (the api-version style).
+//! both under `/openai/v1/...` and under `/openai/...` (the api-version style), and of the
+//! audio, image and realtime endpoints, which live under `/openai/v1/...` (the deployment
+//! named by `model`) and under `/openai/deployments/{name}/...` (realtime: `/openai/realtime`
+//! with a `deployment` query parameter).
 
 use http::Method;
 
@@ -21,10 +24,55 @@ pub(crate) enum Endpoint {
     CancelBatch(String),
     ListModels,
     GetModel(String),
+    /// `audio/transcriptions`; the deployment from the path, `None` on v1.
+    Transcription(Option<String>),
+    /// `audio/translations`.
+    Translation(Option<String>),
+    /// `audio/speech`.
+    Speech(Option<String>),
+    /// `images/generations`.
+    ImageGeneration(Option<String>),
+    /// `images/edits`.
+    ImageEdit(Option<String>),
+    /// `GET /openai/v1/realtime` (`ga: true`, GA event names) or `GET /openai/realtime`
+    /// (`ga: false`, the preview's event names).
+    Realtime {
+        ga: bool,
+    },
+}
+
+/// The audio, image or realtime endpoint for `method` on a normalised `path`.
+fn media_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
+    let rest = path.strip_prefix("/openai/")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let segs: Vec<&str> = rest.split('/').collect();
+    let (deployment, tail) = match segs.as_slice() {
+        ["v1", "realtime"] if method == Method::GET => {
+            return Some(Endpoint::Realtime { ga: true });
+        }
+        ["realtime"] if method == Method::GET => return Some(Endpoint::Realtime { ga: false }),
+        ["v1", tail @ ..] => (None, tail),
+        ["deployments", d, tail @ ..] if !d.is_empty() => (Some((*d).to_string()), tail),
+        _ => return None,
+    };
+    if method != Method::POST {
+        return None;
+    }
+    Some(match tail {
+        ["audio", "transcriptions"] => Endpoint::Transcription(deployment),
+        ["audio", "translations"] => Endpoint::Translation(deployment),
+        ["audio", "speech"] => Endpoint::Speech(deployment),
+        ["images", "generations"] => Endpoint::ImageGeneration(deployment),
+        ["images", "edits"] => Endpoint::ImageEdit(deployment),
+        _ => return None,
+    })
 }
 
 /// The endpoint for `method` on an already normalised `path`, if it is one of these.
 pub(crate) fn parse_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
+    if let Some(ep) = media_endpoint(method, path) {
+        return Some(ep);
+    }
     let rest = path.strip_prefix("/openai/")?;
     let rest = rest.strip_prefix("v1/").unwrap_or(rest);
     let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -147,10 +195,53 @@ mod tests {
             (Method::POST, "/openai/v1/chat/completions"),
             (Method::POST, "/openai/deployments/d/responses"),
             (Method::POST, "/openai/v2/responses"),
+            (Method::POST, "/openai/audio/transcriptions"),
+            (Method::GET, "/openai/v1/audio/transcriptions"),
+            (Method::POST, "/openai/deployments/d/audio/voices"),
+            (Method::POST, "/openai/deployments/d/images/variations"),
+            (Method::POST, "/openai/v1/realtime"),
+            (Method::GET, "/openai/deployments/d/realtime"),
+            (Method::GET, "/openai/v1/realtime/x"),
             (Method::POST, "/responses"),
             (Method::POST, "/openai"),
         ] {
             assert_eq!(ep(m.clone(), path), None, "{m} {path}");
         }
+    }
+
+    #[test]
+    fn media_and_realtime_routes() {
+        let d = || Some("dep".to_string());
+        for (path, deployment) in [("/openai/v1", None), ("/openai/deployments/dep", d())] {
+            let p = |s: &str| format!("{path}{s}");
+            assert_eq!(
+                ep(Method::POST, &p("/audio/transcriptions")),
+                Some(Endpoint::Transcription(deployment.clone()))
+            );
+            assert_eq!(
+                ep(Method::POST, &p("/audio/translations/")),
+                Some(Endpoint::Translation(deployment.clone()))
+            );
+            assert_eq!(
+                ep(Method::POST, &p("/audio/speech")),
+                Some(Endpoint::Speech(deployment.clone()))
+            );
+            assert_eq!(
+                ep(Method::POST, &p("/images/generations")),
+                Some(Endpoint::ImageGeneration(deployment.clone()))
+            );
+            assert_eq!(
+                ep(Method::POST, &p("/images/edits")),
+                Some(Endpoint::ImageEdit(deployment.clone()))
+            );
+        }
+        assert_eq!(
+            ep(Method::GET, "/openai/v1/realtime"),
+            Some(Endpoint::Realtime { ga: true })
+        );
+        assert_eq!(
+            ep(Method::GET, "/openai/realtime/"),
+            Some(Endpoint::Realtime { ga: false })
+        );
     }
 }

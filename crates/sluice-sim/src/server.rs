@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use crate::limiter::{Admission, RateLimiter, Throttle, ThrottleKind};
 use crate::routes::{Endpoint, parse_endpoint};
 use crate::store::Stores;
 use crate::{Fault, RegionConfig, parse_fault};
-use crate::{resources, responses, synth};
+use crate::{audio, images, realtime, resources, responses, synth};
 use sluice_base::{Clock, SystemClock};
 
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -72,6 +72,9 @@ fn serve(listener: TcpListener, cfg: RegionConfig) -> std::io::Result<SimHandle>
         stores: Stores::new(),
         started_at: SystemClock.unix_now().as_secs(),
         shutdown,
+        realtime_limit: AtomicUsize::new(realtime::DEFAULT_MAX_SESSIONS),
+        realtime_active: AtomicUsize::new(0),
+        realtime_total: AtomicU64::new(0),
     });
     debug!(region = %shared.cfg.name, %addr, "simulator listening");
     tokio::spawn(accept_loop(listener, shared.clone()));
@@ -95,6 +98,12 @@ pub(crate) struct Shared {
     /// Unix seconds when the simulator started (the models' `created`).
     pub(crate) started_at: u64,
     shutdown: watch::Sender<bool>,
+    /// Most realtime sessions open at once.
+    pub(crate) realtime_limit: AtomicUsize,
+    /// Realtime sessions open now.
+    pub(crate) realtime_active: AtomicUsize,
+    /// Realtime sessions accepted (101 answered) since the start.
+    pub(crate) realtime_total: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +133,11 @@ impl Shared {
             Some(n) => *n -= 1,
         }
         Some(fault)
+    }
+
+    /// A receiver of the shutdown signal (see [`stopped`]).
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     fn current_fault(&self) -> Option<(Fault, Option<u32>)> {
@@ -181,6 +195,22 @@ impl SimHandle {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Realtime (WebSocket) sessions open now.
+    pub fn realtime_sessions(&self) -> usize {
+        self.shared.realtime_active.load(Ordering::SeqCst)
+    }
+
+    /// Realtime sessions accepted (answered 101) since the simulator started.
+    pub fn realtime_sessions_total(&self) -> u64 {
+        self.shared.realtime_total.load(Ordering::SeqCst)
+    }
+
+    /// Bound the realtime sessions open at once (default 10,000); a handshake beyond it is
+    /// answered 429. Sessions already open are not closed.
+    pub fn set_max_realtime_sessions(&self, max: usize) {
+        self.shared.realtime_limit.store(max, Ordering::SeqCst);
+    }
+
     /// Headers of the last `/openai` request.
     pub fn last_request_headers(&self) -> Option<HeaderMap> {
         lock(&self.shared.last_headers).clone()
@@ -194,7 +224,7 @@ impl SimHandle {
 }
 
 /// Resolves once shutdown was requested (or the sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
@@ -236,7 +266,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     };
     let mut builder = http1::Builder::new();
     builder.keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    // Upgrades hand the socket to a realtime session task, which watches shutdown itself.
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     let mut shutdown = shared.shutdown.subscribe();
     tokio::select! {
         biased;
@@ -318,7 +351,11 @@ async fn route(shared: &Arc<Shared>, kill: &Notify, req: Request<Incoming>) -> R
         }
         (Method::GET, "/_sim/stats") => json_response(
             StatusCode::OK,
-            &json!({ "requests": shared.requests.load(Ordering::SeqCst) }),
+            &json!({
+                "requests": shared.requests.load(Ordering::SeqCst),
+                "realtime_sessions": shared.realtime_active.load(Ordering::SeqCst),
+                "realtime_sessions_total": shared.realtime_total.load(Ordering::SeqCst),
+            }),
         ),
         (Method::GET, "/_sim/fault") => {
             let body = match shared.current_fault() {
@@ -490,7 +527,7 @@ fn header_stream_fail(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -513,11 +550,14 @@ fn authorized(headers: &HeaderMap, key: &str) -> bool {
 async fn openai(
     shared: &Arc<Shared>,
     kill: &Notify,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     path: &str,
 ) -> Response<SimBody> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
     *lock(&shared.last_headers) = Some(req.headers().clone());
+    let endpoint = parse_endpoint(req.method(), path);
+    let on_upgrade =
+        matches!(endpoint, Some(Endpoint::Realtime { .. })).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let bytes = match read_body(body).await {
         Ok(b) => b,
@@ -547,13 +587,19 @@ async fn openai(
         }
     }
 
-    if let Some(key) = &shared.cfg.api_key
-        && !authorized(&parts.headers, key.expose())
-    {
-        return azure_error(StatusCode::UNAUTHORIZED, "401", ACCESS_DENIED);
+    if let Some(key) = &shared.cfg.api_key {
+        let realtime = matches!(endpoint, Some(Endpoint::Realtime { .. }));
+        let ok = authorized(&parts.headers, key.expose())
+            || (realtime && realtime::query_key_matches(parts.uri.query(), key.expose()));
+        if !ok {
+            return azure_error(StatusCode::UNAUTHORIZED, "401", ACCESS_DENIED);
+        }
     }
 
-    if let Some(endpoint) = parse_endpoint(&parts.method, path) {
+    if let Some(Endpoint::Realtime { ga }) = endpoint {
+        return realtime::accept(shared, ga, &parts, on_upgrade, stream_fail);
+    }
+    if let Some(endpoint) = endpoint {
         return resource_endpoint(shared, endpoint, &parts, bytes, stream_fail).await;
     }
 
@@ -646,6 +692,17 @@ async fn resource_endpoint(
         Endpoint::CancelBatch(id) => resources::cancel_batch(shared, &id),
         Endpoint::ListModels => resources::list_models(shared),
         Endpoint::GetModel(id) => resources::get_model(shared, &id),
+        Endpoint::Transcription(d) => {
+            audio::transcribe(shared, audio::AudioTask::Transcribe, d, parts, bytes)
+        }
+        Endpoint::Translation(d) => {
+            audio::transcribe(shared, audio::AudioTask::Translate, d, parts, bytes)
+        }
+        Endpoint::Speech(d) => audio::speech(shared, d, parts, &bytes),
+        Endpoint::ImageGeneration(d) => images::generate(shared, d, parts, &bytes),
+        Endpoint::ImageEdit(d) => images::edit(shared, d, parts, bytes),
+        // Answered before the resource endpoints (it needs the upgrade).
+        Endpoint::Realtime { .. } => not_found(),
     }
 }
 
@@ -1218,14 +1275,14 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> 
     resp
 }
 
-fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<SimBody> {
+pub(crate) fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<SimBody> {
     json_response(
         status,
         &json!({ "error": { "code": code, "message": message } }),
     )
 }
 
-fn bad_request(message: &str) -> Response<SimBody> {
+pub(crate) fn bad_request(message: &str) -> Response<SimBody> {
     azure_error(StatusCode::BAD_REQUEST, "BadRequest", message)
 }
 

@@ -56,6 +56,24 @@ pub fn completion_text(n: u64) -> String {
     out
 }
 
+/// `n` (at least one) generated words starting at a word picked by `seed`, the first letter
+/// capitalised and a full stop at the end: a deterministic stand-in for recognised speech.
+pub fn sentence(seed: u64, n: u64) -> String {
+    let start = seed % WORDS.len() as u64;
+    let mut out = String::new();
+    for i in 0..n.max(1) {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word(start + i));
+    }
+    if let Some(first) = out.get_mut(..1) {
+        first.make_ascii_uppercase();
+    }
+    out.push('.');
+    out
+}
+
 /// 64-bit FNV-1a.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -175,5 +193,8 @@ mod tests {
         assert_eq!(completion_text(3), "the lock gate");
         assert_eq!(completion_text(100).split(' ').count(), 100);
         assert_eq!(random_alnum(29).len(), 29);
+        assert_eq!(sentence(0, 3), "The lock gate.");
+        assert_eq!(sentence(1, 0), "Lock.");
+        assert_eq!(sentence(WORDS.len() as u64 + 2, 2), "Gate opens.");
     }
 }

@@ -220,7 +220,7 @@ async fn double_slashes_and_missing_api_version_are_fine() {
 async fn unknown_paths_are_404_and_health_is_200() {
     let sim = start(region()).await;
     for path in [
-        "/openai/deployments/x/images/generations",
+        "/openai/deployments/x/images/variations",
         "/openai/models",
         "/openai",
         "/elsewhere",
@@ -349,7 +349,10 @@ async fn control_endpoints() {
     let sim = start(region()).await;
     send(sim.addr(), Call::post(CHAT, chat_body("hi"))).await;
     let r = send(sim.addr(), Call::get("/_sim/stats")).await;
-    assert_eq!(r.json(), json!({"requests": 1}));
+    assert_eq!(
+        r.json(),
+        json!({"requests": 1, "realtime_sessions": 0, "realtime_sessions_total": 0})
+    );
 
     let r = send(
         sim.addr(),
@@ -386,5 +389,8 @@ async fn control_endpoints() {
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = send(sim.addr(), Call::get("/_sim/stats")).await;
-    assert_eq!(r.json(), json!({"requests": 6}));
+    assert_eq!(
+        r.json(),
+        json!({"requests": 6, "realtime_sessions": 0, "realtime_sessions_total": 0})
+    );
 }

@@ -10,6 +10,11 @@
 //!   failure reported inside a stream after its 200 status ([`UsageScanner::failure`]).
 //! * When the gateway itself asked a chat stream for its usage chunk, a [`UsageChunkFilter`]
 //!   removes that chunk before the stream reaches the client.
+//! * For a relayed Realtime API WebSocket, a [`realtime::RealtimeScanner`] reads the frames as
+//!   they pass and reports `response.created`, `response.done` (with its usage), `error` and
+//!   close events, skipping audio without copying it.
+//! * For multipart uploads (audio transcriptions, image edits), [`multipart::find_field`] reads
+//!   a form field such as `model` from the start of the body.
 //!
 //! Chat completions, legacy completions, embeddings and the Responses API are understood
 //! ([`Operation`]).
@@ -22,6 +27,8 @@ mod count;
 mod estimate;
 mod filter;
 mod lenient;
+pub mod multipart;
+pub mod realtime;
 mod usage;
 
 pub use estimate::{RequestEstimate, estimate_request};

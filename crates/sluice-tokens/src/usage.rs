@@ -209,7 +209,7 @@ impl UsageScanner {
 }
 
 /// `code` as kept in a [`StreamFailure`]: at most [`MAX_CODE_BYTES`], cut at a char boundary.
-fn short_code(code: &str) -> String {
+pub(crate) fn short_code(code: &str) -> String {
     let mut end = code.len().min(MAX_CODE_BYTES);
     while !code.is_char_boundary(end) {
         end -= 1;

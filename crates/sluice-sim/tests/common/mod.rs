@@ -293,3 +293,32 @@ pub const EMBEDDINGS: &str = "/openai/deployments/embed/embeddings?api-version=2
 pub fn chat_body(content: &str) -> Value {
     serde_json::json!({ "messages": [{ "role": "user", "content": content }] })
 }
+
+/// A `multipart/form-data` body from `(name, filename, content)` parts (a filename makes the
+/// part a file); returns `(content type, body)`.
+pub fn multipart_form(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Bytes) {
+    let boundary = "----sluice-form-boundary-Qx81Zr";
+    let mut body = Vec::new();
+    for (name, filename, content) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        Bytes::from(body),
+    )
+}
