@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 
 mod client;
 mod procs;
+mod ws;
 
 use client::{Mode, PhaseResult, RequestSpec, percentile};
 use procs::{Proc, ProcGroup, StopSignal, TempDir};
@@ -81,6 +82,10 @@ struct Args {
     /// Print the results as Markdown tables for docs/benchmarks.md.
     #[arg(long)]
     markdown: bool,
+    /// After the scenarios, open this many idle Realtime sessions through each proxy
+    /// (and directly) and report the resident memory each open socket costs.
+    #[arg(long, default_value_t = 0)]
+    ws_idle: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -89,6 +94,10 @@ enum Scenario {
     Stream,
     /// A streamed Responses call on the v1 API (`/openai/v1/responses`).
     Responses,
+    /// Realtime WebSocket sessions (`--concurrency` of them), each asking for
+    /// one audio-sized delta at a time: frames per second, the round trip, and
+    /// CPU per 1,000 frames.
+    Realtime,
 }
 
 impl Scenario {
@@ -97,6 +106,7 @@ impl Scenario {
             Scenario::Chat => "chat",
             Scenario::Stream => "stream",
             Scenario::Responses => "responses",
+            Scenario::Realtime => "realtime",
         }
     }
 
@@ -108,13 +118,13 @@ impl Scenario {
     }
 
     fn streams(self) -> bool {
-        self != Scenario::Chat
+        matches!(self, Scenario::Stream | Scenario::Responses)
     }
 
     /// What a complete stream of this scenario holds.
     fn stream_end(self) -> Option<&'static [u8]> {
         match self {
-            Scenario::Chat => None,
+            Scenario::Chat | Scenario::Realtime => None,
             Scenario::Stream => Some(b"[DONE]"),
             Scenario::Responses => Some(b"event: response.completed"),
         }
@@ -391,11 +401,23 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         }
     })?;
 
+    let idle = if args.ws_idle > 0 {
+        let sim = stack.sim.as_ref().map(|p| ProcGroup {
+            root: p.pid(),
+            with_children: false,
+        });
+        Some(rt.block_on(measure_idle(args.ws_idle, &targets, sim, &key))?)
+    } else {
+        None
+    };
     let mut out = String::new();
     if args.markdown {
         markdown_report(&mut out, args, &rows);
     } else {
         text_report(&mut out, &rows);
+    }
+    if let Some(idle) = &idle {
+        out.push_str(idle);
     }
     for r in &rows {
         if let Some(e) = &r.first_error {
@@ -516,6 +538,10 @@ http {{
     scgi_temp_path {t}/scgi;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' '';
+    }}
     upstream sim {{
         server {sim};
         keepalive 128;
@@ -527,7 +553,9 @@ http {{
         location / {{
             proxy_pass http://sim;
             proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 600s;
             proxy_buffering off;
         }}
     }}
@@ -568,6 +596,10 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
     let mut rows = Vec::new();
     for &scenario in &args.scenarios {
         for t in targets {
+            if scenario == Scenario::Realtime {
+                rows.push(measure_ws(args, t, key).await?);
+                continue;
+            }
             let spec = Arc::new(RequestSpec {
                 path: scenario.path().to_string(),
                 host: t.addr.to_string(),
@@ -611,6 +643,107 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
         }
     }
     Ok(rows)
+}
+
+/// The Realtime scenario on one target: `--concurrency` sessions, each
+/// asking for one delta at a time.
+async fn measure_ws(args: &Args, t: &Target, key: &str) -> Result<Row> {
+    eprintln!(
+        "sluice-load: realtime/{}: {} sessions, warmup {:.1} s, measuring {:.1} s",
+        t.kind.name(),
+        args.concurrency,
+        args.warmup_secs,
+        args.duration_secs
+    );
+    let tck = procs::clk_tck() as f64;
+    let sessions = ws::open_all(t.addr, key, args.concurrency)
+        .await
+        .with_context(|| format!("realtime sessions on {}", t.kind.name()))?;
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    let sessions = if warmup.is_zero() {
+        sessions
+    } else {
+        ws::run_phase(sessions, warmup).await.0
+    };
+    let before = t.group.map(|g| g.cpu_ticks());
+    let (sessions, mut r) =
+        ws::run_phase(sessions, Duration::from_secs_f64(args.duration_secs)).await;
+    let after = t.group.map(|g| g.cpu_ticks());
+    ws::close_all(sessions).await;
+    let rss_mib = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
+    let cpu_per_1k = match (before, after) {
+        (Some(b), Some(a)) if r.frames > 0 => {
+            Some(a.saturating_sub(b) as f64 / tck / r.frames as f64 * 1000.0)
+        }
+        _ => None,
+    };
+    r.rtt_us.sort_unstable();
+    let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
+    let secs = r.elapsed.as_secs_f64();
+    Ok(Row {
+        scenario: Scenario::Realtime.name(),
+        target: t.kind.name(),
+        sent: r.frames + r.errors,
+        errors: r.errors,
+        late: 0,
+        rps: if secs > 0.0 {
+            r.frames as f64 / secs
+        } else {
+            0.0
+        },
+        lat: [
+            ms(percentile(&r.rtt_us, 50.0)),
+            ms(percentile(&r.rtt_us, 90.0)),
+            ms(percentile(&r.rtt_us, 99.0)),
+            ms(r.rtt_us.last().copied()),
+        ],
+        ttfb: [None, None],
+        cpu_per_1k,
+        rss_mib,
+        first_error: r.first_error,
+    })
+}
+
+/// Resident memory per open Realtime session, per target: `n` idle sessions
+/// opened, RSS read before and after (the direct row is the simulator's own).
+async fn measure_idle(
+    n: usize,
+    targets: &[Target],
+    sim: Option<ProcGroup>,
+    key: &str,
+) -> Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nIdle Realtime sessions: resident memory of the process(es) serving them\n\n| Target | Sessions | RSS before MiB | RSS open MiB | KiB per session |\n|---|---|---|---|---|"
+    );
+    for t in targets {
+        if t.kind == TargetKind::Traced {
+            continue;
+        }
+        let group = match t.kind {
+            TargetKind::Direct => sim,
+            _ => t.group,
+        };
+        let Some(group) = group else { continue };
+        let before = group.rss_kib();
+        let sessions = ws::open_all(t.addr, key, n)
+            .await
+            .with_context(|| format!("{n} idle sessions on {}", t.kind.name()))?;
+        // Let the relays settle (every session has been read from once).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let open = group.rss_kib();
+        ws::close_all(sessions).await;
+        let per = open.saturating_sub(before) as f64 / n as f64;
+        let _ = writeln!(
+            out,
+            "| {} | {n} | {:.1} | {:.1} | {per:.1} |",
+            t.kind.name(),
+            before as f64 / 1024.0,
+            open as f64 / 1024.0
+        );
+    }
+    Ok(out)
 }
 
 fn row(

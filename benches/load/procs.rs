@@ -312,6 +312,18 @@ impl ProcGroup {
     pub fn peak_rss_kib(&self) -> u64 {
         self.pids().into_iter().filter_map(vm_hwm_kib).sum()
     }
+
+    /// Sum of VmRSS (resident now) over the group, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.pids().into_iter().filter_map(vm_rss_kib).sum()
+    }
+}
+
+/// `VmRSS` of `/proc/<pid>/status`, KiB.
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Fields 14 (utime) and 15 (stime) of `/proc/<pid>/stat`.

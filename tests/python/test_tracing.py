@@ -207,6 +207,28 @@ apis:
         r = httpx.get(f"{gw.url}/openai/v1/responses/resp_{'0' * 32}", timeout=30, headers=bearer)
         assert r.status_code == 404
         assert httpx.get(f"{gw.url}/openai/v1/models", timeout=30, headers=bearer).status_code == 200
+        # Issue 10's flows: a traced Realtime session whose key is in the
+        # query (as a browser sends it), one refused, and a streamed
+        # multipart upload routed by its `model` field.
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect as ws_connect
+
+        ws_base = gw.url.replace("http://", "ws://") + "/openai/v1/realtime?model=gpt-rt"
+        with ws_connect(f"{ws_base}&api-key={key}", open_timeout=10,
+                        additional_headers={"apim-debug-authorization": debug_token}) as ws:
+            trace_id = ws.response.headers["apim-trace-id"]
+            ws.send('{"type":"response.create"}')
+            while '"response.done"' not in ws.recv(timeout=10):
+                pass
+        t = list_trace(gw, trace_id)
+        assert t.status_code == 200 and "websocket" in t.text
+        for secret in [key, backend_key, OPERATOR, SIGNING, debug_token]:
+            assert secret not in t.text
+        with pytest.raises(InvalidStatus):
+            ws_connect(f"{ws_base}&api-key=wrong-key-1111", open_timeout=10)
+        r = httpx.post(f"{gw.url}/openai/v1/audio/transcriptions", timeout=30, headers=bearer,
+                       files={"file": ("a.wav", b"RIFF" + b"\0" * 200_000)}, data={"model": "whisper"})
+        assert r.status_code == 200, r.text
     finally:
         gw.stop()
     log = (tmp_path / "sluice.log").read_text()

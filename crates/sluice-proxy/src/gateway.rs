@@ -924,7 +924,7 @@ impl ProxyHttp for Gateway {
         }
         // A Realtime handshake: the deployment is in the query, and the
         // session, once upgraded, is idle-timed by the API's own setting.
-        if session.is_upgrade_req() {
+        if session.req_header().method == http::Method::GET && session.is_upgrade_req() {
             let call = {
                 let req = session.req_header();
                 let rest = req.uri.path().get(rest_offset..).unwrap_or("");
@@ -959,16 +959,22 @@ impl ProxyHttp for Gateway {
         // A multipart upload (audio, images, files) over 64 KiB streams to
         // one backend; on v1 its `model` field is read first, from the
         // parts before the file.
-        let boundary = if is_post {
-            session
-                .req_header()
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(sluice_tokens::multipart::boundary)
-                .map(|b| b.to_string())
-        } else {
-            None
+        // One look at a POST's Content-Type: JSON, or multipart's boundary.
+        let (json_body, boundary) = match is_post
+            .then(|| session.req_header().headers.get(http::header::CONTENT_TYPE))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(c) => match sluice_tokens::multipart::boundary(c) {
+                Some(b) => (false, Some(b.to_string())),
+                None => (
+                    c.as_bytes()
+                        .windows(4)
+                        .any(|w| w.eq_ignore_ascii_case(b"json")),
+                    None,
+                ),
+            },
+            None => (false, None),
         };
         let large = content_length.is_none_or(|n| n > PREREAD_LIMIT);
         match content_length {
@@ -1046,13 +1052,7 @@ impl ProxyHttp for Gateway {
         let routes_by_model = self.state.apis[api_index].routes_by_model;
         // A JSON call whose path names no deployment (the v1 API, and the
         // api-version Responses API) names it in the body's `model`.
-        let wants_model = is_post && model_in_body && {
-            let headers = &session.req_header().headers;
-            headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|c| c.to_ascii_lowercase().contains("json"))
-        };
+        let wants_model = is_post && model_in_body && json_body;
         // A chat or completions stream that may be asked for its usage.
         let asks_usage = is_post && pipeline.needs_usage() && ctx.stream && {
             let req = session.req_header();

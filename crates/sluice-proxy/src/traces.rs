@@ -75,6 +75,8 @@ impl Traces {
             .apis
             .iter()
             .map(|a| a.subscription.query_name.clone())
+            // A Realtime handshake from a browser carries its key in `api-key=`.
+            .chain([sluice_policy::realtime::KEY_PARAM.to_string()])
             .collect();
         params.sort();
         params.dedup();

@@ -147,7 +147,10 @@ pub fn find_field(body_prefix: &[u8], boundary: &str, name: &str) -> FieldSearch
         let wanted = part.named && !part.file;
         match found {
             Found::Part { line_end, .. } | Found::Close { line_end } if wanted => {
+                // The content, without the line end before the delimiter (`\n` or `\r\n`);
+                // empty when the delimiter follows the headers' blank line at once.
                 let value = body.get(content..line_end).unwrap_or_default();
+                let value = value.strip_suffix(b"\r").unwrap_or(value);
                 return match std::str::from_utf8(value) {
                     Ok(v) if v.len() <= MAX_FIELD_BYTES => FieldSearch::Found(v.to_owned()),
                     _ => FieldSearch::Absent,
@@ -166,10 +169,10 @@ pub fn find_field(body_prefix: &[u8], boundary: &str, name: &str) -> FieldSearch
 /// A delimiter search's outcome.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    /// A delimiter that starts a part: the content before it ends at `line_end` (its line end
-    /// excluded), the part's headers start at `next`.
+    /// A delimiter that starts a part: the `\n` ending the content before it is at `line_end`
+    /// (for the first delimiter, 0), the part's headers start at `next`.
     Part { line_end: usize, next: usize },
-    /// The closing delimiter; the content before it ends at `line_end`.
+    /// The closing delimiter, with the `\n` before it at `line_end`.
     Close { line_end: usize },
     /// The prefix ends before a delimiter is known.
     NeedMore,
@@ -188,7 +191,8 @@ enum Tail {
     No,
 }
 
-/// The tail of a possible delimiter whose `--boundary` ends just before `at`.
+/// The tail of a possible delimiter whose `--boundary` ends just before `at` (`NeedMore` when
+/// `at` is past the end of the prefix).
 fn tail(body: &[u8], at: usize) -> Tail {
     match body.get(at..) {
         None | Some([]) | Some([b'-']) => return Tail::NeedMore,
@@ -207,8 +211,8 @@ fn tail(body: &[u8], at: usize) -> Tail {
     }
 }
 
-/// Finds the first delimiter whose line starts after the line end at `body[nl]` (or, when
-/// `first`, at the very start of the body, or after any line end).
+/// Finds the first delimiter at the start of a line after the line end at `body[nl]` (when
+/// `first`, `nl` is 0 and the delimiter may also start the body).
 fn find_delimiter(body: &[u8], boundary: &[u8], nl: usize, first: bool) -> Found {
     let mut from = nl;
     loop {
@@ -217,26 +221,22 @@ fn find_delimiter(body: &[u8], boundary: &[u8], nl: usize, first: bool) -> Found
         };
         let at = from + off;
         from = at + 1;
-        // `--` before the boundary, at the start of a line.
+        // `--` before the boundary, at the start of a line: after a `\n`, which is `body[nl]`
+        // or a later one (the boundary has no `\n`, and `body[nl]` is not a `-`).
         let Some(dash) = at.checked_sub(2) else {
             continue;
         };
         if &body[dash..at] != b"--" {
             continue;
         }
-        let line_start = if first {
-            dash == 0 || body[dash - 1] == b'\n'
-        } else {
-            dash > nl && body[dash - 1] == b'\n'
+        let line_start = match dash.checked_sub(1) {
+            Some(before) => body[before] == b'\n',
+            None => first,
         };
         if !line_start {
             continue;
         }
-        // The content before the delimiter ends before its line end (`\n` or `\r\n`).
-        let mut line_end = dash.saturating_sub(1);
-        if line_end > nl + 1 && body[line_end - 1] == b'\r' {
-            line_end -= 1;
-        }
+        let line_end = dash.saturating_sub(1);
         match tail(body, at + boundary.len()) {
             Tail::Part(next) => return Found::Part { line_end, next },
             Tail::Close => return Found::Close { line_end },
@@ -258,18 +258,15 @@ fn may_end_within(body: &[u8], boundary: &[u8], content: usize) -> bool {
     // For an empty value it may be the headers' own last line end.
     let from = content - 1;
     memchr_iter(b'\n', &body[from..=last]).any(|off| {
-        let after = &body[from + off + 1..];
+        let dash = from + off + 1;
+        let after = &body[dash..];
         let whole = 2 + boundary.len();
-        if after.len() < whole {
-            // Cut short: a delimiter if what there is matches.
-            let dashes = after.len().min(2);
-            after[..dashes] == b"--"[..dashes]
-                && after[dashes..] == boundary[..after.len() - dashes]
-        } else {
-            after.starts_with(b"--")
-                && &after[2..whole] == boundary
-                && tail(body, from + off + 1 + whole) != Tail::No
-        }
+        // As much of `--boundary` as the prefix has.
+        let known = after.len().min(whole);
+        let dashes = known.min(2);
+        after[..dashes] == b"--"[..dashes]
+            && after[dashes..known] == boundary[..known - dashes]
+            && tail(body, dash + whole) != Tail::No
     })
 }
 
@@ -706,6 +703,93 @@ mod tests {
         );
         body += &close();
         assert_eq!(search(body.as_bytes(), B, "model"), found("modèle-日本"));
+    }
+
+    /// Line ends inside a long value: only one followed by a delimiter (or, as far as the
+    /// prefix goes, the start of one) keeps the search waiting. (A delimiter cut short at the
+    /// end of the prefix is in `value_limits`.)
+    #[test]
+    fn long_values_with_line_ends() {
+        let absent = [
+            "\n-x".to_owned(),
+            "\nx-".to_owned(),
+            "\n--X".to_owned(),
+            format!("\nxx{B}"),
+            format!("\n-x{B}"),
+            format!("\n--{B}x"),
+            format!("\r\n--{B}-x"),
+        ];
+        for line in absent {
+            let mut body = part("Content-Disposition: form-data; name=\"model\"", "");
+            body.truncate(body.len() - 2);
+            let content = body.len();
+            body += "ab";
+            body += &line;
+            let mut body = body.into_bytes();
+            body.resize(content + MAX_FIELD_BYTES + 10, b'v');
+            assert_eq!(
+                find_field(&body, B, "model"),
+                FieldSearch::Absent,
+                "{line:?}"
+            );
+        }
+        // A delimiter followed by padding up to the end of the prefix is still possible.
+        let mut body = part("Content-Disposition: form-data; name=\"model\"", "ab");
+        let content = body.find("ab").unwrap();
+        body += &format!("--{B}");
+        let mut body = body.into_bytes();
+        body.resize(content + MAX_FIELD_BYTES + 10, b' ');
+        assert_eq!(find_field(&body, B, "model"), FieldSearch::NeedMore);
+        body.extend_from_slice(b"\r\n");
+        assert_eq!(find_field(&body, B, "model"), found("ab"));
+    }
+
+    /// Long transport padding: the delimiter is unknown until its line end.
+    #[test]
+    fn delimiter_with_long_padding() {
+        let pad = " ".repeat(MAX_FIELD_BYTES + 50);
+        for (head, value, found_value) in [
+            // Empty value, no line end of its own (LF and CRLF).
+            (
+                format!("--{B}\nContent-Disposition: form-data; name=\"model\"\n\n"),
+                "",
+                "",
+            ),
+            (
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"),
+                "",
+                "",
+            ),
+            // Empty value with its own line end.
+            (
+                format!("--{B}\nContent-Disposition: form-data; name=\"model\"\n\n"),
+                "\n",
+                "",
+            ),
+            (
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"),
+                "\r\n",
+                "",
+            ),
+            (
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"),
+                "m\r\n",
+                "m",
+            ),
+        ] {
+            let body = format!("{head}{value}--{B}{pad}");
+            assert_eq!(
+                find_field(body.as_bytes(), B, "model"),
+                FieldSearch::NeedMore,
+                "{value:?}"
+            );
+            let body = body + "\r\n";
+            assert_eq!(
+                search(body.as_bytes(), B, "model"),
+                found(found_value),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]
