@@ -145,6 +145,8 @@ class CaptureBackend:
                 self.end_headers()
                 self.wfile.write(body)
 
+            do_GET = do_POST
+
             def log_message(self, *args):
                 pass
 

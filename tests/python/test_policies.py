@@ -462,11 +462,20 @@ apis:
                 timeout=30,
             )
             assert r.status_code == 200, r.text
+            # The Realtime path takes a browser's key from `api-key=`; it is
+            # never forwarded, upgrade or not.
+            r = httpx.get(gw.url + prefix + "/openai/v1/realtime?model=rt&api-key=" + KEY_A, timeout=30)
+            assert r.status_code == 200, r.text
+        # Any other upgrade is refused (it would be an unmetered tunnel).
+        r = httpx.get(gw.url + "/keyed/openai/v1/files", timeout=30,
+                      headers={"api-key": KEY_A, "connection": "upgrade", "upgrade": "websocket"})
+        assert r.status_code == 400 and "Realtime" in r.json()["message"]
     finally:
         gw.stop()
         for s in (entra.server, mi.server, keyed, managed):
             s.stop()
-    assert len(keyed.requests) == 3 and len(managed.requests) == 3
+    assert len(keyed.requests) == 4 and len(managed.requests) == 4
+    assert any(path.startswith("/openai/v1/realtime?model=rt") for path, _ in keyed.requests)
     for backend, expected in ((keyed, {"api-key": BACKEND_KEY}), (managed, {"authorization": "Bearer " + MI_TOKEN})):
         for path, headers in backend.requests:
             lowered = {k.lower(): v for k, v in headers.items()}

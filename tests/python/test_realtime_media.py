@@ -54,6 +54,9 @@ simulators:
     api_key: {{file: backend.key}}
     per_token_ms: 1
 backends:
+  - name: dead
+    url: http://127.0.0.1:1
+    api_key: {{file: backend.key}}
   - name: eastus
     simulator: eastus
     api_key: {{file: backend.key}}
@@ -68,6 +71,10 @@ pools:
       - {{backend: westus, priority: 2}}
   - name: west-only
     backends: [{{backend: westus}}]
+  - name: dead-first
+    backends:
+      - {{backend: dead, priority: 1}}
+      - {{backend: eastus, priority: 2}}
 subscriptions:
   - name: team-rt
     primary_key: {{file: key}}
@@ -86,6 +93,10 @@ apis:
           tokens_per_minute: 1000000
       - emit_token_metric:
           dimensions: [subscription, api, deployment, backend_region]
+  - name: deadfirst
+    path: /deadfirst/openai
+    pool: dead-first
+    max_request_body_bytes: {MAX_BODY}
   - name: small
     path: /small/openai
     backends: [eastus]
@@ -374,6 +385,7 @@ def test_transcriptions_through_azure_and_v1_clients(gw, size):
     t = r.parse()
     assert t.text
     assert r.headers["x-ms-region"] == "West US"  # deployment_pools: west-only
+    assert r.headers["x-sim-deployment"] == "transcribe-west"  # renamed for West US
     charged += t.usage.total_tokens
     # The v1 client: the deployment is the `model` form field, read from the
     # parts before the file (a large file streams, it is not held).
@@ -383,6 +395,9 @@ def test_transcriptions_through_azure_and_v1_clients(gw, size):
     t2 = r.parse()
     assert t2.text == t.text
     assert r.headers["x-ms-region"] == "West US"
+    # The form's `model` was renamed for West US (in the parts read before
+    # routing, for the large file; in the body read whole, for the small one).
+    assert r.headers["x-sim-deployment"] == "transcribe-west"
     charged += t2.usage.total_tokens
     wait_for(
         lambda: metric_sum(gw, "sluice_tokens_total", subscription="team-rt", deployment="gpt-4o-transcribe") - before
@@ -392,6 +407,47 @@ def test_transcriptions_through_azure_and_v1_clients(gw, size):
     # Translations take the same form.
     tr = v1(gw).audio.translations.create(model="gpt-4o-transcribe", file=("lock.wav", audio, "audio/wav"))
     assert tr.text
+
+
+def multipart(fields, boundary="sluice-test-boundary-7d2f"):
+    """A multipart/form-data body: (name, value) or (name, (filename, bytes))."""
+    out = b""
+    for name, value in fields:
+        if isinstance(value, tuple):
+            filename, data = value
+            head = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: audio/wav'
+        else:
+            head, data = f'Content-Disposition: form-data; name="{name}"', value.encode()
+        out += f"--{boundary}\r\n{head}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_streamed_uploads_chunked_model_after_the_file_and_a_connect_failure(gw):
+    audio = wav_bytes(150_000)
+    expected = v1(gw).audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.wav", audio, "audio/wav")).text
+    headers = {"api-key": KEY}
+    # Chunked, the model first: routed by it (West US only), the bytes intact
+    # (the simulator's text depends on the file's name and size).
+    body, ctype = multipart([("model", "gpt-4o-transcribe"), ("file", ("a.wav", audio))])
+    pieces = [body[i : i + 7000] for i in range(0, len(body), 7000)]
+    r = httpx.post(f"{gw.url}/openai/v1/audio/transcriptions", content=iter(pieces),
+                   headers={**headers, "content-type": ctype}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ms-region"] == "West US" and r.json()["text"] == expected
+    assert r.headers["x-sim-deployment"] == "transcribe-west"
+    # The model after a large file is not looked for: the API's pool.
+    body, ctype = multipart([("file", ("a.wav", audio)), ("model", "gpt-4o-transcribe")])
+    r = httpx.post(f"{gw.url}/openai/v1/audio/transcriptions", content=body,
+                   headers={**headers, "content-type": ctype}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ms-region"] == "East US" and r.json()["text"] == expected
+    # The first backend refuses the connection: the parts read before
+    # routing are sent again, once, to the next one.
+    body, ctype = multipart([("model", "whisper"), ("file", ("a.wav", audio))])
+    r = httpx.post(f"{gw.url}/deadfirst/openai/v1/audio/transcriptions", content=body,
+                   headers={**headers, "content-type": ctype}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ms-region"] == "East US" and r.json()["text"] == expected
 
 
 def test_a_25_mb_upload_passes_and_one_over_the_limit_is_refused(gw):

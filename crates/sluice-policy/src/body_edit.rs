@@ -82,6 +82,9 @@ pub struct BodyPlan {
     usage: Option<(Range<usize>, String)>,
     /// What the body holds for `stream_options`, read with `model`.
     options: Options,
+    /// The `model` bytes are a form field's raw text (a multipart upload),
+    /// not a JSON string.
+    raw_model: bool,
 }
 
 /// The body's `stream_options` member, as first read.
@@ -138,6 +141,18 @@ impl BodyPlan {
             model,
             usage: None,
             options,
+            raw_model: false,
+        }
+    }
+
+    /// The plan for a multipart upload whose `model` form field's value is
+    /// `body[range]`: only the deployment is renamed, as raw text.
+    pub fn form_model(range: Range<usize>, value: String) -> Self {
+        BodyPlan {
+            model: Some((range, value)),
+            usage: None,
+            options: Options::NotAnObject,
+            raw_model: true,
         }
     }
 
@@ -204,7 +219,12 @@ impl BodyPlan {
         if let (Some(name), Some((range, current))) = (model, &self.model)
             && name != current
         {
-            edits.push((range.clone(), serde_json::to_string(name).ok()?));
+            let text = if self.raw_model {
+                name.to_string()
+            } else {
+                serde_json::to_string(name).ok()?
+            };
+            edits.push((range.clone(), text));
         }
         if let Some(usage) = &self.usage {
             edits.push(usage.clone());
@@ -251,6 +271,24 @@ pub fn api_version_takes_stream_options(version: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_form_field_is_renamed_as_raw_text() {
+        let body =
+            b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--b--\r\n";
+        let start = body.windows(7).position(|w| w == b"whisper").unwrap();
+        let mut plan = BodyPlan::form_model(start..start + 7, "whisper".into());
+        assert_eq!(plan.model(), Some("whisper"));
+        assert!(!plan.adds_usage());
+        assert_eq!(plan.ask_usage(body), UsageAsk::Unusable);
+        let out = plan.apply(body, Some("whisper-\"west\"")).unwrap();
+        assert_eq!(
+            &out[..],
+            &b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-\"west\"\r\n--b--\r\n"[..]
+        );
+        assert_eq!(plan.apply(body, Some("whisper")), None);
+        assert_eq!(plan.apply(body, None), None);
+    }
     use serde_json::{Value, json};
 
     fn parse(b: &[u8]) -> Value {

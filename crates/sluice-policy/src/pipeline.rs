@@ -516,7 +516,11 @@ impl ApiPipeline {
         // `ctx.stream` is the one meaning of "stream" (see `stream_tag`); a
         // backend that answers a stream with JSON (it should not) is still
         // read as JSON.
-        let sse = ctx.stream && content_type.is_none_or(|c| c.starts_with("text/event-stream"));
+        // An SSE answer is read as one even when the request's flag was not
+        // seen (a multipart upload's `stream` form field: a streamed
+        // transcription, whose `transcript.text.done` carries the usage).
+        let event_stream = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
+        let sse = event_stream || (ctx.stream && content_type.is_none());
         let model = ctx
             .deployment
             .as_deref()
@@ -543,6 +547,9 @@ impl ApiPipeline {
             // A Realtime session was charged response by response; the
             // handshake's reservation is given back.
             let (responses, total) = (session.responses, session.usage.total_tokens);
+            // For the access log and the summaries; the metrics were
+            // recorded response by response.
+            ctx.usage = Some(session.usage);
             ctx.trace(Section::Outbound, "llm-token-usage", || {
                 Val::obj([
                     (
@@ -597,12 +604,6 @@ impl ApiPipeline {
         if let Some(u) = ctx.usage {
             self.record_usage(ctx, shared, backend, &u);
         }
-    }
-
-    /// Whether a Realtime session's responses are charged or measured: some
-    /// step needs their usage.
-    pub fn reads_realtime_usage(&self) -> bool {
-        self.needs_usage
     }
 
     /// The token counters the request reserved on (a Realtime handshake's),
@@ -1582,19 +1583,25 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(consumed(&ctx), charged, "{}", String::from_utf8_lossy(body));
-            // Usage is read as SSE exactly when the request streams.
+            // An SSE answer is read as SSE whatever the request said (a
+            // multipart upload's `stream` field is not read); its content is
+            // counted when it reports no usage.
             p.start_response(&mut ctx, 200, Some("text/event-stream"), None);
             p.response_chunk(
                 &mut ctx,
                 b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
             );
             p.finish(&mut ctx, &shared, None).await;
-            assert_eq!(
-                ctx.usage.is_some(),
+            assert!(ctx.usage.is_some(), "{}", String::from_utf8_lossy(body));
+            // A JSON answer is read as JSON, also for a flagged stream.
+            let mut again = RequestContext {
                 stream,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+                ..RequestContext::default()
+            };
+            p.start_response(&mut again, 200, Some("application/json"), None);
+            p.response_chunk(&mut again, b"data: {\"choices\":[]}\n\n");
+            p.finish(&mut again, &shared, None).await;
+            assert!(again.usage.is_none(), "{}", String::from_utf8_lossy(body));
         }
     }
 
@@ -1718,6 +1725,58 @@ mod tests {
             .await
             .unwrap();
         assert!(ctx.estimate.is_none() && ctx.operation.is_none());
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_by_their_content_type() {
+        let (p, shared, _) = setup("      - emit_token_metric: {dimensions: [api]}\n");
+        // A streamed transcription: the request did not say `stream` in a
+        // way the gateway reads, the answer is SSE with its usage at the end.
+        let mut ctx = RequestContext::default();
+        p.start_response(&mut ctx, 200, Some("text/event-stream"), None);
+        p.response_chunk(
+            &mut ctx,
+            b"data: {\"type\":\"transcript.text.delta\",\"delta\":\"Hello\"}\n\ndata: {\"type\":\"transcript.text.done\",\"text\":\"Hello\",\"usage\":{\"input_tokens\":14,\"output_tokens\":2,\"total_tokens\":16}}\n\n",
+        );
+        p.finish(&mut ctx, &shared, None).await;
+        assert_eq!(ctx.usage.map(|u| u.total_tokens), Some(16));
+        // Speech, images and file contents are bytes: not read at all.
+        for binary in [
+            "audio/mpeg",
+            "audio/wav",
+            "image/png",
+            "application/octet-stream",
+            "video/mp4",
+            "AUDIO/PCM",
+        ] {
+            let mut ctx = RequestContext::default();
+            p.start_response(&mut ctx, 200, Some(binary), None);
+            assert!(ctx.usage_scanner.is_none(), "{binary}");
+        }
+        // A stream flagged by the request, answered without a type, is SSE.
+        let mut ctx = RequestContext {
+            stream: true,
+            ..RequestContext::default()
+        };
+        p.start_response(&mut ctx, 200, None, None);
+        p.response_chunk(
+            &mut ctx,
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n",
+        );
+        p.finish(&mut ctx, &shared, None).await;
+        assert_eq!(ctx.usage.map(|u| u.total_tokens), Some(7));
+        // A flagged stream answered with JSON is read as JSON.
+        let mut ctx = RequestContext {
+            stream: true,
+            ..RequestContext::default()
+        };
+        p.start_response(&mut ctx, 200, Some("application/json"), None);
+        p.response_chunk(
+            &mut ctx,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+        );
+        p.finish(&mut ctx, &shared, None).await;
+        assert_eq!(ctx.usage.map(|u| u.total_tokens), Some(2));
     }
 
     #[tokio::test]

@@ -10,9 +10,8 @@
 //! there and never forwards it.
 
 use std::borrow::Cow;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::route::query_param;
 
@@ -75,6 +74,7 @@ pub fn upstream_query<'q, 'r>(
 ) -> Cow<'q, str> {
     let param = call.deployment_param();
     let mut changed = false;
+    let mut seen = false;
     let mut kept: Vec<Cow<'q, str>> = Vec::new();
     for part in query.split('&') {
         if part.is_empty() {
@@ -83,6 +83,11 @@ pub fn upstream_query<'q, 'r>(
         }
         let name = form_name(part);
         if name.as_deref() == Some(KEY_PARAM) || name.as_deref() == Some(strip) {
+            changed = true;
+            continue;
+        }
+        if name.as_deref() == Some(param) && std::mem::replace(&mut seen, true) {
+            // The gateway routed by the first; the backend gets only it.
             changed = true;
             continue;
         }
@@ -111,54 +116,57 @@ fn form_name(part: &str) -> Option<String> {
         .map(|(n, _)| n.into_owned())
 }
 
-/// Set while a session runs when one of its token counters is spent: the
-/// session is closed at its next response. Shared with the task that charges
-/// a response's usage (the body filter that finds it cannot wait).
+/// Set while a session runs when one of its token counters is spent, until
+/// the window admits again: the session is closed at its next response in
+/// that time. Shared with the charge of a response's usage, which may run on
+/// a task of its own (a store that has to wait).
 #[derive(Debug, Default)]
 pub struct LimitBreach {
-    /// Seconds until the spent window admits again, plus one; 0 while no
-    /// counter is spent.
-    retry_after_plus_one: AtomicU64,
-    /// 1 when the spent counter is a quota (APIM's 403 wording), else 0.
-    quota: AtomicU64,
+    /// When the spent window admits again, and whether it is a quota
+    /// (APIM's 403 wording) rather than a per-minute limit.
+    until: Mutex<Option<(Instant, bool)>>,
 }
 
 impl LimitBreach {
-    /// Note that a counter is spent for `retry_after` (`quota`: the counter is
-    /// a token quota, not a per-minute limit). The first breach noted wins.
+    /// Note that a counter is spent for `retry_after` (`quota`: the counter
+    /// is a token quota). The breach that lasts longest is kept.
     pub fn note(&self, retry_after: Duration, quota: bool) {
-        let secs = sluice_limits::retry_after_secs(retry_after).saturating_add(1);
-        if self
-            .retry_after_plus_one
-            .compare_exchange(0, secs, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.quota.store(u64::from(quota), Ordering::Release);
+        self.note_at(Instant::now(), retry_after, quota);
+    }
+
+    /// [`Self::note`] at `now`.
+    pub fn note_at(&self, now: Instant, retry_after: Duration, quota: bool) {
+        // Whole seconds, as APIM words it (at least one).
+        let until = now + Duration::from_secs(sluice_limits::retry_after_secs(retry_after));
+        let mut slot = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none_or(|(t, _)| t < until) {
+            *slot = Some((until, quota));
         }
     }
 
-    /// The breach noted, if any: how long the window stays spent, and
+    /// The breach in force, if any: how long its window stays spent, and
     /// whether it is a quota.
     pub fn get(&self) -> Option<(Duration, bool)> {
-        match self.retry_after_plus_one.load(Ordering::Acquire) {
-            0 => None,
-            n => Some((
-                Duration::from_secs(n - 1),
-                self.quota.load(Ordering::Acquire) == 1,
-            )),
-        }
+        self.get_at(Instant::now())
     }
 
-    /// The close frame's reason for the breach: APIM's message for a token
-    /// limit or quota, cut to what a close frame carries (123 bytes).
+    /// [`Self::get`] at `now`: a breach whose window has reopened is over.
+    pub fn get_at(&self, now: Instant) -> Option<(Duration, bool)> {
+        let slot = *self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let (until, quota) = slot?;
+        (until > now).then(|| (until - now, quota))
+    }
+
+    /// The close frame's reason for the breach in force: APIM's message for
+    /// a token limit or quota, with the time left (the frame builder cuts it
+    /// to the 123 bytes a close frame carries).
     pub fn reason(&self) -> Option<String> {
         let (after, quota) = self.get()?;
-        let message = if quota {
+        Some(if quota {
             sluice_limits::token_quota_message(after)
         } else {
             sluice_limits::token_limit_message(after)
-        };
-        Some(message)
+        })
     }
 }
 
@@ -190,6 +198,19 @@ pub async fn charge_session(
     }
 }
 
+/// How long a session the gateway closed may take to end (the client's
+/// close answer, the backend's): after that, the next frame either way ends
+/// the connection.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+impl RealtimeSession {
+    /// The gateway's close is older than [`CLOSE_GRACE`] at `now`.
+    pub fn past_grace(&self, now: Instant) -> bool {
+        self.closed_at
+            .is_some_and(|t| now.saturating_duration_since(t) > CLOSE_GRACE)
+    }
+}
+
 /// The WebSocket close code for a session closed by a token limit: 1008,
 /// "policy violation".
 pub const CLOSE_POLICY: u16 = 1008;
@@ -207,6 +228,11 @@ pub struct RealtimeSession {
     /// The gateway sent the client its close frame: nothing more of the
     /// backend's goes to the client.
     pub closed_by_gateway: bool,
+    /// When the gateway sent its close frame: a session that goes on past
+    /// [`CLOSE_GRACE`] after it (a client ignoring the close) is cut.
+    pub closed_at: Option<Instant>,
+    /// The scanner could not read the backend's frames (reported once).
+    pub unreadable: bool,
     /// Responses completed (`response.done` seen).
     pub responses: u64,
     /// Tokens the session's responses reported, in total.
@@ -221,6 +247,8 @@ impl RealtimeSession {
             breach: Arc::default(),
             counters: Arc::from(Vec::new()),
             closed_by_gateway: false,
+            closed_at: None,
+            unreadable: false,
             responses: 0,
             usage: sluice_tokens::Usage::default(),
         }
@@ -316,28 +344,55 @@ mod tests {
             |_| Some("a b"),
         );
         assert_eq!(q, "api-version=v&deployment=a+b&model=rt");
+        // A repeated deployment parameter: only the one routed by goes on.
+        let call = realtime_call("/v1/realtime", Some("model=a&model=b")).unwrap();
+        assert_eq!(call.deployment.as_deref(), Some("a"));
+        let q = upstream_query("model=a&x=1&model=b", &call, "k", |_| None);
+        assert_eq!(q, "model=a&x=1");
+        let q = upstream_query("model=a&model=b", &call, "k", |_| Some("a-west"));
+        assert_eq!(q, "model=a-west");
+        let call = realtime_call("/realtime", Some("deployment=rt")).unwrap();
         // An encoded key name is still the key.
         let q = upstream_query("api%2Dkey=s&model=rt", &call, "k", |_| None);
         assert_eq!(q, "model=rt");
     }
 
     #[test]
-    fn the_first_breach_is_kept_and_worded_like_apim() {
+    fn a_breach_lasts_until_its_window_reopens_and_is_worded_like_apim() {
+        let t0 = Instant::now();
         let b = LimitBreach::default();
-        assert_eq!(b.get(), None);
+        assert_eq!(b.get_at(t0), None);
         assert_eq!(b.reason(), None);
-        b.note(Duration::from_millis(4_200), false);
-        b.note(Duration::from_secs(90), true);
-        assert_eq!(b.get(), Some((Duration::from_secs(5), false)));
+        // 4.2 s reads as 5 whole seconds, as APIM says it.
+        b.note_at(t0, Duration::from_millis(4_200), false);
+        assert_eq!(b.get_at(t0), Some((Duration::from_secs(5), false)));
+        // A shorter breach noted later does not shorten it ...
+        b.note_at(t0, Duration::from_secs(2), true);
+        assert_eq!(b.get_at(t0), Some((Duration::from_secs(5), false)));
+        // ... a longer one replaces it.
+        b.note_at(t0, Duration::from_secs(90), true);
+        assert_eq!(b.get_at(t0), Some((Duration::from_secs(90), true)));
+        assert_eq!(
+            b.get_at(t0 + Duration::from_secs(30)),
+            Some((Duration::from_secs(60), true))
+        );
+        // Once the window admits again the session runs on.
+        assert_eq!(b.get_at(t0 + Duration::from_secs(90)), None);
+        assert_eq!(b.get_at(t0 + Duration::from_secs(91)), None);
         let reason = b.reason().unwrap();
-        assert!(reason.contains("Token limit"), "{reason}");
-        assert!(reason.contains('5'), "{reason}");
+        assert!(reason.starts_with("Token quota is exceeded"), "{reason}");
+        let l = LimitBreach::default();
+        l.note(Duration::from_millis(4_200), false);
+        let reason = l.reason().unwrap();
+        assert!(
+            reason.starts_with("Token limit is exceeded. Try again in"),
+            "{reason}"
+        );
         assert!(reason.len() <= 123);
-        let q = LimitBreach::default();
-        q.note(Duration::ZERO, true);
         // APIM never says "0 seconds": at least one.
-        assert_eq!(q.get(), Some((Duration::from_secs(1), true)));
-        assert!(q.reason().unwrap().contains("quota"));
+        let z = LimitBreach::default();
+        z.note_at(t0, Duration::ZERO, false);
+        assert_eq!(z.get_at(t0), Some((Duration::from_secs(1), false)));
     }
 
     #[tokio::test]
@@ -395,5 +450,10 @@ mod tests {
             (11, 7, 18)
         );
         assert!(!s.closed_by_gateway);
+        let t0 = Instant::now();
+        assert!(!s.past_grace(t0));
+        s.closed_at = Some(t0);
+        assert!(!s.past_grace(t0 + CLOSE_GRACE));
+        assert!(s.past_grace(t0 + CLOSE_GRACE + Duration::from_millis(1)));
     }
 }

@@ -1,6 +1,7 @@
 //! The `ProxyHttp` implementation: pingora's hooks, each delegating the
 //! decision to `sluice-policy`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -503,7 +504,18 @@ impl Gateway {
                     &api.subscription.query_name,
                     |d| b.deployments.get(d).map(String::as_str),
                 ),
-                None => strip_query_param(q, &api.subscription.query_name),
+                None => {
+                    let q = strip_query_param(q, &api.subscription.query_name);
+                    if sluice_policy::realtime::is_realtime_path(rest).is_some() {
+                        // The key a browser may put there (taken by
+                        // authentication on these paths) never goes on.
+                        Cow::Owned(
+                            strip_query_param(&q, sluice_policy::realtime::KEY_PARAM).into_owned(),
+                        )
+                    } else {
+                        q
+                    }
+                }
             };
             if !q.is_empty() {
                 target.push('?');
@@ -518,8 +530,9 @@ impl Gateway {
         for h in &self.state.credential_headers {
             upstream.remove_header(h);
         }
-        if matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) {
-            // The client's `Expect` was answered here; the body is already read.
+        if matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) || ctx.continue_sent {
+            // The client's `Expect` was answered here (the body, or its
+            // first parts, were read before routing).
             upstream.remove_header(&http::header::EXPECT);
         }
         // Injected credentials are marked sensitive: pingora's logs print
@@ -766,7 +779,7 @@ impl Gateway {
         limit: u64,
         boundary: Option<&str>,
     ) -> Result<std::result::Result<Option<Bytes>, GatewayError>> {
-        use sluice_tokens::multipart::{FieldSearch, find_field};
+        use sluice_tokens::multipart::{RangeSearch, find_field_range};
         ctx.body_mode = BodyMode::Streamed;
         let Some(boundary) = boundary else {
             return Ok(Ok(None));
@@ -777,15 +790,26 @@ impl Gateway {
             ctx.continue_sent = true;
         }
         let mut prefix = BytesMut::new();
+        // The parts are looked through again only once the prefix has grown
+        // by half (at least 1 KiB): a body trickling in byte by byte costs a
+        // few passes, not one per byte.
+        let mut next_look = 0;
+        let mut found = None;
         loop {
-            match find_field(&prefix, boundary, "model") {
-                FieldSearch::Found(model) => {
-                    ctx.deployment = Some(model);
+            let search = if prefix.len() >= next_look || prefix.len() >= FORM_PREFIX_LIMIT {
+                next_look = prefix.len() + (prefix.len() / 2).max(1024);
+                find_field_range(&prefix, boundary, "model")
+            } else {
+                RangeSearch::NeedMore
+            };
+            match search {
+                RangeSearch::Found(range) => {
+                    found = Some(range);
                     break;
                 }
-                FieldSearch::Absent => break,
-                FieldSearch::NeedMore if prefix.len() >= FORM_PREFIX_LIMIT => break,
-                FieldSearch::NeedMore => {}
+                RangeSearch::Absent => break,
+                RangeSearch::NeedMore if prefix.len() >= FORM_PREFIX_LIMIT => break,
+                RangeSearch::NeedMore => {}
             }
             match session.read_request_body().await? {
                 Some(chunk) => {
@@ -798,11 +822,31 @@ impl Gateway {
             }
         }
         if session.is_body_done() {
+            // Read whole: routed (and renamed) like any body read whole.
             ctx.body_len = prefix.len() as u64;
             return Ok(Ok(Some(prefix.freeze())));
         }
+        let prefix = prefix.freeze();
+        if let Some(range) = found
+            && let Ok(model) = std::str::from_utf8(&prefix[range.clone()])
+        {
+            ctx.deployment = Some(model.to_string());
+            let renamed = self
+                .state
+                .backends
+                .iter()
+                .any(|be| be.deployments.contains_key(model));
+            if renamed {
+                // Each attempt sends the prefix with its backend's name.
+                ctx.edit = Some(Box::new(BodyEdit {
+                    plan: BodyPlan::form_model(range, model.to_string()),
+                    body: prefix.clone(),
+                    attempt: None,
+                }));
+            }
+        }
         if !prefix.is_empty() {
-            ctx.body_prefix = Some(prefix.freeze());
+            ctx.body_prefix = Some(prefix);
         }
         Ok(Ok(None))
     }
@@ -924,13 +968,30 @@ impl ProxyHttp for Gateway {
         }
         // A Realtime handshake: the deployment is in the query, and the
         // session, once upgraded, is idle-timed by the API's own setting.
-        if session.req_header().method == http::Method::GET && session.is_upgrade_req() {
+        if session.is_upgrade_req() {
             let call = {
                 let req = session.req_header();
                 let rest = req.uri.path().get(rest_offset..).unwrap_or("");
-                sluice_policy::realtime::realtime_call(rest, req.uri.query())
+                (req.method == http::Method::GET)
+                    .then(|| sluice_policy::realtime::realtime_call(rest, req.uri.query()))
+                    .flatten()
             };
-            if let Some(call) = call {
+            let with_body = content_length.is_some_and(|n| n > 0)
+                || session
+                    .req_header()
+                    .headers
+                    .contains_key(http::header::TRANSFER_ENCODING);
+            let Some(call) = call.filter(|_| !with_body) else {
+                // Anything else asking to upgrade would be an unmetered
+                // tunnel: only the Realtime handshake (a GET, no body) is.
+                let e = GatewayError::new(
+                    400,
+                    "WebSocket upgrades are served only for the Realtime API: a GET of {api path}/v1/realtime?model=... or {api path}/realtime?api-version=...&deployment=..., without a body.",
+                );
+                self.refuse(session, ctx, &e, false).await?;
+                return Ok(true);
+            };
+            {
                 let Some(deployment) = call.deployment.clone() else {
                     let e = GatewayError::new(
                         400,
@@ -1067,16 +1128,19 @@ impl ProxyHttp for Gateway {
                     })
                 }))
         };
+        let mut plan = None;
         if is_post
             && model_in_body
-            && ctx.deployment.is_none()
             && let (Some(b), Some(boundary)) = (&body, boundary.as_deref())
-            && let sluice_tokens::multipart::FieldSearch::Found(m) =
-                sluice_tokens::multipart::find_field(b, boundary, "model")
+            && let sluice_tokens::multipart::RangeSearch::Found(r) =
+                sluice_tokens::multipart::find_field_range(b, boundary, "model")
+            && let Ok(m) = std::str::from_utf8(&b[r.clone()])
         {
-            ctx.deployment = Some(m);
+            // A multipart body read whole: its `model` field routes it, and
+            // is renamed per backend like a JSON body's.
+            ctx.deployment = Some(m.to_string());
+            plan = Some(BodyPlan::form_model(r, m.to_string()));
         }
-        let mut plan = None;
         if wants_model || asks_usage {
             match &body {
                 Some(b) => {
@@ -1102,7 +1166,10 @@ impl ProxyHttp for Gateway {
         // The API's remaining policies, which need the body. A body that
         // streams to the backend (over 64 KiB, or chunked) has them run at its
         // end, from a copy, before its last bytes are released.
-        let deferred = ctx.body_mode == BodyMode::Streamed && pipeline.has_body_steps();
+        // A multipart upload has no prompt to estimate: its steps run now,
+        // without the body, and nothing of it is copied.
+        let deferred =
+            ctx.body_mode == BodyMode::Streamed && pipeline.has_body_steps() && boundary.is_none();
         if deferred {
             ctx.body_steps_deferred = true;
         } else {
@@ -1158,7 +1225,10 @@ impl ProxyHttp for Gateway {
                 self.state.traces.body_bytes,
             )));
         }
-        if ctx.body_mode == BodyMode::Streamed && (pipeline.needs_usage() || deferred) {
+        if ctx.body_mode == BodyMode::Streamed
+            && (pipeline.needs_usage() || deferred)
+            && boundary.is_none()
+        {
             // Keep a bounded copy: for the deferred steps, and to estimate
             // the prompt once it has passed.
             ctx.streamed_body_copy = Some(Vec::new());
@@ -1200,6 +1270,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if ctx.realtime.is_some() {
+            return self.realtime_client_frames(ctx);
+        }
         if ctx.body_mode != BodyMode::Streamed {
             // A body read before routing is sent from pingora's retry
             // buffer, whole, on every attempt: edited for the attempt's
@@ -1216,7 +1289,11 @@ impl ProxyHttp for Gateway {
             .map(|i| self.state.apis[i].config().max_request_body_bytes)
             .unwrap_or(u64::MAX);
         if ctx.prefix_pending
-            && let Some(prefix) = ctx.body_prefix.clone()
+            && let Some(prefix) = ctx
+                .edit
+                .as_mut()
+                .and_then(|e| e.attempt.take())
+                .or_else(|| ctx.body_prefix.clone())
         {
             // The parts read before routing go out ahead of the rest, on
             // every attempt (and are counted once).
@@ -1337,7 +1414,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if upstream_response.status.is_informational() && status != 101 {
+        if upstream_response.status.is_informational()
+            && !(status == 101 && ctx.realtime_call.is_some())
+        {
             return Ok(());
         }
         self.trace_backend_head(ctx, upstream_response);
@@ -1380,7 +1459,16 @@ impl ProxyHttp for Gateway {
         self.rewrite_request(session, upstream, ctx)?;
         ctx.prefix_pending = ctx.body_prefix.is_some();
         if let Some(len) = self.edit_for_attempt(ctx) {
-            upstream.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+            // A streamed upload's edit is its prefix: the rest follows as sent.
+            let total = match &ctx.body_prefix {
+                Some(prefix) => {
+                    content_length(session).map(|n| n as usize - prefix.len().min(n as usize) + len)
+                }
+                None => Some(len),
+            };
+            if let Some(total) = total {
+                upstream.insert_header(http::header::CONTENT_LENGTH, total.to_string())?;
+            }
         }
         self.trace_forward(ctx, upstream);
         Ok(())
@@ -1392,7 +1480,8 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let switching = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        let switching = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && ctx.realtime_call.is_some();
         if upstream_response.status.is_informational() && !switching {
             return Ok(());
         }
@@ -1426,7 +1515,7 @@ impl ProxyHttp for Gateway {
                 content_type.as_deref(),
                 region.as_deref(),
             );
-            if switching && ctx.realtime_call.is_some() {
+            if switching {
                 self.open_realtime(ctx, api);
             }
             if upstream_response.status.is_success()
@@ -1590,7 +1679,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         if ctx.realtime.is_some() {
-            self.realtime_frames(body, ctx);
+            self.realtime_frames(body, ctx)?;
             return Ok(None);
         }
         if let (Some(api), Some(b)) = (ctx.api, body.as_ref()) {
@@ -1681,7 +1770,9 @@ impl ProxyHttp for Gateway {
         self.settle_owned(ctx).await;
         let status = session
             .response_written()
-            .filter(|r| !r.status.is_informational())
+            .filter(|r| {
+                !r.status.is_informational() || r.status == http::StatusCode::SWITCHING_PROTOCOLS
+            })
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         self.end_trace(session, ctx, status);

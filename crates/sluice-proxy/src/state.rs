@@ -429,6 +429,10 @@ pub struct GatewayState {
     /// sessions that ended (`closed`, or `token_limit` when the gateway
     /// closed one that spent its token limit).
     pub websocket_sessions: prometheus::IntCounterVec,
+    /// `sluice_websocket_unreadable_total{api,kind}`: sessions whose frames
+    /// could not be read (`protocol_error`) and events too large to read
+    /// (`oversized`).
+    pub websocket_unreadable: prometheus::IntCounterVec,
 }
 
 /// pingora's HTTP connector (it has no `Debug` of its own).
@@ -625,6 +629,14 @@ impl GatewayState {
             &["api", "end"],
         )
         .map_err(|e| BuildError(format!("websocket metrics: {e}")))?;
+        let websocket_unreadable = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "sluice_websocket_unreadable_total",
+                "Realtime sessions whose frames could not be read (protocol_error), and events too large to read (oversized): their usage is not counted.",
+            ),
+            &["api", "kind"],
+        )
+        .map_err(|e| BuildError(format!("websocket metrics: {e}")))?;
         let affinity_memory = Arc::new(sluice_policy::affinity::MemoryAffinity::new(
             usize::try_from(cfg.server.affinity.max_ids).unwrap_or(usize::MAX),
             cfg.server.affinity.ttl,
@@ -637,6 +649,7 @@ impl GatewayState {
             Box::new(stream_failures.clone()),
             Box::new(websockets_open.clone()),
             Box::new(websocket_sessions.clone()),
+            Box::new(websocket_unreadable.clone()),
             Box::new(counter_count.clone()),
             Box::new(replay_skipped.clone()),
             Box::new(body_buffer_gauge.clone()),
@@ -711,6 +724,7 @@ impl GatewayState {
             stream_failures,
             websockets_open,
             websocket_sessions,
+            websocket_unreadable,
         }))
     }
 }

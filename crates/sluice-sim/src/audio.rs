@@ -290,6 +290,10 @@ pub(crate) fn transcribe(
     if let Some(a) = admission {
         add_ratelimit_headers(resp.headers_mut(), &a);
     }
+    // Which deployment served it (a gateway renames deployments per backend).
+    if let Ok(v) = HeaderValue::from_str(&deployment) {
+        resp.headers_mut().insert("x-sim-deployment", v);
+    }
     resp
 }
 

@@ -127,6 +127,31 @@ fn valid_boundary(b: &str) -> bool {
 /// known to be over [`MAX_FIELD_BYTES`] (before its end arrives, if need be) or turns out not to
 /// be UTF-8.
 pub fn find_field(body_prefix: &[u8], boundary: &str, name: &str) -> FieldSearch {
+    match find_field_range(body_prefix, boundary, name) {
+        RangeSearch::Found(range) => match std::str::from_utf8(&body_prefix[range]) {
+            Ok(v) => FieldSearch::Found(v.to_owned()),
+            Err(_) => FieldSearch::Absent,
+        },
+        RangeSearch::NeedMore => FieldSearch::NeedMore,
+        RangeSearch::Absent => FieldSearch::Absent,
+    }
+}
+
+/// [`find_field_range`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeSearch {
+    /// The field's value is `body_prefix[range]` (UTF-8, at most [`MAX_FIELD_BYTES`]).
+    Found(std::ops::Range<usize>),
+    /// As [`FieldSearch::NeedMore`].
+    NeedMore,
+    /// As [`FieldSearch::Absent`].
+    Absent,
+}
+
+/// [`find_field`], answering where the value's bytes are (to replace them: a gateway renames
+/// the deployment a v1 upload names, per backend).
+pub fn find_field_range(body_prefix: &[u8], boundary: &str, name: &str) -> RangeSearch {
+    use RangeSearch as FieldSearch;
     if !valid_boundary(boundary) {
         return FieldSearch::Absent;
     }
@@ -152,7 +177,9 @@ pub fn find_field(body_prefix: &[u8], boundary: &str, name: &str) -> FieldSearch
                 let value = body.get(content..line_end).unwrap_or_default();
                 let value = value.strip_suffix(b"\r").unwrap_or(value);
                 return match std::str::from_utf8(value) {
-                    Ok(v) if v.len() <= MAX_FIELD_BYTES => FieldSearch::Found(v.to_owned()),
+                    Ok(v) if v.len() <= MAX_FIELD_BYTES => {
+                        FieldSearch::Found(content..content + v.len())
+                    }
                     _ => FieldSearch::Absent,
                 };
             }
@@ -958,6 +985,43 @@ mod tests {
         assert_eq!(
             disposition(b"attachment; name=m", b"m"),
             PartHeaders::default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn the_range_is_the_values_bytes() {
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nmodel\r\n--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF";
+        let RangeSearch::Found(r) = find_field_range(body, "b", "model") else {
+            panic!("not found");
+        };
+        assert_eq!(&body[r.clone()], b"whisper-1");
+        // Splicing a longer name there keeps the parts intact.
+        let mut renamed = body[..r.start].to_vec();
+        renamed.extend_from_slice(b"whisper-west");
+        renamed.extend_from_slice(&body[r.end..]);
+        assert_eq!(
+            find_field(&renamed, "b", "model"),
+            FieldSearch::Found("whisper-west".into())
+        );
+        // An empty value is an empty range at its place.
+        let empty = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n\r\n--b--";
+        let RangeSearch::Found(r) = find_field_range(empty, "b", "model") else {
+            panic!("not found");
+        };
+        assert!(r.is_empty());
+        assert_eq!(r.start, empty.len() - "\r\n--b--".len());
+        assert_eq!(
+            find_field_range(&body[..60], "b", "model"),
+            RangeSearch::NeedMore
+        );
+        assert_eq!(
+            find_field_range(b"--b--", "b", "model"),
+            RangeSearch::Absent
         );
     }
 }
