@@ -259,6 +259,20 @@ def test_browser_key_in_the_query_and_headers_on_the_upgrade(gw):
     wait_for(lambda: metric_sum(gw, "sluice_websockets_open", api="rt") == 0, what="the gauge back at 0")
 
 
+def test_a_key_carried_as_a_subprotocol_never_reaches_the_backend(gw):
+    # OpenAI's browser form puts a key in a subprotocol; the gateway drops it
+    # from the offer it forwards (and from traces), keeping the others.
+    with ws_connect(
+        ws_url(gw, "/openai/v1/realtime?model=gpt-rt"),
+        additional_headers={"api-key": KEY},
+        subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"],
+        open_timeout=10,
+    ) as ws:
+        assert ws.subprotocol == "realtime"
+        assert ws.response.headers["x-sim-offered-protocols"] == "realtime"
+        assert recv_json(ws)["type"] == "session.created"
+
+
 def test_the_simulator_does_see_an_offer_made_to_it_directly(gw):
     # The control for the test above: straight to the simulator, the offer arrives.
     sim = gw.simulators["eastus"].replace("http://", "ws://")

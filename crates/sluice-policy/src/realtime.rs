@@ -109,6 +109,26 @@ pub fn upstream_query<'q, 'r>(
     Cow::Owned(kept.join("&"))
 }
 
+/// The subprotocol a browser client of OpenAI's own service carries its key
+/// in (`openai-insecure-api-key.<key>`).
+pub const KEY_PROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
+
+/// A `Sec-WebSocket-Protocol` offer without the subprotocols that carry a
+/// key: `None` when nothing else is left (the header is then dropped).
+pub fn without_key_protocols(offer: &str) -> Option<String> {
+    let kept: Vec<&str> = offer
+        .split(',')
+        .map(str::trim)
+        .filter(|p| {
+            !p.is_empty()
+                && !p
+                    .get(..KEY_PROTOCOL_PREFIX.len())
+                    .is_some_and(|h| h.eq_ignore_ascii_case(KEY_PROTOCOL_PREFIX))
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", "))
+}
+
 /// The decoded name of one raw `name=value` query parameter.
 fn form_name(part: &str) -> Option<String> {
     form_urlencoded::parse(part.as_bytes())
@@ -355,6 +375,23 @@ mod tests {
         // An encoded key name is still the key.
         let q = upstream_query("api%2Dkey=s&model=rt", &call, "k", |_| None);
         assert_eq!(q, "model=rt");
+    }
+
+    #[test]
+    fn subprotocols_carrying_a_key_are_dropped() {
+        assert_eq!(
+            without_key_protocols(
+                "realtime, openai-insecure-api-key.sk-123, openai-beta.realtime-v1"
+            ),
+            Some("realtime, openai-beta.realtime-v1".into())
+        );
+        assert_eq!(without_key_protocols("OPENAI-INSECURE-API-KEY.x"), None);
+        assert_eq!(without_key_protocols(" realtime "), Some("realtime".into()));
+        assert_eq!(without_key_protocols(", ,"), None);
+        assert_eq!(
+            without_key_protocols("openai-insecure-api-keyx"),
+            Some("openai-insecure-api-keyx".into())
+        );
     }
 
     #[test]

@@ -553,6 +553,24 @@ impl Gateway {
             // No compression through the gateway: the frames stay readable
             // for usage (the backend then answers without the extension).
             upstream.remove_header(&http::header::SEC_WEBSOCKET_EXTENSIONS);
+            // A browser client of OpenAI's own service may carry its key as
+            // a subprotocol (`openai-insecure-api-key.<key>`): the client's
+            // credential never goes on.
+            let offered = upstream
+                .headers
+                .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .map(sluice_policy::realtime::without_key_protocols);
+            if let Some(kept) = offered {
+                match kept {
+                    Some(kept) => {
+                        upstream.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept)?;
+                    }
+                    None => {
+                        upstream.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL);
+                    }
+                }
+            }
         }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = client.ip().to_string();

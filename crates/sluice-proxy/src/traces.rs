@@ -83,6 +83,8 @@ impl Traces {
         let names = cfg
             .credential_headers()
             .into_iter()
+            // A browser's Realtime key may ride in a subprotocol.
+            .chain([http::header::SEC_WEBSOCKET_PROTOCOL])
             .chain(t.redact_headers.iter().cloned());
         Ok(Traces {
             store: TraceStore::new(TraceLimits {

@@ -310,6 +310,9 @@ pub(crate) fn accept(
     if let Some(offer) = parts.headers.get(http::header::SEC_WEBSOCKET_EXTENSIONS) {
         h.insert("x-sim-offered-extensions", offer.clone());
     }
+    if let Some(offer) = parts.headers.get(SEC_WEBSOCKET_PROTOCOL) {
+        h.insert("x-sim-offered-protocols", offer.clone());
+    }
     resp
 }
 

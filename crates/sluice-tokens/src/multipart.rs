@@ -1019,6 +1019,23 @@ mod range_tests {
             find_field_range(&body[..60], "b", "model"),
             RangeSearch::NeedMore
         );
+        // An empty value whose delimiter follows the headers' blank line at once.
+        let bare = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n--b--";
+        assert_eq!(
+            find_field(bare, "b", "model"),
+            FieldSearch::Found(String::new())
+        );
+        // A quoted parameter before the name (and before the boundary).
+        let quoted =
+            b"--b\r\nContent-Disposition: form-data; x=\"1;2\"; name=\"model\"\r\n\r\ngpt\r\n--b--";
+        assert_eq!(
+            find_field(quoted, "b", "model"),
+            FieldSearch::Found("gpt".into())
+        );
+        assert_eq!(
+            boundary("multipart/form-data; charset=\"utf-8\"; boundary=xyz"),
+            Some("xyz")
+        );
         assert_eq!(
             find_field_range(b"--b--", "b", "model"),
             RangeSearch::Absent
