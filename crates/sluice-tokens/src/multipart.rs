@@ -157,7 +157,7 @@ pub fn find_field_range(body_prefix: &[u8], boundary: &str, name: &str) -> Range
     }
     let body = body_prefix;
     let boundary = boundary.as_bytes();
-    let mut next = match find_delimiter(body, boundary, 0, true) {
+    let mut next = match find_delimiter(body, boundary, 0) {
         Found::Part { next, .. } => next,
         Found::Close { .. } => return FieldSearch::Absent,
         Found::NeedMore => return FieldSearch::NeedMore,
@@ -166,9 +166,10 @@ pub fn find_field_range(body_prefix: &[u8], boundary: &str, name: &str) -> Range
         let Some((part, content)) = read_headers(body, next, name.as_bytes()) else {
             return FieldSearch::NeedMore;
         };
-        // The line end closing the headers may be the one before the delimiter, when a
-        // value is empty and the sender wrote no line end for it.
-        let found = find_delimiter(body, boundary, content - 1, false);
+        // The line end before the delimiter may be the headers' own last one, when a value
+        // is empty and the sender wrote no line end for it: the boundary text still comes
+        // after `content`.
+        let found = find_delimiter(body, boundary, content);
         let wanted = part.named && !part.file;
         match found {
             Found::Part { line_end, .. } | Found::Close { line_end } if wanted => {
@@ -238,18 +239,18 @@ fn tail(body: &[u8], at: usize) -> Tail {
     }
 }
 
-/// Finds the first delimiter at the start of a line after the line end at `body[nl]` (when
-/// `first`, `nl` is 0 and the delimiter may also start the body).
-fn find_delimiter(body: &[u8], boundary: &[u8], nl: usize, first: bool) -> Found {
-    let mut from = nl;
+/// Finds the first delimiter at the start of a line (or of the body) whose boundary text
+/// starts at or after `from`.
+fn find_delimiter(body: &[u8], boundary: &[u8], mut from: usize) -> Found {
     loop {
         let Some(off) = body.get(from..).and_then(|h| memmem::find(h, boundary)) else {
             return Found::NeedMore;
         };
         let at = from + off;
         from = at + 1;
-        // `--` before the boundary, at the start of a line: after a `\n`, which is `body[nl]`
-        // or a later one (the boundary has no `\n`, and `body[nl]` is not a `-`).
+        // `--` before the boundary, at the start of the body or of a line. (Searching from a
+        // part's content, that line end is the headers' last one or a later one: the blank
+        // line ends with `\n`, which is neither a `-` nor in a boundary.)
         let Some(dash) = at.checked_sub(2) else {
             continue;
         };
@@ -258,7 +259,7 @@ fn find_delimiter(body: &[u8], boundary: &[u8], nl: usize, first: bool) -> Found
         }
         let line_start = match dash.checked_sub(1) {
             Some(before) => body[before] == b'\n',
-            None => first,
+            None => true,
         };
         if !line_start {
             continue;
