@@ -287,14 +287,7 @@ impl MemoryStore {
         if amount > 0 {
             counter.charge(&limit.window, now, amount);
         }
-        let used = counter.used();
-        let retry_after = (!fits(used, 0, limit.limit))
-            .then(|| counter.wait_for(&limit.window, now, used, 1, limit.limit));
-        Usage {
-            used,
-            remaining: limit.limit.saturating_sub(used),
-            retry_after,
-        }
+        usage_of(&mut counter, limit, now)
     }
 
     fn reconcile_now(&self, reservation: &Reservation, actual: u64) {
@@ -348,14 +341,7 @@ impl MemoryStore {
         let now = self.clock.now_millis();
         let usage = |counter: &mut Counter| {
             counter.advance(&limit.window, now);
-            let used = counter.used();
-            let retry_after = (!fits(used, 0, limit.limit))
-                .then(|| counter.wait_for(&limit.window, now, used, 1, limit.limit));
-            Usage {
-                used,
-                remaining: limit.limit.saturating_sub(used),
-                retry_after,
-            }
+            usage_of(counter, limit, now)
         };
         let shard = read(self.shard_of(&lookup));
         match shard.position(&lookup) {
@@ -387,6 +373,19 @@ impl CounterStore for MemoryStore {
 
     async fn charge(&self, key: &str, limit: &Limit, amount: u64) -> Usage {
         self.charge_now(key, limit, amount)
+    }
+}
+
+/// The state of a counter already advanced to `now`: what it holds, what is
+/// left, and how long it stays full when it is.
+fn usage_of(counter: &mut Counter, limit: &Limit, now: u64) -> Usage {
+    let used = counter.used();
+    let retry_after = (!fits(used, 0, limit.limit))
+        .then(|| counter.wait_for(&limit.window, now, used, 1, limit.limit));
+    Usage {
+        used,
+        remaining: limit.limit.saturating_sub(used),
+        retry_after,
     }
 }
 

@@ -94,6 +94,17 @@ pub(crate) fn deployment_of(
     }
 }
 
+/// A JSON media request's object body and its deployment (path, else the
+/// body's `model`), or the 400 to answer.
+pub(crate) fn json_media_request(
+    path_deployment: Option<String>,
+    bytes: &[u8],
+) -> Result<(Value, String), Box<Response<SimBody>>> {
+    let body = json_object_body(bytes)?;
+    let deployment = deployment_of(path_deployment, body.get("model").and_then(Value::as_str))?;
+    Ok((body, deployment))
+}
+
 /// The parts of a `multipart/form-data` request, or the 400 for anything else.
 pub(crate) fn form_parts(
     parts: &Parts,
@@ -341,13 +352,8 @@ pub(crate) fn speech(
     parts: &Parts,
     bytes: &[u8],
 ) -> Response<SimBody> {
-    let body = match json_object_body(bytes) {
-        Ok(v) => v,
-        Err(resp) => return *resp,
-    };
-    let deployment = match deployment_of(path_deployment, body.get("model").and_then(Value::as_str))
-    {
-        Ok(d) => d,
+    let (body, deployment) = match json_media_request(path_deployment, bytes) {
+        Ok(r) => r,
         Err(resp) => return *resp,
     };
     let input = match body.get("input") {

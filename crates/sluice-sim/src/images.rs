@@ -16,13 +16,12 @@ use http::{Response, StatusCode};
 use serde_json::{Value, json};
 use sluice_base::{Clock, SystemClock};
 
-use crate::audio::{bad_request, deployment_of, form_parts, missing};
+use crate::audio::{bad_request, deployment_of, form_parts, json_media_request, missing};
 use crate::body::SimBody;
 use crate::encode;
 use crate::multipart;
 use crate::server::{
-    Shared, add_ratelimit_headers, admit, deployment_settings, json_object_body, json_response,
-    query_param,
+    Shared, add_ratelimit_headers, admit, deployment_settings, json_response, query_param,
 };
 use crate::synth;
 
@@ -158,13 +157,8 @@ pub(crate) fn generate(
     parts: &Parts,
     bytes: &[u8],
 ) -> Response<SimBody> {
-    let body = match json_object_body(bytes) {
-        Ok(v) => v,
-        Err(resp) => return *resp,
-    };
-    let deployment = match deployment_of(path_deployment, body.get("model").and_then(Value::as_str))
-    {
-        Ok(d) => d,
+    let (body, deployment) = match json_media_request(path_deployment, bytes) {
+        Ok(r) => r,
         Err(resp) => return *resp,
     };
     let prompt = match body.get("prompt") {
