@@ -47,7 +47,7 @@ if [ "$want_tests" = 1 ]; then
     echo "setup: creating $venv" >&2
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" -c 'import openai, pytest, jwt, selenium, langchain_openai' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import openai, pytest, jwt, selenium, langchain_openai, websockets' >/dev/null 2>&1; then
     echo "setup: installing tests/python/requirements.txt into $venv" >&2
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
   fi
