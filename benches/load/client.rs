@@ -36,6 +36,27 @@ pub struct RequestSpec {
     pub stream_end: Option<&'static [u8]>,
     /// A debug credential sent as `Apim-Debug-Authorization` (traced requests).
     pub debug_token: Option<String>,
+    /// More request headers (e.g. the simulator's `x-sim-per-token-ms`).
+    pub extra_headers: Vec<(&'static str, String)>,
+}
+
+impl RequestSpec {
+    /// The request, ready to send.
+    pub fn request(&self) -> Result<Request<Full<Bytes>>> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(&self.path)
+            .header(hyper::header::HOST, &self.host)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header("api-key", self.api_key.expose());
+        if let Some(t) = &self.debug_token {
+            req = req.header("apim-debug-authorization", t.as_str());
+        }
+        for (name, value) in &self.extra_headers {
+            req = req.header(*name, value.as_str());
+        }
+        Ok(req.body(Full::new(self.body.clone()))?)
+    }
 }
 
 /// How a phase drives load.
@@ -241,27 +262,12 @@ struct Done {
 }
 
 async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(&spec.path)
-        .header(hyper::header::HOST, &spec.host)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("api-key", spec.api_key.expose());
-    let req = match &spec.debug_token {
-        Some(t) => req.header("apim-debug-authorization", t.as_str()),
-        None => req,
-    }
-    .body(Full::new(spec.body.clone()))?;
-    let resp = sender.send_request(req).await?;
+    let resp = sender.send_request(spec.request()?).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     let mut first = None;
     let mut len = 0usize;
-    // The SSE end marker, looked for across frame boundaries (the last
-    // bytes of the previous frame are searched with each new one).
-    let marker = spec.stream_end.unwrap_or_default();
-    let mut ended = marker.is_empty();
-    let mut tail: Vec<u8> = Vec::new();
+    let mut end = EndMarker::new(spec.stream_end);
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         if let Ok(data) = frame.into_data()
@@ -269,34 +275,64 @@ async fn one_request(sender: &mut Sender, spec: &RequestSpec) -> Result<Done> {
         {
             first.get_or_insert_with(Instant::now);
             len += data.len();
-            if !ended {
-                tail.extend_from_slice(&data);
-                ended = memchr::memmem::find(&tail, marker).is_some();
-                let keep = marker.len().saturating_sub(1);
-                if tail.len() > keep {
-                    tail.drain(..tail.len() - keep);
-                }
-            }
+            end.feed(&data);
         }
     }
     let last = Instant::now();
-    let problem = if !status.is_success() {
-        Some(format!("HTTP {status}"))
-    } else if len == 0 {
-        Some("empty body".to_string())
-    } else if !ended {
-        Some(format!(
-            "SSE stream ended without {}",
-            String::from_utf8_lossy(marker)
-        ))
-    } else {
-        None
-    };
+    let problem = end.problem(status, len);
     Ok(Done {
         first: first.unwrap_or(last),
         last,
         problem,
     })
+}
+
+/// Looks for the end marker of an SSE stream across frame boundaries (the
+/// last bytes of the previous frame are searched with each new one).
+pub struct EndMarker {
+    marker: &'static [u8],
+    ended: bool,
+    tail: Vec<u8>,
+}
+
+impl EndMarker {
+    pub fn new(marker: Option<&'static [u8]>) -> Self {
+        let marker = marker.unwrap_or_default();
+        EndMarker {
+            marker,
+            ended: marker.is_empty(),
+            tail: Vec::new(),
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.ended {
+            return;
+        }
+        self.tail.extend_from_slice(data);
+        self.ended = memchr::memmem::find(&self.tail, self.marker).is_some();
+        let keep = self.marker.len().saturating_sub(1);
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+    }
+
+    /// Why a response with this status and `len` body bytes does not count
+    /// as a success, if it does not.
+    pub fn problem(&self, status: hyper::StatusCode, len: usize) -> Option<String> {
+        if !status.is_success() {
+            Some(format!("HTTP {status}"))
+        } else if len == 0 {
+            Some("empty body".to_string())
+        } else if !self.ended {
+            Some(format!(
+                "SSE stream ended without {}",
+                String::from_utf8_lossy(self.marker)
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// Percentile (nearest rank) of sorted values.

@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 
 mod client;
 mod procs;
+mod streams;
 mod ws;
 
 use client::{Mode, PhaseResult, RequestSpec, percentile};
@@ -34,9 +35,11 @@ struct Args {
     /// (for working on the harness itself).
     #[arg(long)]
     sluice: Option<PathBuf>,
-    /// Turn on Sluice's limit and metric policies (rate_limit, token_limit with a
-    /// prompt estimate, emit_token_metric with a management listener), with limits
-    /// high enough never to refuse, to measure what they cost.
+    /// Turn on Sluice's whole policy set: the key check, rate_limit, token_limit
+    /// with a prompt estimate, emit_token_metric, routing over a pool of two
+    /// backends with circuit breakers and failover, and tracing (a management
+    /// listener and a debug signing key; only `traced` requests carry a
+    /// credential). Limits are high enough never to refuse.
     #[arg(long)]
     policies: bool,
     /// Also measure the `traced` target: the same Sluice process, every request
@@ -73,7 +76,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,sluice,traced,nginx"
+        default_value = "direct,pingora,sluice,traced,nginx"
     )]
     targets: Vec<TargetKind>,
     /// Closed loop: every connection sends back to back (maximum throughput), no fixed rate.
@@ -86,6 +89,16 @@ struct Args {
     /// (and directly) and report the resident memory each open socket costs.
     #[arg(long, default_value_t = 0)]
     ws_idle: usize,
+    /// `streams` scenario: concurrent streams held open per target.
+    #[arg(long, default_value_t = 2000)]
+    open_streams: usize,
+    /// `streams` scenario: tokens per stream (`max_tokens`).
+    #[arg(long, default_value_t = 60)]
+    stream_tokens: u32,
+    /// `streams` scenario: the simulator's delay per token, ms
+    /// (`x-sim-per-token-ms`); a stream lasts `stream_tokens` times this.
+    #[arg(long, default_value_t = 250)]
+    token_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,6 +111,10 @@ enum Scenario {
     /// one audio-sized delta at a time: frames per second, the round trip, and
     /// CPU per 1,000 frames.
     Realtime,
+    /// `--open-streams` slow chat streams open at once, one connection
+    /// each: resident memory per open stream, CPU per stream, time to the
+    /// first event.
+    Streams,
 }
 
 impl Scenario {
@@ -107,6 +124,7 @@ impl Scenario {
             Scenario::Stream => "stream",
             Scenario::Responses => "responses",
             Scenario::Realtime => "realtime",
+            Scenario::Streams => "streams",
         }
     }
 
@@ -118,14 +136,17 @@ impl Scenario {
     }
 
     fn streams(self) -> bool {
-        matches!(self, Scenario::Stream | Scenario::Responses)
+        matches!(
+            self,
+            Scenario::Stream | Scenario::Responses | Scenario::Streams
+        )
     }
 
     /// What a complete stream of this scenario holds.
     fn stream_end(self) -> Option<&'static [u8]> {
         match self {
             Scenario::Chat | Scenario::Realtime => None,
-            Scenario::Stream => Some(b"[DONE]"),
+            Scenario::Stream | Scenario::Streams => Some(b"[DONE]"),
             Scenario::Responses => Some(b"event: response.completed"),
         }
     }
@@ -150,7 +171,7 @@ impl Scenario {
             ],
             "max_tokens": 16
         });
-        if self == Scenario::Stream {
+        if matches!(self, Scenario::Stream | Scenario::Streams) {
             body["stream"] = true.into();
             body["stream_options"] = serde_json::json!({"include_usage": true});
         }
@@ -161,6 +182,8 @@ impl Scenario {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TargetKind {
     Direct,
+    /// A bare pingora proxy (`sluice bare-proxy`): the floor under Sluice.
+    Pingora,
     Sluice,
     /// Sluice, with every request traced.
     Traced,
@@ -171,6 +194,7 @@ impl TargetKind {
     fn name(self) -> &'static str {
         match self {
             TargetKind::Direct => "direct",
+            TargetKind::Pingora => "pingora",
             TargetKind::Sluice => "sluice",
             TargetKind::Traced => "traced",
             TargetKind::Nginx => "nginx",
@@ -193,6 +217,7 @@ struct Target {
 #[derive(Debug)]
 struct Stack {
     nginx: Option<Proc>,
+    bare: Option<Proc>,
     sluice: Option<Proc>,
     sim: Option<Proc>,
     sim_in_process: Option<sluice_sim::SimHandle>,
@@ -205,6 +230,9 @@ impl Drop for Stack {
             p.stop();
         }
         if let Some(p) = &mut self.sluice {
+            p.stop();
+        }
+        if let Some(p) = &mut self.bare {
             p.stop();
         }
         if let Some(p) = &mut self.sim {
@@ -246,8 +274,10 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     if !args.warmup_secs.is_finite() || args.warmup_secs < 0.0 {
         bail!("--warmup-secs must not be negative");
     }
+    raise_fd_limit();
     let mut stack = Stack {
         nginx: None,
+        bare: None,
         sluice: None,
         sim: None,
         sim_in_process: None,
@@ -294,7 +324,40 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         group: None,
     }];
 
-    // 2. Sluice.
+    // 2. The bare pingora proxy (same binary, same server settings).
+    if let Some(bin) = &args.sluice
+        && args.targets.contains(&TargetKind::Pingora)
+    {
+        let mut cmd = Command::new(bin);
+        cmd.args(["bare-proxy", "--listen", "127.0.0.1:0", "--upstream"])
+            .arg(sim_addr.to_string())
+            .arg("--threads")
+            .arg(args.threads.to_string())
+            .env("RUST_LOG", "warn");
+        let (proc, addr) = Proc::spawn_until_line(
+            "pingora",
+            cmd,
+            &tmp,
+            StopSignal::Int,
+            "listening on",
+            READY_TIMEOUT,
+        )?;
+        procs::wait_connectable(addr, READY_TIMEOUT)
+            .with_context(|| format!("bare pingora printed {addr}{}", proc.stderr_tail()))?;
+        eprintln!("sluice-load: bare pingora (pid {}) on {addr}", proc.pid());
+        targets.push(Target {
+            kind: TargetKind::Pingora,
+            debug_token: None,
+            addr,
+            group: Some(ProcGroup {
+                root: proc.pid(),
+                with_children: false,
+            }),
+        });
+        stack.bare = Some(proc);
+    }
+
+    // 3. Sluice.
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Sluice)
     {
@@ -347,7 +410,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         stack.sluice = Some(proc);
     }
 
-    // 3. nginx.
+    // 4. nginx.
     if let Some(bin) = &args.nginx
         && args.targets.contains(&TargetKind::Nginx)
     {
@@ -393,8 +456,8 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         bail!("no target left to measure");
     }
 
-    // 4-6. Scenarios × targets; SIGINT/SIGTERM end the run through the Drop guard.
-    let rows = rt.block_on(async {
+    // 5-7. Scenarios × targets; SIGINT/SIGTERM end the run through the Drop guard.
+    let (rows, streams_report) = rt.block_on(async {
         tokio::select! {
             r = measure_all(args, &targets, &key) => r,
             sig = stop_signal() => bail!("{sig}: stopping"),
@@ -416,6 +479,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     } else {
         text_report(&mut out, &rows);
     }
+    out.push_str(&streams_report);
     if let Some(idle) = &idle {
         out.push_str(idle);
     }
@@ -424,7 +488,10 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
             let _ = writeln!(out, "\nfirst error of {}/{}: {e}", r.scenario, r.target);
         }
     }
-    for p in [&stack.sluice, &stack.sim].into_iter().flatten() {
+    for p in [&stack.sluice, &stack.bare, &stack.sim]
+        .into_iter()
+        .flatten()
+    {
         let n = p.stderr_lines();
         if n > 0 {
             eprintln!(
@@ -473,7 +540,8 @@ fn write_gateway_config(
     let key_path = tmp.join("key.txt");
     std::fs::write(&key_path, format!("{key}\n"))?;
     let conf = tmp.join("gateway.yaml");
-    let tracing = if trace {
+    // The full policy set traces debug-token requests: tracing is on with it.
+    let tracing = if trace || policies {
         let op = tmp.join("operator.token");
         let signing = tmp.join("signing.key");
         std::fs::write(&op, "load-operator-token-0123456789\n")?;
@@ -486,28 +554,35 @@ fn write_gateway_config(
     } else {
         String::new()
     };
-    let (management, policy_list) = if policies {
-        (
-            if trace {
-                ""
-            } else {
-                "  management: { listen: 127.0.0.1:0 }\n"
-            },
-            "    policies:\n\
-             \x20     - rate_limit: { calls: 100000000, renewal_period_seconds: 60, counter_key: subscription }\n\
-             \x20     - token_limit: { counter_key: subscription, tokens_per_minute: 1000000000, remaining_tokens_header_name: x-remaining-tokens }\n\
-             \x20     - emit_token_metric: { dimensions: [subscription, api, deployment, backend_region] }\n",
+    let policy_list = if policies {
+        "    policies:\n\
+         \x20     - rate_limit: { calls: 100000000, renewal_period_seconds: 60, counter_key: subscription }\n\
+         \x20     - token_limit: { counter_key: subscription, tokens_per_minute: 1000000000, remaining_tokens_header_name: x-remaining-tokens }\n\
+         \x20     - emit_token_metric: { dimensions: [subscription, api, deployment, backend_region] }\n"
+    } else {
+        ""
+    };
+    // Routing: with the policies, a pool of two backends (both the same
+    // simulator), each with its default circuit breaker, and failover.
+    let routing = if policies {
+        format!(
+            "backends:\n  - name: sim-a\n    url: http://{sim}\n  - name: sim-b\n    url: http://{sim}\n\
+             pools:\n  - name: load\n    backends:\n      - {{backend: sim-a, priority: 1, weight: 1}}\n      - {{backend: sim-b, priority: 1, weight: 1}}\n"
         )
     } else {
-        ("", "")
+        format!("backends:\n  - name: sim\n    url: http://{sim}\n")
+    };
+    let api_routing = if policies {
+        "    pool: load\n    failover: { max_attempts: 2 }\n"
+    } else {
+        "    backends: [sim]\n"
     };
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n{management}{tracing}\
-             backends:\n  - name: sim\n    url: http://{sim}\n\
+            "server:\n  listen: 127.0.0.1:0\n  threads: {threads}\n{tracing}{routing}\
              subscriptions:\n  - name: load\n    primary_key: {{file: {}}}\n\
-             apis:\n  - name: azure-openai\n    path: /openai\n    backends: [sim]\n{policy_list}",
+             apis:\n  - name: azure-openai\n    path: /openai\n{api_routing}{policy_list}",
             key_path.display()
         ),
     )?;
@@ -528,7 +603,8 @@ master_process on;
 worker_processes {threads};
 pid {t}/nginx.pid;
 error_log {t}/error.log warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 200000;
+events {{ worker_connections 100000; }}
 http {{
     access_log off;
     client_body_temp_path {t}/client_body;
@@ -584,7 +660,7 @@ struct Row {
     first_error: Option<String>,
 }
 
-async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<Row>> {
+async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<Row>, String)> {
     let mode = if args.max {
         Mode::Max
     } else {
@@ -594,7 +670,12 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
     let warmup = Duration::from_secs_f64(args.warmup_secs);
     let duration = Duration::from_secs_f64(args.duration_secs);
     let mut rows = Vec::new();
+    let mut streams_report = String::new();
     for &scenario in &args.scenarios {
+        if scenario == Scenario::Streams {
+            streams_report = measure_streams(args, targets, key).await?;
+            continue;
+        }
         for t in targets {
             if scenario == Scenario::Realtime {
                 rows.push(measure_ws(args, t, key).await?);
@@ -607,6 +688,7 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
                 body: scenario.body(),
                 stream_end: scenario.stream_end(),
                 debug_token: t.debug_token.clone(),
+                extra_headers: Vec::new(),
             });
             eprintln!(
                 "sluice-load: {}/{}: warmup {:.1} s, measuring {:.1} s ({})",
@@ -642,7 +724,107 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<Vec<R
             rows.push(row(scenario, t.kind, r, cpu_per_1k, rss));
         }
     }
-    Ok(rows)
+    Ok((rows, streams_report))
+}
+
+/// The `streams` scenario on every target in turn: `--open-streams` slow
+/// streams at once; a Markdown table of what an open stream costs.
+async fn measure_streams(args: &Args, targets: &[Target], key: &str) -> Result<String> {
+    let n = args.open_streams;
+    let tck = procs::clk_tck() as f64;
+    let stream_secs = args.stream_tokens as f64 * args.token_ms as f64 / 1000.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n`streams`: {n} concurrent chat streams per target, one connection each, {} tokens \
+         {} ms apart (~{stream_secs:.0} s a stream). RSS is sampled while all are open; \
+         \"per stream\" is (RSS open - RSS before) / streams open. CPU covers the whole \
+         streams (connect, request, every event).\n\n\
+         | Target | Open | Completed | Errors | Ramp s | TTFB p50 ms | TTFB p99 ms | RSS before MiB | RSS open MiB | KiB per open stream | CPU ms per stream | CPU / nginx |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        args.stream_tokens, args.token_ms
+    );
+    let mut body: serde_json::Value = serde_json::from_slice(&Scenario::Streams.body())?;
+    body["max_tokens"] = args.stream_tokens.into();
+    let body = Bytes::from(body.to_string());
+    let mut results = Vec::new();
+    for t in targets {
+        let spec = Arc::new(RequestSpec {
+            path: CHAT_PATH.to_string(),
+            host: t.addr.to_string(),
+            api_key: sluice_sim::Secret::new(key),
+            body: body.clone(),
+            stream_end: Scenario::Streams.stream_end(),
+            debug_token: t.debug_token.clone(),
+            extra_headers: vec![("x-sim-per-token-ms", args.token_ms.to_string())],
+        });
+        eprintln!(
+            "sluice-load: streams/{}: opening {n} streams of ~{stream_secs:.0} s",
+            t.kind.name()
+        );
+        // Hold for a quarter of a stream's life, at most 2 s: every stream is still open.
+        let hold = Duration::from_secs_f64((stream_secs / 4.0).min(2.0));
+        let r = streams::run(t.addr, spec, n, t.group, hold).await?;
+        results.push((t.kind, r));
+    }
+    let cpu_ms = |r: &streams::StreamsResult| {
+        let done = r.completed + r.errors;
+        r.cpu_ticks
+            .filter(|_| done > 0)
+            .map(|ticks| ticks as f64 / tck * 1000.0 / done as f64)
+    };
+    let nginx_cpu = results
+        .iter()
+        .find(|(k, _)| *k == TargetKind::Nginx)
+        .and_then(|(_, r)| cpu_ms(r));
+    let mut errors = String::new();
+    for (kind, r) in &results {
+        let ms = |us: Option<u64>| us.map(|v| v as f64 / 1000.0);
+        let per = (r.opened > 0 && r.rss_open_kib > 0)
+            .then(|| r.rss_open_kib.saturating_sub(r.rss_before_kib) as f64 / r.opened as f64);
+        let cpu = cpu_ms(r);
+        let ratio = match (cpu, nginx_cpu) {
+            (Some(a), Some(b)) if b > 0.0 && *kind != TargetKind::Nginx => {
+                format!("{:.2}x", a / b)
+            }
+            _ => "-".to_string(),
+        };
+        let mib = |kib: u64| (kib > 0).then(|| kib as f64 / 1024.0);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {ratio} |",
+            kind.name(),
+            r.opened,
+            r.completed,
+            r.errors,
+            r.ramp.as_secs_f64(),
+            f(ms(percentile(&r.ttfb_us, 50.0)), 3),
+            f(ms(percentile(&r.ttfb_us, 99.0)), 3),
+            f(mib(r.rss_before_kib), 1),
+            f(mib(r.rss_open_kib), 1),
+            f(per, 1),
+            f(cpu, 3),
+        );
+        if let Some(e) = &r.first_error {
+            let _ = writeln!(errors, "\nfirst error of streams/{}: {e}", kind.name());
+        }
+    }
+    out.push_str(&errors);
+    Ok(out)
+}
+
+/// Many open streams need many descriptors (each proxy holds two per
+/// stream): raise this process's limit, which the targets inherit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = soft.max(200_000);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard)).is_err() {
+        // Not allowed to raise the hard limit: go as far as it allows.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// The Realtime scenario on one target: `--concurrency` sessions, each
@@ -794,15 +976,23 @@ fn signed(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |x| format!("{x:+.3}"))
 }
 
-/// Per scenario: (proxy, added p50, added p99 vs direct); plus the sluice/nginx CPU ratio.
-/// Per scenario: each proxy's added p50 and p99 over direct, and its CPU per
-/// request over nginx's.
-type Comparison = (
-    &'static str,
-    Vec<(&'static str, Option<f64>, Option<f64>, Option<f64>)>,
-);
+/// One proxy's figures in one scenario, against the direct call, nginx and
+/// the bare pingora proxy.
+#[derive(Debug, Clone, Copy)]
+struct Added {
+    proxy: &'static str,
+    /// Added p50 and p99 over direct (ms).
+    p50: Option<f64>,
+    p99: Option<f64>,
+    /// Added p50 and p99 over bare pingora (ms).
+    p50_floor: Option<f64>,
+    p99_floor: Option<f64>,
+    /// CPU per request over nginx's and over bare pingora's.
+    cpu_nginx: Option<f64>,
+    cpu_floor: Option<f64>,
+}
 
-fn comparisons(rows: &[Row]) -> Vec<Comparison> {
+fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
     let mut scenarios: Vec<&'static str> = rows.iter().map(|r| r.scenario).collect();
     scenarios.dedup();
     scenarios
@@ -810,18 +1000,29 @@ fn comparisons(rows: &[Row]) -> Vec<Comparison> {
         .map(|s| {
             let find = |t: &str| rows.iter().find(|r| r.scenario == s && r.target == t);
             let direct = find("direct");
+            let floor = find("pingora");
             let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
             let nginx_cpu = find("nginx").and_then(|r| r.cpu_per_1k);
-            let added = ["sluice", "traced", "nginx"]
+            let floor_cpu = floor.and_then(|r| r.cpu_per_1k);
+            let added = ["pingora", "sluice", "traced", "nginx"]
                 .into_iter()
                 .filter_map(|p| {
                     let r = find(p)?;
                     let d = direct?;
-                    let ratio = match (r.cpu_per_1k, nginx_cpu) {
-                        (Some(a), Some(b)) if b > 0.0 && p != "nginx" => Some(a / b),
-                        _ => None,
-                    };
-                    Some((p, diff(r.lat[0], d.lat[0]), diff(r.lat[2], d.lat[2]), ratio))
+                    let above_floor = !matches!(p, "pingora" | "nginx");
+                    Some(Added {
+                        proxy: p,
+                        p50: diff(r.lat[0], d.lat[0]),
+                        p99: diff(r.lat[2], d.lat[2]),
+                        p50_floor: diff(r.lat[0], floor?.lat[0]).filter(|_| above_floor),
+                        p99_floor: diff(r.lat[2], floor?.lat[2]).filter(|_| above_floor),
+                        cpu_nginx: ratio(r.cpu_per_1k, nginx_cpu).filter(|_| p != "nginx"),
+                        cpu_floor: ratio(r.cpu_per_1k, floor_cpu).filter(|_| above_floor),
+                    })
                 })
                 .collect();
             (s, added)
@@ -870,15 +1071,19 @@ fn text_report(out: &mut String, rows: &[Row]) {
     }
     for (s, added) in comparisons(rows) {
         let mut line = format!("{s}:");
-        for (p, d50, d99, ratio) in added {
+        for a in added {
             let _ = write!(
                 line,
-                " {p} adds p50 {} ms, p99 {} ms",
-                signed(d50),
-                signed(d99)
+                " {} adds p50 {} ms, p99 {} ms",
+                a.proxy,
+                signed(a.p50),
+                signed(a.p99)
             );
-            if let Some(x) = ratio {
-                let _ = write!(line, ", CPU {p}/nginx = {x:.2}x");
+            if let Some(x) = a.cpu_nginx {
+                let _ = write!(line, ", CPU {}/nginx = {x:.2}x", a.proxy);
+            }
+            if let Some(x) = a.cpu_floor {
+                let _ = write!(line, ", CPU {}/pingora = {x:.2}x", a.proxy);
             }
             line.push(';');
         }
@@ -937,17 +1142,22 @@ fn markdown_report(out: &mut String, args: &Args, rows: &[Row]) {
     }
     let _ = writeln!(
         out,
-        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | CPU proxy / nginx |"
+        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | Over pingora p50 ms | Over pingora p99 ms | CPU / nginx | CPU / pingora |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let x = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
     for (s, added) in comparisons(rows) {
-        for (p, d50, d99, ratio) in added {
-            let r = ratio.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
+        for a in added {
             let _ = writeln!(
                 out,
-                "| {s} | {p} | {} | {} | {r} |",
-                signed(d50),
-                signed(d99)
+                "| {s} | {} | {} | {} | {} | {} | {} | {} |",
+                a.proxy,
+                signed(a.p50),
+                signed(a.p99),
+                signed(a.p50_floor),
+                signed(a.p99_floor),
+                x(a.cpu_nginx),
+                x(a.cpu_floor)
             );
         }
     }

@@ -2,6 +2,7 @@
 //! pingora's `Session` and `ProxyHttp`; everything it decides comes from
 //! `sluice-policy`, which knows nothing of pingora.
 
+mod bare;
 mod gateway;
 mod management;
 mod models;
@@ -11,8 +12,10 @@ mod server;
 mod state;
 mod traces;
 
+pub use bare::run_bare_proxy;
 pub use gateway::Gateway;
 pub use server::{
-    Listeners, ShutdownTrigger, pick_listen_addr, run_blocking, spawn_in_thread, wait_listening,
+    Listeners, ShutdownTrigger, Tuning, pick_listen_addr, run_blocking, spawn_in_thread,
+    wait_listening,
 };
 pub use state::{BuildError, GatewayState};

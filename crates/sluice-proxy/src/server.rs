@@ -83,29 +83,111 @@ impl pingora::services::background::BackgroundService for CounterHousekeeping {
     }
 }
 
+/// pingora's runtime and listener settings, shared by the gateway and the
+/// bare pingora proxy it is benchmarked against (`sluice bare-proxy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuning {
+    /// The read buffer of each accepted connection, in bytes (0: reads go
+    /// straight to the socket). pingora's default is 64 KiB, allocated
+    /// zero-filled per connection.
+    pub read_buffer_bytes: usize,
+    /// One work-stealing runtime (true) or one single-threaded runtime per
+    /// thread (false).
+    pub work_stealing: bool,
+    /// Accept tasks per listening socket.
+    pub listener_tasks_per_fd: usize,
+    /// Bind the data listener with `SO_REUSEPORT`.
+    pub reuse_port: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            read_buffer_bytes: pingora::protocols::l4::stream::DEFAULT_L4_READ_BUFFER_SIZE,
+            work_stealing: true,
+            listener_tasks_per_fd: 1,
+            reuse_port: false,
+        }
+    }
+}
+
+impl Tuning {
+    /// The defaults, overridden by `SLUICE_TUNE_READ_BUFFER`,
+    /// `SLUICE_TUNE_WORK_STEALING` (0/1), `SLUICE_TUNE_LISTENER_TASKS` and
+    /// `SLUICE_TUNE_REUSE_PORT` (0/1) where set and valid: for benchmarks.
+    pub fn from_env() -> Self {
+        fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+            std::env::var(name).ok()?.trim().parse().ok()
+        }
+        let d = Tuning::default();
+        Tuning {
+            read_buffer_bytes: var("SLUICE_TUNE_READ_BUFFER").unwrap_or(d.read_buffer_bytes),
+            work_stealing: var::<u8>("SLUICE_TUNE_WORK_STEALING")
+                .map_or(d.work_stealing, |v| v != 0),
+            listener_tasks_per_fd: var::<usize>("SLUICE_TUNE_LISTENER_TASKS")
+                .filter(|n| *n > 0)
+                .unwrap_or(d.listener_tasks_per_fd),
+            reuse_port: var::<u8>("SLUICE_TUNE_REUSE_PORT").map_or(d.reuse_port, |v| v != 0),
+        }
+    }
+}
+
+/// The pingora server configuration of the gateway and the bare proxy.
+pub(crate) fn server_conf(
+    threads: usize,
+    grace_seconds: u64,
+    max_retries: usize,
+    tuning: &Tuning,
+) -> ServerConf {
+    ServerConf {
+        threads: threads.max(1),
+        grace_period_seconds: Some(grace_seconds),
+        graceful_shutdown_timeout_seconds: Some(1),
+        max_retries,
+        work_stealing: tuning.work_stealing,
+        listener_tasks_per_fd: tuning.listener_tasks_per_fd.max(1),
+        ..ServerConf::default()
+    }
+}
+
+/// Add the data-plane listener on `addr` with the tuning's socket options
+/// and read buffer.
+pub(crate) fn add_data_listener<A>(
+    service: &mut pingora::services::listening::Service<A>,
+    addr: SocketAddr,
+    tuning: &Tuning,
+) {
+    use pingora::listeners::{ListenerConfig, TcpSocketOptions};
+    use pingora::protocols::l4::stream::L4BufferSettings;
+    let mut options = TcpSocketOptions::default();
+    if tuning.reuse_port {
+        options.so_reuseport = Some(true);
+    }
+    service.add_listener(
+        ListenerConfig::tcp(addr.to_string())
+            .tcp_socket_options(options)
+            .l4_buffer(L4BufferSettings::default().read(tuning.read_buffer_bytes)),
+    );
+}
+
 fn build_server(
     state: Arc<GatewayState>,
     listen: Listeners,
     threads: usize,
     shutdown_timeout: Duration,
 ) -> Server {
+    let tuning = state.tuning.clone();
     // On SIGTERM pingora stops its listeners, then sleeps the grace period
     // (in-flight requests, open streams included, go on meanwhile), then
     // stops its runtimes, which cancels whatever is left. The grace period
     // is `server.shutdown_timeout_seconds`; `run_blocking` exits earlier,
     // as soon as nothing is in flight.
-    let conf = ServerConf {
-        threads: threads.max(1),
-        grace_period_seconds: Some(shutdown_timeout.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(1),
-        // pingora's own retry loop: room for every attempt the routing
-        // allows and every stale pooled connection repeated on the same
-        // backend. The routing decides every retry; this only bounds it.
-        max_retries: state.selector.max_attempts() * 2
-            + sluice_policy::selection::MAX_STALE_RETRIES
-            + 1,
-        ..ServerConf::default()
-    };
+    // pingora's own retry loop: room for every attempt the routing allows
+    // and every stale pooled connection repeated on the same backend. The
+    // routing decides every retry; this only bounds it.
+    let max_retries =
+        state.selector.max_attempts() * 2 + sluice_policy::selection::MAX_STALE_RETRIES + 1;
+    let conf = server_conf(threads, shutdown_timeout.as_secs(), max_retries, &tuning);
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -113,7 +195,7 @@ fn build_server(
         Gateway::new(state.clone()),
         "sluice data plane",
     );
-    proxy.add_tcp(&listen.data.to_string());
+    add_data_listener(&mut proxy, listen.data, &tuning);
     server.add_service(proxy);
     server.add_service(pingora::services::background::background_service(
         "sluice counters",

@@ -391,6 +391,8 @@ pub struct GatewayState {
     pub selector: BackendSelector,
     /// Tokens that open the management listener's operator endpoints.
     pub operator_tokens: Vec<sluice_config::Secret>,
+    /// pingora's runtime and listener settings.
+    pub tuning: crate::server::Tuning,
     /// Signs and checks debug credentials.
     pub debug_key: sluice_trace::credentials::DebugKey,
     /// API names, by index (debug credentials name their API).
@@ -672,6 +674,7 @@ impl GatewayState {
             metrics,
         };
         Ok(Arc::new(GatewayState {
+            tuning: crate::server::Tuning::from_env(),
             service_name: cfg.service_name.clone(),
             router: ApiRouter::new(&cfg.apis),
             shared,

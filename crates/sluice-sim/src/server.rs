@@ -44,7 +44,15 @@ impl Simulator {
     /// Bind `addr` (e.g. `127.0.0.1:0`) and serve on the current tokio runtime (spawned
     /// tasks). Returns once the socket is listening.
     pub async fn start(addr: SocketAddr, cfg: RegionConfig) -> std::io::Result<SimHandle> {
-        let listener = TcpListener::bind(addr).await?;
+        // A deep accept queue: load tests open thousands of streams at once.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         serve(listener, cfg)
     }
 
@@ -652,7 +660,7 @@ async fn openai(
         op,
         model,
         plan,
-        latency: shared.cfg.latency,
+        latency: latency_for(&parts.headers, shared.cfg.latency),
         created: SystemClock.unix_now().as_secs(),
         stream_fail,
     };
@@ -665,6 +673,24 @@ async fn openai(
         add_ratelimit_headers(resp.headers_mut(), &a);
     }
     resp
+}
+
+/// The region's latency, with `x-sim-per-token-ms: N` (0..=60000) taking
+/// the place of its per-token delay for this request: how load tests hold
+/// many slow streams open against a simulator that is otherwise fast.
+fn latency_for(headers: &http::HeaderMap, region: crate::Latency) -> crate::Latency {
+    let per_token = headers
+        .get("x-sim-per-token-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms <= 60_000);
+    match per_token {
+        Some(ms) => crate::Latency {
+            per_token: Duration::from_millis(ms),
+            ..region
+        },
+        None => region,
+    }
 }
 
 /// Dispatch one of the resource endpoints (Responses, files, batches, models).
@@ -1341,6 +1367,28 @@ pub(crate) fn json_object_body(bytes: &[u8]) -> Result<Value, Box<Response<SimBo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_token_header_overrides_the_region_delay() {
+        let region = crate::Latency {
+            time_to_first_token: Duration::from_millis(7),
+            per_token: Duration::from_millis(3),
+            ..crate::Latency::default()
+        };
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-sim-per-token-ms", HeaderValue::from_str(v).unwrap());
+            latency_for(&h, region)
+        };
+        let slow = with(" 250 ");
+        assert_eq!(slow.per_token, Duration::from_millis(250));
+        assert_eq!(slow.time_to_first_token, Duration::from_millis(7));
+        assert_eq!(with("60000").per_token, Duration::from_secs(60));
+        for bad in ["60001", "-1", "x", ""] {
+            assert_eq!(with(bad).per_token, Duration::from_millis(3), "{bad:?}");
+        }
+        assert_eq!(latency_for(&HeaderMap::new(), region).per_token, region.per_token);
+    }
 
     #[test]
     fn paths_normalise_and_route() {

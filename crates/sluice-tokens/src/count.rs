@@ -1,31 +1,34 @@
-//! Token counting with tiktoken's BPE, guarded against inputs that make its regex fail.
+//! Token counting with tiktoken's vocabularies, guarded against inputs that make its regex fail.
 //!
 //! tiktoken-rs embeds the vocabularies in the binary (`include_str!`), so nothing is fetched at
-//! run time. Building a `CoreBPE` parses the whole vocabulary (o200k: ~200k entries), so each
-//! encoding is built once, lazily, by tiktoken-rs's own `LazyLock` singletons and shared by all
-//! threads afterwards.
+//! run time. Each encoding used is turned once, lazily, into a compact count-only [`Vocab`]
+//! (a few MiB instead of tiktoken-rs's ~55 MiB for o200k) shared by all threads afterwards.
 //!
-//! tiktoken's pre-tokenising regex (fancy-regex) gives up with an error — which tiktoken turns
-//! into a panic — when one match attempt needs too many backtracking steps; about a mebibyte of
-//! whitespace followed by a letter is enough. [`count`] therefore never hands tiktoken a "run"
-//! (stretch of text between two guaranteed piece boundaries, see [`is_piece_boundary`]) longer
-//! than [`MAX_RUN`] bytes: such runs are cut. Ordinary text has no run anywhere near that long,
-//! so its count is exactly tiktoken's; a cut inside a long run (a huge whitespace block, a long
-//! base64 blob, a page of CJK text without spaces) may shift the count by a token or so per cut.
+//! tiktoken's pre-tokenising regex (fancy-regex) gives up with an error when one match attempt
+//! needs too many backtracking steps; about a mebibyte of whitespace followed by a letter is
+//! enough. [`count`] therefore never hands the regex a "run" (stretch of text between two
+//! guaranteed piece boundaries, see [`is_piece_boundary`]) longer than [`MAX_RUN`] bytes: such
+//! runs are cut. Ordinary text has no run anywhere near that long, so its count is exactly
+//! tiktoken's; a cut inside a long run (a huge whitespace block, a long base64 blob, a page of
+//! CJK text without spaces) may shift the count by a token or so per cut.
 
-use tiktoken_rs::CoreBPE;
+use std::sync::OnceLock;
 
 use crate::Encoding;
+use crate::vocab::Vocab;
 
-/// The longest stretch of text between guaranteed piece boundaries given to tiktoken in one piece.
+/// The longest stretch of text between guaranteed piece boundaries given to the regex in one piece.
 pub(crate) const MAX_RUN: usize = 4096;
 
-/// The shared tokenizer for `encoding`, built on first use.
-pub(crate) fn bpe(encoding: Encoding) -> &'static CoreBPE {
-    match encoding {
-        Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
-        Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
-    }
+/// The shared vocabulary of `encoding`, built on first use.
+pub(crate) fn vocab(encoding: Encoding) -> &'static Vocab {
+    static O200K: OnceLock<Vocab> = OnceLock::new();
+    static CL100K: OnceLock<Vocab> = OnceLock::new();
+    let cell = match encoding {
+        Encoding::O200kBase => &O200K,
+        Encoding::Cl100kBase => &CL100K,
+    };
+    cell.get_or_init(|| Vocab::build(encoding))
 }
 
 /// Counts `text`'s tokens in `encoding` (special-token strings count as ordinary text).
@@ -33,9 +36,9 @@ pub(crate) fn count(encoding: Encoding, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    let bpe = bpe(encoding);
+    let bpe = vocab(encoding);
     if text.len() <= MAX_RUN {
-        return bpe.encode_ordinary(text).len() as u64;
+        return bpe.count(text);
     }
     let mut total = 0u64;
     let mut segment_start = 0usize;
@@ -47,13 +50,13 @@ pub(crate) fn count(encoding: Encoding, text: &str) -> u64 {
             run_start = i;
         } else if i - run_start >= MAX_RUN {
             // A run this long has no guaranteed boundary: cut it here (approximate).
-            total += bpe.encode_ordinary(&text[segment_start..i]).len() as u64;
+            total += bpe.count(&text[segment_start..i]);
             segment_start = i;
             run_start = i;
         }
         prev_is_space = is_space;
     }
-    total + bpe.encode_ordinary(&text[segment_start..]).len() as u64
+    total + bpe.count(&text[segment_start..])
 }
 
 /// True when a regex piece always starts at a character `c` whose predecessor is not whitespace
@@ -68,8 +71,16 @@ fn is_piece_boundary(prev_is_space: bool, c: char) -> bool {
 mod tests {
     use super::*;
 
+    fn tiktoken(encoding: Encoding) -> &'static tiktoken_rs::CoreBPE {
+        match encoding {
+            Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
+            Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        }
+    }
+
+    /// tiktoken-rs's own count, unsegmented.
     fn raw(encoding: Encoding, text: &str) -> u64 {
-        bpe(encoding).encode_ordinary(text).len() as u64
+        tiktoken(encoding).encode_ordinary(text).len() as u64
     }
 
     #[test]
@@ -79,11 +90,11 @@ mod tests {
             assert_eq!(count(enc, "hello world"), 2);
         }
         assert_eq!(
-            bpe(Encoding::Cl100kBase).encode_ordinary("hello world"),
+            tiktoken(Encoding::Cl100kBase).encode_ordinary("hello world"),
             vec![15339, 1917]
         );
         assert_eq!(
-            bpe(Encoding::O200kBase).encode_ordinary("hello world"),
+            tiktoken(Encoding::O200kBase).encode_ordinary("hello world"),
             vec![24912, 2375]
         );
         // The cookbook's example sentence.

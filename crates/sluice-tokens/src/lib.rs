@@ -20,8 +20,9 @@
 //! ([`Operation`]).
 //!
 //! The vocabularies are compiled into the binary (tiktoken-rs embeds them); nothing is fetched at
-//! run time. Each vocabulary is parsed once, on first use (about a second for o200k in a debug
-//! build, much less optimised); call [`preload`] at start-up to keep that off the first request.
+//! run time. Each vocabulary is parsed once, on first use, into a compact count-only table (about
+//! a second for o200k in a debug build, a few hundred milliseconds optimised); call [`preload`]
+//! at start-up to keep that off the first request, for the encodings the configuration uses.
 
 mod count;
 mod estimate;
@@ -30,6 +31,7 @@ mod lenient;
 pub mod multipart;
 pub mod realtime;
 mod usage;
+mod vocab;
 
 pub use estimate::{RequestEstimate, estimate_request};
 pub use filter::UsageChunkFilter;
@@ -132,7 +134,7 @@ pub fn count_text(encoding: Encoding, text: &str) -> u32 {
 
 /// Builds `encoding`'s tokenizer now (it is otherwise built on first use and shared after).
 pub fn preload(encoding: Encoding) {
-    count::bpe(encoding);
+    count::vocab(encoding);
 }
 
 #[cfg(test)]

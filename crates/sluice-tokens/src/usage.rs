@@ -106,10 +106,11 @@ impl RawUsage {
 /// JSON bodies are scanned incrementally for the top-level `usage` and `id` members, so a body of
 /// any size (e.g. a large embeddings batch) is handled while keeping only those members. SSE
 /// bodies are split into events across chunk boundaries (`\n`, `\r\n` or `\r` line endings,
-/// `data:` with or without the space); each event's `usage` is taken when non-null, and the
-/// content of every chunk is counted as it arrives, event by event (a streamed delta is usually
-/// one token, and counting per event keeps no text around; the total can differ by a few tokens
-/// from tokenizing the whole text at once).
+/// `data:` with or without the space); each event's `usage` is taken when non-null. The generated
+/// text is gathered and counted in batches of up to 2 KiB (each kind of text apart: content,
+/// refusal, function names, arguments), and the last batch only when the stream reported no
+/// usage: a stream that reports its usage is never tokenized, and per event the scan keeps and
+/// allocates nothing new.
 ///
 /// Streams may be chat/completions chunks or Responses API events (which carry a `type`); for
 /// the latter the usage is the one nested in the final `response.completed` (or
@@ -163,7 +164,7 @@ impl UsageScanner {
     }
 
     /// Feeds the next body chunk. Cheap: one pass over the bytes, no allocation per chunk beyond
-    /// the bounded buffers; SSE content is tokenized per event.
+    /// the bounded buffers; SSE text is tokenized in batches, only when it may be needed.
     pub fn feed(&mut self, chunk: &[u8]) {
         match &mut self.inner {
             Inner::Json(j) => j.feed(chunk),
@@ -478,8 +479,8 @@ struct StreamEvent<'a> {
     /// Responses events only.
     #[serde(default, rename = "type", borrow)]
     kind: Text<'a>,
-    #[serde(default)]
-    choices: Option<Vec<StreamChoice>>,
+    #[serde(default, borrow)]
+    choices: Option<Choices<'a>>,
     #[serde(default)]
     usage: Option<RawUsage>,
     #[serde(default, borrow)]
@@ -511,6 +512,18 @@ struct ResponseObject<'a> {
     incomplete_details: Detail<'a>,
 }
 
+/// Generated text is counted when this much has gathered (and at the end of the stream).
+const COUNT_BATCH: usize = 2048;
+
+/// The kinds of generated text, each counted as one text of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextKind {
+    Content,
+    Refusal,
+    FunctionName,
+    Arguments,
+}
+
 /// Responses event types whose `delta` is generated text, counted for the fallback.
 const COUNTED_DELTAS: [&str; 3] = [
     "response.output_text.delta",
@@ -518,39 +531,83 @@ const COUNTED_DELTAS: [&str; 3] = [
     "response.function_call_arguments.delta",
 ];
 
+/// A chunk's `choices`. Streams almost always carry one choice per chunk: it is kept inline, so
+/// reading a chunk allocates nothing; more (`n` > 1) go to a vector.
+struct Choices<'a> {
+    first: Option<StreamChoice<'a>>,
+    rest: Vec<StreamChoice<'a>>,
+}
+
+impl<'a> IntoIterator for Choices<'a> {
+    type Item = StreamChoice<'a>;
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<StreamChoice<'a>>,
+        std::vec::IntoIter<StreamChoice<'a>>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Choices<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element()?;
+                let mut rest = Vec::new();
+                while let Some(c) = seq.next_element()? {
+                    rest.push(c);
+                }
+                Ok(Choices { first, rest })
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
+// The texts are borrowed from the event (copied only when they hold escapes).
 #[derive(Deserialize)]
-struct StreamChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
+struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
     /// Legacy completions stream their text here.
-    #[serde(default)]
-    text: Option<String>,
+    #[serde(default, borrow)]
+    text: Text<'a>,
 }
 
 #[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
-    #[serde(default)]
-    refusal: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<Vec<ToolCallDelta>>,
-    #[serde(default)]
-    function_call: Option<FunctionDelta>,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Text<'a>,
+    #[serde(default, borrow)]
+    refusal: Text<'a>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+    #[serde(default, borrow)]
+    function_call: Option<FunctionDelta<'a>>,
 }
 
 #[derive(Deserialize)]
-struct ToolCallDelta {
-    #[serde(default)]
-    function: Option<FunctionDelta>,
+struct ToolCallDelta<'a> {
+    #[serde(default, borrow)]
+    function: Option<FunctionDelta<'a>>,
 }
 
 #[derive(Deserialize)]
-struct FunctionDelta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<String>,
+struct FunctionDelta<'a> {
+    #[serde(default, borrow)]
+    name: Text<'a>,
+    #[serde(default, borrow)]
+    arguments: Text<'a>,
 }
 
 struct SseScan {
@@ -571,7 +628,15 @@ struct SseScan {
     /// Events that parsed as completion chunks (objects with `choices`) or as Responses
     /// `response.*` events.
     chunks: u64,
+    /// Tokens of the generated text counted so far (the fallback when no usage is reported).
     completion_tokens: u64,
+    /// Generated text not counted yet: counted in batches of [`COUNT_BATCH`] bytes, and at the
+    /// end only if the stream reported no usage (it usually does: the count is then never
+    /// needed). Its capacity is kept, so streaming text allocates nothing per event.
+    pending: String,
+    /// Which text `pending` holds: texts of different kinds (content, refusal, a function's
+    /// name, its arguments) are counted apart.
+    pending_kind: TextKind,
     /// The first failure reported.
     failure: Option<StreamFailure>,
     /// The object id (see [`UsageScanner::object_id`]), and whether it came from a Responses
@@ -594,6 +659,8 @@ impl SseScan {
             usage: None,
             chunks: 0,
             completion_tokens: 0,
+            pending: String::new(),
+            pending_kind: TextKind::Content,
             failure: None,
             id: None,
             id_is_final: false,
@@ -709,14 +776,19 @@ impl SseScan {
         };
         self.chunks += 1;
         for choice in choices {
-            if let Some(text) = choice.text {
-                self.add(&text);
+            if let Some(text) = choice.text.as_str() {
+                self.add(TextKind::Content, text);
             }
             let Some(delta) = choice.delta else {
                 continue;
             };
-            for text in [delta.content, delta.refusal].into_iter().flatten() {
-                self.add(&text);
+            for (kind, text) in [
+                (TextKind::Content, &delta.content),
+                (TextKind::Refusal, &delta.refusal),
+            ] {
+                if let Some(text) = text.as_str() {
+                    self.add(kind, text);
+                }
             }
             let calls = delta
                 .tool_calls
@@ -724,8 +796,13 @@ impl SseScan {
                 .flatten()
                 .filter_map(|c| c.function);
             for f in calls.chain(delta.function_call) {
-                for text in [f.name, f.arguments].into_iter().flatten() {
-                    self.add(&text);
+                for (kind, text) in [
+                    (TextKind::FunctionName, &f.name),
+                    (TextKind::Arguments, &f.arguments),
+                ] {
+                    if let Some(text) = text.as_str() {
+                        self.add(kind, text);
+                    }
                 }
             }
         }
@@ -749,9 +826,10 @@ impl SseScan {
             self.usage = Some(u);
         }
         if let Some(text) = delta
-            && COUNTED_DELTAS.contains(&kind)
+            && let Some(i) = COUNTED_DELTAS.iter().position(|k| *k == kind)
         {
-            self.add(text);
+            let kind = [TextKind::Content, TextKind::Refusal, TextKind::Arguments][i];
+            self.add(kind, text);
         }
     }
 
@@ -802,10 +880,21 @@ impl SseScan {
         }
     }
 
-    fn add(&mut self, text: &str) {
+    fn add(&mut self, kind: TextKind, text: &str) {
+        if !self.pending.is_empty()
+            && (kind != self.pending_kind || self.pending.len() + text.len() > COUNT_BATCH)
+        {
+            self.count_pending();
+        }
+        self.pending_kind = kind;
+        self.pending.push_str(text);
+    }
+
+    fn count_pending(&mut self) {
         self.completion_tokens = self
             .completion_tokens
-            .saturating_add(count(self.encoding, text));
+            .saturating_add(count(self.encoding, &self.pending));
+        self.pending.clear();
     }
 
     fn finish(&mut self) -> Option<(Usage, UsageSource)> {
@@ -821,6 +910,9 @@ impl SseScan {
         }
         if self.chunks == 0 {
             return None;
+        }
+        if !self.pending.is_empty() {
+            self.count_pending();
         }
         let prompt_tokens = u64::from(self.prompt_estimate);
         Some((
@@ -1135,6 +1227,24 @@ mod tests {
     }
 
     #[test]
+    fn sse_text_is_counted_in_batches() {
+        let c = |s: &str| u64::from(count_text(ENC, s));
+        // 300 deltas of 10 bytes: batches of 2040 bytes (204 deltas), then 960.
+        let delta = " abcdefghi";
+        let mut body = String::new();
+        for _ in 0..300 {
+            body.push_str(&format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{delta}\"}}}}]}}\n\n"
+            ));
+        }
+        let expected = c(&delta.repeat(204)) + c(&delta.repeat(96));
+        assert_eq!(
+            scan_chunks(true, &[body.as_bytes()], 0),
+            Some((usage(0, expected, expected), UsageSource::Counted))
+        );
+    }
+
+    #[test]
     fn sse_legacy_completions_and_tool_calls() {
         let c = |s: &str| u64::from(count_text(ENC, s));
         let completions = concat!(
@@ -1159,7 +1269,8 @@ mod tests {
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"function_call\":{\"arguments\":\"\\\"Oslo\\\"}\"}}}]}\n\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"refusal\":\"No.\"}}]}\n\n",
         );
-        let expected = c("get_weather") + c("{\"city\":") + c("\"Oslo\"}") + c("No.");
+        // Each kind of text is counted as a whole: the arguments' deltas together.
+        let expected = c("get_weather") + c("{\"city\":\"Oslo\"}") + c("No.");
         assert_eq!(
             scan_chunks(true, &[tools.as_bytes()], 0),
             Some((usage(0, expected, expected), UsageSource::Counted))

@@ -14,6 +14,7 @@ mod sims;
 /// mimalloc instead of glibc's allocator: the request path allocates and
 /// frees many small buffers across threads, where glibc's malloc showed up as
 /// ~12% of the gateway's CPU under load (docs/benchmarks.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -66,6 +67,20 @@ enum Command {
         /// Completion length when a request sets no max_tokens.
         #[arg(long, default_value_t = 24)]
         completion_tokens: u32,
+    },
+    /// A bare pingora reverse proxy (no Sluice logic) with the gateway's
+    /// server settings: the floor `sluice-load` measures the gateway against.
+    #[command(hide = true)]
+    BareProxy {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The upstream every request goes to (plain HTTP/1.1).
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
 }
 
@@ -128,7 +143,20 @@ fn load(config: &std::path::Path) -> Result<sluice_config::Config, ExitCode> {
     })
 }
 
+/// Transparent huge pages off for this process (and the children it
+/// starts). mimalloc asks for huge pages on its arenas where the kernel
+/// allows it (`madvise` mode); a connection then touches a few bytes of a
+/// 2 MiB page, and every open stream cost about twice the resident memory
+/// (docs/benchmarks.md, issue #11).
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("sluice: cannot turn transparent huge pages off: {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     init_logging();
     match cli.command {
@@ -146,6 +174,28 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::BareProxy {
+            listen,
+            upstream,
+            threads,
+        } => {
+            let listen = match sluice_proxy::pick_listen_addr(listen) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("sluice bare-proxy: cannot listen on {listen}: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            println!("sluice bare-proxy: listening on http://{listen} -> {upstream}");
+            let _ = std::io::stdout().flush();
+            sluice_proxy::run_bare_proxy(
+                listen,
+                upstream,
+                threads,
+                sluice_proxy::Tuning::from_env(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Run { config } => match load(&config) {
             Ok(cfg) => run(cfg),
             Err(code) => code,
@@ -187,7 +237,10 @@ fn main() -> ExitCode {
             cfg.latency.per_token = Duration::from_millis(per_token_ms);
             cfg.default_tokens_per_minute = tpm;
             cfg.completion_tokens = completion_tokens;
-            preload_tokenizers();
+            preload_tokenizers(vec![
+                sluice_tokens::Encoding::O200kBase,
+                sluice_tokens::Encoding::Cl100kBase,
+            ]);
             sims::run_one(listen, cfg)
         }
     }
@@ -195,19 +248,9 @@ fn main() -> ExitCode {
 
 fn run(cfg: sluice_config::Config) -> ExitCode {
     // Token counting (token_limit, emit_token_metric, the simulators) builds
-    // its tokenizer vocabularies once; do it in the background now rather
-    // than on the first request.
-    // (~60 MiB resident for both; skipped when nothing counts tokens.)
-    let counts_tokens = !cfg.simulators.is_empty()
-        || cfg.apis.iter().flat_map(|a| &a.policies).any(|p| {
-            matches!(
-                p,
-                sluice_config::Policy::TokenLimit(_) | sluice_config::Policy::EmitTokenMetric(_)
-            )
-        });
-    if counts_tokens {
-        preload_tokenizers();
-    }
+    // the vocabularies of the encodings the configured deployments use, in
+    // the background, rather than on the first request (a few MiB each).
+    preload_tokenizers(encodings_in_use(&cfg));
     let data = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
         Ok(a) => a,
         Err(e) => {
@@ -256,12 +299,53 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Build the tokenizer vocabularies in the background.
-fn preload_tokenizers() {
-    std::thread::spawn(|| {
-        sluice_tokens::preload(sluice_tokens::Encoding::O200kBase);
-        sluice_tokens::preload(sluice_tokens::Encoding::Cl100kBase);
+/// Build these tokenizer vocabularies in the background.
+fn preload_tokenizers(encodings: Vec<sluice_tokens::Encoding>) {
+    if encodings.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        for e in encodings {
+            sluice_tokens::preload(e);
+        }
     });
+}
+
+/// The encodings token counting will need: those of the deployment names
+/// each API that counts tokens knows (its `models`, or the names its
+/// routing and simulators use; o200k when it names none), for every API when
+/// simulators run (they count their own usage). A name the configuration
+/// does not list still works: its encoding is built on first use.
+fn encodings_in_use(cfg: &sluice_config::Config) -> Vec<sluice_tokens::Encoding> {
+    let mut out = Vec::new();
+    for api in &cfg.apis {
+        let counts = !cfg.simulators.is_empty()
+            || api.policies.iter().any(|p| {
+                matches!(
+                    p,
+                    sluice_config::Policy::TokenLimit(_)
+                        | sluice_config::Policy::EmitTokenMetric(_)
+                )
+            });
+        if !counts {
+            continue;
+        }
+        let names = cfg.api_models(api);
+        let wanted = if names.is_empty() {
+            vec![sluice_tokens::Encoding::O200kBase]
+        } else {
+            names
+                .iter()
+                .map(|n| sluice_tokens::encoding_for_model(n))
+                .collect()
+        };
+        for e in wanted {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    out
 }
 
 fn print_banner(
@@ -319,4 +403,46 @@ fn print_banner(
         );
     }
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_tokens::Encoding::{Cl100kBase, O200kBase};
+
+    fn config(api_extra: &str) -> sluice_config::Config {
+        let text = format!(
+            "backends:\n  - name: b\n    url: http://127.0.0.1:9\n\
+             apis:\n  - name: a\n    path: /openai\n    backends: [b]\n{api_extra}"
+        );
+        sluice_config::load_str(&text, "test", std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn only_the_encodings_of_counting_apis_are_preloaded() {
+        // Nothing counts tokens: nothing is built.
+        assert!(encodings_in_use(&config("    models: [gpt-4o]\n")).is_empty());
+        let limit = "    policies:\n      - token_limit: { counter_key: subscription, tokens_per_minute: 1000 }\n";
+        // A chat model only: o200k only.
+        assert_eq!(
+            encodings_in_use(&config(&format!(
+                "    models: [gpt-4o, gpt-4o-mini]\n{limit}"
+            ))),
+            vec![O200kBase]
+        );
+        // An embedding deployment adds cl100k; gpt-4 is cl100k.
+        assert_eq!(
+            encodings_in_use(&config(&format!(
+                "    models: [text-embedding-3-small, gpt-4o]\n{limit}"
+            ))),
+            vec![Cl100kBase, O200kBase]
+        );
+        assert_eq!(
+            encodings_in_use(&config(&format!("    models: [gpt-4]\n{limit}"))),
+            vec![Cl100kBase]
+        );
+        // No name known: o200k, the encoding of unknown names.
+        assert_eq!(encodings_in_use(&config(limit)), vec![O200kBase]);
+    }
 }
