@@ -130,6 +130,25 @@ fn limits(c: &mut Criterion) {
 
 fn tokens(c: &mut Criterion) {
     sluice_tokens::preload(Encoding::O200kBase);
+    // Sluice's count-only vocabulary against tiktoken-rs's tokenizer, same texts, same run.
+    let mut g = c.benchmark_group("count_text");
+    let prose =
+        "The quick brown fox jumps over the lazy dog near the canal.  It said: \"don't\"!\n";
+    let mixed = "Ünïcödé 東京都の天気は晴れ 😀 12345 {\"k\": [1, 2]}\t\tend  \n";
+    for (name, text) in [
+        ("prose_1k", prose.repeat(12)),
+        ("mixed_1k", mixed.repeat(14)),
+    ] {
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_with_input(BenchmarkId::new("sluice", name), &text, |b, t| {
+            b.iter(|| sluice_tokens::count_text(Encoding::O200kBase, black_box(t)))
+        });
+        let core = tiktoken_rs::o200k_base_singleton();
+        g.bench_with_input(BenchmarkId::new("tiktoken-rs", name), &text, |b, t| {
+            b.iter(|| core.encode_ordinary(black_box(t)).len())
+        });
+    }
+    g.finish();
     let mut g = c.benchmark_group("prompt_estimate");
     for words in [50usize, 5_000] {
         let text =

@@ -1387,7 +1387,10 @@ mod tests {
         for bad in ["60001", "-1", "x", ""] {
             assert_eq!(with(bad).per_token, Duration::from_millis(3), "{bad:?}");
         }
-        assert_eq!(latency_for(&HeaderMap::new(), region).per_token, region.per_token);
+        assert_eq!(
+            latency_for(&HeaderMap::new(), region).per_token,
+            region.per_token
+        );
     }
 
     #[test]

@@ -14,28 +14,35 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use fancy_regex::Regex;
+use regex::Regex;
 
 use crate::Encoding;
 
 /// A free slot of the rank table.
 const EMPTY: u32 = u32::MAX;
 
-/// o200k's pre-tokenising pattern (tiktoken's).
+// The pre-tokenising patterns, tiktoken's, in a form the `regex` crate runs (a DFA, no
+// backtracking): it has no look-ahead, so tiktoken's `\s+(?!\S)` (a whitespace run, less its last
+// character when a non-space follows) becomes `\s+$` (a run at the end of the text) and `\s+\s`
+// (a run of two or more followed by a non-space), whose match [`Vocab::count`] shortens by its
+// last character. cl100k's possessive quantifiers (`?+`, `++`, `{1,3}+`) become greedy ones:
+// no backtracking into them could make the rest match, so the pieces are the same.
+
+/// o200k.
 const O200K_PATTERN: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
     r"|\p{N}{1,3}",
     r"| ?[^\s\p{L}\p{N}]+[\r\n/]*",
     r"|\s*[\r\n]+",
-    r"|\s+(?!\S)",
+    r"|\s+$|\s+\s",
     r"|\s+"
 );
 
-/// cl100k's pre-tokenising pattern (tiktoken's, with possessive quantifiers).
+/// cl100k.
 const CL100K_PATTERN: &str = concat!(
-    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|",
-    r" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+\s|\s"
 );
 
 /// One encoding's ranks and pattern.
@@ -62,6 +69,32 @@ fn hash(bytes: &[u8]) -> usize {
     let mut h = rustc_hash::FxBuildHasher.build_hasher();
     h.write(bytes);
     h.finish() as usize
+}
+
+/// Where a piece matched at `start..end` really ends: a match of `\s+\s` (two or more
+/// whitespace characters, not at the end of the text, not ending in a line break; no other
+/// alternative matches such a run) gives back its last character, as tiktoken's `\s+(?!\S)`
+/// leaves it to the next piece.
+fn shorten_space_run(text: &str, start: usize, end: usize) -> usize {
+    if end == text.len() {
+        return end;
+    }
+    let piece = &text[start..end];
+    let mut chars = piece.chars();
+    let Some(last) = chars.next_back() else {
+        return end;
+    };
+    let two_or_more = chars.clone().next().is_some();
+    if two_or_more
+        && last != '\n'
+        && last != '\r'
+        && last.is_whitespace()
+        && chars.all(char::is_whitespace)
+    {
+        end - last.len_utf8()
+    } else {
+        end
+    }
 }
 
 impl Vocab {
@@ -127,23 +160,14 @@ impl Vocab {
         }
     }
 
-    /// Tokens of `text` as tiktoken's `encode_ordinary` would produce them. A piece the regex
-    /// cannot split (it gave up backtracking; the caller keeps runs short so that this does not
-    /// happen on real text) is estimated at four bytes a token.
+    /// Tokens of `text` as tiktoken's `encode_ordinary` would produce them.
     pub(crate) fn count(&self, text: &str) -> u64 {
         let mut total = 0u64;
-        let mut done = 0usize;
-        for m in self.regex.find_iter(text) {
-            match m {
-                Ok(m) => {
-                    total += self.piece_tokens(m.as_str().as_bytes()) as u64;
-                    done = m.end();
-                }
-                Err(_) => {
-                    total += text.len().saturating_sub(done).div_ceil(4) as u64;
-                    break;
-                }
-            }
+        let mut at = 0usize;
+        while let Some(m) = self.regex.find_at(text, at) {
+            let piece = shorten_space_run(text, m.start(), m.end());
+            total += self.piece_tokens(&text.as_bytes()[m.start()..piece]) as u64;
+            at = piece;
         }
         total
     }
@@ -347,5 +371,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The whitespace runs tiktoken's look-ahead decides, one by one.
+    #[test]
+    fn whitespace_runs_split_as_tiktoken_does() {
+        let cases = [
+            "a  b",
+            "a   b",
+            "a \t b",
+            "  ",
+            "a  ",
+            "a \n b",
+            "a  \n  b",
+            " \u{a0} x",
+            "x\u{3000}\u{3000}y",
+            "\t\tx",
+            "x \r\n\r\n y",
+            "x\r \r y",
+            "  1  2  ",
+            "a \u{2003}",
+            "!  ?",
+            "'s  'T",
+            "a\n",
+            "a \n",
+            " ",
+            "\n",
+            "x  \u{85}y",
+            "😀  😀",
+        ];
+        for encoding in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            let v = crate::count::vocab(encoding);
+            let core = match encoding {
+                Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
+                Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+            };
+            for text in cases {
+                assert_eq!(
+                    v.count(text),
+                    core.encode_ordinary(text).len() as u64,
+                    "{encoding:?}: {text:?}"
+                );
+            }
+        }
+        assert_eq!(shorten_space_run("a  b", 1, 3), 2);
+        assert_eq!(shorten_space_run("a  ", 1, 3), 3);
+        assert_eq!(shorten_space_run("a \nb", 1, 3), 3);
+        assert_eq!(shorten_space_run("a b", 1, 2), 2);
+        assert_eq!(shorten_space_run("ab c", 0, 2), 2);
     }
 }

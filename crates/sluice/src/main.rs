@@ -308,8 +308,23 @@ fn preload_tokenizers(encodings: Vec<sluice_tokens::Encoding>) {
         for e in encodings {
             sluice_tokens::preload(e);
         }
+        release_free_memory();
     });
 }
+
+/// Building a vocabulary goes through tiktoken-rs's full tokenizer (tens of
+/// MiB) and drops it; mimalloc keeps freed pages for reuse and, in an idle
+/// process, would hold them resident indefinitely. Ask it to give them back.
+#[cfg(feature = "mimalloc")]
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: `mi_collect` takes no pointers and only returns free memory
+    // to the OS; it may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+#[cfg(not(feature = "mimalloc"))]
+fn release_free_memory() {}
 
 /// The encodings token counting will need: those of the deployment names
 /// each API that counts tokens knows (its `models`, or the names its
