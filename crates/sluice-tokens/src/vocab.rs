@@ -14,12 +14,19 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use regex::Regex;
+use regex_automata::meta::Regex;
+use regex_automata::{Anchored, Input};
 
 use crate::Encoding;
 
-/// A free slot of the rank table.
+/// No rank (a pair that is not a token).
 const EMPTY: u32 = u32::MAX;
+
+/// A free slot of the rank table.
+const FREE: u64 = u64::MAX;
+
+/// Pieces up to this many bytes are merged on the stack ([`Vocab::small_piece_tokens`]).
+const SMALL_PIECE: usize = 32;
 
 // The pre-tokenising patterns, tiktoken's, in a form the `regex` crate runs (a DFA, no
 // backtracking): it has no look-ahead, so tiktoken's `\s+(?!\S)` (a whitespace run, less its last
@@ -51,8 +58,11 @@ pub(crate) struct Vocab {
     bytes: Vec<u8>,
     /// `ends[r]`: where rank `r`'s bytes end in `bytes` (they start at `ends[r - 1]`, or 0).
     ends: Vec<u32>,
-    /// Ranks by hash of their bytes (linear probing); [`EMPTY`] marks a free slot.
-    table: Vec<u32>,
+    /// Ranks by hash of their bytes (linear probing). A slot holds the upper half of its token's
+    /// hash above the rank, so that most probes for a byte string that is not a token (most of
+    /// a merge's lookups) are answered without reading any token's bytes; [`FREE`] marks a free
+    /// slot.
+    table: Vec<u64>,
     regex: Regex,
 }
 
@@ -63,6 +73,11 @@ impl std::fmt::Debug for Vocab {
             .field("bytes", &self.bytes.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The upper half of a hash, in a table slot's upper half.
+fn fingerprint(h: usize) -> u64 {
+    (h as u64) & !u64::from(u32::MAX)
 }
 
 fn hash(bytes: &[u8]) -> usize {
@@ -124,16 +139,17 @@ impl Vocab {
         let mut v = Vocab {
             bytes,
             ends,
-            table: vec![EMPTY; slots],
+            table: vec![FREE; slots],
             regex: Regex::new(pattern).expect("the tokenizer patterns compile"),
         };
         for rank in 0..v.ends.len() as u32 {
             let mask = v.table.len() - 1;
-            let mut i = hash(v.token(rank)) & mask;
-            while v.table[i] != EMPTY {
+            let h = hash(v.token(rank));
+            let mut i = h & mask;
+            while v.table[i] != FREE {
                 i = (i + 1) & mask;
             }
-            v.table[i] = rank;
+            v.table[i] = fingerprint(h) | u64::from(rank);
         }
         v
     }
@@ -147,14 +163,19 @@ impl Vocab {
     /// The rank of `piece`, if it is a token.
     pub(crate) fn rank(&self, piece: &[u8]) -> Option<u32> {
         let mask = self.table.len() - 1;
-        let mut i = hash(piece) & mask;
+        let h = hash(piece);
+        let fp = fingerprint(h);
+        let mut i = h & mask;
         loop {
-            let r = self.table[i];
-            if r == EMPTY {
+            let slot = self.table[i];
+            if slot == FREE {
                 return None;
             }
-            if self.token(r) == piece {
-                return Some(r);
+            if slot & !u64::from(u32::MAX) == fp {
+                let r = slot as u32;
+                if self.token(r) == piece {
+                    return Some(r);
+                }
             }
             i = (i + 1) & mask;
         }
@@ -164,12 +185,73 @@ impl Vocab {
     pub(crate) fn count(&self, text: &str) -> u64 {
         let mut total = 0u64;
         let mut at = 0usize;
-        while let Some(m) = self.regex.find_at(text, at) {
+        while at < text.len() {
+            // Every character starts some alternative, so the next piece starts where the last
+            // one ended: an anchored search (forward only). Should a character ever match
+            // nothing, it is skipped, as tiktoken skips it.
+            let input = Input::new(text).range(at..);
+            let m = match self.regex.search(&input.clone().anchored(Anchored::Yes)) {
+                Some(m) => m,
+                None => match self.regex.search(&input) {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            if m.is_empty() {
+                break;
+            }
             let piece = shorten_space_run(text, m.start(), m.end());
             total += self.piece_tokens(&text.as_bytes()[m.start()..piece]) as u64;
             at = piece;
         }
         total
+    }
+
+    /// [`Vocab::piece_tokens`] for a piece of at most [`SMALL_PIECE`] bytes (nearly all): the same
+    /// merges on arrays on the stack, the lowest pair found by a scan.
+    fn small_piece_tokens(&self, piece: &[u8]) -> usize {
+        let n = piece.len();
+        // starts[..=parts]: part boundaries; ranks[k]: part k merged with part k + 1.
+        let mut starts = [0u8; SMALL_PIECE + 1];
+        let mut ranks = [EMPTY; SMALL_PIECE];
+        for (i, s) in starts.iter_mut().enumerate().take(n + 1) {
+            *s = i as u8;
+        }
+        let mut parts = n;
+        let pair = |starts: &[u8], parts: usize, k: usize| -> u32 {
+            if k + 1 >= parts {
+                return EMPTY;
+            }
+            self.rank(&piece[starts[k] as usize..starts[k + 2] as usize])
+                .unwrap_or(EMPTY)
+        };
+        for k in 0..parts - 1 {
+            ranks[k] = pair(&starts, parts, k);
+        }
+        loop {
+            let mut best = EMPTY;
+            let mut at = 0;
+            for (k, &r) in ranks[..parts - 1].iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = k;
+                }
+            }
+            if best == EMPTY {
+                return parts;
+            }
+            // Merge part `at` with the next: drop boundary at + 1.
+            starts.copy_within(at + 2..=parts, at + 1);
+            ranks.copy_within(at + 1..parts - 1, at);
+            parts -= 1;
+            if parts == 1 {
+                return 1;
+            }
+            ranks[at] = pair(&starts, parts, at);
+            if at > 0 {
+                ranks[at - 1] = pair(&starts, parts, at - 1);
+            }
+        }
     }
 
     /// Tokens of one regex piece.
@@ -179,11 +261,19 @@ impl Vocab {
     /// leftmost of equals, as in tiktoken. Entries left stale by a merge are skipped when
     /// popped. O(n log n) for a piece of n bytes.
     fn piece_tokens(&self, piece: &[u8]) -> usize {
-        use std::cmp::Reverse;
-        use std::collections::BinaryHeap;
         if piece.len() <= 1 || self.rank(piece).is_some() {
             return piece.len().min(1);
         }
+        if piece.len() <= SMALL_PIECE {
+            return self.small_piece_tokens(piece);
+        }
+        self.large_piece_tokens(piece)
+    }
+
+    /// [`Vocab::piece_tokens`] for a piece of two bytes or more that is not a token itself.
+    fn large_piece_tokens(&self, piece: &[u8]) -> usize {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
         let n = piece.len();
         // next[i]: where the part starting at i ends (n for the last); prev[i]: the part before.
         let mut next: Vec<usize> = (1..=n).collect();
@@ -419,5 +509,31 @@ mod tests {
         assert_eq!(shorten_space_run("a \nb", 1, 3), 3);
         assert_eq!(shorten_space_run("a b", 1, 2), 2);
         assert_eq!(shorten_space_run("ab c", 0, 2), 2);
+    }
+
+    /// The stack merge and the heap merge agree, piece by piece.
+    #[test]
+    fn small_and_large_merges_agree() {
+        use rand::prelude::*;
+        let v = crate::count::vocab(Encoding::O200kBase);
+        let alphabet: Vec<char> = "abcdeéxyz THE_qu0123'!\n\t東京😀".chars().collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut compared = 0;
+        while compared < 3000 {
+            let n = rng.random_range(2..12);
+            let piece: String = (0..n)
+                .map(|_| *alphabet.choose(&mut rng).unwrap())
+                .collect();
+            let bytes = piece.as_bytes();
+            if bytes.len() > SMALL_PIECE || v.rank(bytes).is_some() {
+                continue;
+            }
+            assert_eq!(
+                v.small_piece_tokens(bytes),
+                v.large_piece_tokens(bytes),
+                "{piece:?}"
+            );
+            compared += 1;
+        }
     }
 }
