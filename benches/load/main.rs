@@ -1031,6 +1031,9 @@ fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
 }
 
 fn text_report(out: &mut String, rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
     let _ = writeln!(
         out,
         "{:<8} {:<7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
@@ -1112,6 +1115,10 @@ fn markdown_report(out: &mut String, args: &Args, rows: &[Row]) {
         args.duration_secs,
         args.warmup_secs
     );
+    if rows.is_empty() {
+        // Only `streams` ran: its own table follows.
+        return;
+    }
     let _ = writeln!(
         out,
         "| Scenario | Target | Requests | Errors | Late | req/s | p50 ms | p90 ms | p99 ms | max ms | TTFB p50 ms | TTFB p99 ms | CPU s / 1k req | Peak RSS MiB |"

@@ -225,8 +225,8 @@ impl Vocab {
             self.rank(&piece[starts[k] as usize..starts[k + 2] as usize])
                 .unwrap_or(EMPTY)
         };
-        for k in 0..parts - 1 {
-            ranks[k] = pair(&starts, parts, k);
+        for (k, r) in ranks.iter_mut().enumerate().take(parts - 1) {
+            *r = pair(&starts, parts, k);
         }
         loop {
             let mut best = EMPTY;
@@ -288,10 +288,10 @@ impl Vocab {
             }
             self.rank(&piece[i..next[mid]]).unwrap_or(EMPTY)
         };
-        for i in 0..n - 1 {
-            pair[i] = rank_at(&next, i);
-            if pair[i] != EMPTY {
-                heap.push(Reverse((pair[i], i)));
+        for (i, p) in pair.iter_mut().enumerate().take(n - 1) {
+            *p = rank_at(&next, i);
+            if *p != EMPTY {
+                heap.push(Reverse((*p, i)));
             }
         }
         let mut parts = n;
