@@ -108,6 +108,11 @@ pub fn strip_query_param<'q>(query: &'q str, name: &str) -> Cow<'q, str> {
 
 /// Whether the raw `name=value` parameter `param` is called `name` once decoded.
 fn is_param(param: &str, name: &str) -> bool {
+    let raw = param.split_once('=').map_or(param, |(n, _)| n);
+    if !raw.contains(['%', '+']) {
+        // Nothing to decode (the usual case): the raw name is the name.
+        return !param.is_empty() && raw == name;
+    }
     // One parameter: the parser yields its (name, value), or nothing when it is empty.
     form_urlencoded::parse(param.as_bytes())
         .next()
@@ -225,6 +230,19 @@ mod tests {
             strip_query_param("subscription%2Dkey=a&b=2", "subscription-key"),
             "b=2"
         );
+        // Names without escapes are compared as they are; near misses stay.
+        assert_eq!(
+            strip_query_param(
+                "subscription-key2=a&xsubscription-key=b&subscription-key",
+                "subscription-key"
+            ),
+            "subscription-key2=a&xsubscription-key=b"
+        );
+        assert_eq!(strip_query_param("&&a=1", "a"), "");
+        assert_eq!(strip_query_param("a=1&&b", "a"), "b");
+        // A `+` in a name is a space.
+        assert_eq!(strip_query_param("my+key=1&k=2", "my key"), "k=2");
+        assert_eq!(strip_query_param("my+key=1&k=2", "my+key"), "my+key=1&k=2");
     }
 
     #[test]

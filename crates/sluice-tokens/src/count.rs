@@ -4,13 +4,13 @@
 //! run time. Each encoding used is turned once, lazily, into a compact count-only [`Vocab`]
 //! (a few MiB instead of tiktoken-rs's ~55 MiB for o200k) shared by all threads afterwards.
 //!
-//! tiktoken's pre-tokenising regex (fancy-regex) gives up with an error when one match attempt
-//! needs too many backtracking steps; about a mebibyte of whitespace followed by a letter is
-//! enough. [`count`] therefore never hands the regex a "run" (stretch of text between two
-//! guaranteed piece boundaries, see [`is_piece_boundary`]) longer than [`MAX_RUN`] bytes: such
-//! runs are cut. Ordinary text has no run anywhere near that long, so its count is exactly
-//! tiktoken's; a cut inside a long run (a huge whitespace block, a long base64 blob, a page of
-//! CJK text without spaces) may shift the count by a token or so per cut.
+//! [`count`] never hands the tokenizer a "run" (stretch of text between two guaranteed piece
+//! boundaries, see [`is_piece_boundary`]) longer than [`MAX_RUN`] bytes: such runs are cut. This
+//! kept tiktoken's backtracking regex from giving up (about a mebibyte of whitespace followed by
+//! a letter made it fail); the DFA pre-tokenizer now used cannot fail, and the cut still bounds
+//! the merge work of a single piece. Ordinary text has no run anywhere near that long, so its
+//! count is exactly tiktoken's; a cut inside a long run (a huge whitespace block, a long base64
+//! blob, a page of CJK text without spaces) may shift the count by a token or so per cut.
 
 use std::sync::OnceLock;
 

@@ -4,7 +4,7 @@
 //! a sorted copy of every token and 128 clones of its regex: about 55 MiB resident for o200k.
 //! Counting needs much less: the rank of a byte string, and the same pre-tokenising regex. Here
 //! every token's bytes sit in one buffer, indexed by rank, and an open-addressing table of ranks
-//! finds a byte string's rank: about 5 MiB for o200k, 3 MiB for cl100k.
+//! finds a byte string's rank: about 6 MiB for o200k, 3 MiB for cl100k.
 //!
 //! The table is filled from tiktoken-rs's own vocabulary (built once, read rank by rank, then
 //! dropped), so the ranks are exactly tiktoken's. Counting follows tiktoken's `encode_ordinary`:
