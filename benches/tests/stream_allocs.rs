@@ -1,5 +1,5 @@
 //! Per-event work on a stream allocates nothing once its buffers have grown
-//! (but for the tokenizer's, once per 2 KiB of generated text):
+//! and the tokenizer is warm:
 //! the usage scanner, the usage-chunk filter and the trace tally, over a long
 //! chat stream, counted by an instrumented allocator. (One test in this
 //! binary: the allocator counts every thread.)
@@ -25,8 +25,9 @@ fn stream_events_allocate_nothing_in_steady_state() {
     let mut scanner = UsageScanner::new(true, Encoding::O200kBase, 10);
     let mut filter = UsageChunkFilter::new();
     let mut tally = Tally::new(4096);
-    // The first events grow the buffers.
-    let (warm, rest) = events.split_at(50);
+    // The first events grow the buffers and warm the tokenizer (its lazy DFA
+    // builds states the first time it sees a text's shape).
+    let (warm, rest) = events.split_at(600);
     for e in warm {
         scanner.feed(e);
         tally.feed(e);
@@ -40,13 +41,13 @@ fn stream_events_allocate_nothing_in_steady_state() {
         passed += filter.feed(e.clone()).len();
     }
     let stats = region.change();
-    // Reading, filtering and tallying an event allocate nothing; what remains is the
-    // tokenizer's own working memory when a 2 KiB batch of generated text is counted
-    // (a handful of allocations every few hundred events).
-    let per_event = (stats.allocations + stats.reallocations) as f64 / rest.len() as f64;
-    assert!(
-        per_event < 0.05,
-        "{per_event:.3} allocations per event over {} events: {stats:?}",
+    // Reading, filtering and tallying an event allocate nothing, and neither
+    // does counting a 2 KiB batch of generated text once the tokenizer is warm
+    // (the window holds at least one such batch).
+    assert_eq!(
+        (stats.allocations, stats.reallocations),
+        (0, 0),
+        "over {} events after warm-up: {stats:?}",
         rest.len()
     );
     // The work was done: the usage chunk was read and removed.
