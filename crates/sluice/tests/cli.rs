@@ -228,6 +228,62 @@ fn sim_subcommand_serves_azure_openai() {
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
 }
 
+/// `sluice bare-proxy` (the benchmarks' floor) forwards requests and streams
+/// unchanged (a slow stream, as `sluice-load`'s `streams` scenario asks for).
+#[test]
+fn bare_proxy_forwards_to_its_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sim, url) = spawn_until(
+        &["sim", "--listen", "127.0.0.1:0", "--region", "eastus"],
+        dir.path(),
+        "sluice sim: region eastus listening on",
+    );
+    let sim = addr_of(&url);
+    let (_proxy, line) = spawn_until(
+        &[
+            "bare-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &sim.to_string(),
+            "--threads",
+            "1",
+        ],
+        dir.path(),
+        "sluice bare-proxy: listening on",
+    );
+    let (url, upstream) = line.split_once(" -> ").expect("banner names the upstream");
+    assert_eq!(upstream, sim.to_string());
+    let proxy = addr_of(url);
+    wait_connect(proxy);
+    let path = "/openai/deployments/x/chat/completions?api-version=2024-10-21";
+    let r = post(
+        proxy,
+        path,
+        &[],
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    // No gateway logic: no x-ms-stream tag is added.
+    assert_eq!(r.header("x-ms-stream"), None);
+    let r = post(
+        proxy,
+        path,
+        &[("x-sim-per-token-ms", "40")],
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // The role chunk (empty content) and the five tokens.
+    assert_eq!(
+        text.matches("\"delta\":{\"content\":\"").count(),
+        6,
+        "{text}"
+    );
+}
+
 #[test]
 fn run_on_a_busy_port_exits_1_with_a_message() {
     let dir = good_dir();
