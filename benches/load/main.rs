@@ -334,17 +334,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
             .arg("--threads")
             .arg(args.threads.to_string())
             .env("RUST_LOG", "warn");
-        let (proc, addr) = Proc::spawn_until_line(
-            "pingora",
-            cmd,
-            &tmp,
-            StopSignal::Int,
-            "listening on",
-            READY_TIMEOUT,
-        )?;
-        procs::wait_connectable(addr, READY_TIMEOUT)
-            .with_context(|| format!("bare pingora printed {addr}{}", proc.stderr_tail()))?;
-        eprintln!("sluice-load: bare pingora (pid {}) on {addr}", proc.pid());
+        let (proc, addr) = spawn_proxy("pingora", cmd, &tmp, "listening on")?;
         targets.push(Target {
             kind: TargetKind::Pingora,
             debug_token: None,
@@ -371,17 +361,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         )?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
-        let (proc, addr) = Proc::spawn_until_line(
-            "sluice",
-            cmd,
-            &tmp,
-            StopSignal::Int,
-            "sluice: listening on",
-            READY_TIMEOUT,
-        )?;
-        procs::wait_connectable(addr, READY_TIMEOUT)
-            .with_context(|| format!("sluice printed {addr}{}", proc.stderr_tail()))?;
-        eprintln!("sluice-load: sluice (pid {}) on {addr}", proc.pid());
+        let (proc, addr) = spawn_proxy("sluice", cmd, &tmp, "sluice: listening on")?;
         let group = Some(ProcGroup {
             root: proc.pid(),
             with_children: false,
@@ -504,6 +484,22 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     print!("{out}");
     drop(stack);
     Ok(())
+}
+
+/// Start a `sluice` subcommand that prints `marker http://ADDR` when it
+/// listens (stopped with SIGINT), and wait until ADDR accepts connections.
+fn spawn_proxy(
+    name: &'static str,
+    cmd: Command,
+    tmp: &Path,
+    marker: &str,
+) -> Result<(Proc, SocketAddr)> {
+    let (proc, addr) =
+        Proc::spawn_until_line(name, cmd, tmp, StopSignal::Int, marker, READY_TIMEOUT)?;
+    procs::wait_connectable(addr, READY_TIMEOUT)
+        .with_context(|| format!("{name} printed {addr}{}", proc.stderr_tail()))?;
+    eprintln!("sluice-load: {name} (pid {}) on {addr}", proc.pid());
+    Ok((proc, addr))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -524,11 +524,15 @@ enum TextKind {
     Arguments,
 }
 
-/// Responses event types whose `delta` is generated text, counted for the fallback.
-const COUNTED_DELTAS: [&str; 3] = [
-    "response.output_text.delta",
-    "response.refusal.delta",
-    "response.function_call_arguments.delta",
+/// Responses event types whose `delta` is generated text, counted for the fallback, and the
+/// kind of text each carries.
+const COUNTED_DELTAS: [(&str, TextKind); 3] = [
+    ("response.output_text.delta", TextKind::Content),
+    ("response.refusal.delta", TextKind::Refusal),
+    (
+        "response.function_call_arguments.delta",
+        TextKind::Arguments,
+    ),
 ];
 
 /// A chunk's `choices`. Streams almost always carry one choice per chunk: it is kept inline, so
@@ -826,10 +830,9 @@ impl SseScan {
             self.usage = Some(u);
         }
         if let Some(text) = delta
-            && let Some(i) = COUNTED_DELTAS.iter().position(|k| *k == kind)
+            && let Some((_, kind)) = COUNTED_DELTAS.iter().find(|(k, _)| *k == kind)
         {
-            let kind = [TextKind::Content, TextKind::Refusal, TextKind::Arguments][i];
-            self.add(kind, text);
+            self.add(*kind, text);
         }
     }
 
