@@ -38,7 +38,13 @@ pub struct RequestSpec {
     pub debug_token: Option<String>,
     /// More request headers (e.g. the simulator's `x-sim-per-token-ms`).
     pub extra_headers: Vec<(&'static str, String)>,
+    /// Makes every body different: each request's number replaces
+    /// [`UNIQUE_MARK`] in `body` (the user's message of `--unique-prompts`).
+    pub numbered: Option<std::sync::atomic::AtomicU64>,
 }
+
+/// Where a numbered body gets its request's number.
+pub const UNIQUE_MARK: &str = "#N#";
 
 impl RequestSpec {
     /// The request, ready to send.
@@ -55,8 +61,28 @@ impl RequestSpec {
         for (name, value) in &self.extra_headers {
             req = req.header(*name, value.as_str());
         }
-        Ok(req.body(Full::new(self.body.clone()))?)
+        let body = match &self.numbered {
+            Some(counter) => numbered_body(
+                &self.body,
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ),
+            None => self.body.clone(),
+        };
+        Ok(req.body(Full::new(body))?)
     }
+}
+
+/// `body` with its first [`UNIQUE_MARK`] replaced by `n`.
+pub fn numbered_body(body: &[u8], n: u64) -> Bytes {
+    let Some(at) = memchr::memmem::find(body, UNIQUE_MARK.as_bytes()) else {
+        return Bytes::copy_from_slice(body);
+    };
+    let n = n.to_string();
+    let mut out = Vec::with_capacity(body.len() + n.len());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(n.as_bytes());
+    out.extend_from_slice(&body[at + UNIQUE_MARK.len()..]);
+    Bytes::from(out)
 }
 
 /// How a phase drives load.
@@ -346,7 +372,18 @@ pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{UNIQUE_MARK, numbered_body, percentile};
+
+    #[test]
+    fn numbered_bodies_differ_by_their_number() {
+        let body = format!("{{\"q\":\"ask {UNIQUE_MARK}\"}}");
+        assert_eq!(&numbered_body(body.as_bytes(), 0)[..], br#"{"q":"ask 0"}"#);
+        assert_eq!(
+            &numbered_body(body.as_bytes(), 417)[..],
+            br#"{"q":"ask 417"}"#
+        );
+        assert_eq!(&numbered_body(b"no mark", 3)[..], b"no mark");
+    }
 
     #[test]
     fn nearest_rank() {

@@ -76,9 +76,27 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,pingora,sluice,traced,nginx"
+        default_value = "direct,pingora,baseline,sluice,traced,nginx"
     )]
     targets: Vec<TargetKind>,
+    /// Another `sluice` binary (the build before a change), run as target
+    /// `baseline` with the same configuration as `sluice`, right before it in
+    /// every round: a before-and-after comparison in one run, on the same
+    /// machine state. Its simulator and bare proxy are `--sluice`'s.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Measure every scenario this many times, the targets interleaved in
+    /// each round; the tables give each figure's median over the rounds
+    /// (requests, errors and late requests are summed), which steadies the
+    /// ratios on a noisy machine.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Make every request's user message different (it ends in the
+    /// request's number), as real traffic is; by default every request of a
+    /// scenario sends the same body (the system prompt is the same either
+    /// way).
+    #[arg(long)]
+    unique_prompts: bool,
     /// Closed loop: every connection sends back to back (maximum throughput), no fixed rate.
     #[arg(long)]
     max: bool,
@@ -100,6 +118,9 @@ struct Args {
     #[arg(long, default_value_t = 250)]
     token_ms: u64,
 }
+
+/// The user's question of every scenario's body.
+const QUESTION: &str = "Why would a team put an API gateway in front of Azure OpenAI? Mention quotas, failover between regions and per-team usage reporting.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -153,12 +174,20 @@ impl Scenario {
 
     /// A ~300-byte chat completions body (the same prompt as a Responses
     /// `input`).
-    fn body(self) -> Bytes {
+    /// The request body; with `unique`, the user's message ends in the
+    /// request's number ([`client::UNIQUE_MARK`]), so that no two requests
+    /// ask the same.
+    fn body(self, unique: bool) -> Bytes {
+        let question = if unique {
+            format!("{QUESTION} (Request {}.)", client::UNIQUE_MARK)
+        } else {
+            QUESTION.to_string()
+        };
         if self == Scenario::Responses {
             let body = serde_json::json!({
                 "model": "gpt-4o",
                 "instructions": "You are a terse assistant. Answer in one short sentence.",
-                "input": "Why would a team put an API gateway in front of Azure OpenAI? Mention quotas, failover between regions and per-team usage reporting.",
+                "input": question,
                 "max_output_tokens": 16,
                 "stream": true
             });
@@ -167,7 +196,7 @@ impl Scenario {
         let mut body = serde_json::json!({
             "messages": [
                 {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."},
-                {"role": "user", "content": "Why would a team put an API gateway in front of Azure OpenAI? Mention quotas, failover between regions and per-team usage reporting."}
+                {"role": "user", "content": question}
             ],
             "max_tokens": 16
         });
@@ -184,6 +213,8 @@ enum TargetKind {
     Direct,
     /// A bare pingora proxy (`sluice bare-proxy`): the floor under Sluice.
     Pingora,
+    /// `--baseline`: the build before a change, configured as `sluice`.
+    Baseline,
     Sluice,
     /// Sluice, with every request traced.
     Traced,
@@ -195,6 +226,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Pingora => "pingora",
+            TargetKind::Baseline => "baseline",
             TargetKind::Sluice => "sluice",
             TargetKind::Traced => "traced",
             TargetKind::Nginx => "nginx",
@@ -218,6 +250,7 @@ struct Target {
 struct Stack {
     nginx: Option<Proc>,
     bare: Option<Proc>,
+    baseline: Option<Proc>,
     sluice: Option<Proc>,
     sim: Option<Proc>,
     sim_in_process: Option<sluice_sim::SimHandle>,
@@ -230,6 +263,9 @@ impl Drop for Stack {
             p.stop();
         }
         if let Some(p) = &mut self.sluice {
+            p.stop();
+        }
+        if let Some(p) = &mut self.baseline {
             p.stop();
         }
         if let Some(p) = &mut self.bare {
@@ -268,8 +304,12 @@ fn main() -> ExitCode {
 
 fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
-    if args.concurrency == 0 || !positive(args.rate) || !positive(args.duration_secs) {
-        bail!("--concurrency, --rate and --duration-secs must be positive");
+    if args.concurrency == 0
+        || args.rounds == 0
+        || !positive(args.rate)
+        || !positive(args.duration_secs)
+    {
+        bail!("--concurrency, --rounds, --rate and --duration-secs must be positive");
     }
     if !args.warmup_secs.is_finite() || args.warmup_secs < 0.0 {
         bail!("--warmup-secs must not be negative");
@@ -278,6 +318,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     let mut stack = Stack {
         nginx: None,
         bare: None,
+        baseline: None,
         sluice: None,
         sim: None,
         sim_in_process: None,
@@ -347,18 +388,36 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         stack.bare = Some(proc);
     }
 
-    // 3. Sluice.
+    // 3. Sluice (and the baseline build, with the same configuration).
+    let conf = write_gateway_config(
+        &tmp,
+        sim_addr,
+        args.threads,
+        &key,
+        args.policies,
+        args.trace,
+    )?;
+    if args.sluice.is_some()
+        && let Some(bin) = &args.baseline
+        && args.targets.contains(&TargetKind::Baseline)
+    {
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
+        let (proc, addr) = spawn_proxy("baseline", cmd, &tmp, "sluice: listening on")?;
+        targets.push(Target {
+            kind: TargetKind::Baseline,
+            debug_token: None,
+            addr,
+            group: Some(ProcGroup {
+                root: proc.pid(),
+                with_children: false,
+            }),
+        });
+        stack.baseline = Some(proc);
+    }
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Sluice)
     {
-        let conf = write_gateway_config(
-            &tmp,
-            sim_addr,
-            args.threads,
-            &key,
-            args.policies,
-            args.trace,
-        )?;
         let mut cmd = Command::new(bin);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
         let (proc, addr) = spawn_proxy("sluice", cmd, &tmp, "sluice: listening on")?;
@@ -468,7 +527,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
             let _ = writeln!(out, "\nfirst error of {}/{}: {e}", r.scenario, r.target);
         }
     }
-    for p in [&stack.sluice, &stack.bare, &stack.sim]
+    for p in [&stack.sluice, &stack.baseline, &stack.bare, &stack.sim]
         .into_iter()
         .flatten()
     {
@@ -672,19 +731,31 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
             streams_report = measure_streams(args, targets, key).await?;
             continue;
         }
-        for t in targets {
+        let mut rounds = Vec::new();
+        for (round, t) in (0..args.rounds).flat_map(|r| targets.iter().map(move |t| (r, t))) {
+            if args.rounds > 1 && t.kind == targets[0].kind {
+                eprintln!(
+                    "sluice-load: {}: round {} of {}",
+                    scenario.name(),
+                    round + 1,
+                    args.rounds
+                );
+            }
             if scenario == Scenario::Realtime {
-                rows.push(measure_ws(args, t, key).await?);
+                rounds.push(measure_ws(args, t, key).await?);
                 continue;
             }
             let spec = Arc::new(RequestSpec {
                 path: scenario.path().to_string(),
                 host: t.addr.to_string(),
                 api_key: sluice_sim::Secret::new(key),
-                body: scenario.body(),
+                body: scenario.body(args.unique_prompts),
                 stream_end: scenario.stream_end(),
                 debug_token: t.debug_token.clone(),
                 extra_headers: Vec::new(),
+                numbered: args
+                    .unique_prompts
+                    .then(|| std::sync::atomic::AtomicU64::new(0)),
             });
             eprintln!(
                 "sluice-load: {}/{}: warmup {:.1} s, measuring {:.1} s ({})",
@@ -717,8 +788,12 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
                 }
                 _ => None,
             };
-            rows.push(row(scenario, t.kind, r, cpu_per_1k, rss));
+            rounds.push(row(scenario, t.kind, r, cpu_per_1k, rss));
         }
+        if args.rounds > 1 {
+            streams_report.push_str(&rounds_report(&rounds));
+        }
+        rows.extend(merge_rounds(rounds));
     }
     Ok((rows, streams_report))
 }
@@ -740,7 +815,8 @@ async fn measure_streams(args: &Args, targets: &[Target], key: &str) -> Result<S
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         args.stream_tokens, args.token_ms
     );
-    let mut body: serde_json::Value = serde_json::from_slice(&Scenario::Streams.body())?;
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&Scenario::Streams.body(args.unique_prompts))?;
     body["max_tokens"] = args.stream_tokens.into();
     let body = Bytes::from(body.to_string());
     let mut results = Vec::new();
@@ -753,6 +829,9 @@ async fn measure_streams(args: &Args, targets: &[Target], key: &str) -> Result<S
             stream_end: Scenario::Streams.stream_end(),
             debug_token: t.debug_token.clone(),
             extra_headers: vec![("x-sim-per-token-ms", args.token_ms.to_string())],
+            numbered: args
+                .unique_prompts
+                .then(|| std::sync::atomic::AtomicU64::new(0)),
         });
         eprintln!(
             "sluice-load: streams/{}: opening {n} streams of ~{stream_secs:.0} s",
@@ -964,6 +1043,122 @@ fn row(
     }
 }
 
+/// One row per target from the rows of every round (in the order the
+/// targets first ran): each figure's median over the rounds; requests, errors
+/// and late requests summed; the highest peak RSS; the first error seen.
+fn merge_rounds(rounds: Vec<Row>) -> Vec<Row> {
+    let mut groups: Vec<Vec<Row>> = Vec::new();
+    for r in rounds {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].scenario == r.scenario && g[0].target == r.target)
+        {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|mut g| {
+            if g.len() == 1 {
+                return g.remove(0);
+            }
+            let med = |pick: &dyn Fn(&Row) -> Option<f64>| median(g.iter().filter_map(pick));
+            Row {
+                scenario: g[0].scenario,
+                target: g[0].target,
+                sent: g.iter().map(|r| r.sent).sum(),
+                errors: g.iter().map(|r| r.errors).sum(),
+                late: g.iter().map(|r| r.late).sum(),
+                rps: median(g.iter().map(|r| r.rps)).unwrap_or(0.0),
+                lat: [0, 1, 2, 3].map(|i| med(&|r: &Row| r.lat[i])),
+                ttfb: [0, 1].map(|i| med(&|r: &Row| r.ttfb[i])),
+                cpu_per_1k: med(&|r: &Row| r.cpu_per_1k),
+                rss_mib: g.iter().filter_map(|r| r.rss_mib).reduce(f64::max),
+                first_error: g.iter_mut().find_map(|r| r.first_error.take()),
+            }
+        })
+        .collect()
+}
+
+/// The median of some figures (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+/// Every round's CPU per 1,000 requests, a line per target, so that the
+/// spread behind a median is on the page; then each round's ratio of a
+/// gateway's CPU to bare pingora's (and to the baseline build's), measured
+/// minutes apart in the same round, and the median of those ratios: the
+/// steadiest figure on a shared machine.
+fn rounds_report(rounds: &[Row]) -> String {
+    let mut out = String::new();
+    let Some(first) = rounds.first() else {
+        return out;
+    };
+    let _ = writeln!(out, "\nCPU s / 1k req by round ({}):", first.scenario);
+    let mut seen: Vec<&str> = Vec::new();
+    for r in rounds {
+        if seen.contains(&r.target) {
+            continue;
+        }
+        seen.push(r.target);
+        let each: Vec<String> = rounds
+            .iter()
+            .filter(|x| x.target == r.target)
+            .map(|x| f(x.cpu_per_1k, 3))
+            .collect();
+        let _ = writeln!(out, "  {:<8} {}", r.target, each.join("  "));
+    }
+    for (proxy, floor) in [
+        ("baseline", "pingora"),
+        ("sluice", "pingora"),
+        ("traced", "pingora"),
+        ("sluice", "baseline"),
+    ] {
+        let ratios = round_ratios(rounds, proxy, floor);
+        if let Some(m) = median(ratios.iter().copied()) {
+            let each: Vec<String> = ratios.iter().map(|x| format!("{x:.3}")).collect();
+            let _ = writeln!(
+                out,
+                "  {proxy}/{floor} by round: {}; median {m:.3}x",
+                each.join("  ")
+            );
+        }
+    }
+    out
+}
+
+/// `proxy`'s CPU per request over `floor`'s in each round where both were
+/// measured (the n-th row of each is the n-th round).
+fn round_ratios(rounds: &[Row], proxy: &str, floor: &str) -> Vec<f64> {
+    let of = |t: &str| {
+        rounds
+            .iter()
+            .filter(|r| r.target == t)
+            .map(|r| r.cpu_per_1k)
+            .collect::<Vec<_>>()
+    };
+    of(proxy)
+        .into_iter()
+        .zip(of(floor))
+        .filter_map(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        })
+        .collect()
+}
+
 fn f(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".to_string(), |x| format!("{x:.decimals$}"))
 }
@@ -986,6 +1181,8 @@ struct Added {
     /// CPU per request over nginx's and over bare pingora's.
     cpu_nginx: Option<f64>,
     cpu_floor: Option<f64>,
+    /// CPU per request over the `--baseline` build's (sluice and traced).
+    cpu_baseline: Option<f64>,
 }
 
 fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
@@ -1004,7 +1201,8 @@ fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
             };
             let nginx_cpu = find("nginx").and_then(|r| r.cpu_per_1k);
             let floor_cpu = floor.and_then(|r| r.cpu_per_1k);
-            let added = ["pingora", "sluice", "traced", "nginx"]
+            let baseline_cpu = find("baseline").and_then(|r| r.cpu_per_1k);
+            let added = ["pingora", "baseline", "sluice", "traced", "nginx"]
                 .into_iter()
                 .filter_map(|p| {
                     let r = find(p)?;
@@ -1018,6 +1216,8 @@ fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
                         p99_floor: diff(r.lat[2], floor?.lat[2]).filter(|_| above_floor),
                         cpu_nginx: ratio(r.cpu_per_1k, nginx_cpu).filter(|_| p != "nginx"),
                         cpu_floor: ratio(r.cpu_per_1k, floor_cpu).filter(|_| above_floor),
+                        cpu_baseline: ratio(r.cpu_per_1k, baseline_cpu)
+                            .filter(|_| matches!(p, "sluice" | "traced")),
                     })
                 })
                 .collect();
@@ -1032,7 +1232,7 @@ fn text_report(out: &mut String, rows: &[Row]) {
     }
     let _ = writeln!(
         out,
-        "{:<8} {:<7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "{:<8} {:<8} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
         "scenario",
         "target",
         "sent",
@@ -1051,7 +1251,7 @@ fn text_report(out: &mut String, rows: &[Row]) {
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<8} {:<7} {:>7} {:>6} {:>6} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
+            "{:<8} {:<8} {:>7} {:>6} {:>6} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
             r.scenario,
             r.target,
             r.sent,
@@ -1083,6 +1283,9 @@ fn text_report(out: &mut String, rows: &[Row]) {
             }
             if let Some(x) = a.cpu_floor {
                 let _ = write!(line, ", CPU {}/pingora = {x:.2}x", a.proxy);
+            }
+            if let Some(x) = a.cpu_baseline {
+                let _ = write!(line, ", CPU {}/baseline = {x:.3}x", a.proxy);
             }
             line.push(';');
         }
@@ -1145,22 +1348,23 @@ fn markdown_report(out: &mut String, args: &Args, rows: &[Row]) {
     }
     let _ = writeln!(
         out,
-        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | Over pingora p50 ms | Over pingora p99 ms | CPU / nginx | CPU / pingora |"
+        "\n| Scenario | Proxy | Added p50 ms | Added p99 ms | Over pingora p50 ms | Over pingora p99 ms | CPU / nginx | CPU / pingora | CPU / baseline |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let x = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
     for (s, added) in comparisons(rows) {
         for a in added {
             let _ = writeln!(
                 out,
-                "| {s} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {s} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 a.proxy,
                 signed(a.p50),
                 signed(a.p99),
                 signed(a.p50_floor),
                 signed(a.p99_floor),
                 x(a.cpu_nginx),
-                x(a.cpu_floor)
+                x(a.cpu_floor),
+                x(a.cpu_baseline)
             );
         }
     }
@@ -1192,4 +1396,130 @@ fn date() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown date".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(target: &'static str, cpu: f64, p50: f64, sent: u64, rss: f64) -> Row {
+        Row {
+            scenario: "chat",
+            target,
+            sent,
+            errors: 1,
+            late: 2,
+            rps: sent as f64 / 10.0,
+            lat: [Some(p50), Some(p50 * 2.0), None, Some(9.0)],
+            ttfb: [None, None],
+            cpu_per_1k: Some(cpu),
+            rss_mib: Some(rss),
+            first_error: None,
+        }
+    }
+
+    #[test]
+    fn unique_bodies_carry_the_mark_in_the_users_message() {
+        for scenario in [Scenario::Chat, Scenario::Stream, Scenario::Responses] {
+            let plain = scenario.body(false);
+            let unique = scenario.body(true);
+            assert!(memchr::memmem::find(&plain, client::UNIQUE_MARK.as_bytes()).is_none());
+            let v: serde_json::Value = serde_json::from_slice(&unique).unwrap();
+            let user = match scenario {
+                Scenario::Responses => v["input"].as_str().unwrap().to_string(),
+                _ => v["messages"][1]["content"].as_str().unwrap().to_string(),
+            };
+            assert!(
+                user.starts_with(QUESTION) && user.contains(client::UNIQUE_MARK),
+                "{user}"
+            );
+            let a = client::numbered_body(&unique, 1);
+            let b = client::numbered_body(&unique, 2);
+            assert_ne!(a, b);
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
+        assert_eq!(median([7.0].into_iter()), Some(7.0));
+        assert_eq!(median(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn rounds_merge_into_one_row_per_target_by_median() {
+        let rounds = vec![
+            round("pingora", 0.20, 1.0, 100, 20.0),
+            round("sluice", 0.30, 2.0, 100, 25.0),
+            round("pingora", 0.10, 3.0, 100, 22.0),
+            round("sluice", 0.26, 1.0, 100, 24.0),
+            round("pingora", 0.40, 2.0, 100, 21.0),
+            round("sluice", 0.28, 4.0, 100, 23.0),
+        ];
+        let merged = merge_rounds(rounds);
+        assert_eq!(merged.len(), 2);
+        let (p, s) = (&merged[0], &merged[1]);
+        assert_eq!((p.target, s.target), ("pingora", "sluice"));
+        assert_eq!((p.cpu_per_1k, s.cpu_per_1k), (Some(0.20), Some(0.28)));
+        assert_eq!((p.lat[0], s.lat[0]), (Some(2.0), Some(2.0)));
+        assert_eq!(s.lat[1], Some(4.0));
+        assert_eq!((s.lat[2], s.ttfb[0]), (None, None));
+        assert_eq!((s.sent, s.errors, s.late), (300, 3, 6));
+        assert_eq!((p.rss_mib, s.rss_mib), (Some(22.0), Some(25.0)));
+        assert!((s.rps - 10.0).abs() < 1e-9);
+        // One round: the row as measured.
+        let one = merge_rounds(vec![round("sluice", 0.5, 1.0, 7, 1.0)]);
+        assert_eq!((one[0].cpu_per_1k, one[0].sent), (Some(0.5), 7));
+    }
+
+    #[test]
+    fn the_baseline_ratio_is_given_for_sluice_only() {
+        let rows = vec![
+            round("direct", 0.0, 0.5, 100, 0.0),
+            round("pingora", 0.20, 1.0, 100, 20.0),
+            round("baseline", 0.25, 1.2, 100, 20.0),
+            round("sluice", 0.24, 1.1, 100, 20.0),
+        ];
+        let cmp = comparisons(&rows);
+        let added = &cmp[0].1;
+        let get = |p: &str| added.iter().find(|a| a.proxy == p).unwrap();
+        assert!((get("sluice").cpu_baseline.unwrap() - 0.96).abs() < 1e-9);
+        assert!((get("sluice").cpu_floor.unwrap() - 1.2).abs() < 1e-9);
+        assert!((get("baseline").cpu_floor.unwrap() - 1.25).abs() < 1e-9);
+        assert_eq!(get("baseline").cpu_baseline, None);
+        assert_eq!(get("pingora").cpu_baseline, None);
+        let report = rounds_report(&rows);
+        assert!(report.contains("baseline 0.250"), "{report}");
+        assert!(
+            report.contains("sluice/baseline by round: 0.960; median 0.960x"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn ratios_pair_the_rounds_of_two_targets() {
+        let rounds: Vec<Row> = [
+            ("pingora", 0.20),
+            ("sluice", 0.30),
+            ("pingora", 0.25),
+            ("sluice", 0.25),
+            ("pingora", 0.10),
+            ("sluice", 0.12),
+        ]
+        .into_iter()
+        .map(|(target, cpu)| round(target, cpu, 1.0, 100, 20.0))
+        .collect();
+        let r = round_ratios(&rounds, "sluice", "pingora");
+        assert_eq!(r.len(), 3);
+        assert!(
+            (r[0] - 1.5).abs() < 1e-9 && (r[1] - 1.0).abs() < 1e-9 && (r[2] - 1.2).abs() < 1e-9
+        );
+        assert!(round_ratios(&rounds, "traced", "pingora").is_empty());
+        let report = rounds_report(&rounds);
+        assert!(
+            report.contains("sluice/pingora by round: 1.500  1.000  1.200; median 1.200x"),
+            "{report}"
+        );
+    }
 }

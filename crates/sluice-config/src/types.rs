@@ -682,6 +682,28 @@ impl Dimension {
             }
         }
     }
+
+    /// Whether the two have the same [`label`](Self::label), compared
+    /// without building either (token metrics look labels up per response).
+    pub fn same_label(&self, other: &Dimension) -> bool {
+        fn label_char(c: u8) -> u8 {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' {
+                c
+            } else {
+                b'_'
+            }
+        }
+        match (self, other) {
+            (Dimension::Header(a), Dimension::Header(b)) => {
+                let (a, b) = (a.as_str().as_bytes(), b.as_str().as_bytes());
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(&x, &y)| label_char(x) == label_char(y))
+            }
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -691,6 +713,26 @@ mod tests {
     #[test]
     fn dimension_labels() {
         assert_eq!(Dimension::BackendRegion.label(), "backend_region");
+        let h = |n: &'static str| Dimension::Header(http::HeaderName::from_static(n));
+        let all = [
+            Dimension::Subscription,
+            Dimension::Api,
+            Dimension::Deployment,
+            Dimension::Backend,
+            Dimension::BackendRegion,
+            Dimension::ClientIp,
+            Dimension::Identity,
+            h("x-a"),
+            h("x_a"),
+            h("x-b"),
+            h("x-ab"),
+            h("api"),
+        ];
+        for a in &all {
+            for b in &all {
+                assert_eq!(a.same_label(b), a.label() == b.label(), "{a:?} {b:?}");
+            }
+        }
         assert_eq!(Dimension::ClientIp.label(), "client_ip");
         assert_eq!(
             Dimension::Header(http::HeaderName::from_static("x-user-id")).label(),

@@ -2,11 +2,15 @@
 //! counters: prompt, completion and total tokens, labelled by the dimensions
 //! each API configures.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use sluice_config::Dimension;
+use smallvec::SmallVec;
 
 /// The value a client-driven label reports once it has seen its cap of
 /// distinct values.
@@ -69,6 +73,21 @@ pub struct TokenMetrics {
     prompt: IntCounterVec,
     completion: IntCounterVec,
     total: IntCounterVec,
+    /// The three counters of each label set recorded so far, found by a
+    /// hash of the values: a response's tokens are added without building
+    /// the labels again or looking them up three times in the vectors.
+    /// Bounded like the series themselves.
+    handles: Arc<Handles>,
+}
+
+/// One label set's values and its prompt, completion and total counters.
+type LabelSet = (Box<[Box<str>]>, [IntCounter; 3]);
+
+/// Counter handles by label values (see [`TokenMetrics`]).
+#[derive(Debug, Default)]
+struct Handles {
+    hasher: RandomState,
+    by_hash: Mutex<HashMap<u64, Vec<LabelSet>>>,
 }
 
 impl TokenMetrics {
@@ -120,6 +139,7 @@ impl TokenMetrics {
                 "Total (prompt + completion) tokens of responses that passed the gateway.",
             )?,
             labels,
+            handles: Arc::default(),
         })
     }
 
@@ -130,27 +150,26 @@ impl TokenMetrics {
 
     /// Add one response's tokens. `value` gives each label's value (`None`:
     /// the API does not use that dimension, recorded as an empty label).
-    pub fn record(
+    pub fn record<'a>(
         &self,
-        value: impl Fn(&Dimension) -> Option<String>,
+        value: impl Fn(&Dimension) -> Option<Cow<'a, str>>,
         prompt: u64,
         completion: u64,
         total: u64,
     ) {
-        let values: Vec<String> = self
+        let owned: SmallVec<[Cow<'a, str>; 8]> = self
             .labels
             .iter()
             .map(|d| value(d).unwrap_or_default())
             .collect();
-
-        let mut values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let mut values: SmallVec<[&str; 8]> = owned.iter().map(|v| &**v).collect();
         if !self.client_driven.is_empty() {
             // The unit separator cannot appear in a header value.
             let combination = self
                 .client_driven
                 .iter()
                 .map(|&i| values[i])
-                .collect::<Vec<_>>()
+                .collect::<SmallVec<[&str; 8]>>()
                 .join("\u{1f}");
             if !self.seen.admit(&combination) {
                 for &i in self.client_driven.iter() {
@@ -158,16 +177,42 @@ impl TokenMetrics {
                 }
             }
         }
-        if let Ok(c) = self.prompt.get_metric_with_label_values(&values) {
-            c.inc_by(prompt);
-        }
-        if let Ok(c) = self.completion.get_metric_with_label_values(&values) {
-            c.inc_by(completion);
-        }
-        if let Ok(c) = self.total.get_metric_with_label_values(&values) {
-            c.inc_by(total);
-        }
+        let Some([p, c, t]) = self.counters(&values) else {
+            return;
+        };
+        p.inc_by(prompt);
+        c.inc_by(completion);
+        t.inc_by(total);
     }
+
+    /// The prompt, completion and total counters of one label set.
+    fn counters(&self, values: &[&str]) -> Option<[IntCounter; 3]> {
+        let hash = self.handles.hasher.hash_one(values);
+        let mut by_hash = self
+            .handles
+            .by_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let same = by_hash.entry(hash).or_default();
+        if let Some(found) = find_handles(same, values) {
+            return Some(found.clone());
+        }
+        let made = [
+            self.prompt.get_metric_with_label_values(values).ok()?,
+            self.completion.get_metric_with_label_values(values).ok()?,
+            self.total.get_metric_with_label_values(values).ok()?,
+        ];
+        same.push((values.iter().map(|&v| Box::from(v)).collect(), made.clone()));
+        Some(made)
+    }
+}
+
+/// The counters among `same` (label sets whose values hashed alike) whose
+/// values are `values`.
+fn find_handles<'h>(same: &'h [LabelSet], values: &[&str]) -> Option<&'h [IntCounter; 3]> {
+    same.iter()
+        .find(|(labels, _)| labels.iter().map(|l| &**l).eq(values.iter().copied()))
+        .map(|(_, counters)| counters)
 }
 
 #[cfg(test)]
@@ -227,8 +272,8 @@ mod tests {
         let record = |sub: &str, t: &str| {
             m.record(
                 |d| match d {
-                    Dimension::Subscription => Some(sub.to_string()),
-                    _ => Some(t.to_string()),
+                    Dimension::Subscription => Some(sub.to_string().into()),
+                    _ => Some(t.to_string().into()),
                 },
                 1,
                 1,
@@ -265,6 +310,76 @@ mod tests {
     }
 
     #[test]
+    fn handles_are_found_by_every_value_of_the_label_set() {
+        let counter = |n: &str| IntCounter::new(n, "h").unwrap();
+        let set = |a: &str, b: &str| -> Box<[Box<str>]> { vec![a.into(), b.into()].into() };
+        let same = vec![
+            (
+                set("a", "b"),
+                [counter("ab1"), counter("ab2"), counter("ab3")],
+            ),
+            (
+                set("a", "c"),
+                [counter("ac1"), counter("ac2"), counter("ac3")],
+            ),
+        ];
+        same[0].1[0].inc_by(1);
+        same[1].1[0].inc_by(2);
+        let name = |v: &[&str]| find_handles(&same, v).map(|c| c[0].get());
+        assert_eq!(name(&["a", "b"]), Some(1));
+        assert_eq!(name(&["a", "c"]), Some(2));
+        assert_eq!(name(&["a", "d"]), None);
+        assert_eq!(name(&["a"]), None);
+        assert_eq!(name(&["a", "b", "c"]), None);
+    }
+
+    #[test]
+    fn one_label_set_is_one_series_however_often_it_is_recorded() {
+        let r = Registry::new();
+        let m = TokenMetrics::new(&r, &[Dimension::Api, Dimension::Backend], 10).unwrap();
+        for (api, backend) in [
+            ("x", "b1"),
+            ("x", "b2"),
+            ("x", "b1"),
+            ("y", "b1"),
+            ("x", "b1"),
+        ] {
+            m.record(
+                |d| match d {
+                    Dimension::Api => Some(api.into()),
+                    _ => Some(backend.into()),
+                },
+                1,
+                2,
+                3,
+            );
+        }
+        let t = text(&r);
+        assert!(
+            t.contains(r#"sluice_tokens_total{api="x",backend="b1"} 9"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"sluice_prompt_tokens_total{api="x",backend="b2"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"sluice_completion_tokens_total{api="y",backend="b1"} 2"#),
+            "{t}"
+        );
+        assert_eq!(
+            m.handles
+                .by_hash
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>(),
+            3
+        );
+    }
+
+    #[test]
     fn which_dimensions_are_client_driven() {
         assert!(client_driven(&Dimension::ClientIp));
         assert!(client_driven(&Dimension::Identity));
@@ -287,9 +402,9 @@ mod tests {
             for ip in 0..10 {
                 m.record(
                     |d| match d {
-                        Dimension::Api => Some("api".to_string()),
-                        Dimension::ClientIp => Some(format!("10.0.0.{ip}")),
-                        _ => Some(format!("t{t}")),
+                        Dimension::Api => Some("api".into()),
+                        Dimension::ClientIp => Some(format!("10.0.0.{ip}").into()),
+                        _ => Some(format!("t{t}").into()),
                     },
                     1,
                     1,

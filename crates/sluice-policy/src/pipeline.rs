@@ -11,6 +11,7 @@
 //! 5. [`ApiPipeline::finish`] reconciles token reservations with the actual
 //!    usage and records token metrics.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -640,9 +641,8 @@ impl ApiPipeline {
             let Step::Metric(dims) = step else { continue };
             metrics.record(
                 |label| {
-                    let name = label.label();
                     dims.iter()
-                        .find(|d| d.label() == name)
+                        .find(|d| d.same_label(label))
                         .map(|d| self.dimension_value(d, ctx, backend))
                 },
                 u.prompt_tokens,
@@ -652,25 +652,24 @@ impl ApiPipeline {
         }
     }
 
-    fn dimension_value(
-        &self,
+    fn dimension_value<'a>(
+        &'a self,
         d: &Dimension,
-        ctx: &RequestContext,
-        backend: Option<&str>,
-    ) -> String {
+        ctx: &'a RequestContext,
+        backend: Option<&'a str>,
+    ) -> Cow<'a, str> {
         const NA: &str = "N/A";
-        let or_na = |v: Option<&str>| v.unwrap_or(NA).to_string();
+        let or_na = |v: Option<&'a str>| Cow::Borrowed(v.unwrap_or(NA));
         match d {
             Dimension::Subscription => or_na(ctx.subscription.as_ref().map(|s| &*s.name)),
-            Dimension::Api => self.api_name.to_string(),
+            Dimension::Api => Cow::Borrowed(&*self.api_name),
             Dimension::Deployment => or_na(ctx.deployment.as_deref()),
             Dimension::Backend => or_na(backend),
             Dimension::BackendRegion => or_na(ctx.backend_region.as_deref()),
             Dimension::ClientIp => ctx
                 .client_ip
-                .map(|ip| ip.to_string())
-                .unwrap_or_else(|| NA.to_string()),
-            Dimension::Identity => or_na(ctx.identity().as_deref()),
+                .map_or(Cow::Borrowed(NA), |ip| Cow::Owned(ip.to_string())),
+            Dimension::Identity => Cow::Owned(ctx.identity().unwrap_or_else(|| NA.to_string())),
             Dimension::Header(h) => or_na(
                 ctx.metric_headers
                     .iter()

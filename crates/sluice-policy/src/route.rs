@@ -71,6 +71,10 @@ pub fn upstream_path<'a>(
 /// segment hiding an encoded `/` or `\`. Such paths are refused: forwarded
 /// with the backend's credential they could reach other APIs on the backend.
 pub fn has_dot_segments(path: &str) -> bool {
+    // Without `%` a dot segment can only start the path or follow a `/`.
+    if !path.contains('%') && !path.starts_with('.') && !path.contains("/.") {
+        return false;
+    }
     path.split('/').any(|seg| {
         if seg.is_empty() {
             return false;
@@ -185,6 +189,10 @@ mod tests {
             "/openai/deployments/a%2f..%2fb/chat",
             "/openai/a%5cb",
             "/..",
+            "..",
+            ".",
+            "./x",
+            "/openai/x/..",
         ] {
             assert!(has_dot_segments(p), "{p}");
         }
@@ -195,6 +203,9 @@ mod tests {
             "/openai/%2e%2e%2e",
             "/openai//x",
             "/",
+            "/openai/.hidden/x",
+            "/openai/...",
+            "x.y/z",
         ] {
             assert!(!has_dot_segments(p), "{p}");
         }

@@ -92,7 +92,7 @@ pub enum Affinity {
 
 impl Routing {
     /// Backends tried so far.
-    pub fn tried(&self) -> Vec<usize> {
+    pub fn tried(&self) -> sluice_routing::Members {
         self.attempts.iter().map(|a| a.backend).collect()
     }
 

@@ -19,9 +19,23 @@ pub fn header_value(stream: bool) -> &'static str {
 
 /// The flag for a whole body.
 pub fn stream_flag(body: &[u8]) -> bool {
+    // A body that spells `stream` in no case and holds no `\u` escape
+    // (which could spell it) has no `stream` key: no need to walk it byte by
+    // byte.
+    if !spells_stream(body) && memchr::memmem::find(body, b"\\u").is_none() {
+        return false;
+    }
     let mut p = StreamProbe::default();
     p.feed(body);
     p.finish()
+}
+
+/// `stream`, in any case, appears somewhere in `body`.
+fn spells_stream(body: &[u8]) -> bool {
+    memchr::memchr2_iter(b's', b'S', body).any(|i| {
+        body.get(i..i + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"stream"))
+    })
 }
 
 /// Where the scanner is in the JSON text.
@@ -316,6 +330,16 @@ mod tests {
             br#"{"messages":[{"content":"x"}], "stream" : true}"#
         ));
         assert!(stream_flag(br#"{"stream":"TRUE"}"#));
+        assert!(
+            spells_stream(b"stream") && spells_stream(b"x:StReAm") && spells_stream(b"sstream")
+        );
+        assert!(!spells_stream(b"strea") && !spells_stream(b"s tream") && !spells_stream(b""));
+        assert!(stream_flag(br#"{"STREAM":true}"#));
+        assert!(stream_flag(br#"{"sTrEaM":true}"#));
+        assert!(stream_flag(br#"{"\u0073tream":true}"#));
+        assert!(!stream_flag(
+            br#"{"messages":[{"content":"s"}],"strea":true}"#
+        ));
         assert!(stream_flag(br#"{"stream":"tr\u0075e"}"#));
         assert!(stream_flag(br#"{"str\u0065am":true}"#));
         assert!(stream_flag(b" {\n\t\"stream\"\n:\ntrue\n}\n"));

@@ -26,6 +26,10 @@ pub const PREREAD_LIMIT: u64 = 64 * 1024;
 
 /// The most of a streamed multipart body read before routing to find its
 /// `model` field; a field after that (after a large file) is not looked for.
+/// Header names the gateway looks up on every request, built once.
+static X_MS_REGION: http::HeaderName = http::HeaderName::from_static("x-ms-region");
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 const FORM_PREFIX_LIMIT: usize = 64 * 1024;
 
 /// The largest streamed request body copied to estimate its prompt (token
@@ -257,6 +261,31 @@ fn parse_hop(hop: &str) -> Option<std::net::IpAddr> {
         })
 }
 
+thread_local! {
+    /// The last client address this worker thread wrote as a hop, and the
+    /// header value made of it: a connection's requests (and a proxy's in
+    /// front) come from one address, formatted once.
+    static LAST_HOP: std::cell::RefCell<Option<(std::net::IpAddr, http::HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `ip` as an `X-Forwarded-For` value (shared with earlier requests from
+/// the same address on this thread).
+fn hop_value(ip: std::net::IpAddr) -> http::HeaderValue {
+    LAST_HOP.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((seen, value)) = last.as_ref()
+            && *seen == ip
+        {
+            return value.clone();
+        }
+        let value = http::HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        *last = Some((ip, value.clone()));
+        value
+    })
+}
+
 /// A header value that `Debug` (and so pingora's logs) prints as
 /// `Sensitive`: for the credentials the gateway injects.
 fn sensitive(value: &str) -> Result<http::HeaderValue> {
@@ -404,7 +433,11 @@ impl Gateway {
             + b.connect_timeout
                 .min(failover_left)
                 .max(Duration::from_millis(1));
-        let addr = match tokio::time::timeout_at(deadline, b.address()).await {
+        let lookup = match b.fixed_address() {
+            Some(a) => Ok(Ok(a)),
+            None => tokio::time::timeout_at(deadline, b.address()).await,
+        };
+        let addr = match lookup {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 return Err(Error::because(
@@ -456,7 +489,9 @@ impl Gateway {
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_millis(1));
-        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
+        // SNI only means something over TLS.
+        let sni = if b.tls { b.host.clone() } else { String::new() };
+        let mut peer = HttpPeer::new(addr, b.tls, sni);
         peer.options.connection_timeout = Some(left);
         peer.options.total_connection_timeout = Some(left);
         peer.options.read_timeout = Some(b.read_timeout);
@@ -522,11 +557,21 @@ impl Gateway {
                 target.push_str(&q);
             }
         }
-        let uri: http::Uri = target.parse().map_err(|e| {
-            Error::because(ErrorType::InternalError, "building the upstream URI", e)
-        })?;
-        upstream.set_uri(uri);
-        upstream.insert_header(http::header::HOST, b.host_header.as_str())?;
+        // Most calls reach the backend by the path they came with: the URI
+        // is parsed again only when it changed.
+        let unchanged = uri.authority().is_none()
+            && upstream.uri == *uri
+            && uri.path_and_query().is_some_and(|pq| pq.as_str() == target);
+        if !unchanged {
+            let uri = http::Uri::from_maybe_shared(Bytes::from(target)).map_err(|e| {
+                Error::because(ErrorType::InternalError, "building the upstream URI", e)
+            })?;
+            upstream.set_uri(uri);
+        }
+        match &b.host_value {
+            Some(host) => upstream.insert_header(http::header::HOST, host.clone())?,
+            None => upstream.insert_header(http::header::HOST, b.host_header.as_str())?,
+        }
         for h in &self.state.credential_headers {
             upstream.remove_header(h);
         }
@@ -573,16 +618,22 @@ impl Gateway {
             }
         }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            let xff = match upstream
+            use std::fmt::Write as _;
+            let prev = upstream
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            upstream.insert_header("x-forwarded-for", xff)?;
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok());
+            match prev {
+                Some(prev) => {
+                    // One buffer: the earlier hops, then this one.
+                    let mut xff = String::with_capacity(prev.len() + 2 + 39);
+                    xff.push_str(prev);
+                    xff.push_str(", ");
+                    let _ = write!(xff, "{}", client.ip());
+                    upstream.insert_header("x-forwarded-for", xff)?;
+                }
+                None => upstream.insert_header("x-forwarded-for", hop_value(client.ip()))?,
+            }
         }
         Ok(())
     }
@@ -890,17 +941,36 @@ impl Gateway {
             ctx.continue_sent = true;
         }
         let declared = content_length(session).unwrap_or(0).min(limit);
-        let mut buf = BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
+        // A body that arrives in one chunk (most small ones) is kept as
+        // pingora read it; only one in several chunks is copied together.
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
-            buf.extend_from_slice(&chunk);
-            if buf.len() as u64 > limit {
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                held => {
+                    if buf.is_empty() {
+                        buf.reserve(usize::try_from(declared).unwrap_or(0));
+                    }
+                    if let Some(held) = held {
+                        buf.extend_from_slice(&held);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+            let read = first.as_ref().map_or(buf.len(), Bytes::len);
+            if read as u64 > limit {
                 return Ok(Err(GatewayError::body_too_large(limit)));
             }
         }
-        ctx.body_len = buf.len() as u64;
-        ctx.stream = sluice_policy::stream_flag(&buf);
+        let body = match first {
+            Some(whole) => whole,
+            None => buf.freeze(),
+        };
+        ctx.body_len = body.len() as u64;
+        ctx.stream = sluice_policy::stream_flag(&body);
         ctx.body_mode = BodyMode::Preread;
-        Ok(Ok(buf.freeze()))
+        Ok(Ok(body))
     }
 }
 
@@ -1503,59 +1573,71 @@ impl ProxyHttp for Gateway {
         if upstream_response.status.is_informational() && !switching {
             return Ok(());
         }
+        // The pipeline reads the head before the gateway's own headers go
+        // in (borrowed: nothing of it is copied but the region it keeps).
+        let status = upstream_response.status;
+        let region_sent = upstream_response.headers.contains_key(&X_MS_REGION);
+        let backend_region = ctx
+            .backend
+            .and_then(|i| self.state.backends.get(i))
+            .map(|b| b.region.as_str());
+        let (sse, creates_owned) = match ctx.api {
+            Some(api) => {
+                let headers = &upstream_response.headers;
+                let content_type = headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                let region = if region_sent {
+                    headers.get(&X_MS_REGION).and_then(|v| v.to_str().ok())
+                } else {
+                    backend_region
+                };
+                self.state.apis[api].pipeline.start_response(
+                    ctx,
+                    status.as_u16(),
+                    content_type,
+                    region,
+                );
+                if switching {
+                    self.open_realtime(ctx, api);
+                }
+                let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
+                let creates = status.is_success()
+                    && ctx.usage_scanner.is_none()
+                    && ctx.owned.as_ref().is_some_and(|c| c.creates);
+                (sse, creates)
+            }
+            None => (false, false),
+        };
+        // Header values are shared, never copied: the stream flag's two
+        // values are static and the backend's region is built once.
         if !switching {
-            upstream_response.insert_header("x-ms-stream", stream_tag::header_value(ctx.stream))?;
+            upstream_response.insert_header(
+                "x-ms-stream",
+                http::HeaderValue::from_static(stream_tag::header_value(ctx.stream)),
+            )?;
         }
-        if !upstream_response.headers.contains_key("x-ms-region")
+        if !region_sent
             && let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i))
+            && let Some(region) = &b.region_header
         {
-            upstream_response.insert_header("x-ms-region", b.region.as_str())?;
+            upstream_response.insert_header("x-ms-region", region.clone())?;
         }
-        if upstream_response.status.is_success() {
+        if status.is_success() {
             // Remaining/consumed tokens describe a charge; failed calls are refunded.
             for (name, value) in &ctx.response_headers {
                 upstream_response.insert_header(name.clone(), value.as_str())?;
             }
         }
-        if let Some(api) = ctx.api {
-            let header = |n: &str| {
-                upstream_response
-                    .headers
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            let content_type = header("content-type");
-            let region = header("x-ms-region");
-            self.state.apis[api].pipeline.start_response(
-                ctx,
-                upstream_response.status.as_u16(),
-                content_type.as_deref(),
-                region.as_deref(),
-            );
-            if switching {
-                self.open_realtime(ctx, api);
-            }
-            if upstream_response.status.is_success()
-                && ctx.usage_asked
-                && content_type
-                    .as_deref()
-                    .is_some_and(|c| c.starts_with("text/event-stream"))
-            {
+        if ctx.api.is_some() {
+            if status.is_success() && ctx.usage_asked && sse {
                 // The client gets fewer bytes than the backend sent.
                 upstream_response.remove_header(&http::header::CONTENT_LENGTH);
                 ctx.usage_filter = Some(Box::default());
             }
-            if upstream_response.status.is_success()
-                && ctx.usage_scanner.is_none()
-                && let Some(call) = ctx.owned.as_mut()
-                && call.creates
-            {
+            if creates_owned && let Some(call) = ctx.owned.as_mut() {
                 // Only the id is wanted; counting (no prompt) is dropped
                 // with the scanner once the id is found.
-                let sse = content_type
-                    .as_deref()
-                    .is_some_and(|c| c.starts_with("text/event-stream"));
                 call.id_scanner = Some(sluice_tokens::UsageScanner::new(
                     sse,
                     sluice_tokens::Encoding::O200kBase,
@@ -1746,10 +1828,10 @@ impl ProxyHttp for Gateway {
                 .inc();
         }
         if let Some(api) = ctx.api {
-            let backend = ctx.backend.map(|i| self.state.backends[i].name.clone());
+            let backend = ctx.backend.map(|i| self.state.backends[i].name.as_str());
             self.state.apis[api]
                 .pipeline
-                .finish(ctx, &self.state.shared, backend.as_deref())
+                .finish(ctx, &self.state.shared, backend)
                 .await;
             // An incomplete response (it hit max_output_tokens, say) is an
             // ordinary end, not a failure.
@@ -1768,7 +1850,7 @@ impl ProxyHttp for Gateway {
                     .stream_failures
                     .with_label_values(&[
                         self.state.api_names[api].as_str(),
-                        backend.as_deref().unwrap_or(""),
+                        backend.unwrap_or(""),
                         kind,
                     ])
                     .inc();
@@ -1877,6 +1959,16 @@ mod tests {
         // A client that went away gets nothing.
         assert!(status(Error::new_down(ErrorType::ConnectionClosed)).is_none());
         assert!(status(Error::new_down(ErrorType::ReadTimedout)).is_none());
+    }
+
+    #[test]
+    fn hop_values_are_the_address_and_follow_a_change_of_address() {
+        let a: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(hop_value(a), "10.1.2.3");
+        assert_eq!(hop_value(a), "10.1.2.3");
+        assert_eq!(hop_value(b), "2001:db8::1");
+        assert_eq!(hop_value(a), "10.1.2.3");
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct BackendRuntime {
     pub port: u16,
     /// `Host` header value (`host` or `host:port` when the port is not the default).
     pub host_header: String,
+    /// The same, built once as a header value (cloned, never copied, per request).
+    pub host_value: Option<http::HeaderValue>,
+    /// `region` as a ready header value; `None` when it cannot be one.
+    pub region_header: Option<http::HeaderValue>,
     pub base_path: String,
     /// The backend's api-key as a ready header value, marked sensitive so
     /// that header dumps print `Sensitive` instead of the key.
@@ -159,6 +163,8 @@ impl BackendRuntime {
             tls,
             host,
             port,
+            host_value: http::HeaderValue::from_str(&host_header).ok(),
+            region_header: http::HeaderValue::from_str(&b.region).ok(),
             host_header,
             base_path,
             api_key: b
@@ -206,6 +212,12 @@ impl BackendRuntime {
     /// making their own. A lookup that outlasts its caller's connect budget
     /// is abandoned (the caller gets a timeout, the stale answer is not
     /// used) and the next caller looks the host up again.
+    /// The backend's address when it is fixed (an IP literal or a
+    /// simulator): known without a lookup or a timer.
+    pub fn fixed_address(&self) -> Option<SocketAddr> {
+        self.fixed
+    }
+
     pub async fn address(&self) -> std::io::Result<SocketAddr> {
         if let Some(a) = self.fixed {
             return Ok(a);

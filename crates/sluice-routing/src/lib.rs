@@ -43,4 +43,4 @@ pub use headroom::{Fit, Headroom, HeadroomView};
 pub use outcome::Outcome;
 pub use pool::{BackendHealth, Member, Pool};
 pub use retry_after::{parse_reset, retry_after_from};
-pub use select::{Choice, Need, candidates, select, swrr_pick};
+pub use select::{Choice, Members, Need, candidates, select, swrr_pick};

@@ -23,12 +23,40 @@ pub enum Outcome {
     ConnectionLost,
 }
 
+/// The status codes backends commonly answer with, as labels that need no
+/// allocation (the label is taken for every attempt's metric).
+fn common_status(status: u16) -> Option<&'static str> {
+    Some(match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => return None,
+    })
+}
+
 impl Outcome {
     /// A short label for metrics and logs: the status code itself ("200", "429", "503"), or "connect_failed",
     /// "timeout", "connection_lost".
     pub fn label(&self) -> Cow<'static, str> {
         match self {
-            Outcome::Status { status, .. } => Cow::Owned(status.to_string()),
+            Outcome::Status { status, .. } => match common_status(*status) {
+                Some(label) => Cow::Borrowed(label),
+                None => Cow::Owned(status.to_string()),
+            },
             Outcome::ConnectFailed => Cow::Borrowed("connect_failed"),
             Outcome::Timeout => Cow::Borrowed("timeout"),
             Outcome::ConnectionLost => Cow::Borrowed("connection_lost"),
@@ -69,6 +97,14 @@ mod tests {
         assert_eq!(status(200).label(), "200");
         assert_eq!(status(429).label(), "429");
         assert_eq!(status(503).label(), "503");
+        for code in [
+            201, 204, 400, 401, 403, 404, 408, 409, 413, 415, 422, 500, 502, 504,
+        ] {
+            assert_eq!(status(code).label(), code.to_string());
+            assert!(matches!(status(code).label(), Cow::Borrowed(_)));
+        }
+        assert_eq!(status(418).label(), "418");
+        assert_eq!(status(599).label(), "599");
         assert_eq!(Outcome::ConnectFailed.label(), "connect_failed");
         assert_eq!(Outcome::Timeout.label(), "timeout");
         assert_eq!(Outcome::ConnectionLost.label(), "connection_lost");

@@ -2,7 +2,16 @@
 
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use crate::{Admit, BackendHealth, Fit, Member, Pool};
+
+/// Indices of a pool's members, kept on the stack for pools of up to 8
+/// members (selection runs for every attempt and allocates nothing then).
+pub type Members = SmallVec<[usize; 8]>;
+
+/// One flag or fit per member of a pool, on the stack like [`Members`].
+type PerMember<T> = SmallVec<[T; 8]>;
 
 /// What a request needs from a backend, for steering.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,9 +81,9 @@ fn select_with(
     admit: impl Fn(&BackendHealth) -> Admit,
 ) -> Choice {
     let members = &pool.members;
-    let mut refused = vec![false; members.len()];
+    let mut refused: PerMember<bool> = smallvec::smallvec![false; members.len()];
     for _ in 0..members.len() {
-        let eligible: Vec<bool> = members
+        let eligible: PerMember<bool> = members
             .iter()
             .zip(&refused)
             .map(|(member, &refused)| {
@@ -87,7 +96,7 @@ fn select_with(
             .collect();
         // Only eligible members' headroom is read: `candidates` ignores the fit of the others, so locking their
         // headroom would be wasted work.
-        let fit: Vec<Fit> = if pool.steering {
+        let fit: PerMember<Fit> = if pool.steering {
             members
                 .iter()
                 .zip(&eligible)
@@ -97,7 +106,7 @@ fn select_with(
                 })
                 .collect()
         } else {
-            Vec::new()
+            PerMember::new()
         };
         let (chosen, steered) = candidates(members, &eligible, &fit, pool.steering);
         let Some(winner) = pick(pool, &chosen) else {
@@ -138,7 +147,7 @@ fn select_with(
 /// the winner's index among the pool's members.
 fn pick(pool: &Pool, chosen: &[usize]) -> Option<usize> {
     let group = pool.group_of(*chosen.first()?)?;
-    let local: Vec<usize> = chosen
+    let local: Members = chosen
         .iter()
         .filter_map(|&index| index.checked_sub(group.start))
         .collect();
@@ -162,11 +171,11 @@ pub fn candidates(
     eligible: &[bool],
     fit: &[Fit],
     steering: bool,
-) -> (Vec<usize>, bool) {
+) -> (Members, bool) {
     let is_eligible = |index: usize| eligible.get(index).copied().unwrap_or(false);
     let fit_of = |index: usize| fit.get(index).copied().unwrap_or(Fit::Unknown);
     let Some(first) = lowest_priority(members, is_eligible) else {
-        return (Vec::new(), false);
+        return (Members::new(), false);
     };
     if steering {
         let fits = |index: usize| is_eligible(index) && fit_of(index) != Fit::No;
@@ -192,7 +201,7 @@ fn lowest_priority(members: &[Member], keep: impl Fn(usize) -> bool) -> Option<u
 }
 
 /// The indices of the members of `priority` that `keep` accepts.
-fn of_priority(members: &[Member], priority: u32, keep: impl Fn(usize) -> bool) -> Vec<usize> {
+fn of_priority(members: &[Member], priority: u32, keep: impl Fn(usize) -> bool) -> Members {
     members
         .iter()
         .enumerate()
@@ -233,6 +242,17 @@ pub fn swrr_pick(current: &mut [i64], weights: &[u32], candidates: &[usize]) -> 
 
 #[cfg(test)]
 mod tests {
+    /// [`candidates`] with its members as a `Vec`, for comparing.
+    fn cand(
+        members: &[Member],
+        eligible: &[bool],
+        fit: &[Fit],
+        steering: bool,
+    ) -> (Vec<usize>, bool) {
+        let (chosen, steered) = candidates(members, eligible, fit, steering);
+        (chosen.to_vec(), steered)
+    }
+
     use super::*;
     use crate::{BreakerRule, Outcome};
     use std::cell::Cell;
@@ -383,11 +403,11 @@ mod tests {
         let members = two_groups();
         for steering in [false, true] {
             assert_eq!(
-                candidates(&members, &[false; 4], &[Fit::Yes; 4], steering),
+                cand(&members, &[false; 4], &[Fit::Yes; 4], steering),
                 (vec![], false)
             );
-            assert_eq!(candidates(&members, &[], &[], steering), (vec![], false));
-            assert_eq!(candidates(&[], &[], &[], steering), (vec![], false));
+            assert_eq!(cand(&members, &[], &[], steering), (vec![], false));
+            assert_eq!(cand(&[], &[], &[], steering), (vec![], false));
         }
     }
 
@@ -396,20 +416,20 @@ mod tests {
         let members = two_groups();
         let no_fit = [Fit::No; 4];
         assert_eq!(
-            candidates(&members, &[true; 4], &no_fit, false),
+            cand(&members, &[true; 4], &no_fit, false),
             (vec![0, 1], false)
         );
         assert_eq!(
-            candidates(&members, &[false, true, true, true], &no_fit, false),
+            cand(&members, &[false, true, true, true], &no_fit, false),
             (vec![1], false)
         );
         assert_eq!(
-            candidates(&members, &[false, false, true, true], &no_fit, false),
+            cand(&members, &[false, false, true, true], &no_fit, false),
             (vec![2, 3], false)
         );
         // Missing entries are not eligible.
         assert_eq!(
-            candidates(&members, &[false, false, true], &[], false),
+            cand(&members, &[false, false, true], &[], false),
             (vec![2], false)
         );
     }
@@ -417,12 +437,9 @@ mod tests {
     #[test]
     fn priorities_need_not_be_sorted() {
         let members = vec![member(0, 5, 1), member(1, 3, 1), member(2, 5, 1)];
+        assert_eq!(cand(&members, &[true; 3], &[], false), (vec![1], false));
         assert_eq!(
-            candidates(&members, &[true; 3], &[], false),
-            (vec![1], false)
-        );
-        assert_eq!(
-            candidates(&members, &[true, false, true], &[], true),
+            cand(&members, &[true, false, true], &[], true),
             (vec![0, 2], false)
         );
     }
@@ -437,7 +454,7 @@ mod tests {
             vec![],
         ] {
             assert_eq!(
-                candidates(&members, &[true; 4], &fit, true),
+                cand(&members, &[true; 4], &fit, true),
                 (vec![0, 1], false),
                 "{fit:?}"
             );
@@ -448,7 +465,7 @@ mod tests {
     fn steering_leaves_out_a_member_without_room() {
         let members = two_groups();
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[true; 4],
                 &[Fit::No, Fit::Yes, Fit::Yes, Fit::Yes],
@@ -457,7 +474,7 @@ mod tests {
             (vec![1], true)
         );
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[true; 4],
                 &[Fit::Unknown, Fit::No, Fit::No, Fit::No],
@@ -471,7 +488,7 @@ mod tests {
     fn steering_moves_to_a_later_group_with_room() {
         let members = two_groups();
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[true; 4],
                 &[Fit::No, Fit::No, Fit::No, Fit::Unknown],
@@ -481,7 +498,7 @@ mod tests {
         );
         // The first group's eligible member has no room; the other one is resting.
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[false, true, true, true],
                 &[Fit::Unknown, Fit::No, Fit::Yes, Fit::Yes],
@@ -496,7 +513,7 @@ mod tests {
         let members = two_groups();
         // The first group is all resting: moving on is failover, not steering.
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[false, false, true, true],
                 &[Fit::No, Fit::No, Fit::Yes, Fit::Unknown],
@@ -506,7 +523,7 @@ mod tests {
         );
         // A resting member without room does not make its group's choice steered.
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[false, true, true, true],
                 &[Fit::No, Fit::Yes, Fit::Yes, Fit::Yes],
@@ -516,7 +533,7 @@ mod tests {
         );
         // Nor does a member without room in a later group.
         assert_eq!(
-            candidates(
+            cand(
                 &members,
                 &[true, true, true, true],
                 &[Fit::Yes, Fit::Yes, Fit::No, Fit::Yes],
@@ -530,11 +547,11 @@ mod tests {
     fn when_nothing_fits_steering_falls_back() {
         let members = two_groups();
         assert_eq!(
-            candidates(&members, &[true; 4], &[Fit::No; 4], true),
+            cand(&members, &[true; 4], &[Fit::No; 4], true),
             (vec![0, 1], false)
         );
         assert_eq!(
-            candidates(&members, &[false, true, true, false], &[Fit::No; 4], true),
+            cand(&members, &[false, true, true, false], &[Fit::No; 4], true),
             (vec![1], false)
         );
     }

@@ -2,7 +2,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::count::count;
+// Prompt texts repeat (system prompts, a conversation resent every turn):
+// their counts are remembered.
+use crate::memo::count;
 use crate::{Encoding, Operation, encoding_for_model};
 
 /// Tokens charged per chat message for its framing (OpenAI cookbook).

@@ -28,6 +28,7 @@ mod count;
 mod estimate;
 mod filter;
 mod lenient;
+mod memo;
 pub mod multipart;
 pub mod realtime;
 mod usage;
@@ -83,7 +84,7 @@ fn ends_with_segments(path: &str, suffix: &str) -> bool {
 }
 
 /// An OpenAI BPE vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
     /// GPT-4o, GPT-4.1, GPT-4.5, GPT-5, the o-series; the default for unknown names.
     O200kBase,
