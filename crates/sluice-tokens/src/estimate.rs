@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 // Prompt texts repeat (system prompts, a conversation resent every turn):
 // their counts are remembered.
+use crate::chat_body::{ChatBody, Cost};
 use crate::memo::count;
 use crate::{Encoding, Operation, encoding_for_model};
 
@@ -14,7 +15,7 @@ const TOKENS_PER_NAME: u64 = 1;
 /// Tokens priming the reply, once per request (OpenAI cookbook).
 const REPLY_PRIMING: u64 = 3;
 /// Fixed estimate per image part, as APIM's token-limit policy uses.
-const IMAGE_TOKENS: u64 = 1200;
+pub(crate) const IMAGE_TOKENS: u64 = 1200;
 /// Fixed estimate per Responses `input_file` part. The part holds base64 data, a URL or a file id,
 /// none of which is the text the model reads (pages of extracted text and images), so its JSON
 /// text would be either far too high (base64) or far too low (an id); like an image it gets a
@@ -69,6 +70,102 @@ pub struct RequestEstimate {
 /// Whether the request streams is not read here: `sluice_policy::stream_flag` is the one place that
 /// decides it (for `x-ms-stream`, token charging and usage reading alike).
 pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) -> RequestEstimate {
+    match op {
+        // The hot case reads the body without building a tree.
+        Operation::ChatCompletions => chat_estimate(deployment, body),
+        _ => estimate_from_tree(op, deployment, body),
+    }
+}
+
+/// [`estimate_request`] for a chat completions body, read in one pass
+/// ([`ChatBody`]); the same answer as [`estimate_from_tree`] gives.
+fn chat_estimate(deployment: Option<&str>, body: &[u8]) -> RequestEstimate {
+    let Some(chat) = ChatBody::read(body) else {
+        return RequestEstimate::default();
+    };
+    let model = chat
+        .model
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let encoding = encoding_for_model(
+        deployment
+            .filter(|d| !d.is_empty())
+            .or(model.as_deref())
+            .unwrap_or(""),
+    );
+    let mut n = 0u64;
+    if let Some(messages) = &chat.messages {
+        for message in messages {
+            n = n.saturating_add(TOKENS_PER_MESSAGE);
+            for (key, cost) in message {
+                n = n.saturating_add(cost_tokens(encoding, cost));
+                if key == "name" {
+                    n = n.saturating_add(TOKENS_PER_NAME);
+                }
+            }
+        }
+        n = n.saturating_add(REPLY_PRIMING);
+    }
+    for v in [&chat.tools, &chat.functions].into_iter().flatten() {
+        if v.is_array() || v.is_object() {
+            n = n.saturating_add(json_tokens(encoding, v));
+        }
+    }
+    let get = |key: &str| match key {
+        "max_completion_tokens" => chat.max_completion_tokens.as_ref(),
+        "max_tokens" => chat.max_tokens.as_ref(),
+        "max_output_tokens" => chat.max_output_tokens.as_ref(),
+        "n" => chat.n.as_ref(),
+        "stream_options" => chat.stream_options.as_ref(),
+        _ => None,
+    };
+    finish_estimate(n, get, model)
+}
+
+/// The tokens of one message field or `content` part.
+fn cost_tokens(enc: Encoding, cost: &Cost<'_>) -> u64 {
+    match cost {
+        Cost::Zero => 0,
+        Cost::Text(s) => count(enc, s),
+        Cost::Fixed(n) => *n,
+        Cost::Json(v) => json_tokens(enc, v),
+        Cost::Parts(parts) => parts
+            .iter()
+            .map(|p| cost_tokens(enc, p))
+            .fold(0u64, u64::saturating_add),
+    }
+}
+
+/// The estimate of a prompt of `prompt` tokens, with the limits the body's
+/// fields (`get`) set.
+fn finish_estimate<'v>(
+    prompt: u64,
+    get: impl Fn(&str) -> Option<&'v Value>,
+    model: Option<String>,
+) -> RequestEstimate {
+    let max_completion_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| get(k).and_then(Value::as_u64))
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    RequestEstimate {
+        prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+        max_completion_tokens,
+        choices: get("n")
+            .and_then(Value::as_u64)
+            .filter(|n| *n >= 1)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        include_usage: get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true),
+        model,
+    }
+}
+
+/// [`estimate_request`] through a `serde_json::Value` tree: every operation
+/// but chat (and chat in the tests, as the reference for [`chat_estimate`]).
+fn estimate_from_tree(op: Operation, deployment: Option<&str>, body: &[u8]) -> RequestEstimate {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return RequestEstimate::default();
     };
@@ -85,25 +182,7 @@ pub fn estimate_request(op: Operation, deployment: Option<&str>, body: &[u8]) ->
         Operation::Responses => responses_tokens(encoding, &obj),
         Operation::Other => 0,
     };
-    let max_completion_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| obj.get(*k).and_then(Value::as_u64))
-        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-    RequestEstimate {
-        prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
-        max_completion_tokens,
-        choices: obj
-            .get("n")
-            .and_then(Value::as_u64)
-            .filter(|n| *n >= 1)
-            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-        include_usage: obj
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            == Some(true),
-        model,
-    }
+    finish_estimate(prompt, |k| obj.get(k), model)
 }
 
 fn chat_tokens(enc: Encoding, obj: &Map<String, Value>) -> u64 {
@@ -527,14 +606,29 @@ mod tests {
                 );
             }
         }
-        // Deep nesting is refused by serde_json's recursion limit, not a stack overflow.
+        // Deep nesting is no stack overflow: the tree is refused by serde_json's
+        // recursion limit; the chat reader skips what it does not read without
+        // recursing (a list of one non-message: the reply priming alone).
         let deep = format!(
             "{{\"messages\":{}{}}}",
             "[".repeat(100_000),
             "]".repeat(100_000)
         );
         assert_eq!(
-            estimate_request(Operation::ChatCompletions, None, deep.as_bytes()),
+            estimate_from_tree(Operation::ChatCompletions, None, deep.as_bytes()),
+            RequestEstimate::default()
+        );
+        assert_eq!(
+            estimate_request(Operation::ChatCompletions, None, deep.as_bytes()).prompt_tokens,
+            3
+        );
+        let deep_field = format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"x\":{}{}}}]}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            estimate_request(Operation::ChatCompletions, None, deep_field.as_bytes()),
             RequestEstimate::default()
         );
         // Messages that are not a list, or odd shapes, are tolerated.
@@ -704,5 +798,132 @@ mod tests {
             estimate_request(Operation::Responses, None, b"not json"),
             RequestEstimate::default()
         );
+    }
+
+    /// The chat reader and the tree agree on `body`.
+    fn same_as_tree(deployment: Option<&str>, body: &[u8]) {
+        assert_eq!(
+            chat_estimate(deployment, body),
+            estimate_from_tree(Operation::ChatCompletions, deployment, body),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    #[test]
+    fn the_chat_reader_reads_what_the_tree_reads() {
+        let bodies = [
+            json!({"messages": cookbook_messages()}).to_string(),
+            json!({"model": "gpt-4", "messages": cookbook_messages(), "max_tokens": 5, "n": 2}).to_string(),
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "data:..."}},
+                {"type": "input_image"}, {"type": "image"},
+                {"type": "refusal", "refusal": "no", "text": "ignored"},
+                {"type": "other", "text": "counted"},
+                {"text": "typeless"}, {"type": 5, "text": "t"}, {"type": "text", "text": 7},
+                "a bare string part", 42, null, ["nested"], {"type": "refusal"}
+            ]}]})
+            .to_string(),
+            json!({"messages": [
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                {"role": "assistant", "function_call": {"name": "g", "arguments": "{}"}},
+                {"role": "user", "content": {"an": "object"}, "name": "bob", "weight": 1.5, "flag": true}
+            ], "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+               "functions": {"name": "g"}, "max_completion_tokens": 9, "max_tokens": 3,
+               "stream_options": {"include_usage": true}})
+            .to_string(),
+            json!({"messages": {"role": "user"}, "tools": 5}).to_string(),
+            json!({"messages": [1, "x", null, [], {"role": "user", "content": "hi"}]}).to_string(),
+            json!({"messages": [], "max_output_tokens": 4, "n": 0}).to_string(),
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1, "n": "2", "stream_options": {"include_usage": "yes"}}).to_string(),
+            json!({"other": {"deep": [1, {"a": "b"}]}, "messages": [{"role": "user", "content": "é 你好 👋🏽"}]}).to_string(),
+            // Keys given twice: the last one counts.
+            r#"{"messages":[{"role":"user","content":"first"}],"messages":[{"role":"user","content":"second one here"}]}"#.to_string(),
+            r#"{"messages":[{"role":"user","content":"short","content":"a much longer content wins"}]}"#.to_string(),
+            r#"{"messages":[{"role":"user","content":[{"type":"image","type":"text","text":"t","text":"last text"}]}]}"#.to_string(),
+            r#"{"messages":[{"role":"user"}],"messages":"no longer a list"}"#.to_string(),
+            r#"{"model":"gpt-4","model":"gpt-4o","messages":[{"role":"user","content":"which vocabulary?"}]}"#.to_string(),
+            r#"{"max_tokens":1,"max_tokens":7,"n":3,"n":null}"#.to_string(),
+            // Escapes in keys and values.
+            r#"{"messages":[{"role":"user","content":"esc"aped \ text é","name":"x"}]}"#.to_string(),
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#.to_string(),
+            // Whitespace everywhere.
+            " { \"messages\" : [ { \"role\" : \"user\" , \"content\" : \"spaced\" } ] , \"max_tokens\" : 2 } ".to_string(),
+            // Not readable: the default from both.
+            "{\"messages\": [".to_string(),
+            "[1,2]".to_string(),
+            "{} trailing".to_string(),
+            r#"{"messages":[{"role":"user","content":"x"}]}}"#.to_string(),
+            "".to_string(),
+        ];
+        for body in &bodies {
+            for deployment in [None, Some("gpt-4o"), Some("gpt-35-turbo"), Some("")] {
+                same_as_tree(deployment, body.as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn the_chat_reader_reads_random_bodies_as_the_tree_does() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        fn text(rng: &mut StdRng) -> String {
+            const WORDS: [&str; 8] = ["hello", " world", "é", "你好", "\"q\"", "\\", "\n", "  "];
+            (0..rng.random_range(0..6))
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect()
+        }
+        fn value(rng: &mut StdRng, depth: u32) -> Value {
+            match rng.random_range(0..if depth > 2 { 4 } else { 7 }) {
+                0 => Value::Null,
+                1 => json!(rng.random_range(-3i64..100)),
+                2 => json!(rng.random_bool(0.5)),
+                3 => json!(text(rng)),
+                4 => Value::Array(
+                    (0..rng.random_range(0..4))
+                        .map(|_| value(rng, depth + 1))
+                        .collect(),
+                ),
+                5 => {
+                    let kinds = ["text", "image_url", "refusal", "other", "input_image"];
+                    json!({"type": kinds[rng.random_range(0..kinds.len())], "text": text(rng), "refusal": value(rng, depth + 1)})
+                }
+                _ => json!({"k": value(rng, depth + 1), "text": text(rng)}),
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        let keys = ["role", "content", "name", "tool_calls", "x"];
+        for _ in 0..600 {
+            let messages: Vec<Value> = (0..rng.random_range(0..5))
+                .map(|_| {
+                    if rng.random_bool(0.1) {
+                        return value(&mut rng, 1);
+                    }
+                    let mut m = serde_json::Map::new();
+                    for _ in 0..rng.random_range(0..5) {
+                        let k = keys[rng.random_range(0..keys.len())];
+                        m.insert(k.to_string(), value(&mut rng, 1));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            let mut body = json!({"messages": messages});
+            if rng.random_bool(0.3) {
+                body["tools"] = value(&mut rng, 1);
+            }
+            if rng.random_bool(0.3) {
+                body["max_tokens"] = value(&mut rng, 2);
+            }
+            if rng.random_bool(0.3) {
+                body["model"] = json!(["gpt-4", "gpt-4o", "x"][rng.random_range(0..3)]);
+            }
+            let text = if rng.random_bool(0.5) {
+                serde_json::to_string_pretty(&body).unwrap()
+            } else {
+                body.to_string()
+            };
+            same_as_tree(None, text.as_bytes());
+        }
     }
 }

@@ -24,6 +24,7 @@
 //! a second for o200k in a debug build, a few hundred milliseconds optimised); call [`preload`]
 //! at start-up to keep that off the first request, for the encodings the configuration uses.
 
+mod chat_body;
 mod count;
 mod estimate;
 mod filter;
