@@ -572,8 +572,16 @@ impl Gateway {
             Some(host) => upstream.insert_header(http::header::HOST, host.clone())?,
             None => upstream.insert_header(http::header::HOST, b.host_header.as_str())?,
         }
-        for h in &self.state.credential_headers {
-            upstream.remove_header(h);
+        // The client's credentials never go on. A request carries a few
+        // headers: they are walked once, instead of a lookup per name.
+        let credentials = &self.state.credential_headers;
+        let present: smallvec::SmallVec<[usize; 4]> = upstream
+            .headers
+            .keys()
+            .filter_map(|k| credentials.iter().position(|c| c == k))
+            .collect();
+        for i in present {
+            upstream.remove_header(&credentials[i]);
         }
         if matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) || ctx.continue_sent {
             // The client's `Expect` was answered here (the body, or its
