@@ -162,6 +162,24 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_count_is_answered_without_counting() {
+        // A planted entry (a count no tokenizer would give) is what comes
+        // back: the table is read before anything is counted.
+        let memo = CountMemo::with_slots(4);
+        let t = "a text whose entry is planted";
+        let (index, tag) = memo.place(Encoding::O200kBase, t);
+        memo.slots[index].store(pack(tag, 999).unwrap(), Ordering::Relaxed);
+        assert_eq!(memo.count(Encoding::O200kBase, t), 999);
+        // Another tag in the slot is not this text's: it is counted.
+        let other = pack(tag ^ 2, 999).unwrap();
+        memo.slots[index].store(other, Ordering::Relaxed);
+        assert_eq!(
+            memo.count(Encoding::O200kBase, t),
+            count::count(Encoding::O200kBase, t)
+        );
+    }
+
+    #[test]
     fn slots_pack_a_tag_and_a_count_that_fit() {
         assert_eq!(pack(1, 0), Some(1 << COUNT_BITS));
         assert_eq!(pack(5, 7), Some((5 << COUNT_BITS) | 7));
