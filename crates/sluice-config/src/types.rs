@@ -655,6 +655,16 @@ pub enum Dimension {
     Header(http::HeaderName),
 }
 
+/// A header name's byte as it stands in a label: `[a-z0-9_]` kept, anything
+/// else `_`.
+fn label_byte(b: u8) -> u8 {
+    if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' {
+        b
+    } else {
+        b'_'
+    }
+}
+
 impl Dimension {
     /// The Prometheus label name: `subscription`, `api`, `deployment`,
     /// `backend`, `backend_region`, `client_ip`, `identity`, or for a header
@@ -671,13 +681,8 @@ impl Dimension {
             Dimension::Identity => "identity".to_string(),
             Dimension::Header(name) => {
                 let mut label = String::from("header_");
-                label.extend(name.as_str().chars().map(|c| {
-                    if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                }));
+                // Header names are ASCII: a byte is a character.
+                label.extend(name.as_str().bytes().map(|b| char::from(label_byte(b))));
                 label
             }
         }
@@ -686,20 +691,13 @@ impl Dimension {
     /// Whether the two have the same [`label`](Self::label), compared
     /// without building either (token metrics look labels up per response).
     pub fn same_label(&self, other: &Dimension) -> bool {
-        fn label_char(c: u8) -> u8 {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' {
-                c
-            } else {
-                b'_'
-            }
-        }
         match (self, other) {
             (Dimension::Header(a), Dimension::Header(b)) => {
                 let (a, b) = (a.as_str().as_bytes(), b.as_str().as_bytes());
                 a.len() == b.len()
                     && a.iter()
                         .zip(b)
-                        .all(|(&x, &y)| label_char(x) == label_char(y))
+                        .all(|(&x, &y)| label_byte(x) == label_byte(y))
             }
             (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
         }

@@ -1585,10 +1585,7 @@ impl ProxyHttp for Gateway {
         // in (borrowed: nothing of it is copied but the region it keeps).
         let status = upstream_response.status;
         let region_sent = upstream_response.headers.contains_key(&X_MS_REGION);
-        let backend_region = ctx
-            .backend
-            .and_then(|i| self.state.backends.get(i))
-            .map(|b| b.region.as_str());
+        let backend = ctx.backend.and_then(|i| self.state.backends.get(i));
         let (sse, creates_owned) = match ctx.api {
             Some(api) => {
                 let headers = &upstream_response.headers;
@@ -1598,7 +1595,7 @@ impl ProxyHttp for Gateway {
                 let region = if region_sent {
                     headers.get(&X_MS_REGION).and_then(|v| v.to_str().ok())
                 } else {
-                    backend_region
+                    backend.map(|b| b.region.as_str())
                 };
                 self.state.apis[api].pipeline.start_response(
                     ctx,
@@ -1625,10 +1622,7 @@ impl ProxyHttp for Gateway {
                 http::HeaderValue::from_static(stream_tag::header_value(ctx.stream)),
             )?;
         }
-        if !region_sent
-            && let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i))
-            && let Some(region) = &b.region_header
-        {
+        if !region_sent && let Some(region) = backend.and_then(|b| b.region_header.as_ref()) {
             upstream_response.insert_header("x-ms-region", region.clone())?;
         }
         if status.is_success() {
