@@ -90,7 +90,7 @@ pub struct RequestContext {
     pub client_ip: Option<IpAddr>,
     /// The caller of a valid JWT. Written by `validate_jwt`; read by claim- and
     /// identity-keyed limits and metrics.
-    pub caller: Option<Caller>,
+    pub caller: Option<Box<Caller>>,
     /// What the request is (chat, completions, embeddings). Written at inbound
     /// when a step needs usage; read by the usage scanner.
     pub operation: Option<Operation>,
@@ -125,9 +125,9 @@ pub struct RequestContext {
     /// Backend status. Written when the response head arrives; read at finish.
     pub upstream_status: u16,
     /// The backend's `x-ms-region`. Written with the response head; read by metrics.
-    pub backend_region: Option<String>,
+    pub backend_region: Option<std::sync::Arc<str>>,
     /// Reads usage from the response body. Written at response start and per chunk.
-    pub usage_scanner: Option<UsageScanner>,
+    pub usage_scanner: Option<Box<UsageScanner>>,
     /// The usage of the exchange. Written at finish.
     pub usage: Option<Usage>,
     /// The Entra ID token for the chosen backend. Written by backend
@@ -151,7 +151,7 @@ pub struct RequestContext {
     /// A policy's refusal decided after forwarding began (a deferred step):
     /// the answer the client gets. Written by the body filter; read by the
     /// error mapping.
-    pub refusal: Option<crate::GatewayError>,
+    pub refusal: Option<Box<crate::GatewayError>>,
     /// Keeps the request counted as in flight. Written at creation; dropped
     /// with the context.
     pub in_flight: Option<InFlight>,

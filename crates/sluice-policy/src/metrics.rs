@@ -21,21 +21,27 @@ pub const OTHER: &str = "other";
 #[derive(Debug)]
 struct SeenValues {
     cap: usize,
-    combinations: Mutex<HashSet<Box<str>>>,
+    /// Each combination is known by a keyed 64-bit hash of its values (a
+    /// random key per process): nothing is joined or copied per request.
+    /// Two combinations would have to collide for the cap to be passed, and
+    /// then by one.
+    hasher: RandomState,
+    combinations: Mutex<HashSet<u64>>,
 }
 
 impl SeenValues {
-    /// Whether this combination (its values joined) is known or has room.
-    fn admit(&self, combination: &str) -> bool {
+    /// Whether this combination of values is known or has room.
+    fn admit(&self, combination: &[&str]) -> bool {
+        let key = self.hasher.hash_one(combination);
         let mut seen = self
             .combinations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if seen.contains(combination) {
+        if seen.contains(&key) {
             return true;
         }
         if seen.len() < self.cap {
-            seen.insert(combination.into());
+            seen.insert(key);
             return true;
         }
         false
@@ -124,6 +130,7 @@ impl TokenMetrics {
             client_driven: client_driven_at,
             seen: Arc::new(SeenValues {
                 cap: max_label_values,
+                hasher: RandomState::new(),
                 combinations: Mutex::new(HashSet::new()),
             }),
             prompt: make(
@@ -164,13 +171,8 @@ impl TokenMetrics {
             .collect();
         let mut values: SmallVec<[&str; 8]> = owned.iter().map(|v| &**v).collect();
         if !self.client_driven.is_empty() {
-            // The unit separator cannot appear in a header value.
-            let combination = self
-                .client_driven
-                .iter()
-                .map(|&i| values[i])
-                .collect::<SmallVec<[&str; 8]>>()
-                .join("\u{1f}");
+            let combination: SmallVec<[&str; 8]> =
+                self.client_driven.iter().map(|&i| values[i]).collect();
             if !self.seen.admit(&combination) {
                 for &i in self.client_driven.iter() {
                     values[i] = OTHER;

@@ -288,7 +288,7 @@ impl ApiPipeline {
                         ctx.trace(Section::Inbound, "validate-jwt", || {
                             jwt_accepted(v.settings(), &caller)
                         });
-                        ctx.caller = Some(caller);
+                        ctx.caller = Some(Box::new(caller));
                         Ok(())
                     }
                     Err(e) => {
@@ -503,10 +503,10 @@ impl ApiPipeline {
         ctx: &mut RequestContext,
         status: u16,
         content_type: Option<&str>,
-        region: Option<&str>,
+        region: Option<std::sync::Arc<str>>,
     ) {
         ctx.upstream_status = status;
-        ctx.backend_region = region.map(str::to_string);
+        ctx.backend_region = region;
         if !self.needs_usage || !(200..300).contains(&status) {
             return;
         }
@@ -528,7 +528,11 @@ impl ApiPipeline {
             .or_else(|| ctx.estimate.as_ref().and_then(|e| e.model.as_deref()))
             .unwrap_or("");
         let prompt = ctx.estimate.as_ref().map(|e| e.prompt_tokens).unwrap_or(0);
-        ctx.usage_scanner = Some(UsageScanner::new(sse, encoding_for_model(model), prompt));
+        ctx.usage_scanner = Some(Box::new(UsageScanner::new(
+            sse,
+            encoding_for_model(model),
+            prompt,
+        )));
     }
 
     /// A chunk of the response body went by.
@@ -568,7 +572,7 @@ impl ApiPipeline {
             }
             return;
         }
-        let usage = ctx.usage_scanner.as_mut().and_then(UsageScanner::finish);
+        let usage = ctx.usage_scanner.as_mut().and_then(|s| s.finish());
         ctx.usage = usage.map(|(u, _)| u);
         let answered_ok = (200..300).contains(&ctx.upstream_status);
         if ctx.trace.is_some() {
@@ -1050,7 +1054,12 @@ mod tests {
             ctx.response_headers
                 .contains(&(HeaderName::from_static("x-rem"), "950".into()))
         );
-        p.start_response(&mut ctx, 200, Some("application/json"), Some("East US"));
+        p.start_response(
+            &mut ctx,
+            200,
+            Some("application/json"),
+            Some("East US".into()),
+        );
         p.response_chunk(
             &mut ctx,
             br#"{"usage":{"prompt_tokens":10,"completion_tokens":25,"total_tokens":35}}"#,
@@ -1782,7 +1791,12 @@ mod tests {
     async fn usage_is_read_only_from_successful_answers_and_when_needed() {
         let (p, _, _) = setup("      - emit_token_metric: {dimensions: [api]}\n");
         let mut ctx = RequestContext::default();
-        p.start_response(&mut ctx, 429, Some("application/json"), Some("East US"));
+        p.start_response(
+            &mut ctx,
+            429,
+            Some("application/json"),
+            Some("East US".into()),
+        );
         assert!(ctx.usage_scanner.is_none());
         assert_eq!(ctx.upstream_status, 429);
         assert_eq!(ctx.backend_region.as_deref(), Some("East US"));

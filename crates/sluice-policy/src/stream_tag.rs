@@ -22,7 +22,7 @@ pub fn stream_flag(body: &[u8]) -> bool {
     // A body that spells `stream` in no case and holds no `\u` escape
     // (which could spell it) has no `stream` key: no need to walk it byte by
     // byte.
-    if !spells_stream(body) && memchr::memmem::find(body, b"\\u").is_none() {
+    if !may_hold_stream(body) {
         return false;
     }
     let mut p = StreamProbe::default();
@@ -30,11 +30,14 @@ pub fn stream_flag(body: &[u8]) -> bool {
     p.finish()
 }
 
-/// `stream`, in any case, appears somewhere in `body`.
-fn spells_stream(body: &[u8]) -> bool {
-    memchr::memchr2_iter(b's', b'S', body).any(|i| {
-        body.get(i..i + 6)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"stream"))
+/// `stream`, in any case, appears somewhere in `body`, or a `\u` escape
+/// (which could spell it) does: one pass over the bytes.
+fn may_hold_stream(body: &[u8]) -> bool {
+    memchr::memchr3_iter(b's', b'S', b'\\', body).any(|i| match body[i] {
+        b'\\' => body.get(i + 1) == Some(&b'u'),
+        _ => body
+            .get(i..i + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"stream")),
     })
 }
 
@@ -330,10 +333,18 @@ mod tests {
             br#"{"messages":[{"content":"x"}], "stream" : true}"#
         ));
         assert!(stream_flag(br#"{"stream":"TRUE"}"#));
-        assert!(
-            spells_stream(b"stream") && spells_stream(b"x:StReAm") && spells_stream(b"sstream")
-        );
-        assert!(!spells_stream(b"strea") && !spells_stream(b"s tream") && !spells_stream(b""));
+        for may in [
+            &b"stream"[..],
+            b"x:StReAm",
+            b"sstream",
+            b"\\u0073",
+            b"a\\\\u",
+        ] {
+            assert!(may_hold_stream(may), "{:?}", String::from_utf8_lossy(may));
+        }
+        for not in [&b"strea"[..], b"s tream", b"", b"\\n\\", b"\\", b"stREA"] {
+            assert!(!may_hold_stream(not), "{:?}", String::from_utf8_lossy(not));
+        }
         assert!(stream_flag(br#"{"STREAM":true}"#));
         assert!(stream_flag(br#"{"sTrEaM":true}"#));
         assert!(stream_flag(br#"{"\u0073tream":true}"#));

@@ -214,7 +214,7 @@ fn retry_as_decided(e: &mut Error, after: After, ctx: &mut RequestContext) {
     match after {
         After::Retry => e.set_retry(true),
         After::Refuse(refusal) => {
-            ctx.refusal = Some(refusal);
+            ctx.refusal = Some(Box::new(refusal));
             e.set_retry(false);
         }
         After::Deliver => e.set_retry(false),
@@ -353,7 +353,7 @@ impl Gateway {
     /// Map a proxy failure to the gateway error the client sees.
     pub(crate) fn error_for(&self, e: &Error, ctx: &RequestContext) -> Option<GatewayError> {
         if let Some(refusal) = &ctx.refusal {
-            return Some(refusal.clone());
+            return Some((**refusal).clone());
         }
         let backend = ctx
             .backend
@@ -526,43 +526,53 @@ impl Gateway {
         let b = &self.state.backends[backend];
         let uri = &session.req_header().uri;
         let rest = uri.path().get(ctx.rest_offset..).unwrap_or("");
-        let mut target = upstream_path(&b.base_path, rest, |d| {
-            b.deployments.get(d).map(String::as_str)
-        });
-        if let Some(q) = uri.query() {
-            let q = match ctx.realtime_call.as_deref() {
-                // Without the browser's `api-key=`, with the backend's name
-                // for the deployment.
-                Some(call) => sluice_policy::realtime::upstream_query(
-                    q,
-                    call,
-                    &api.subscription.query_name,
-                    |d| b.deployments.get(d).map(String::as_str),
-                ),
-                None => {
-                    let q = strip_query_param(q, &api.subscription.query_name);
-                    if sluice_policy::realtime::is_realtime_path(rest).is_some() {
-                        // The key a browser may put there (taken by
-                        // authentication on these paths) never goes on.
-                        Cow::Owned(
-                            strip_query_param(&q, sluice_policy::realtime::KEY_PARAM).into_owned(),
-                        )
-                    } else {
-                        q
-                    }
+        let query = uri.query().map(|q| match ctx.realtime_call.as_deref() {
+            // Without the browser's `api-key=`, with the backend's name
+            // for the deployment.
+            Some(call) => sluice_policy::realtime::upstream_query(
+                q,
+                call,
+                &api.subscription.query_name,
+                |d| b.deployments.get(d).map(String::as_str),
+            ),
+            None => {
+                let q = strip_query_param(q, &api.subscription.query_name);
+                if sluice_policy::realtime::is_realtime_path(rest).is_some() {
+                    // The key a browser may put there (taken by
+                    // authentication on these paths) never goes on.
+                    Cow::Owned(
+                        strip_query_param(&q, sluice_policy::realtime::KEY_PARAM).into_owned(),
+                    )
+                } else {
+                    q
                 }
-            };
-            if !q.is_empty() {
-                target.push('?');
-                target.push_str(&q);
             }
-        }
-        // Most calls reach the backend by the path they came with: the URI
-        // is parsed again only when it changed.
-        let unchanged = uri.authority().is_none()
-            && upstream.uri == *uri
-            && uri.path_and_query().is_some_and(|pq| pq.as_str() == target);
+        });
+        // Most calls reach the backend by the path they came with (the API
+        // at `/openai`, a backend without a base path, the deployment not
+        // renamed, no key in the query): then nothing is built and the URI
+        // is left as pingora parsed it.
+        let same_path = b.base_path.is_empty()
+            && ctx.rest_offset == "/openai".len()
+            && uri.path().starts_with("/openai")
+            && (b.deployments.is_empty()
+                || sluice_policy::route::deployment_of(rest)
+                    .is_none_or(|d| b.deployments.get(d).is_none_or(|to| to == d)));
+        let same_query = query
+            .as_ref()
+            .is_none_or(|q| matches!(q, Cow::Borrowed(q) if !q.is_empty()));
+        let unchanged =
+            same_path && same_query && uri.authority().is_none() && upstream.uri == *uri;
         if !unchanged {
+            let mut target = upstream_path(&b.base_path, rest, |d| {
+                b.deployments.get(d).map(String::as_str)
+            });
+            if let Some(q) = query.as_deref()
+                && !q.is_empty()
+            {
+                target.push('?');
+                target.push_str(q);
+            }
             let uri = http::Uri::from_maybe_shared(Bytes::from(target)).map_err(|e| {
                 Error::because(ErrorType::InternalError, "building the upstream URI", e)
             })?;
@@ -1449,7 +1459,7 @@ impl ProxyHttp for Gateway {
                 };
                 if let Err(e) = verdict {
                     let status = e.status;
-                    ctx.refusal = Some(e);
+                    ctx.refusal = Some(Box::new(e));
                     return Err(status_error(
                         status,
                         "refused by a policy at the end of the body",
@@ -1472,7 +1482,7 @@ impl ProxyHttp for Gateway {
                 Ok(b) => b,
                 Err(refusal) => {
                     let status = refusal.status;
-                    ctx.refusal = Some(refusal);
+                    ctx.refusal = Some(Box::new(refusal));
                     return Err(status_error(status, "every backend of the pool is resting"));
                 }
             };
@@ -1490,7 +1500,7 @@ impl ProxyHttp for Gateway {
                         After::Retry => continue,
                         After::Refuse(refusal) => {
                             let status = refusal.status;
-                            ctx.refusal = Some(refusal);
+                            ctx.refusal = Some(Box::new(refusal));
                             return Err(status_error(
                                 status,
                                 "every backend of the pool is resting",
@@ -1540,7 +1550,7 @@ impl ProxyHttp for Gateway {
                 Err(e)
             }
             After::Refuse(refusal) => {
-                ctx.refusal = Some(refusal);
+                ctx.refusal = Some(Box::new(refusal));
                 Err(status_error(status, "every backend of the pool is resting"))
             }
         }
@@ -1593,9 +1603,15 @@ impl ProxyHttp for Gateway {
                     .get(http::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok());
                 let region = if region_sent {
-                    headers.get(&X_MS_REGION).and_then(|v| v.to_str().ok())
+                    // Shared with the backend's label when it is the same.
+                    headers.get(&X_MS_REGION).and_then(|v| v.to_str().ok()).map(
+                        |sent| match backend {
+                            Some(b) if *b.region == *sent => b.region.clone(),
+                            _ => Arc::from(sent),
+                        },
+                    )
                 } else {
-                    backend.map(|b| b.region.as_str())
+                    backend.map(|b| b.region.clone())
                 };
                 self.state.apis[api].pipeline.start_response(
                     ctx,

@@ -19,8 +19,9 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct BackendRuntime {
     pub name: String,
-    /// Region label (`x-ms-region` when the backend sends none).
-    pub region: String,
+    /// Region label (`x-ms-region` when the backend sends none), shared
+    /// with each request that reads it (a count, not a copy).
+    pub region: Arc<str>,
     pub tls: bool,
     /// Host name for SNI and the `Host` header.
     pub host: String,
@@ -159,7 +160,7 @@ impl BackendRuntime {
         };
         Ok(BackendRuntime {
             name: b.name.clone(),
-            region: b.region.clone(),
+            region: Arc::from(b.region.as_str()),
             tls,
             host,
             port,

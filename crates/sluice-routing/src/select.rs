@@ -81,6 +81,34 @@ fn select_with(
     admit: impl Fn(&BackendHealth) -> Admit,
 ) -> Choice {
     let members = &pool.members;
+    if let [member] = members.as_slice() {
+        // One member (a pool of one, or an API's single backend): its
+        // round robin cannot move and headroom cannot steer it elsewhere,
+        // so the answer is its breaker's.
+        if !tried.contains(&member.backend)
+            && let Some(health) = health.get(member.backend)
+            && health.breaker.available(now)
+        {
+            match admit(health) {
+                Admit::Yes => {
+                    return Choice::Backend {
+                        backend: member.backend,
+                        probe: false,
+                        steered: false,
+                    };
+                }
+                Admit::Probe => {
+                    return Choice::Backend {
+                        backend: member.backend,
+                        probe: true,
+                        steered: false,
+                    };
+                }
+                Admit::No { .. } => {}
+            }
+        }
+        return exhausted(members, health, tried, now);
+    }
     let mut refused: PerMember<bool> = smallvec::smallvec![false; members.len()];
     for _ in 0..members.len() {
         let eligible: PerMember<bool> = members
@@ -134,6 +162,17 @@ fn select_with(
             steered,
         };
     }
+    exhausted(members, health, tried, now)
+}
+
+/// The answer when no member can take the attempt: the shortest rest left
+/// among the members not yet tried.
+fn exhausted(
+    members: &[Member],
+    health: &[BackendHealth],
+    tried: &[usize],
+    now: Duration,
+) -> Choice {
     let retry_after = members
         .iter()
         .filter(|member| !tried.contains(&member.backend))
@@ -821,6 +860,53 @@ mod tests {
                 steered: false
             }
         );
+    }
+
+    #[test]
+    fn a_pool_of_one_answers_with_its_breaker() {
+        for steering in [false, true] {
+            let pool = pool(vec![member(0, 1, 1)], steering);
+            let health = healths(1);
+            // No room reported: steering has nowhere else to go.
+            room(&health[0], "1");
+            let big = Need { tokens: Some(100) };
+            assert_eq!(select(&pool, &health, big, &[], T0), backend(0));
+            assert_eq!(
+                select(&pool, &health, big, &[0], T0),
+                Choice::Exhausted { retry_after: None }
+            );
+            let refuse = |_: &BackendHealth| Admit::No { until: T0 + SEC };
+            assert_eq!(
+                select_with(&pool, &health, big, &[], T0, refuse),
+                Choice::Exhausted { retry_after: None }
+            );
+            let probe = |_: &BackendHealth| Admit::Probe;
+            assert_eq!(
+                select_with(&pool, &health, big, &[], T0, probe),
+                Choice::Backend {
+                    backend: 0,
+                    probe: true,
+                    steered: false
+                }
+            );
+            rest(&health[0], 3 * SEC);
+            assert_eq!(
+                select(&pool, &health, big, &[], T0 + SEC),
+                Choice::Exhausted {
+                    retry_after: Some(2 * SEC)
+                }
+            );
+            assert_eq!(
+                select(&pool, &health, big, &[0], T0 + SEC),
+                Choice::Exhausted { retry_after: None },
+                "a tried member's rest is not waited for"
+            );
+            // A member whose backend has no health entry is never chosen.
+            assert_eq!(
+                select(&pool, &[], big, &[], T0),
+                Choice::Exhausted { retry_after: None }
+            );
+        }
     }
 
     #[test]

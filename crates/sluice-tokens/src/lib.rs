@@ -116,7 +116,13 @@ const CL100K: &[&str] = &[
 /// `ft:` prefix or a `provider/` prefix is ignored; any name containing `embedding` is cl100k
 /// (every OpenAI embedding model is). Unknown names get o200k, the current models' vocabulary.
 pub fn encoding_for_model(model: &str) -> Encoding {
-    let lower = model.trim().to_ascii_lowercase();
+    // Lowercased only when it has capitals (names rarely do): no copy per call.
+    let trimmed = model.trim();
+    let lower = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(trimmed.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(trimmed)
+    };
     let name = lower.rsplit('/').next().unwrap_or(&lower);
     let name = name.strip_prefix("ft:").unwrap_or(name);
     if O200K_BEFORE_CL100K.iter().any(|p| name.starts_with(p)) {

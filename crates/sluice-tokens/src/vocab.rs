@@ -12,7 +12,9 @@
 //! merged byte pair by byte pair, always merging the adjacent pair of lowest rank (the leftmost
 //! of equals), and counts the parts left. The unit tests compare the counts with tiktoken-rs.
 
+use std::cell::RefCell;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use regex_automata::meta::Regex;
 use regex_automata::{Anchored, Input};
@@ -27,6 +29,56 @@ const FREE: u64 = u64::MAX;
 
 /// Pieces up to this many bytes are merged on the stack ([`Vocab::small_piece_tokens`]).
 const SMALL_PIECE: usize = 32;
+
+/// Pieces of 2 to this many bytes have their counts remembered per thread ([`PieceCache`]).
+const CACHED_PIECE: usize = 16;
+
+/// Entries of each thread's [`PieceCache`] (a power of two): 96 KiB.
+const PIECE_SLOTS: usize = 4096;
+
+/// Tells vocabularies apart in the per-thread cache.
+static NEXT_VOCAB_ID: AtomicU32 = AtomicU32::new(1);
+
+/// One remembered piece: its bytes (zero-padded to 16), its vocabulary and length, its count.
+#[derive(Clone, Copy, Default)]
+struct CachedPiece {
+    lo: u64,
+    hi: u64,
+    /// `vocab id << 8 | length`; 0 for an empty entry (lengths are at least 2).
+    tag: u32,
+    count: u32,
+}
+
+/// The counts of short pieces recently counted on this thread, direct-mapped.
+///
+/// New prompts are mostly made of words seen before: a word's count is then read from here
+/// (one comparison of 16 bytes held in the entry) instead of looked up in the rank table, whose
+/// megabytes are rarely in the CPU's caches between requests. Entries hold the piece's bytes,
+/// so a hit is always the same piece of the same vocabulary: counts stay exact.
+struct PieceCache {
+    slots: Box<[CachedPiece]>,
+}
+
+impl PieceCache {
+    fn new(slots: usize) -> PieceCache {
+        PieceCache {
+            slots: vec![CachedPiece::default(); slots].into_boxed_slice(),
+        }
+    }
+}
+
+thread_local! {
+    static PIECES: RefCell<Option<PieceCache>> = const { RefCell::new(None) };
+}
+
+/// A piece of 2 to [`CACHED_PIECE`] bytes as two words and a tag.
+fn pack(vocab_id: u32, piece: &[u8]) -> (u64, u64, u32) {
+    let mut b = [0u8; CACHED_PIECE];
+    b[..piece.len()].copy_from_slice(piece);
+    let (lo, hi) = b.split_at(8);
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+    (word(lo), word(hi), vocab_id << 8 | piece.len() as u32)
+}
 
 // The pre-tokenising patterns, tiktoken's, in a form the `regex` crate runs (a DFA, no
 // backtracking): it has no look-ahead, so tiktoken's `\s+(?!\S)` (a whitespace run, less its last
@@ -64,6 +116,8 @@ pub(crate) struct Vocab {
     /// slot.
     table: Vec<u64>,
     regex: Regex,
+    /// This vocabulary's key in the per-thread [`PieceCache`].
+    id: u32,
 }
 
 impl std::fmt::Debug for Vocab {
@@ -141,6 +195,7 @@ impl Vocab {
             ends,
             table: vec![FREE; slots],
             regex: Regex::new(pattern).expect("the tokenizer patterns compile"),
+            id: NEXT_VOCAB_ID.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff,
         };
         for rank in 0..v.ends.len() as u32 {
             let mask = v.table.len() - 1;
@@ -183,6 +238,37 @@ impl Vocab {
 
     /// Tokens of `text` as tiktoken's `encode_ordinary` would produce them.
     pub(crate) fn count(&self, text: &str) -> u64 {
+        PIECES.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut cache) => {
+                let cache = cache.get_or_insert_with(|| PieceCache::new(PIECE_SLOTS));
+                self.count_with(text, Some(cache))
+            }
+            // Not reached (counting does not nest), but never a panic.
+            Err(_) => self.count_with(text, None),
+        })
+    }
+
+    /// A piece's count, from `cache` when it is there, else counted and kept there.
+    fn cached_piece_tokens(&self, cache: &mut PieceCache, piece: &[u8]) -> usize {
+        let (lo, hi, tag) = pack(self.id, piece);
+        let mix = (lo ^ hi.rotate_left(23) ^ u64::from(tag)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let index = (mix >> 32) as usize & (cache.slots.len() - 1);
+        let slot = &mut cache.slots[index];
+        if slot.tag == tag && slot.lo == lo && slot.hi == hi {
+            return slot.count as usize;
+        }
+        let count = self.piece_tokens(piece);
+        *slot = CachedPiece {
+            lo,
+            hi,
+            tag,
+            count: count as u32,
+        };
+        count
+    }
+
+    /// [`Vocab::count`], with or without the per-thread cache of piece counts.
+    fn count_with(&self, text: &str, mut cache: Option<&mut PieceCache>) -> u64 {
         let mut total = 0u64;
         let mut at = 0usize;
         while at < text.len() {
@@ -200,9 +286,15 @@ impl Vocab {
             if m.is_empty() {
                 break;
             }
-            let piece = shorten_space_run(text, m.start(), m.end());
-            total += self.piece_tokens(&text.as_bytes()[m.start()..piece]) as u64;
-            at = piece;
+            let end = shorten_space_run(text, m.start(), m.end());
+            let piece = &text.as_bytes()[m.start()..end];
+            total += match cache.as_deref_mut() {
+                Some(cache) if (2..=CACHED_PIECE).contains(&piece.len()) => {
+                    self.cached_piece_tokens(cache, piece)
+                }
+                _ => self.piece_tokens(piece),
+            } as u64;
+            at = end;
         }
         total
     }
@@ -327,9 +419,8 @@ impl Vocab {
 mod tests {
     use super::*;
 
-    fn tiny() -> Vocab {
-        // Single bytes, then merges: "ab" (rank 3), "bc" (4), "abc" (5).
-        let tokens: [&[u8]; 6] = [b"a", b"b", b"c", b"ab", b"bc", b"abc"];
+    /// A vocabulary of `tokens`, ranked in their order, split on whitespace.
+    fn vocab_of(tokens: &[&[u8]]) -> Vocab {
         let mut bytes = Vec::new();
         let mut ends = Vec::new();
         for t in tokens {
@@ -337,6 +428,11 @@ mod tests {
             ends.push(bytes.len() as u32);
         }
         Vocab::from_tokens(bytes, ends, r"\S+|\s+")
+    }
+
+    fn tiny() -> Vocab {
+        // Single bytes, then merges: "ab" (rank 3), "bc" (4), "abc" (5).
+        vocab_of(&[b"a", b"b", b"c", b"ab", b"bc", b"abc"])
     }
 
     #[test]
@@ -384,6 +480,46 @@ mod tests {
         let v = Vocab::from_tokens(bytes, ends, r"\S+");
         assert_eq!(v.piece_tokens(b"aaab"), 2);
         assert_eq!(v.piece_tokens(b"aaa"), 2);
+    }
+
+    #[test]
+    fn remembered_piece_counts_are_exact_whatever_the_cache_size() {
+        use rand::prelude::*;
+        let v = tiny();
+        // "ab" is not a token here: the same pieces count differently.
+        let other = vocab_of(&[b"a", b"b", b"c", b"bc", b"abc"]);
+        assert_ne!(v.id, other.id);
+        let mut rng = StdRng::seed_from_u64(11);
+        // One slot (every piece evicts the last), a few, and the real size.
+        for slots in [1, 4, PIECE_SLOTS] {
+            let mut cache = PieceCache::new(slots);
+            for _ in 0..400 {
+                let text: String = (0..rng.random_range(0..40))
+                    .map(|_| ['a', 'b', 'c', ' '][rng.random_range(0..4)])
+                    .collect();
+                for vocab in [&v, &other] {
+                    let plain = vocab.count_with(&text, None);
+                    assert_eq!(vocab.count_with(&text, Some(&mut cache)), plain, "{text:?}");
+                    // Again, now from the cache.
+                    assert_eq!(vocab.count_with(&text, Some(&mut cache)), plain, "{text:?}");
+                    assert_eq!(vocab.count(&text), plain, "{text:?}");
+                }
+            }
+        }
+        // The two vocabularies share a slot's piece without mixing counts.
+        let mut cache = PieceCache::new(1);
+        assert_eq!(v.count_with("aba", Some(&mut cache)), 2);
+        assert_eq!(other.count_with("aba", Some(&mut cache)), 3);
+        assert_eq!(v.count_with("aba", Some(&mut cache)), 2);
+        // Sixteen bytes are remembered; seventeen are not (and count the same).
+        let long = "abc".repeat(6);
+        for piece in [&long[..16], &long[..17]] {
+            let mut cache = PieceCache::new(PIECE_SLOTS);
+            let plain = v.count_with(piece, None);
+            assert_eq!(v.count_with(piece, Some(&mut cache)), plain);
+            let kept = cache.slots.iter().filter(|s| s.tag != 0).count();
+            assert_eq!(kept, usize::from(piece.len() == 16), "{piece}");
+        }
     }
 
     /// Random texts of every kind the regexes treat differently, counted both ways.
