@@ -528,11 +528,15 @@ impl ApiPipeline {
             .or_else(|| ctx.estimate.as_ref().and_then(|e| e.model.as_deref()))
             .unwrap_or("");
         let prompt = ctx.estimate.as_ref().map(|e| e.prompt_tokens).unwrap_or(0);
-        ctx.usage_scanner = Some(Box::new(UsageScanner::new(
-            sse,
-            encoding_for_model(model),
-            prompt,
-        )));
+        // The answer's `id` is read only for a call that creates an object
+        // the gateway must find again (affinity); chat answers skip it.
+        let wants_id = ctx.owned.as_ref().is_some_and(|c| c.creates);
+        let scanner = if wants_id {
+            UsageScanner::new(sse, encoding_for_model(model), prompt)
+        } else {
+            UsageScanner::usage_only(sse, encoding_for_model(model), prompt)
+        };
+        ctx.usage_scanner = Some(Box::new(scanner));
     }
 
     /// A chunk of the response body went by.

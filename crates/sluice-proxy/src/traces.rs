@@ -483,12 +483,12 @@ impl Gateway {
         let Some(api) = ctx.api else { return };
         let req = session.req_header();
         let labels = ctx.backend.and_then(|i| traces.backend_labels.get(i));
-        // The region the backend reported, sharing the configured label's
-        // text when it is the same (it is, unless the backend says otherwise).
-        let region = match (ctx.backend_region.as_deref(), labels) {
-            (Some(r), Some(l)) if *l.1 == *r => Some(l.1.clone()),
-            (Some(r), _) => Some(Arc::from(clip(r, MAX_LABEL))),
-            (None, l) => l.map(|l| l.1.clone()),
+        // The region the backend reported (shared with the request, which
+        // shares the backend's label when it is the same), else the label.
+        let region = match &ctx.backend_region {
+            Some(r) if r.len() <= MAX_LABEL => Some(r.clone()),
+            Some(r) => Some(Arc::from(clip(r, MAX_LABEL))),
+            None => labels.map(|l| l.1.clone()),
         };
         let deployment = ctx
             .deployment

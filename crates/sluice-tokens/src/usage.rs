@@ -163,6 +163,16 @@ impl UsageScanner {
         UsageScanner { inner }
     }
 
+    /// [`UsageScanner::new`] for a JSON answer whose `id` nobody will ask for
+    /// ([`UsageScanner::object_id`] then answers `None`): only the usage is read.
+    pub fn usage_only(sse: bool, encoding: Encoding, prompt_estimate: u32) -> Self {
+        let mut scanner = UsageScanner::new(sse, encoding, prompt_estimate);
+        if let Inner::Json(j) = &mut scanner.inner {
+            j.skip_id = true;
+        }
+        scanner
+    }
+
     /// Feeds the next body chunk. Cheap: one pass over the bytes, no allocation per chunk beyond
     /// the bounded buffers; SSE text is tokenized in batches, only when it may be needed.
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -294,6 +304,8 @@ struct JsonScan {
     capture: Vec<u8>,
     usage: Option<Usage>,
     id: Option<String>,
+    /// The `id` member is not wanted: never captured.
+    skip_id: bool,
 }
 
 impl JsonScan {
@@ -361,8 +373,7 @@ impl JsonScan {
                     self.depth -= 1; // depth >= 1 while in Object
                     if self.depth == 0 {
                         if let Some(from) = cap_from.take() {
-                            self.capture_slice(&chunk[from..i]);
-                            self.end_capture();
+                            self.end_capture_with(&chunk[from..i]);
                         }
                         self.state = JsonState::Done;
                         return;
@@ -372,7 +383,7 @@ impl JsonScan {
                     self.member = Member::InValue;
                     let target = self.key.get(..self.key_len).and_then(Target::of_key);
                     if target == Some(Target::Usage)
-                        || (target == Some(Target::Id) && self.id.is_none())
+                        || (target == Some(Target::Id) && self.id.is_none() && !self.skip_id)
                     {
                         self.capturing = target;
                         self.capture_too_big = false;
@@ -382,8 +393,7 @@ impl JsonScan {
                 }
                 b',' if self.depth == 1 => {
                     if let Some(from) = cap_from.take() {
-                        self.capture_slice(&chunk[from..i]);
-                        self.end_capture();
+                        self.end_capture_with(&chunk[from..i]);
                     }
                     self.member = Member::ExpectKey;
                 }
@@ -425,30 +435,53 @@ impl JsonScan {
         }
     }
 
+    /// The captured value ends with `tail`. A value that lies whole in one chunk (nothing
+    /// captured before `tail`: the usual case) is parsed where it lies, without a copy.
+    fn end_capture_with(&mut self, tail: &[u8]) {
+        match self.capturing {
+            Some(target) if self.capture.is_empty() && !self.capture_too_big => {
+                self.capturing = None;
+                if tail.len() <= target.cap() {
+                    self.take_value(target, tail);
+                }
+            }
+            _ => {
+                self.capture_slice(tail);
+                self.end_capture();
+            }
+        }
+    }
+
     /// The captured value is complete: parse it (a later `usage` member replaces an earlier one;
     /// the first usable `id` is kept).
     fn end_capture(&mut self) {
         let target = self.capturing.take();
-        if !self.capture_too_big {
-            match target {
-                Some(Target::Usage) => {
-                    if let Ok(Some(raw)) = serde_json::from_slice::<Option<RawUsage>>(&self.capture)
-                        && let Some(u) = raw.into_usage()
-                    {
-                        self.usage = Some(u);
-                    }
+        let captured = std::mem::take(&mut self.capture);
+        if !self.capture_too_big
+            && let Some(target) = target
+        {
+            self.take_value(target, &captured);
+        }
+    }
+
+    /// Reads a member's whole raw value.
+    fn take_value(&mut self, target: Target, raw: &[u8]) {
+        match target {
+            Target::Usage => {
+                if let Ok(Some(raw)) = serde_json::from_slice::<Option<RawUsage>>(raw)
+                    && let Some(u) = raw.into_usage()
+                {
+                    self.usage = Some(u);
                 }
-                Some(Target::Id) => {
-                    if let Ok(id) = serde_json::from_slice::<String>(&self.capture)
-                        && usable_id(&id)
-                    {
-                        self.id = Some(id);
-                    }
+            }
+            Target::Id => {
+                if let Ok(id) = serde_json::from_slice::<String>(raw)
+                    && usable_id(&id)
+                {
+                    self.id = Some(id);
                 }
-                None => {}
             }
         }
-        self.capture = Vec::new();
     }
 
     fn finish(&mut self) -> Option<Usage> {
@@ -1517,6 +1550,30 @@ mod tests {
                 .as_deref(),
             Some("chatcmpl-A1")
         );
+    }
+
+    #[test]
+    fn json_usage_only_reads_no_id() {
+        let body = br#"{"id":"chatcmpl-1","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        for at in 0..=body.len() {
+            let mut s = UsageScanner::usage_only(false, Encoding::O200kBase, 0);
+            s.feed(&body[..at]);
+            s.feed(&body[at..]);
+            assert_eq!(s.object_id(), None, "split at {at}");
+            assert_eq!(
+                s.finish(),
+                Some((usage(3, 4, 7), UsageSource::Reported)),
+                "split at {at}"
+            );
+        }
+        // A stream is read as before, its id included.
+        let event = b"data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\"}}\n\n";
+        let mut only = UsageScanner::usage_only(true, Encoding::O200kBase, 0);
+        let mut all = UsageScanner::new(true, Encoding::O200kBase, 0);
+        only.feed(event);
+        all.feed(event);
+        assert_eq!(only.object_id(), Some("resp_1"));
+        assert_eq!(only.object_id(), all.object_id());
     }
 
     #[test]
