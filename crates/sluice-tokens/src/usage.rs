@@ -1145,6 +1145,20 @@ mod tests {
         body.extend(std::iter::repeat_n(b'x', MAX_USAGE_BYTES));
         body.extend_from_slice(br#""}}"#);
         assert_eq!(scan_chunks(false, &[&body], 0), None);
+        // Raw text over the cap before a small value: dropped too, wherever
+        // the body is cut (the part after a cut is never read on its own).
+        let mut body = br#"{"usage":"#.to_vec();
+        body.extend(std::iter::repeat_n(b' ', MAX_USAGE_BYTES + 1));
+        let value = br#"{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let start = body.len();
+        body.extend_from_slice(value);
+        for at in [0, 9, start - 1, start, start + 1, body.len()] {
+            assert_eq!(
+                scan_chunks(false, &[&body[..at], &body[at..]], 0),
+                None,
+                "cut at {at}"
+            );
+        }
     }
 
     /// Azure's first event of every chat stream (content filtering on).

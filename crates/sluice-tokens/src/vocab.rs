@@ -506,6 +506,21 @@ mod tests {
                 }
             }
         }
+        // Distinct pieces spread over the slots (few collide), so a text's
+        // words stay remembered together.
+        let mut cache = PieceCache::new(PIECE_SLOTS);
+        let mut pieces = std::collections::HashSet::new();
+        while pieces.len() < 300 {
+            let piece: String = (0..rng.random_range(2..=CACHED_PIECE))
+                .map(|_| ['a', 'b', 'c'][rng.random_range(0..3)])
+                .collect();
+            pieces.insert(piece);
+        }
+        for piece in &pieces {
+            v.count_with(piece, Some(&mut cache));
+        }
+        let kept = cache.slots.iter().filter(|s| s.tag != 0).count();
+        assert!(kept >= 270, "{kept} of 300 pieces kept");
         // The two vocabularies share a slot's piece without mixing counts.
         let mut cache = PieceCache::new(1);
         assert_eq!(v.count_with("aba", Some(&mut cache)), 2);

@@ -46,7 +46,9 @@ fn start() -> Env {
     let capture = Capture::start();
     let blackhole = blackhole();
 
-    let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+    // Removed when `start` returns: the config (its key files) is read
+    // before the gateway serves.
+    let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("a.key"), KEY).expect("write");
     std::fs::write(dir.path().join("a2.key"), KEY2).expect("write");
     std::fs::write(dir.path().join("backend.key"), BACKEND_KEY).expect("write");

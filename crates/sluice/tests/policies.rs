@@ -87,7 +87,9 @@ fn start() -> Env {
         ))
         .expect("sim");
     let jwks = serve_jwks();
-    let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+    // Removed when `start` returns: the config (its key files) is read
+    // before the gateway serves.
+    let dir = tempfile::tempdir().expect("tempdir");
     for (name, value) in [
         ("a.key", KEY_A),
         ("b.key", KEY_B),

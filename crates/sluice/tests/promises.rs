@@ -37,7 +37,9 @@ fn start() -> Env {
     let reuse = DropsReused::start();
     let (next_event, events_allowed) = channel();
     let lockstep = lockstep_sse(events_allowed);
-    let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+    // Removed when `start` returns: the config (its key files) is read
+    // before the gateway serves.
+    let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("k.key"), KEY).expect("write");
     let yaml = format!(
         r#"
