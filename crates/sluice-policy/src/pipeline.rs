@@ -531,10 +531,11 @@ impl ApiPipeline {
         // The answer's `id` is read only for a call that creates an object
         // the gateway must find again (affinity); chat answers skip it.
         let wants_id = ctx.owned.as_ref().is_some_and(|c| c.creates);
+        let encoding = encoding_for_model(model);
         let scanner = if wants_id {
-            UsageScanner::new(sse, encoding_for_model(model), prompt)
+            UsageScanner::new(sse, encoding, prompt)
         } else {
-            UsageScanner::usage_only(sse, encoding_for_model(model), prompt)
+            UsageScanner::usage_only(sse, encoding, prompt)
         };
         ctx.usage_scanner = Some(Box::new(scanner));
     }

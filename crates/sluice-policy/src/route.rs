@@ -43,6 +43,19 @@ impl ApiRouter {
     }
 }
 
+/// Where every backend path starts (after the backend's base path).
+const BACKEND_PREFIX: &str = "/openai";
+
+/// The deployment segment of `rest` (`/deployments/{name}...`), and what
+/// follows it; the name may be empty.
+fn deployment_segment(rest: &str) -> Option<(&str, &str)> {
+    let after = rest.strip_prefix("/deployments/")?;
+    Some(match after.find('/') {
+        Some(i) => after.split_at(i),
+        None => (after, ""),
+    })
+}
+
 /// The path sent to a backend: its base path, `/openai`, then the rest of the
 /// client's path, with the deployment segment renamed when the backend maps it.
 pub fn upstream_path<'a>(
@@ -50,21 +63,35 @@ pub fn upstream_path<'a>(
     rest: &'a str,
     rename: impl Fn(&str) -> Option<&'a str>,
 ) -> String {
-    let mut out = String::with_capacity(base_path.len() + 7 + rest.len() + 16);
+    let mut out = String::with_capacity(base_path.len() + BACKEND_PREFIX.len() + rest.len() + 16);
     out.push_str(base_path);
-    out.push_str("/openai");
-    if let Some(after) = rest.strip_prefix("/deployments/") {
-        let (name, tail) = match after.find('/') {
-            Some(i) => after.split_at(i),
-            None => (after, ""),
-        };
-        out.push_str("/deployments/");
-        out.push_str(rename(name).unwrap_or(name));
-        out.push_str(tail);
-    } else {
-        out.push_str(rest);
+    out.push_str(BACKEND_PREFIX);
+    match deployment_segment(rest) {
+        Some((name, tail)) => {
+            out.push_str("/deployments/");
+            out.push_str(rename(name).unwrap_or(name));
+            out.push_str(tail);
+        }
+        None => out.push_str(rest),
     }
     out
+}
+
+/// Whether [`upstream_path`] would give back `path`, the client's path whose
+/// API-relative part is `rest`: the API sits at `/openai`, the backend has no
+/// base path and does not rename the deployment. Answered without building
+/// anything (most calls reach their backend by the path they came with).
+pub fn keeps_path<'a>(
+    base_path: &str,
+    path: &str,
+    rest: &'a str,
+    rename: impl Fn(&str) -> Option<&'a str>,
+) -> bool {
+    base_path.is_empty()
+        && path.len() == BACKEND_PREFIX.len() + rest.len()
+        && path.starts_with(BACKEND_PREFIX)
+        && path.ends_with(rest)
+        && deployment_segment(rest).is_none_or(|(name, _)| rename(name).is_none_or(|to| to == name))
 }
 
 /// Whether a path has a `.` or `..` segment, plain or percent-encoded, or a
@@ -89,8 +116,7 @@ pub fn has_dot_segments(path: &str) -> bool {
 
 /// The deployment named in a deployments-style path, if any.
 pub fn deployment_of(rest: &str) -> Option<&str> {
-    let after = rest.strip_prefix("/deployments/")?;
-    let name = after.split('/').next()?;
+    let (name, _) = deployment_segment(rest)?;
     (!name.is_empty()).then_some(name)
 }
 
@@ -326,6 +352,37 @@ mod tests {
             strip_query_param("x=subscription-key&subscription-key=k", "subscription-key"),
             "x=subscription-key"
         );
+    }
+
+    #[test]
+    fn kept_paths_are_exactly_those_built_unchanged() {
+        type Rename = dyn Fn(&str) -> Option<&'static str>;
+        let map = |d: &str| (d == "gpt").then_some("gpt-eu");
+        let same = |d: &str| (d == "gpt").then_some("gpt");
+        let rests = [
+            "",
+            "/deployments/gpt/chat/completions",
+            "/deployments/gpt",
+            "/deployments/other/embeddings",
+            "/deployments/",
+            "/deployments//x",
+            "/v1/responses",
+        ];
+        for base in ["", "/base"] {
+            for api in ["/openai", "/OPENAI", "/team/openai", "/x"] {
+                for rest in rests {
+                    let path = format!("{api}{rest}");
+                    let rename: [&Rename; 3] = [&|_| None, &map, &same];
+                    for r in rename {
+                        assert_eq!(
+                            keeps_path(base, &path, rest, r),
+                            upstream_path(base, rest, r) == path,
+                            "{base} {path}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

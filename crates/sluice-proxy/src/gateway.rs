@@ -14,7 +14,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use sluice_policy::body_edit::{BodyEdit, BodyPlan, api_version_takes_stream_options};
 use sluice_policy::context::BodyMode;
 use sluice_policy::error::GatewayError;
-use sluice_policy::route::{strip_query_param, upstream_path};
+use sluice_policy::route::{keeps_path, strip_query_param, upstream_path};
 use sluice_policy::{After, InboundRequest, RequestContext, stream_tag};
 use sluice_routing::Outcome;
 
@@ -548,25 +548,18 @@ impl Gateway {
                 }
             }
         });
-        // Most calls reach the backend by the path they came with (the API
-        // at `/openai`, a backend without a base path, the deployment not
-        // renamed, no key in the query): then nothing is built and the URI
-        // is left as pingora parsed it.
-        let same_path = b.base_path.is_empty()
-            && ctx.rest_offset == "/openai".len()
-            && uri.path().starts_with("/openai")
-            && (b.deployments.is_empty()
-                || sluice_policy::route::deployment_of(rest)
-                    .is_none_or(|d| b.deployments.get(d).is_none_or(|to| to == d)));
+        // Most calls reach the backend by the path they came with and lose
+        // nothing from the query: then nothing is built and the URI is left
+        // as pingora parsed it.
+        let rename = |d: &str| b.deployments.get(d).map(String::as_str);
+        let same_path = keeps_path(&b.base_path, uri.path(), rest, rename);
         let same_query = query
             .as_ref()
             .is_none_or(|q| matches!(q, Cow::Borrowed(q) if !q.is_empty()));
         let unchanged =
             same_path && same_query && uri.authority().is_none() && upstream.uri == *uri;
         if !unchanged {
-            let mut target = upstream_path(&b.base_path, rest, |d| {
-                b.deployments.get(d).map(String::as_str)
-            });
+            let mut target = upstream_path(&b.base_path, rest, rename);
             if let Some(q) = query.as_deref()
                 && !q.is_empty()
             {
