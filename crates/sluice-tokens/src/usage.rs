@@ -9,6 +9,8 @@ use crate::Encoding;
 use crate::count::count;
 use crate::lenient::{Code, Detail, Text};
 
+mod fast_event;
+
 /// The largest `usage` value (JSON bodies) kept for parsing; real ones are a few hundred bytes.
 const MAX_USAGE_BYTES: usize = 64 * 1024;
 /// The largest SSE line or event payload kept for parsing; a larger event is skipped.
@@ -71,6 +73,7 @@ pub struct StreamFailure {
 /// A `usage` object as the backend sends it. The Responses API's `input_tokens`/`output_tokens`
 /// are accepted as aliases.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct RawUsage {
     #[serde(default, alias = "input_tokens")]
     prompt_tokens: Option<u64>,
@@ -117,7 +120,8 @@ impl RawUsage {
 /// `response.incomplete` / `response.failed`) event's `response`, and the counted fallback counts
 /// the `delta` of `response.output_text.delta`, `response.refusal.delta` and
 /// `response.function_call_arguments.delta` events. Each event is parsed once, into one struct
-/// that borrows its strings from the event.
+/// that borrows its strings from the event: by a hand-written reader for the shapes streams carry
+/// by the hundred (chunks, deltas), by serde for the rest (see `fast_event`).
 pub struct UsageScanner {
     inner: Inner,
 }
@@ -508,6 +512,7 @@ fn usable_id(id: &str) -> bool {
 /// One streamed event, reduced to what is read: a `chat.completion.chunk` / `text_completion`
 /// (no `type`), or a Responses API event (`type`, and `delta` or `response` as the type has).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct StreamEvent<'a> {
     /// Responses events only.
     #[serde(default, rename = "type", borrow)]
@@ -534,6 +539,7 @@ struct StreamEvent<'a> {
 
 /// The `response` of a Responses lifecycle event (`response.created` … `response.completed`).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct ResponseObject<'a> {
     #[serde(default, borrow)]
     id: Text<'a>,
@@ -570,6 +576,7 @@ const COUNTED_DELTAS: [(&str, TextKind); 3] = [
 
 /// A chunk's `choices`. Streams almost always carry one choice per chunk: it is kept inline, so
 /// reading a chunk allocates nothing; more (`n` > 1) go to a vector.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Choices<'a> {
     first: Option<StreamChoice<'a>>,
     rest: Vec<StreamChoice<'a>>,
@@ -613,6 +620,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
 
 // The texts are borrowed from the event (copied only when they hold escapes).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct StreamChoice<'a> {
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
@@ -622,6 +630,7 @@ struct StreamChoice<'a> {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Delta<'a> {
     #[serde(default, borrow)]
     content: Text<'a>,
@@ -634,12 +643,14 @@ struct Delta<'a> {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct ToolCallDelta<'a> {
     #[serde(default, borrow)]
     function: Option<FunctionDelta<'a>>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct FunctionDelta<'a> {
     #[serde(default, borrow)]
     name: Text<'a>,
@@ -797,8 +808,13 @@ impl SseScan {
         if payload.first() != Some(&b'{') {
             return;
         }
-        let Ok(mut chunk) = serde_json::from_slice::<StreamEvent<'_>>(payload) else {
-            return;
+        // Most events are read by the hand-written reader; the few it leaves go to serde.
+        let mut chunk = match fast_event::read(payload) {
+            Some(chunk) => chunk,
+            None => match serde_json::from_slice::<StreamEvent<'_>>(payload) {
+                Ok(chunk) => chunk,
+                Err(_) => return,
+            },
         };
         if let Some(u) = chunk.usage.take().and_then(RawUsage::into_usage) {
             self.usage = Some(u);
