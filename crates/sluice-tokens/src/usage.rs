@@ -1,5 +1,6 @@
 //! Usage read from a response body as it streams past, with bounded memory.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use memchr::memchr2;
@@ -691,7 +692,14 @@ struct SseScan {
     /// event (which is final; a chat chunk's id is kept only until a Responses id turns up).
     id: Option<String>,
     id_is_final: bool,
+    /// The last chunk read whose only text is its one choice's `delta.content`, without
+    /// escapes, and where in it that content lies (see [`SseScan::same_but_content`]).
+    last_chunk: Vec<u8>,
+    last_content: Option<(usize, usize)>,
 }
+
+/// The longest chunk kept in [`SseScan::last_chunk`].
+const MAX_LAST_CHUNK: usize = 4096;
 
 impl SseScan {
     fn new(encoding: Encoding, prompt_estimate: u32) -> Self {
@@ -712,6 +720,8 @@ impl SseScan {
             failure: None,
             id: None,
             id_is_final: false,
+            last_chunk: Vec::new(),
+            last_content: None,
         }
     }
 
@@ -808,9 +818,18 @@ impl SseScan {
         if payload.first() != Some(&b'{') {
             return;
         }
+        if let Some(content) = self.same_but_content(payload) {
+            // What reading it would do (see `same_but_content`).
+            self.chunks += 1;
+            self.add(TextKind::Content, content);
+            return;
+        }
         // Most events are read by the hand-written reader; the few it leaves go to serde.
         let mut chunk = match fast_event::read(payload) {
-            Some(chunk) => chunk,
+            Some(chunk) => {
+                self.remember(payload, &chunk);
+                chunk
+            }
             None => match serde_json::from_slice::<StreamEvent<'_>>(payload) {
                 Ok(chunk) => chunk,
                 Err(_) => return,
@@ -859,6 +878,62 @@ impl SseScan {
                 }
             }
         }
+    }
+
+    /// The content of `payload` when it is the last remembered chunk with only its content
+    /// changed: the same bytes before and after the content, and a content of plain string bytes
+    /// (no quote, backslash or control character) that is valid UTF-8.
+    ///
+    /// Such a chunk is valid JSON of the same shape as the remembered one, which was read in
+    /// full, so reading it would find the same members with only `delta.content` changed: no
+    /// usage, failure or type; an id read before (the remembered chunk's, which gave
+    /// [`SseScan::note_id`] its chance); one choice whose only text is the content. Reading it
+    /// would count one chunk and add its content, which is all the caller does. In a chat stream
+    /// every chunk but the first and last few is such a chunk.
+    fn same_but_content<'p>(&self, payload: &'p [u8]) -> Option<&'p str> {
+        let (start, end) = self.last_content?;
+        let last = &self.last_chunk;
+        let tail = last.len() - end;
+        let content_end = payload.len().checked_sub(tail)?;
+        if content_end < start
+            || payload[..start] != last[..start]
+            || payload[content_end..] != last[end..]
+        {
+            return None;
+        }
+        let content = &payload[start..content_end];
+        if fast_event::plain_run(content) != content.len() {
+            return None;
+        }
+        std::str::from_utf8(content).ok()
+    }
+
+    /// Remembers `chunk` (read from `payload` by the hand-written reader) for
+    /// [`SseScan::same_but_content`] if its only text is one choice's unescaped `delta.content`.
+    fn remember(&mut self, payload: &[u8], chunk: &StreamEvent) {
+        let content = match &chunk.choices {
+            Some(Choices {
+                first:
+                    Some(StreamChoice {
+                        delta:
+                            Some(Delta {
+                                content: Text(Some(Cow::Borrowed(content))),
+                                refusal: Text(None),
+                                tool_calls: None,
+                                function_call: None,
+                            }),
+                        text: Text(None),
+                    }),
+                rest,
+            }) if rest.is_empty() && chunk.kind.0.is_none() && payload.len() <= MAX_LAST_CHUNK => {
+                content
+            }
+            _ => return,
+        };
+        let start = content.as_ptr() as usize - payload.as_ptr() as usize;
+        self.last_chunk.clear();
+        self.last_chunk.extend_from_slice(payload);
+        self.last_content = Some((start, start + content.len()));
     }
 
     /// A Responses event of type `kind`: nested usage, and counted deltas.
@@ -1224,6 +1299,115 @@ mod tests {
 
     fn words_tokens() -> u64 {
         WORDS.iter().map(|w| u64::from(count_text(ENC, w))).sum()
+    }
+
+    /// What a stream's scan has gathered so far.
+    fn sse_state(s: &SseScan) -> impl PartialEq + fmt::Debug {
+        (
+            s.usage,
+            s.chunks,
+            s.completion_tokens,
+            s.pending.clone(),
+            s.pending_kind,
+            s.failure.clone(),
+            s.id.clone(),
+            s.id_is_final,
+        )
+    }
+
+    /// A chunk that repeats the last one but for its content is read without parsing it, and
+    /// exactly as reading it would: over long random streams of chunks, each a fresh one, the
+    /// last one with new content (plain, escaped, with quotes, control characters, bytes that are
+    /// not UTF-8) or the last one with a random byte edited, a scanner that remembers chunks
+    /// gathers the same as one that forgets them before every event.
+    #[test]
+    fn chunks_that_differ_only_in_content_read_as_in_full() {
+        use rand::prelude::*;
+        const FRESH: [&str; 8] = [
+            r#"{"choices":[{"content_filter_results":{},"delta":{"content":"","refusal":null,"role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1,"id":"chatcmpl-1","model":"gpt-4o","object":"chat.completion.chunk","system_fingerprint":"fp","usage":null}"#,
+            r#"{"choices":[{"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}},"delta":{"content":"Hello"},"finish_reason":null,"index":0,"logprobs":null}],"created":1,"id":"chatcmpl-2","model":"gpt-4o","object":"chat.completion.chunk"}"#,
+            r#"{"choices":[{"delta":{"content":"a"},"index":0}],"id":""}"#,
+            r#"{"choices":[{"delta":{"content":"x","refusal":"no"},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{}"}}]},"index":0}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            r#"{"choices":[{"text":"legacy","index":0}]}"#,
+            r#"{"type":"response.output_text.delta","delta":"resp"}"#,
+        ];
+        const CONTENT: [&[u8]; 12] = [
+            b"",
+            b" world",
+            b"\xc3\xa9",
+            b"\\n",
+            b"\\\\",
+            b"\\\"",
+            b"\\u00e9",
+            b"\xff",
+            b"\"",
+            b"\x01",
+            br#"}]},{"delta":{"content":"x"#,
+            br#""},"refusal":"r"#,
+        ];
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut shortcuts = 0;
+        for _ in 0..200 {
+            let mut remembering = SseScan::new(ENC, 5);
+            let mut forgetting = SseScan::new(ENC, 5);
+            let mut last = FRESH[0].as_bytes().to_vec();
+            for _ in 0..60 {
+                let event = match rng.random_range(0..5) {
+                    0 => FRESH[rng.random_range(0..FRESH.len())].as_bytes().to_vec(),
+                    1 | 2 => {
+                        // New content where the last chunk had its content (or anywhere).
+                        let at = memchr::memmem::find(&last, b"\"content\":\"")
+                            .map_or(rng.random_range(0..=last.len()), |at| at + 11);
+                        let end = at + last[at..].iter().position(|&b| b == b'"').unwrap_or(0);
+                        let mut e = last[..at].to_vec();
+                        // Half the time plain text only (the first three).
+                        let pieces = if rng.random_bool(0.5) {
+                            3
+                        } else {
+                            CONTENT.len()
+                        };
+                        for _ in 0..rng.random_range(0..3) {
+                            e.extend_from_slice(CONTENT[rng.random_range(0..pieces)]);
+                        }
+                        e.extend_from_slice(&last[end..]);
+                        e
+                    }
+                    _ => {
+                        let mut e = last.clone();
+                        let at = rng.random_range(0..e.len().max(1));
+                        let byte = b"\"{}[],:\\ 0ax\x01\xff"[rng.random_range(0..14)];
+                        match rng.random_range(0..3) {
+                            0 if at < e.len() => e[at] = byte,
+                            1 if at < e.len() => {
+                                e.remove(at);
+                            }
+                            _ => e.insert(at.min(e.len()), byte),
+                        }
+                        e
+                    }
+                };
+                if remembering.same_but_content(event.trim_ascii()).is_some() {
+                    shortcuts += 1;
+                }
+                let mut framed = b"data: ".to_vec();
+                framed.extend_from_slice(&event);
+                framed.extend_from_slice(b"\n\n");
+                remembering.feed(&framed);
+                forgetting.last_content = None;
+                forgetting.feed(&framed);
+                assert_eq!(
+                    sse_state(&remembering),
+                    sse_state(&forgetting),
+                    "{}",
+                    String::from_utf8_lossy(&event)
+                );
+                last = event;
+            }
+            assert_eq!(remembering.finish(), forgetting.finish());
+        }
+        assert!(shortcuts > 500, "{shortcuts}");
     }
 
     #[test]

@@ -55,7 +55,7 @@ static STRING_STOP: [bool; 256] = {
 
 /// How many bytes at the start of `b` are plain string bytes (no quote, backslash or control
 /// character): eight at a time, then one by one.
-fn plain_run(b: &[u8]) -> usize {
+pub(super) fn plain_run(b: &[u8]) -> usize {
     const ONES: u64 = u64::from_le_bytes([1; 8]);
     const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
     // The high bit of each byte of `x` that is below `n` (n <= 0x80); exact for the lowest such
