@@ -941,10 +941,15 @@ fn counter_key(
     kind: &str,
 ) -> String {
     match key {
-        CounterKey::Subscription => format!(
-            "{kind}|sub:{}",
-            ctx.subscription.as_ref().map(|s| &*s.name).unwrap_or("")
-        ),
+        CounterKey::Subscription => {
+            // `{kind}|sub:{name}`, built without the formatting machinery (every request).
+            let name = ctx.subscription.as_ref().map(|s| &*s.name).unwrap_or("");
+            let mut k = String::with_capacity(kind.len() + 5 + name.len());
+            k.push_str(kind);
+            k.push_str("|sub:");
+            k.push_str(name);
+            k
+        }
         CounterKey::Identity => {
             client_key(kind, "id", ctx.identity().unwrap_or_default().as_bytes())
         }

@@ -925,7 +925,14 @@ impl SseScan {
                         text: Text(None),
                     }),
                 rest,
-            }) if rest.is_empty() && chunk.kind.0.is_none() && payload.len() <= MAX_LAST_CHUNK => {
+            }) if rest.is_empty()
+                && chunk.kind.0.is_none()
+                && chunk.usage.is_none()
+                && chunk.error.0.is_none()
+                && chunk.code.0.is_none()
+                && chunk.response.is_none()
+                && payload.len() <= MAX_LAST_CHUNK =>
+            {
                 content
             }
             _ => return,
@@ -1323,7 +1330,8 @@ mod tests {
     #[test]
     fn chunks_that_differ_only_in_content_read_as_in_full() {
         use rand::prelude::*;
-        const FRESH: [&str; 8] = [
+        const FRESH: [&str; 9] = [
+            r#"{"choices":[{"delta":{"content":"u"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
             r#"{"choices":[{"content_filter_results":{},"delta":{"content":"","refusal":null,"role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1,"id":"chatcmpl-1","model":"gpt-4o","object":"chat.completion.chunk","system_fingerprint":"fp","usage":null}"#,
             r#"{"choices":[{"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}},"delta":{"content":"Hello"},"finish_reason":null,"index":0,"logprobs":null}],"created":1,"id":"chatcmpl-2","model":"gpt-4o","object":"chat.completion.chunk"}"#,
             r#"{"choices":[{"delta":{"content":"a"},"index":0}],"id":""}"#,

@@ -12,8 +12,10 @@
 //! - a member the typed parse would refuse as given twice;
 //! - a `\u` escape in a string that is kept (one that is skipped may have one);
 //! - a number where text is read (serde refuses one out of `f64`'s range);
-//! - a `usage`, `error`, `code` or `response` other than `null` (the few events that carry one
-//!   are worth serde's full reading);
+//! - a token count in `usage` that is not an integer fitting in a `u64`, or a count given under
+//!   both of its names (`prompt_tokens` and `input_tokens`);
+//! - an `error`, `code` or `response` other than `null` (the few events that carry one are
+//!   worth serde's full reading);
 //! - a choice, `delta`, tool call or function given as anything but an object or `null`.
 //!
 //! The caller then parses the event with serde, as before, so what is read never differs.
@@ -21,7 +23,7 @@
 
 use std::borrow::Cow;
 
-use super::{Choices, Delta, FunctionDelta, StreamChoice, StreamEvent, ToolCallDelta};
+use super::{Choices, Delta, FunctionDelta, RawUsage, StreamChoice, StreamEvent, ToolCallDelta};
 use crate::lenient::{Code, Detail, Text};
 
 /// The deepest nesting walked; deeper events go to serde (whose limit is 128).
@@ -312,6 +314,7 @@ impl<'a> Reader<'a> {
         let mut choices = None;
         let mut id = Text(None);
         let mut delta = Text(None);
+        let mut usage = None;
         self.object(|r, key| {
             match key {
                 b"type" => {
@@ -333,9 +336,12 @@ impl<'a> Reader<'a> {
                     seen.first(8)?;
                     delta = r.text()?;
                 }
-                b"usage" | b"error" | b"code" | b"response" => {
+                b"usage" => {
+                    seen.first(16)?;
+                    usage = r.nullable(Self::usage)?;
+                }
+                b"error" | b"code" | b"response" => {
                     seen.first(match key {
-                        b"usage" => 16,
                         b"error" => 32,
                         b"code" => 64,
                         _ => 128,
@@ -349,13 +355,59 @@ impl<'a> Reader<'a> {
         Some(StreamEvent {
             kind,
             choices,
-            usage: None,
+            usage,
             id,
             error: Detail(None),
             code: Code::default(),
             delta,
             response: None,
         })
+    }
+
+    /// A `usage` object: its token counts, each `null` or an integer that fits in a `u64`
+    /// (anything else is left to serde, which refuses a negative or fractional count).
+    fn usage(&mut self) -> Option<RawUsage> {
+        let mut seen = Seen::default();
+        let mut usage = RawUsage {
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+        };
+        self.object(|r, key| {
+            // The Responses API's names are aliases: given with the chat name, a repeat.
+            let (bit, field) = match key {
+                b"prompt_tokens" | b"input_tokens" => (1, &mut usage.prompt_tokens),
+                b"completion_tokens" | b"output_tokens" => (2, &mut usage.completion_tokens),
+                b"total_tokens" => (4, &mut usage.total_tokens),
+                _ => return r.skip(),
+            };
+            seen.first(bit)?;
+            *field = match r.peek()? {
+                b'n' => r.literal(b"null").map(|()| None)?,
+                _ => Some(r.count()?),
+            };
+            Some(())
+        })?;
+        Some(usage)
+    }
+
+    /// An integer that fits in a `u64`, not followed by a fraction or an exponent.
+    fn count(&mut self) -> Option<u64> {
+        let mut i = self.i;
+        let mut n: u64 = 0;
+        while let Some(&d @ b'0'..=b'9') = self.b.get(i) {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            i += 1;
+        }
+        let digits = i - self.i;
+        if digits == 0
+            || (digits > 1 && self.b[self.i] == b'0')
+            || matches!(self.b.get(i), Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        self.i = i;
+        Some(n)
     }
 
     fn choices(&mut self) -> Option<Choices<'a>> {
@@ -549,6 +601,10 @@ mod tests {
             "{ \"choices\" : [ { \"delta\" : { \"content\" : \"x\" } } ] ,\n\t\"id\":\r\"y\" , \"n\": -0.5e+10, \"m\": [1, 2.25, -3E-2, 0, true, false, null, \"\\u00e9\"]}".to_owned(),
             r#"{"choices":null,"id":7,"type":true,"delta":["x"],"error":null,"code":null,"response":null}"#.replace("\"id\":7,", ""),
             r#"{}"#.to_owned(),
+            // The usage chunk Sluice asks for, and its Responses names.
+            r#"{"choices":[],"created":1,"id":"chatcmpl-9a","model":"gpt-4o","object":"chat.completion.chunk","usage":{"completion_tokens":16,"completion_tokens_details":{"reasoning_tokens":0},"prompt_tokens":25,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":41}}"#.to_owned(),
+            r#"{"usage":{"input_tokens":0,"output_tokens":18446744073709551615,"total_tokens":null}}"#.to_owned(),
+            r#"{"usage":{}}"#.to_owned(),
         ];
         for event in &events {
             assert!(agrees(event.as_bytes()), "left to serde: {event}");
@@ -561,7 +617,17 @@ mod tests {
         let left = [
             // Kept by serde, not here.
             r#"{"choices":[{"delta":{"content":"caf\u00e9"}}]}"#,
-            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":-1}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1.0}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1e2}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":"1"}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"input_tokens":1}}"#,
+            r#"{"choices":[],"usage":{"output_tokens":1,"completion_tokens":1}}"#,
+            r#"{"choices":[],"usage":{"total_tokens":1,"total_tokens":1}}"#,
+            r#"{"choices":[],"usage":{"total_tokens":01}}"#,
+            r#"{"choices":[],"usage":[]}"#,
+            r#"{"choices":[],"usage":0}"#,
             r#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":1}}}"#,
             r#"{"error":{"code":"server_error","message":"boom"}}"#,
             r#"{"type":"error","code":"rate_limit","message":"slow down"}"#,
@@ -844,7 +910,39 @@ mod tests {
                         },
                     )
                 }),
-                "usage" | "error" | "code" | "response" => out.push_str("null"),
+                "usage" => object_of(
+                    rng,
+                    out,
+                    &[
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "total_tokens",
+                        "input_tokens",
+                        "output_tokens",
+                        "prompt_tokens_details",
+                    ],
+                    &mut |rng, key, out| {
+                        if key.ends_with("details") {
+                            value(rng, 2, out);
+                        } else {
+                            out.push_str(
+                                [
+                                    "0",
+                                    "7",
+                                    "1234",
+                                    "null",
+                                    "18446744073709551615",
+                                    "18446744073709551616",
+                                    "-1",
+                                    "1.5",
+                                    "2e3",
+                                    "01",
+                                ][rng.random_range(0..10)],
+                            );
+                        }
+                    },
+                ),
+                "error" | "code" | "response" => out.push_str("null"),
                 "model" | "object" => value(rng, 1, out),
                 _ => text_or_null(rng, out),
             },
