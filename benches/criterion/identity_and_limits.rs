@@ -186,5 +186,25 @@ fn tokens(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, jwt, limits, tokens);
+/// A chat answer as Azure OpenAI sends it, read for its usage as it passes.
+fn json_answer(c: &mut Criterion) {
+    let content = "Paris is the capital of France, and it has been for most of the country's \
+                   history; it is also its largest city, on the Seine, with about two million \
+                   people in the city itself and twelve million in its metropolitan area.";
+    let body = format!(
+        r#"{{"choices":[{{"content_filter_results":{{"hate":{{"filtered":false,"severity":"safe"}},"self_harm":{{"filtered":false,"severity":"safe"}},"sexual":{{"filtered":false,"severity":"safe"}},"violence":{{"filtered":false,"severity":"safe"}}}},"finish_reason":"stop","index":0,"logprobs":null,"message":{{"annotations":[],"content":"{content}","refusal":null,"role":"assistant"}}}}],"created":1733000000,"id":"chatcmpl-AbCdEfGhIjKlMnOpQrStUvWxYz012","model":"gpt-4o-2024-11-20","object":"chat.completion","prompt_filter_results":[{{"prompt_index":0,"content_filter_results":{{"hate":{{"filtered":false,"severity":"safe"}},"jailbreak":{{"filtered":false,"detected":false}},"self_harm":{{"filtered":false,"severity":"safe"}},"sexual":{{"filtered":false,"severity":"safe"}},"violence":{{"filtered":false,"severity":"safe"}}}}}}],"system_fingerprint":"fp_b705f0c291","usage":{{"completion_tokens":48,"completion_tokens_details":{{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0}},"prompt_tokens":25,"prompt_tokens_details":{{"audio_tokens":0,"cached_tokens":0}},"total_tokens":73}}}}"#
+    );
+    let mut g = c.benchmark_group("usage_scan_json_answer");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function(BenchmarkId::from_parameter(body.len()), |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::usage_only(false, Encoding::O200kBase, 10);
+            s.feed(black_box(body.as_bytes()));
+            s.finish()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, jwt, limits, tokens, json_answer);
 criterion_main!(benches);

@@ -329,7 +329,7 @@ impl JsonScan {
                     continue;
                 }
                 let rest = &chunk[i..];
-                let end = memchr2(b'"', b'\\', rest);
+                let end = fast_event::quote_or_backslash(rest);
                 // `InKey` only while reading a top-level key (depth 1).
                 if self.member == Member::InKey {
                     self.key_bytes(&rest[..end.unwrap_or(rest.len())]);

@@ -55,20 +55,33 @@ static STRING_STOP: [bool; 256] = {
     t
 };
 
+const ONES: u64 = u64::from_le_bytes([1; 8]);
+const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+
+/// The high bit of each byte of `x` that is below `n` (n <= 0x80); exact for the lowest such
+/// byte, which is all that is read.
+fn below(x: u64, n: u8) -> u64 {
+    x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS
+}
+
+/// The high bit of each byte of the eight bytes `word` that is a quote or a backslash (or, with
+/// `control`, a control character); exact for the first such byte.
+fn stops(word: &[u8], control: bool) -> u64 {
+    let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
+    let quotes = below(x ^ (ONES * u64::from(b'"')), 1) | below(x ^ (ONES * u64::from(b'\\')), 1);
+    if control {
+        quotes | below(x, 0x20)
+    } else {
+        quotes
+    }
+}
+
 /// How many bytes at the start of `b` are plain string bytes (no quote, backslash or control
 /// character): eight at a time, then one by one.
 pub(super) fn plain_run(b: &[u8]) -> usize {
-    const ONES: u64 = u64::from_le_bytes([1; 8]);
-    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
-    // The high bit of each byte of `x` that is below `n` (n <= 0x80); exact for the lowest such
-    // byte, which is all that is read.
-    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS;
     let mut i = 0;
     while let Some(word) = b.get(i..i + 8) {
-        let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let stops = below(x, 0x20)
-            | below(x ^ (ONES * u64::from(b'"')), 1)
-            | below(x ^ (ONES * u64::from(b'\\')), 1);
+        let stops = stops(word, true);
         if stops != 0 {
             return i + (stops.trailing_zeros() / 8) as usize;
         }
@@ -78,6 +91,24 @@ pub(super) fn plain_run(b: &[u8]) -> usize {
         i += 1;
     }
     i
+}
+
+/// Where the first quote or backslash in `b` is: the first 16 bytes eight at a time (most strings
+/// of a JSON answer end there), the rest with `memchr2`.
+pub(super) fn quote_or_backslash(b: &[u8]) -> Option<usize> {
+    for at in [0, 8] {
+        let Some(word) = b.get(at..at + 8) else {
+            return b[at..]
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\')
+                .map(|p| at + p);
+        };
+        let stops = stops(word, false);
+        if stops != 0 {
+            return Some(at + (stops.trailing_zeros() / 8) as usize);
+        }
+    }
+    memchr::memchr2(b'"', b'\\', &b[16..]).map(|p| 16 + p)
 }
 
 /// Marks which members of an object were seen, so a repeated one is noticed.
@@ -696,6 +727,31 @@ mod tests {
         assert_eq!(read(b"{\"choices\":[{\"text\":\"\xff\"}]}"), None);
         assert!(serde_reads(b"{\"choices\":[{\"text\":\"\xff\"}]}").is_none());
         assert!(agrees(b"{\"choices\":[],\"model\":\"\xff\"}"));
+    }
+
+    /// The word-at-a-time scans find the first stop byte, as a byte-by-byte loop does, at every
+    /// length around their word and 16-byte boundaries.
+    #[test]
+    fn word_scans_find_the_first_stop() {
+        const BYTES: &[u8] = b"a \"\\\x01\x1f\x20\x21\x7f\x80\xff\x5b\x5d";
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..48);
+            // Mostly plain bytes, so stops fall at every position.
+            let b: Vec<u8> = (0..len)
+                .map(|_| match rng.random_range(0..12) {
+                    0 => BYTES[rng.random_range(0..BYTES.len())],
+                    _ => b'a' + rng.random_range(0..26),
+                })
+                .collect();
+            let plain = b
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .unwrap_or(b.len());
+            assert_eq!(plain_run(&b), plain, "{b:?}");
+            let quote = b.iter().position(|&c| c == b'"' || c == b'\\');
+            assert_eq!(quote_or_backslash(&b), quote, "{b:?}");
+        }
     }
 
     #[test]
