@@ -14,8 +14,8 @@
 //! - a number where text is read (serde refuses one out of `f64`'s range);
 //! - a token count in `usage` that is not an integer fitting in a `u64`, or a count given under
 //!   both of its names (`prompt_tokens` and `input_tokens`);
-//! - an `error`, `code` or `response` other than `null` (the few events that carry one are
-//!   worth serde's full reading);
+//! - a top-level `error` or `code` other than `null` (error events, rare);
+//! - a `response`, `error` or `incomplete_details` that is neither an object nor `null`;
 //! - a choice, `delta`, tool call or function given as anything but an object or `null`.
 //!
 //! The caller then parses the event with serde, as before, so what is read never differs.
@@ -23,8 +23,11 @@
 
 use std::borrow::Cow;
 
-use super::{Choices, Delta, FunctionDelta, RawUsage, StreamChoice, StreamEvent, ToolCallDelta};
-use crate::lenient::{Code, Detail, Text};
+use super::{
+    Choices, Delta, FunctionDelta, RawUsage, ResponseObject, StreamChoice, StreamEvent,
+    ToolCallDelta,
+};
+use crate::lenient::{Code, Detail, DetailFields, Text};
 
 /// The deepest nesting walked; deeper events go to serde (whose limit is 128).
 const MAX_DEPTH: u32 = 64;
@@ -314,7 +317,7 @@ impl<'a> Reader<'a> {
 
     /// A member read as [`Text`]: a string, or any other value but a number (which reads as
     /// none).
-    fn text(&mut self) -> Option<Text<'a>> {
+    fn text<const NUMBERS: bool>(&mut self) -> Option<Text<'a, NUMBERS>> {
         match self.peek()? {
             b'"' => {
                 let (raw, escaped) = self.string()?;
@@ -346,6 +349,7 @@ impl<'a> Reader<'a> {
         let mut id = Text(None);
         let mut delta = Text(None);
         let mut usage = None;
+        let mut response = None;
         self.object(|r, key| {
             match key {
                 b"type" => {
@@ -371,12 +375,12 @@ impl<'a> Reader<'a> {
                     seen.first(16)?;
                     usage = r.nullable(Self::usage)?;
                 }
-                b"error" | b"code" | b"response" => {
-                    seen.first(match key {
-                        b"error" => 32,
-                        b"code" => 64,
-                        _ => 128,
-                    })?;
+                b"response" => {
+                    seen.first(128)?;
+                    response = r.nullable(Self::response)?;
+                }
+                b"error" | b"code" => {
+                    seen.first(if key == b"error" { 32 } else { 64 })?;
                     r.null()?;
                 }
                 _ => r.skip()?,
@@ -391,8 +395,58 @@ impl<'a> Reader<'a> {
             error: Detail(None),
             code: Code::default(),
             delta,
-            response: None,
+            response,
         })
+    }
+
+    /// A Responses lifecycle event's `response`: its id, usage, `error` and
+    /// `incomplete_details` (the output and everything else skipped).
+    fn response(&mut self) -> Option<ResponseObject<'a>> {
+        let mut seen = Seen::default();
+        let mut response = ResponseObject {
+            id: Text(None),
+            usage: None,
+            error: Detail(None),
+            incomplete_details: Detail(None),
+        };
+        self.object(|r, key| {
+            match key {
+                b"id" => {
+                    seen.first(1)?;
+                    response.id = r.text()?;
+                }
+                b"usage" => {
+                    seen.first(2)?;
+                    response.usage = r.nullable(Self::usage)?;
+                }
+                b"error" => {
+                    seen.first(4)?;
+                    response.error = Detail(r.nullable(Self::detail)?);
+                }
+                b"incomplete_details" => {
+                    seen.first(8)?;
+                    response.incomplete_details = Detail(r.nullable(Self::detail)?);
+                }
+                _ => r.skip()?,
+            }
+            Some(())
+        })?;
+        Some(response)
+    }
+
+    /// An `error` or `incomplete_details` object: its `code` and `reason`. Read by a hand-written
+    /// serde visitor, not a derived one: a repeated key keeps its last value.
+    fn detail(&mut self) -> Option<DetailFields<'a>> {
+        let mut fields = DetailFields::default();
+        self.object(|r, key| {
+            match key {
+                b"code" => fields.code = r.text()?,
+                b"reason" => fields.reason = r.text()?,
+                _ => r.skip()?,
+            }
+            Some(())
+        })?;
+        Some(fields)
     }
 
     /// A `usage` object: its token counts, each `null` or an integer that fits in a `u64`
@@ -636,6 +690,12 @@ mod tests {
             r#"{"choices":[],"created":1,"id":"chatcmpl-9a","model":"gpt-4o","object":"chat.completion.chunk","usage":{"completion_tokens":16,"completion_tokens_details":{"reasoning_tokens":0},"prompt_tokens":25,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":41}}"#.to_owned(),
             r#"{"usage":{"input_tokens":0,"output_tokens":18446744073709551615,"total_tokens":null}}"#.to_owned(),
             r#"{"usage":{}}"#.to_owned(),
+            // Responses lifecycle events.
+            r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_67ccd2bed1ec8190","object":"response","created_at":1741476542,"status":"in_progress","error":null,"incomplete_details":null,"instructions":null,"max_output_tokens":null,"model":"gpt-4o","output":[],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{"effort":null,"summary":null},"store":true,"temperature":1.0,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled","usage":null,"user":null,"metadata":{}}}"#.to_owned(),
+            r#"{"type":"response.completed","sequence_number":9,"response":{"id":"resp_1","status":"completed","output":[{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Hi \"there\"","annotations":[]}]}],"usage":{"input_tokens":37,"input_tokens_details":{"cached_tokens":0},"output_tokens":11,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":48}}}"#.to_owned(),
+            r#"{"type":"response.failed","response":{"id":"resp_2","error":{"code":"server_error","message":"The model failed."},"incomplete_details":null}}"#.to_owned(),
+            r#"{"type":"response.incomplete","response":{"id":"resp_3","incomplete_details":{"reason":"max_output_tokens","reason":"content_filter"},"error":{"code":null,"code":"x"}}}"#.to_owned(),
+            r#"{"type":"response.failed","response":{"error":{"code":true,"reason":[1]},"incomplete_details":{}}}"#.to_owned(),
         ];
         for event in &events {
             assert!(agrees(event.as_bytes()), "left to serde: {event}");
@@ -659,7 +719,17 @@ mod tests {
             r#"{"choices":[],"usage":{"total_tokens":01}}"#,
             r#"{"choices":[],"usage":[]}"#,
             r#"{"choices":[],"usage":0}"#,
-            r#"{"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":1}}}"#,
+            r#"{"type":"response.failed","response":"x"}"#,
+            r#"{"type":"response.failed","response":{"error":"boom"}}"#,
+            r#"{"type":"response.failed","response":{"error":{"code":42}}}"#,
+            r#"{"type":"response.failed","response":{"error":{"code":1.5}}}"#,
+            r#"{"type":"response.incomplete","response":{"incomplete_details":[]}}"#,
+            r#"{"type":"response.incomplete","response":{"incomplete_details":{"reason":"\u0061"}}}"#,
+            r#"{"type":"response.created","response":{"id":"a","id":"b"}}"#,
+            r#"{"type":"response.created","response":{"usage":null,"usage":null}}"#,
+            r#"{"type":"response.created","response":{"error":null,"error":null}}"#,
+            r#"{"type":"response.created","response":{"incomplete_details":null,"incomplete_details":null}}"#,
+            r#"{"type":"response.created","response":null,"response":null}"#,
             r#"{"error":{"code":"server_error","message":"boom"}}"#,
             r#"{"type":"error","code":"rate_limit","message":"slow down"}"#,
             r#"{"choices":[{"delta":{"content":5}}]}"#,
@@ -943,6 +1013,42 @@ mod tests {
         );
     }
 
+    /// A `usage` object, its counts sometimes of the kinds serde refuses.
+    fn usage(rng: &mut StdRng, out: &mut String) {
+        object_of(
+            rng,
+            out,
+            &[
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "input_tokens",
+                "output_tokens",
+                "prompt_tokens_details",
+            ],
+            &mut |rng, key, out| {
+                if key.ends_with("details") {
+                    value(rng, 2, out);
+                } else {
+                    out.push_str(
+                        [
+                            "0",
+                            "7",
+                            "1234",
+                            "null",
+                            "18446744073709551615",
+                            "18446744073709551616",
+                            "-1",
+                            "1.5",
+                            "2e3",
+                            "01",
+                        ][rng.random_range(0..10)],
+                    );
+                }
+            },
+        );
+    }
+
     fn event(rng: &mut StdRng) -> String {
         let mut out = String::new();
         ws(rng, &mut out);
@@ -966,39 +1072,40 @@ mod tests {
                         },
                     )
                 }),
-                "usage" => object_of(
+                "usage" => usage(rng, out),
+                "response" => object_of(
                     rng,
                     out,
                     &[
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "total_tokens",
-                        "input_tokens",
-                        "output_tokens",
-                        "prompt_tokens_details",
+                        "id",
+                        "usage",
+                        "error",
+                        "incomplete_details",
+                        "output",
+                        "status",
                     ],
-                    &mut |rng, key, out| {
-                        if key.ends_with("details") {
-                            value(rng, 2, out);
-                        } else {
-                            out.push_str(
-                                [
-                                    "0",
-                                    "7",
-                                    "1234",
-                                    "null",
-                                    "18446744073709551615",
-                                    "18446744073709551616",
-                                    "-1",
-                                    "1.5",
-                                    "2e3",
-                                    "01",
-                                ][rng.random_range(0..10)],
-                            );
-                        }
+                    &mut |rng, key, out| match key {
+                        "error" | "incomplete_details" => match rng.random_range(0..4) {
+                            0 => out.push_str("null"),
+                            1 => value(rng, 2, out),
+                            _ => object_of(
+                                rng,
+                                out,
+                                &["code", "reason", "message"],
+                                &mut |rng, key, out| match (key, rng.random_range(0..5)) {
+                                    ("code", 0) => {
+                                        out.push_str(["42", "-1", "1.5"][rng.random_range(0..3)])
+                                    }
+                                    _ => text_or_null(rng, out),
+                                },
+                            ),
+                        },
+                        "usage" => usage(rng, out),
+                        "id" | "status" => text_or_null(rng, out),
+                        _ => value(rng, 1, out),
                     },
                 ),
-                "error" | "code" | "response" => out.push_str("null"),
+                "error" | "code" => out.push_str("null"),
                 "model" | "object" => value(rng, 1, out),
                 _ => text_or_null(rng, out),
             },
