@@ -148,6 +148,64 @@ fn tokens(c: &mut Criterion) {
             b.iter(|| core.encode_ordinary(black_box(t)).len())
         });
     }
+    // Cold: 256 texts of 1 KiB of made-up words (xorshift), counted in turn. Tens of thousands of
+    // distinct words go round, so the per-thread word cache (4,096 pieces) almost always misses,
+    // as for a prompt of words the worker has not seen lately.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // Words of random letters (long merge chains), and words of two to four common English
+    // syllables (English-looking, rarely the same twice).
+    const SYLLABLES: [&str; 24] = [
+        "con", "tion", "pro", "ment", "in", "er", "re", "al", "ing", "ed", "de", "com", "st", "ly",
+        "un", "ter", "ver", "ble", "per", "ous", "ic", "at", "ex", "ful",
+    ];
+    let text_of = |word: &mut dyn FnMut(&mut String)| -> Vec<String> {
+        (0..256)
+            .map(|_| {
+                let mut t = String::new();
+                while t.len() < 1024 {
+                    t.push(' ');
+                    word(&mut t);
+                }
+                t
+            })
+            .collect()
+    };
+    let letters = text_of(&mut |t| {
+        for _ in 0..3 + next() % 8 {
+            t.push(char::from(b'a' + (next() % 26) as u8));
+        }
+    });
+    let syllables = text_of(&mut |t| {
+        for _ in 0..2 + next() % 3 {
+            t.push_str(SYLLABLES[(next() % 24) as usize]);
+        }
+    });
+    g.throughput(Throughput::Bytes(1024));
+    let core = tiktoken_rs::o200k_base_singleton();
+    for (name, texts) in [
+        ("cold_letters_1k", &letters),
+        ("cold_syllables_1k", &syllables),
+    ] {
+        let mut turn = 0;
+        g.bench_function(BenchmarkId::new("sluice", name), |b| {
+            b.iter(|| {
+                turn = (turn + 1) % texts.len();
+                sluice_tokens::count_text(Encoding::O200kBase, black_box(&texts[turn]))
+            })
+        });
+        g.bench_function(BenchmarkId::new("tiktoken-rs", name), |b| {
+            b.iter(|| {
+                turn = (turn + 1) % texts.len();
+                core.encode_ordinary(black_box(&texts[turn])).len()
+            })
+        });
+    }
     g.finish();
     let mut g = c.benchmark_group("prompt_estimate");
     for words in [50usize, 5_000] {
