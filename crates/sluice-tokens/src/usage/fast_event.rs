@@ -170,63 +170,51 @@ impl<'a> Reader<'a> {
         (self.depth <= MAX_DEPTH).then(|| self.i += 1)
     }
 
+    /// An object or array at the cursor, opened by `open` and closed by `close`: `item` reads
+    /// each member or element.
+    fn sequence(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        if self.peek()? != open {
+            return None;
+        }
+        self.enter()?;
+        let mut empty = self.peek()? == close;
+        while !empty {
+            item(self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                c if c == close => empty = true,
+                _ => return None,
+            }
+        }
+        self.i += 1;
+        self.depth -= 1;
+        Some(())
+    }
+
     /// The object at the cursor: each member's key (plain ASCII, no escapes) goes to `member`,
     /// which reads the value.
     fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
-        if self.peek()? != b'{' {
-            return None;
-        }
-        self.enter()?;
-        if self.peek()? == b'}' {
-            self.i += 1;
-            self.depth -= 1;
-            return Some(());
-        }
-        loop {
-            if self.peek()? != b'"' {
+        self.sequence(b'{', b'}', |r| {
+            if r.peek()? != b'"' {
                 return None;
             }
-            let (key, escaped) = self.string()?;
-            if escaped || !key.is_ascii() || self.peek()? != b':' {
+            let (key, escaped) = r.string()?;
+            if escaped || !key.is_ascii() || r.peek()? != b':' {
                 return None;
             }
-            self.i += 1;
-            member(self, key)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+            r.i += 1;
+            member(r, key)
+        })
     }
 
     /// The array at the cursor: `element` reads each element.
-    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        if self.peek()? != b'[' {
-            return None;
-        }
-        self.enter()?;
-        if self.peek()? == b']' {
-            self.i += 1;
-            self.depth -= 1;
-            return Some(());
-        }
-        loop {
-            element(self)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b']' => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+    fn array(&mut self, element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.sequence(b'[', b']', element)
     }
 
     /// The string at the cursor (its opening quote): its raw bytes between the quotes, and
@@ -333,12 +321,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A member that is either `null` or an object read by `read`.
+    /// A member that is either `null` or what `read` reads (which refuses any other shape).
     fn nullable<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        match self.peek()? {
-            b'n' => self.literal(b"null").map(|()| None),
-            b'{' => read(self).map(Some),
-            _ => None,
+        if self.peek()? == b'n' {
+            self.literal(b"null").map(|()| None)
+        } else {
+            read(self).map(Some)
         }
     }
 
@@ -358,10 +346,7 @@ impl<'a> Reader<'a> {
                 }
                 b"choices" => {
                     seen.first(2)?;
-                    choices = match r.peek()? {
-                        b'n' => r.literal(b"null").map(|()| None)?,
-                        _ => Some(r.choices()?),
-                    };
+                    choices = r.nullable(Self::choices)?;
                 }
                 b"id" => {
                     seen.first(4)?;
@@ -467,10 +452,7 @@ impl<'a> Reader<'a> {
                 _ => return r.skip(),
             };
             seen.first(bit)?;
-            *field = match r.peek()? {
-                b'n' => r.literal(b"null").map(|()| None)?,
-                _ => Some(r.count()?),
-            };
+            *field = r.nullable(Self::count)?;
             Some(())
         })?;
         Some(usage)
@@ -551,10 +533,7 @@ impl<'a> Reader<'a> {
                 }
                 b"tool_calls" => {
                     seen.first(4)?;
-                    delta.tool_calls = match r.peek()? {
-                        b'n' => r.literal(b"null").map(|()| None)?,
-                        _ => Some(r.tool_calls()?),
-                    };
+                    delta.tool_calls = r.nullable(Self::tool_calls)?;
                 }
                 b"function_call" => {
                     seen.first(8)?;
