@@ -126,6 +126,13 @@ pub fn deployment_of(rest: &str) -> Option<&str> {
 /// removed too. Every other parameter is forwarded byte for byte as the client
 /// sent it, in its order: never decoded and re-encoded (Azure is picky).
 pub fn strip_query_param<'q>(query: &'q str, name: &str) -> Cow<'q, str> {
+    // The name can only be there spelled out, or encoded (with `%` or `+`).
+    let q = query.as_bytes();
+    if memchr::memmem::find(q, name.as_bytes()).is_none()
+        && memchr::memchr2(b'%', b'+', q).is_none()
+    {
+        return Cow::Borrowed(query);
+    }
     if !query.split('&').any(|p| is_param(p, name)) {
         return Cow::Borrowed(query);
     }

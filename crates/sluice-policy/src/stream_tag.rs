@@ -5,8 +5,10 @@
 //! ignoring case, then writes the .NET boolean, so the header is `True` or
 //! `False` (capitalised). A JSON `true`, or a string equal to "true" in any
 //! case, count as true; anything else — the field missing, `null`, `false`, a
-//! number, an object, or a body that is not a JSON object — is false. When
-//! the key appears twice the last one wins, as with Newtonsoft's JObject.
+//! number, an object, or a body that is not a JSON object — is false. The key
+//! itself is matched exactly (after unescaping), as JObject's indexer and
+//! Azure OpenAI match it: `"Stream"` is another field. When the key appears
+//! twice the last one wins, as with Newtonsoft's JObject.
 //!
 //! [`StreamProbe`] finds the field in one pass over the bytes, fed in chunks
 //! as they stream past, holding O(1) state: no copy of the body, no tree, no
@@ -19,9 +21,8 @@ pub fn header_value(stream: bool) -> &'static str {
 
 /// The flag for a whole body.
 pub fn stream_flag(body: &[u8]) -> bool {
-    // A body that spells `stream` in no case and holds no `\u` escape
-    // (which could spell it) has no `stream` key: no need to walk it byte by
-    // byte.
+    // A body that spells `stream` nowhere and holds no `\u` escape (which
+    // could spell it) has no `stream` key: no need to walk it byte by byte.
     if !may_hold_stream(body) {
         return false;
     }
@@ -30,15 +31,13 @@ pub fn stream_flag(body: &[u8]) -> bool {
     p.finish()
 }
 
-/// `stream`, in any case, appears somewhere in `body`, or a `\u` escape
-/// (which could spell it) does: one pass over the bytes.
+/// `stream` appears somewhere in `body`, or a `\u` escape (which could spell
+/// it) does. Both searches skip through the bytes many at a time.
 fn may_hold_stream(body: &[u8]) -> bool {
-    memchr::memchr3_iter(b's', b'S', b'\\', body).any(|i| match body[i] {
-        b'\\' => body.get(i + 1) == Some(&b'u'),
-        _ => body
-            .get(i..i + 6)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"stream")),
-    })
+    static STREAM: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"stream"));
+    STREAM.find(body).is_some()
+        || memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'))
 }
 
 /// Where the scanner is in the JSON text.
@@ -82,7 +81,8 @@ pub struct StreamProbe {
     depth: u32,
     in_string: Option<StrRole>,
     escaped: bool,
-    /// Up to 8 bytes of the current key or stream value, lowercased;
+    /// Up to 8 bytes of the current key (as sent) or stream value
+    /// (lowercased);
     /// `cap_len` > 8 means "longer than anything we compare with".
     cap: [u8; 8],
     cap_len: usize,
@@ -126,9 +126,14 @@ impl StreamProbe {
         self.state == State::Done && self.result
     }
 
-    /// Keep a byte of a key or string value, lowercased (comparisons ignore case).
-    fn capture(&mut self, b: u8) {
-        self.capture_raw(b.to_ascii_lowercase());
+    /// Keep a byte of a key (exactly) or of the stream value (lowercased:
+    /// "true" is compared ignoring case).
+    fn capture(&mut self, role: StrRole, b: u8) {
+        self.capture_raw(if role == StrRole::Key {
+            b
+        } else {
+            b.to_ascii_lowercase()
+        });
     }
 
     fn capture_raw(&mut self, b: u8) {
@@ -160,7 +165,7 @@ impl StreamProbe {
                 self.unicode_left -= 1;
                 if self.unicode_left == 0 && role != StrRole::Other {
                     match u8::try_from(self.unicode_val) {
-                        Ok(c) if c.is_ascii() => self.capture(c),
+                        Ok(c) if c.is_ascii() => self.capture(role, c),
                         _ => self.cap_len = usize::MAX,
                     }
                 }
@@ -182,7 +187,7 @@ impl StreamProbe {
                         b'f' => 12,
                         other => other,
                     };
-                    self.capture(real);
+                    self.capture(role, real);
                 }
                 i += 1;
                 continue;
@@ -202,7 +207,7 @@ impl StreamProbe {
                 b'\\' => self.escaped = true,
                 c => {
                     if role != StrRole::Other {
-                        self.capture(c);
+                        self.capture(role, c);
                     }
                 }
             }
@@ -335,18 +340,33 @@ mod tests {
         assert!(stream_flag(br#"{"stream":"TRUE"}"#));
         for may in [
             &b"stream"[..],
-            b"x:StReAm",
+            b"x:stream",
             b"sstream",
             b"\\u0073",
             b"a\\\\u",
+            b"\\\\\\u",
         ] {
             assert!(may_hold_stream(may), "{:?}", String::from_utf8_lossy(may));
         }
-        for not in [&b"strea"[..], b"s tream", b"", b"\\n\\", b"\\", b"stREA"] {
+        for not in [
+            &b"strea"[..],
+            b"s tream",
+            b"",
+            b"\\n\\",
+            b"\\",
+            b"stREA",
+            b"STREAM",
+            b"Stream",
+        ] {
             assert!(!may_hold_stream(not), "{:?}", String::from_utf8_lossy(not));
         }
-        assert!(stream_flag(br#"{"STREAM":true}"#));
-        assert!(stream_flag(br#"{"sTrEaM":true}"#));
+        // The key is matched exactly, as JObject's indexer and Azure
+        // OpenAI match it; only the value "true" ignores case.
+        assert!(!stream_flag(br#"{"STREAM":true}"#));
+        assert!(!stream_flag(br#"{"sTrEaM":true}"#));
+        assert!(!stream_flag(br#"{"stream":false,"Stream":true}"#));
+        assert!(!stream_flag(br#"{"\u0053tream":true}"#));
+        assert!(stream_flag(br#"{"Stream":false,"stream":true}"#));
         assert!(stream_flag(br#"{"\u0073tream":true}"#));
         assert!(!stream_flag(
             br#"{"messages":[{"content":"s"}],"strea":true}"#

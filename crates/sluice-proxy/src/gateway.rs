@@ -150,19 +150,50 @@ fn final_response_written(session: &Session) -> bool {
         .is_some_and(|r| !r.status.is_informational())
 }
 
-/// The response headers routing reads, as ready names: a lookup by a
-/// prebuilt `HeaderName` skips parsing the name on every response.
-pub(crate) fn routing_header(name: &str) -> Option<&'static http::HeaderName> {
-    use http::HeaderName as H;
-    static NAMES: [H; 6] = [
-        H::from_static("retry-after-ms"),
-        H::from_static("retry-after"),
-        H::from_static("x-ratelimit-remaining-tokens"),
-        H::from_static("x-ratelimit-remaining-requests"),
-        H::from_static("x-ratelimit-reset-tokens"),
-        H::from_static("x-ratelimit-reset-requests"),
-    ];
-    NAMES.iter().find(|h| h.as_str() == name)
+/// The response headers routing reads (retry hints and rate-limit
+/// headroom), found in one walk over a response head instead of a hashed
+/// lookup per name: most heads carry none of the retry hints, and the walk
+/// looks at little more than each name's length and first byte.
+pub(crate) struct RoutingHeaders<'h> {
+    values: [Option<&'h str>; ROUTING_HEADERS.len()],
+}
+
+/// The names [`RoutingHeaders`] keeps, lowercase as `HeaderMap` holds them.
+const ROUTING_HEADERS: [&str; 6] = [
+    "retry-after-ms",
+    "retry-after",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-tokens",
+    "x-ratelimit-reset-requests",
+];
+
+impl<'h> RoutingHeaders<'h> {
+    pub(crate) fn read(headers: &'h http::HeaderMap) -> Self {
+        let mut values = [None; ROUTING_HEADERS.len()];
+        for (name, value) in headers {
+            let name = name.as_str();
+            // Every kept name starts `retry-after` or `x-ratelimit-`.
+            if name.len() < 11 || !matches!(name.as_bytes()[0], b'r' | b'x') {
+                continue;
+            }
+            if let Some(i) = ROUTING_HEADERS.iter().position(|n| *n == name)
+                && values[i].is_none()
+            {
+                // As `HeaderMap::get`: the first value of the name.
+                values[i] = Some(value.to_str().ok());
+            }
+        }
+        Self {
+            values: values.map(Option::flatten),
+        }
+    }
+
+    /// The value of `name` (lowercase), if the head carried it as text.
+    pub(crate) fn get(&self, name: &str) -> Option<&'h str> {
+        let i = ROUTING_HEADERS.iter().position(|n| *n == name)?;
+        self.values[i]
+    }
 }
 
 /// Whether the request can still be sent to another backend: nothing has
@@ -939,6 +970,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestContext,
         limit: u64,
+        content_length: Option<u64>,
         retry_buffer: bool,
     ) -> Result<std::result::Result<Bytes, GatewayError>> {
         if retry_buffer {
@@ -951,7 +983,7 @@ impl Gateway {
             session.write_response_header(Box::new(cont), false).await?;
             ctx.continue_sent = true;
         }
-        let declared = content_length(session).unwrap_or(0).min(limit);
+        let declared = content_length.unwrap_or(0).min(limit);
         // A body that arrives in one chunk (most small ones) is kept as
         // pingora read it; only one in several chunks is copied together.
         let mut first: Option<Bytes> = None;
@@ -1166,7 +1198,10 @@ impl ProxyHttp for Gateway {
                     .body_budget
                     .reserve(n)
                     .map(|h| Box::new(h) as Box<dyn std::any::Any + Send + Sync>);
-                match self.preread_body(session, ctx, limit, true).await? {
+                match self
+                    .preread_body(session, ctx, limit, content_length, true)
+                    .await?
+                {
                     Ok(b) => body = Some(b),
                     Err(e) => {
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
@@ -1181,7 +1216,10 @@ impl ProxyHttp for Gateway {
                 // itself. Otherwise the body streams to one backend.
                 let want = content_length.unwrap_or(limit);
                 match self.state.body_budget.reserve(want) {
-                    Some(mut hold) => match self.preread_body(session, ctx, limit, false).await? {
+                    Some(mut hold) => match self
+                        .preread_body(session, ctx, limit, content_length, false)
+                        .await?
+                    {
                         Ok(b) => {
                             hold.shrink_to(b.len() as u64);
                             ctx.body_hold = Some(Box::new(hold));
@@ -1520,12 +1558,8 @@ impl ProxyHttp for Gateway {
         }
         self.trace_backend_head(ctx, upstream_response);
         let replayable = replayable_now(session, ctx);
-        let headers = &upstream_response.headers;
-        let get = |n: &str| {
-            routing_header(n)
-                .and_then(|h| headers.get(h))
-                .and_then(|v| v.to_str().ok())
-        };
+        let headers = RoutingHeaders::read(&upstream_response.headers);
+        let get = |n: &str| headers.get(n);
         match self
             .state
             .selector
@@ -1906,6 +1940,41 @@ impl ProxyHttp for Gateway {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn routing_headers_are_read_as_header_map_get_reads_them() {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-ratelimit-remaining-tokens", "4500".parse().unwrap());
+        h.append("x-ratelimit-remaining-tokens", "1".parse().unwrap());
+        h.insert(
+            "x-ratelimit-reset-tokens",
+            http::HeaderValue::from_bytes(b"\xff6s").unwrap(),
+        );
+        h.append("x-ratelimit-reset-tokens", "6s".parse().unwrap());
+        h.insert("retry-after", "3".parse().unwrap());
+        h.insert("retry-after-msx", "9".parse().unwrap());
+        h.insert("x-ratelimit-limit-tokens", "9".parse().unwrap());
+        h.insert("r", "9".parse().unwrap());
+        let read = RoutingHeaders::read(&h);
+        for name in ROUTING_HEADERS {
+            let want = h.get(name).and_then(|v| v.to_str().ok());
+            assert_eq!(read.get(name), want, "{name}");
+        }
+        assert_eq!(read.get("x-ratelimit-remaining-tokens"), Some("4500"));
+        assert_eq!(read.get("retry-after"), Some("3"));
+        assert_eq!(
+            read.get("x-ratelimit-reset-tokens"),
+            None,
+            "first value not text"
+        );
+        assert_eq!(read.get("retry-after-ms"), None);
+        assert_eq!(read.get("content-type"), None, "not a routing header");
+        assert_eq!(
+            RoutingHeaders::read(&http::HeaderMap::new()).get("retry-after"),
+            None
+        );
+    }
 
     fn gateway() -> Gateway {
         let yaml = "backends: [{name: east, url: 'http://127.0.0.1:1'}]\n\

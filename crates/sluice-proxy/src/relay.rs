@@ -21,7 +21,7 @@ use pingora::{Error, ErrorType};
 use sluice_policy::{After, RequestContext};
 use sluice_routing::Outcome;
 
-use crate::gateway::{Gateway, connect_outcome, outcome_of, routing_header};
+use crate::gateway::{Gateway, RoutingHeaders, connect_outcome, outcome_of};
 
 /// Hop-by-hop request headers that are not forwarded on a relayed attempt
 /// (pingora's own path drops them as well).
@@ -131,12 +131,8 @@ impl Gateway {
                     self.trace_backend_head(ctx, &head);
                     let status = head.status.as_u16();
                     let decision = {
-                        let headers = &head.headers;
-                        let get = |n: &str| {
-                            routing_header(n)
-                                .and_then(|h| headers.get(h))
-                                .and_then(|v| v.to_str().ok())
-                        };
+                        let headers = RoutingHeaders::read(&head.headers);
+                        let get = |n: &str| headers.get(n);
                         selector.after_status(ctx, status, get, true)
                     };
                     match decision {

@@ -25,32 +25,47 @@ pub enum CallKind {
 /// other methods on generation endpoints, and POSTs below them such as `/responses/{id}/cancel`) is
 /// [`CallKind::Stateful`].
 pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
-    if ["GET", "HEAD", "OPTIONS"]
+    let method = method.as_bytes();
+    if [&b"GET"[..], b"HEAD", b"OPTIONS"]
         .iter()
         .any(|read| method.eq_ignore_ascii_case(read))
     {
         return CallKind::Read;
     }
-    if method.eq_ignore_ascii_case("POST") && is_generation_path(rest_path) {
+    if method.eq_ignore_ascii_case(b"POST") && is_generation_path(rest_path) {
         CallKind::Generation
     } else {
         CallKind::Stateful
     }
 }
 
+/// The last non-empty `/`-separated segment of `path` and what is before it.
+fn last_segment(path: &[u8]) -> (&[u8], &[u8]) {
+    let end = path.iter().rposition(|&b| b != b'/').map_or(0, |i| i + 1);
+    let path = &path[..end];
+    let start = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    (&path[start..], &path[..start])
+}
+
 /// Whether the path (query ignored) ends in a generation or embedding endpoint.
 fn is_generation_path(path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    let mut segments = path.rsplit('/').filter(|segment| !segment.is_empty());
-    let last = segments.next().unwrap_or_default();
-    let before = segments.next().unwrap_or_default();
-    let is = |segment: &str, name: &str| segment.eq_ignore_ascii_case(name);
-    let in_group =
-        |group: &str, names: &[&str]| is(before, group) && names.iter().any(|name| is(last, name));
-    ["completions", "embeddings", "responses"]
+    let path = path.as_bytes();
+    let path = &path[..path
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(path.len())];
+    let (last, rest) = last_segment(path);
+    let is = |segment: &[u8], name: &str| segment.eq_ignore_ascii_case(name.as_bytes());
+    if ["completions", "embeddings", "responses"]
         .iter()
         .any(|name| is(last, name))
-        || in_group("audio", &["transcriptions", "translations", "speech"])
+    {
+        return true;
+    }
+    let (before, _) = last_segment(rest);
+    let in_group =
+        |group: &str, names: &[&str]| is(before, group) && names.iter().any(|name| is(last, name));
+    in_group("audio", &["transcriptions", "translations", "speech"])
         || in_group("images", &["generations", "edits", "variations"])
 }
 
@@ -109,6 +124,86 @@ mod tests {
             assert_eq!(call_kind("POST", path), CallKind::Generation, "{path}");
             assert_eq!(call_kind("post", path), CallKind::Generation, "{path}");
         }
+    }
+
+    /// The plain reading of the rule: split at `?` or `#`, the last two
+    /// non-empty segments, compared ignoring case.
+    fn is_generation_path_by_the_book(path: &str) -> bool {
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        let mut segments = path.rsplit('/').filter(|segment| !segment.is_empty());
+        let last = segments.next().unwrap_or_default();
+        let before = segments.next().unwrap_or_default();
+        let is = |segment: &str, name: &str| segment.eq_ignore_ascii_case(name);
+        let in_group = |group: &str, names: &[&str]| {
+            is(before, group) && names.iter().any(|name| is(last, name))
+        };
+        ["completions", "embeddings", "responses"]
+            .iter()
+            .any(|name| is(last, name))
+            || in_group("audio", &["transcriptions", "translations", "speech"])
+            || in_group("images", &["generations", "edits", "variations"])
+    }
+
+    #[test]
+    fn the_segment_walk_reads_paths_as_the_plain_rule_does() {
+        let parts = [
+            "",
+            "/",
+            "//",
+            "?",
+            "#",
+            "a",
+            "audio",
+            "AUDIO",
+            "images",
+            "speech",
+            "Edits",
+            "completions",
+            "responses",
+            "embeddings",
+            "transcriptions",
+            "x?y",
+            "?audio/",
+        ];
+        let mut seed = 0x9e37_79b9_u32;
+        let mut generation = [0, 0];
+        for _ in 0..20_000 {
+            let mut path = String::new();
+            for _ in 0..(seed % 6) {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                path.push_str(parts[seed as usize % parts.len()]);
+                if seed & 0x100 != 0 {
+                    path.push('/');
+                }
+            }
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let is = is_generation_path(&path);
+            assert_eq!(is, is_generation_path_by_the_book(&path), "{path:?}");
+            generation[usize::from(is)] += 1;
+        }
+        // Both answers were well represented.
+        assert!(
+            generation[0] > 2_000 && generation[1] > 2_000,
+            "{generation:?}"
+        );
+        for path in [
+            "//v1//audio//speech//",
+            "/audio/speech?x=/a/b",
+            "speech",
+            "/images/",
+        ] {
+            assert_eq!(
+                is_generation_path(path),
+                is_generation_path_by_the_book(path),
+                "{path}"
+            );
+        }
+        assert!(is_generation_path("//v1//audio//speech//"));
+        assert!(!is_generation_path("/speech"));
     }
 
     #[test]
