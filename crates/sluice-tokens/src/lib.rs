@@ -28,6 +28,7 @@ mod chat_body;
 mod count;
 mod estimate;
 mod filter;
+mod json_walk;
 mod lenient;
 mod memo;
 pub mod multipart;

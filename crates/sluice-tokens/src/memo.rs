@@ -100,14 +100,58 @@ pub(crate) fn count(encoding: Encoding, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
+    if let Some(n) = role_count(encoding, text) {
+        return n;
+    }
     static MEMO: OnceLock<CountMemo> = OnceLock::new();
     MEMO.get_or_init(|| CountMemo::with_slots(SLOTS))
         .count(encoding, text)
 }
 
+/// The role names nearly every message carries, the commonest texts of all.
+const ROLES: [&str; 6] = [
+    "user",
+    "system",
+    "assistant",
+    "developer",
+    "tool",
+    "function",
+];
+
+/// The count of a role name, counted once per encoding and then found by a
+/// comparison instead of the table's hash.
+fn role_count(encoding: Encoding, text: &str) -> Option<u64> {
+    // Every role name is 4 to 9 bytes long: others skip the comparisons.
+    if !(4..=9).contains(&text.len()) {
+        return None;
+    }
+    let i = ROLES.iter().position(|r| *r == text)?;
+    static COUNTS: [OnceLock<[u64; ROLES.len()]>; 2] = [OnceLock::new(), OnceLock::new()];
+    let counts = COUNTS[match encoding {
+        Encoding::O200kBase => 0,
+        Encoding::Cl100kBase => 1,
+    }]
+    .get_or_init(|| ROLES.map(|r| count::count(encoding, r)));
+    Some(counts[i])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_names_are_counted_as_any_text() {
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            for role in ROLES {
+                assert_eq!(role_count(enc, role), Some(count::count(enc, role)));
+                assert_eq!(super::count(enc, role), count::count(enc, role));
+            }
+            for other in ["User", "users", "use", "assistants", "toolbox", "sys"] {
+                assert_eq!(role_count(enc, other), None, "{other}");
+                assert_eq!(super::count(enc, other), count::count(enc, other));
+            }
+        }
+    }
 
     #[test]
     fn remembered_counts_are_the_counts() {

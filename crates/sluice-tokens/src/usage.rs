@@ -329,7 +329,7 @@ impl JsonScan {
                     continue;
                 }
                 let rest = &chunk[i..];
-                let end = fast_event::quote_or_backslash(rest);
+                let end = crate::json_walk::quote_or_backslash(rest);
                 // `InKey` only while reading a top-level key (depth 1).
                 if self.member == Member::InKey {
                     self.key_bytes(&rest[..end.unwrap_or(rest.len())]);
@@ -473,7 +473,10 @@ impl JsonScan {
     fn take_value(&mut self, target: Target, raw: &[u8]) {
         match target {
             Target::Usage => {
-                if let Ok(Some(raw)) = serde_json::from_slice::<Option<RawUsage>>(raw)
+                // The reader walks the usual object; serde reads any other.
+                let read = fast_event::read_usage(raw)
+                    .or_else(|| serde_json::from_slice::<Option<RawUsage>>(raw).ok());
+                if let Some(Some(raw)) = read
                     && let Some(u) = raw.into_usage()
                 {
                     self.usage = Some(u);
@@ -902,7 +905,7 @@ impl SseScan {
             return None;
         }
         let content = &payload[start..content_end];
-        if fast_event::plain_run(content) != content.len() {
+        if crate::json_walk::plain_run(content) != content.len() {
             return None;
         }
         std::str::from_utf8(content).ok()
