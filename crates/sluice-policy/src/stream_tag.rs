@@ -367,6 +367,11 @@ mod tests {
         assert!(!stream_flag(br#"{"stream":false,"Stream":true}"#));
         assert!(!stream_flag(br#"{"\u0053tream":true}"#));
         assert!(stream_flag(br#"{"Stream":false,"stream":true}"#));
+        // Keys longer than the probe keeps are told apart too.
+        assert!(stream_flag(
+            br#"{"stream_options":{"include_usage":true},"stream":true}"#
+        ));
+        assert!(!stream_flag(br#"{"stream":false,"streamstream":true}"#));
         assert!(stream_flag(br#"{"\u0073tream":true}"#));
         assert!(!stream_flag(
             br#"{"messages":[{"content":"s"}],"strea":true}"#

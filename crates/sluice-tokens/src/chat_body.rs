@@ -619,6 +619,11 @@ mod tests {
             r#"{"messages":"\udc00"}"#.to_string(),
             r#"{"messages":[{"role":"user","weight":1e400}]}"#.to_string(),
             r#"{"n":-1e999}"#.to_string(),
+            // Without an exponent, as many digits as overflow an f64.
+            format!(
+                r#"{{"messages":[{{"role":"user","weight":{}}}]}}"#,
+                "9".repeat(400)
+            ),
             // Deep nesting.
             nested(70),
             // Not one JSON object.
@@ -647,6 +652,10 @@ mod tests {
             r#"{"messages":[{"role":"user","weight":1e300,"x":-2E-5}]}"#,
             r#"{"messages":[{"content":[{"type":"text","text":"a"},1e5]}]}"#,
             r#"{"messages":2E1,"user":"\ud800","seed":1e999}"#,
+            &format!(
+                r#"{{"messages":[{{"role":"user","weight":{}}}]}}"#,
+                "9".repeat(300)
+            ),
         ] {
             assert!(agrees(body.as_bytes()), "{body}");
         }
