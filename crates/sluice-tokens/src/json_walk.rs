@@ -42,6 +42,7 @@ fn stops(word: &[u8], control: bool) -> u64 {
 
 /// How many bytes at the start of `b` are plain string bytes (no quote, backslash or control
 /// character): eight at a time, then one by one.
+#[inline]
 pub(crate) fn plain_run(b: &[u8]) -> usize {
     let mut i = 0;
     while let Some(word) = b.get(i..i + 8) {
@@ -195,9 +196,22 @@ impl<'a> Reader<'a> {
     /// The string at the cursor (its opening quote): its raw bytes between the quotes, and
     /// whether they hold escapes. Escapes are checked as serde_json checks them; the bytes are
     /// not checked for UTF-8 (serde_json does not check a string it skips either).
+    #[inline]
     pub(crate) fn string(&mut self) -> Option<(&'a [u8], bool)> {
         let start = self.i + 1;
-        let mut i = start;
+        // Most strings (keys above all) are plain up to their closing quote: that case is
+        // inlined where strings are read; escapes and errors take the loop below.
+        let rest = self.b.get(start..)?;
+        let plain = plain_run(rest);
+        if rest.get(plain) == Some(&b'"') {
+            self.i = start + plain + 1;
+            return Some((&rest[..plain], false));
+        }
+        self.string_from(start, start + plain)
+    }
+
+    /// [`Reader::string`] from `i`, the first stop byte of the string opened at `start - 1`.
+    fn string_from(&mut self, start: usize, mut i: usize) -> Option<(&'a [u8], bool)> {
         let mut escaped = false;
         loop {
             i += plain_run(self.b.get(i..)?);
