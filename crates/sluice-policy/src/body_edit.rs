@@ -111,12 +111,97 @@ pub enum UsageAsk {
 }
 
 /// The byte range of `raw` inside `body` (`raw` borrows from `body`).
+/// Where the body's first byte that is not whitespace is.
+fn first_byte(body: &[u8]) -> usize {
+    body.iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0)
+}
+
 fn span(body: &[u8], raw: &RawValue) -> Range<usize> {
     let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
     start..start + raw.get().len()
 }
 
+/// The top-level members of a request body the gateway reads before
+/// routing (`stream`, `model`, `stream_options`), found in one walk over a
+/// body read whole, for both [`BodyTop::stream_flag`] and [`BodyPlan::read`].
+/// A body that cannot hold a `stream` key is not walked (its flag is false,
+/// and a plan for it is read by [`BodyPlan::new`]); one the walk leaves to a
+/// full parser (see [`sluice_tokens::top_members`]) is read by those parsers.
+#[derive(Debug, Clone, Default)]
+pub struct BodyTop(Walk);
+
+#[derive(Debug, Clone, Default)]
+enum Walk {
+    /// Not read (a body that did not come whole).
+    #[default]
+    Unread,
+    /// No `stream` key can be in the body.
+    NoStream,
+    /// The members, found by the walk.
+    Walked([sluice_tokens::TopMember; 3]),
+    /// Left to the full parsers.
+    Unsure,
+}
+
+impl BodyTop {
+    /// Reads `body`: a look for a possible `stream` key, then one walk.
+    pub fn read(body: &[u8]) -> Self {
+        if !crate::stream_tag::may_hold_stream(body) {
+            return BodyTop(Walk::NoStream);
+        }
+        BodyTop(
+            match sluice_tokens::top_members(body, ["stream", "model", "stream_options"]) {
+                Some(members) => Walk::Walked(members),
+                None => Walk::Unsure,
+            },
+        )
+    }
+
+    /// The `x-ms-stream` flag of `body` (the body this was read from), as
+    /// [`crate::stream_flag`] decides it.
+    pub fn stream_flag(&self, body: &[u8]) -> bool {
+        match &self.0 {
+            Walk::NoStream => false,
+            Walk::Walked([stream, ..]) => stream
+                .value
+                .as_ref()
+                .is_some_and(|r| crate::stream_tag::value_is_true(&body[r.clone()])),
+            Walk::Unread | Walk::Unsure => crate::stream_flag(body),
+        }
+    }
+}
+
 impl BodyPlan {
+    /// [`BodyPlan::new`] with the members `top` found in `body` (already
+    /// checked as serde checks them): the same plan without a second parse.
+    pub fn read(body: &[u8], top: &BodyTop) -> Self {
+        let Walk::Walked([_, model, options]) = &top.0 else {
+            return BodyPlan::new(body);
+        };
+        if model.repeated || options.repeated {
+            // serde refuses a struct member given twice: nothing to edit.
+            return BodyPlan::default();
+        }
+        let model = model.value.clone().and_then(|r| {
+            let name = serde_json::from_slice::<String>(&body[r.clone()]).ok()?;
+            Some((r, name))
+        });
+        let options = match options.value.clone() {
+            Some(r) => Options::Present(r),
+            None => Options::Absent {
+                open: first_byte(body),
+            },
+        };
+        BodyPlan {
+            model,
+            usage: None,
+            options,
+            raw_model: false,
+        }
+    }
+
     /// Reads `body`'s top-level `model` (when it is a string). A body that
     /// is not a JSON object, or repeats one of the members, has nothing to
     /// edit.
@@ -131,10 +216,7 @@ impl BodyPlan {
         let options = match top.stream_options {
             Some(raw) => Options::Present(span(body, raw)),
             None => Options::Absent {
-                open: body
-                    .iter()
-                    .position(|b| !b.is_ascii_whitespace())
-                    .unwrap_or(0),
+                open: first_byte(body),
             },
         };
         BodyPlan {
@@ -290,6 +372,96 @@ mod tests {
         assert_eq!(plan.apply(body, None), None);
     }
     use serde_json::{Value, json};
+
+    /// Generated request bodies, and each broken: the one walk reads the
+    /// stream flag as the probe does, and the plan as serde does.
+    #[test]
+    fn the_one_walk_reads_the_flag_and_the_plan_as_the_full_readers_do() {
+        const KEYS: &[&str] = &[
+            "stream",
+            "stream",
+            "model",
+            "stream_options",
+            "messages",
+            "Stream",
+            "str\\u0065am",
+            "é",
+        ];
+        const VALUES: &[&str] = &[
+            "true",
+            "false",
+            "null",
+            "1",
+            "-2.5e3",
+            "\"true\"",
+            "\"TRUE\"",
+            "\"tr\\u0075e\"",
+            "\"\\ud800\"",
+            "\"true \"",
+            "\"gpt-4o\"",
+            "\"gpt\\u002d4o\"",
+            "\"caf\u{e9}\"",
+            "{\"include_usage\":true}",
+            "{}",
+            "[{\"stream\":true},\"x\"]",
+            "[]",
+            "\"a\\\"b\"",
+        ];
+        let mut seed = 0x2545_f491_u32;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as usize % n
+        };
+        let (mut walked, mut bodies) = (0, 0);
+        for _ in 0..20_000 {
+            let mut body = String::from(["{", " {", "{\n"][next(3)]);
+            for m in 0..next(5) {
+                if m > 0 {
+                    body.push(',');
+                }
+                body.push_str(&format!(
+                    "\"{}\"{}:{}",
+                    KEYS[next(KEYS.len())],
+                    [" ", ""][next(2)],
+                    VALUES[next(VALUES.len())]
+                ));
+            }
+            body.push_str(["}", "} ", "}\n"][next(3)]);
+            let mut broken = body.clone().into_bytes();
+            let at = next(broken.len() + 1);
+            match next(4) {
+                0 if at < broken.len() => {
+                    broken.remove(at);
+                }
+                1 if at < broken.len() => broken[at] = b"{}[],:\"\\ tnu\xff"[next(13)],
+                2 => broken.insert(at, b"{}[],:\"\\ tnu\xff"[next(13)]),
+                _ => broken.truncate(at),
+            }
+            for b in [body.as_bytes(), &broken] {
+                let top = BodyTop::read(b);
+                bodies += usize::from(!matches!(top.0, Walk::NoStream));
+                walked += usize::from(matches!(top.0, Walk::Walked(_)));
+                assert_eq!(
+                    top.stream_flag(b),
+                    crate::stream_flag(b),
+                    "{}",
+                    String::from_utf8_lossy(b)
+                );
+                assert_eq!(
+                    BodyPlan::read(b, &top),
+                    BodyPlan::new(b),
+                    "{}",
+                    String::from_utf8_lossy(b)
+                );
+            }
+        }
+        // Of those that may hold a `stream` key, many were walked rather
+        // than left to the full readers (the others are broken, or have a
+        // key with an escape or outside ASCII).
+        assert!(walked * 10 > bodies * 3, "{walked} of {bodies}");
+    }
 
     fn parse(b: &[u8]) -> Value {
         serde_json::from_slice(b).unwrap()

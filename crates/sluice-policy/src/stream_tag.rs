@@ -31,9 +31,23 @@ pub fn stream_flag(body: &[u8]) -> bool {
     p.finish()
 }
 
+/// Whether the raw JSON value `value` (a whole body's top-level `stream`,
+/// already checked) makes a stream: `true`, or a string equal to "true"
+/// ignoring case once unescaped.
+pub(crate) fn value_is_true(value: &[u8]) -> bool {
+    match value {
+        b"true" => true,
+        [b'"', text @ .., b'"'] if !text.contains(&b'\\') => text.eq_ignore_ascii_case(b"true"),
+        [b'"', ..] => {
+            serde_json::from_slice::<String>(value).is_ok_and(|s| s.eq_ignore_ascii_case("true"))
+        }
+        _ => false,
+    }
+}
+
 /// `stream` appears somewhere in `body`, or a `\u` escape (which could spell
 /// it) does. Both searches skip through the bytes many at a time.
-fn may_hold_stream(body: &[u8]) -> bool {
+pub(crate) fn may_hold_stream(body: &[u8]) -> bool {
     static STREAM: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"stream"));
     STREAM.find(body).is_some()
@@ -175,18 +189,26 @@ impl StreamProbe {
             if self.escaped {
                 self.escaped = false;
                 let c = chunk[i];
-                if c == b'u' {
-                    self.unicode_left = 4;
-                    self.unicode_val = 0;
-                } else if role != StrRole::Other {
-                    let real = match c {
-                        b'n' => b'\n',
-                        b't' => b'\t',
-                        b'r' => b'\r',
-                        b'b' => 8,
-                        b'f' => 12,
-                        other => other,
-                    };
+                let real = match c {
+                    b'u' => {
+                        self.unicode_left = 4;
+                        self.unicode_val = 0;
+                        i += 1;
+                        continue;
+                    }
+                    b'n' => b'\n',
+                    b't' => b'\t',
+                    b'r' => b'\r',
+                    b'b' => 8,
+                    b'f' => 12,
+                    b'"' | b'\\' | b'/' => c,
+                    // Not a JSON escape: not a body this reads.
+                    _ => {
+                        self.state = State::Invalid;
+                        return chunk.len();
+                    }
+                };
+                if role != StrRole::Other {
                     self.capture(role, real);
                 }
                 i += 1;
@@ -367,6 +389,18 @@ mod tests {
         assert!(!stream_flag(br#"{"stream":false,"Stream":true}"#));
         assert!(!stream_flag(br#"{"\u0053tream":true}"#));
         assert!(stream_flag(br#"{"Stream":false,"stream":true}"#));
+        // An escape JSON does not have makes the body invalid, wherever it
+        // is, whole or fed in parts.
+        for body in [
+            &br#"{"str\eam":true}"#[..],
+            br#"{"stream":true,"x":"\q"}"#,
+            br#"{"stream":"tr\ue"}"#,
+        ] {
+            assert!(!stream_flag(body), "{}", String::from_utf8_lossy(body));
+            let mut p = StreamProbe::default();
+            p.feed(body);
+            assert!(!p.finish(), "{}", String::from_utf8_lossy(body));
+        }
         // Keys longer than the probe keeps are told apart too.
         assert!(stream_flag(
             br#"{"stream_options":{"include_usage":true},"stream":true}"#

@@ -11,7 +11,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
-use sluice_policy::body_edit::{BodyEdit, BodyPlan, api_version_takes_stream_options};
+use sluice_policy::body_edit::{BodyEdit, BodyPlan, BodyTop, api_version_takes_stream_options};
 use sluice_policy::context::BodyMode;
 use sluice_policy::error::GatewayError;
 use sluice_policy::route::{keeps_path, strip_query_param, upstream_path};
@@ -972,7 +972,7 @@ impl Gateway {
         limit: u64,
         content_length: Option<u64>,
         retry_buffer: bool,
-    ) -> Result<std::result::Result<Bytes, GatewayError>> {
+    ) -> Result<std::result::Result<(Bytes, BodyTop), GatewayError>> {
         if retry_buffer {
             session.enable_retry_buffering();
         }
@@ -1011,9 +1011,12 @@ impl Gateway {
             None => buf.freeze(),
         };
         ctx.body_len = body.len() as u64;
-        ctx.stream = sluice_policy::stream_flag(&body);
+        // One walk finds the members read before routing: the stream flag
+        // now, the body plan later.
+        let top = BodyTop::read(&body);
+        ctx.stream = top.stream_flag(&body);
         ctx.body_mode = BodyMode::Preread;
-        Ok(Ok(body))
+        Ok(Ok((body, top)))
     }
 }
 
@@ -1148,6 +1151,7 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let mut body = None;
+        let mut top = BodyTop::default();
         // A multipart upload (audio, images, files) over 64 KiB streams to
         // one backend; on v1 its `model` field is read first, from the
         // parts before the file.
@@ -1202,7 +1206,10 @@ impl ProxyHttp for Gateway {
                     .preread_body(session, ctx, limit, content_length, true)
                     .await?
                 {
-                    Ok(b) => body = Some(b),
+                    Ok((b, t)) => {
+                        body = Some(b);
+                        top = t;
+                    }
                     Err(e) => {
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
@@ -1220,7 +1227,8 @@ impl ProxyHttp for Gateway {
                         .preread_body(session, ctx, limit, content_length, false)
                         .await?
                     {
-                        Ok(b) => {
+                        Ok((b, t)) => {
+                            top = t;
                             hold.shrink_to(b.len() as u64);
                             ctx.body_hold = Some(Box::new(hold));
                             ctx.body_mode = BodyMode::Held;
@@ -1281,7 +1289,7 @@ impl ProxyHttp for Gateway {
         if wants_model || asks_usage {
             match &body {
                 Some(b) => {
-                    let p = BodyPlan::new(b);
+                    let p = BodyPlan::read(b, &top);
                     if wants_model && let Some(m) = p.model() {
                         ctx.deployment = Some(m.to_string());
                     }

@@ -329,6 +329,42 @@ pub(crate) fn unescape(raw: &str) -> Option<String> {
     Some(out)
 }
 
+/// One top-level member of a JSON object body, as [`top_members`] found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopMember {
+    /// The bytes of its value (the last one, when it is given more than once).
+    pub value: Option<std::ops::Range<usize>>,
+    /// It is given more than once.
+    pub repeated: bool,
+}
+
+/// The top-level members of `body` named `keys`, found in one walk over it.
+///
+/// `None` when `body` is not one JSON object, or when the walk leaves it to a full parser: a key
+/// with an escape or a byte outside ASCII, a wanted value that is not valid UTF-8, nesting past
+/// 64, or anything malformed. The whole body is checked as serde_json checks an object whose keys
+/// it reads and whose values it skips, or keeps raw (`RawValue`): strings elsewhere are not
+/// checked for UTF-8, no string for surrogates, no number for range.
+pub fn top_members<const N: usize>(body: &[u8], keys: [&str; N]) -> Option<[TopMember; N]> {
+    let mut r = Reader::new(body);
+    let mut found: [TopMember; N] = std::array::from_fn(|_| TopMember::default());
+    r.object(|r, key| {
+        let Some(i) = keys.iter().position(|k| k.as_bytes() == key) else {
+            return r.skip();
+        };
+        r.peek()?;
+        let start = r.i;
+        r.skip()?;
+        // As a raw value must be.
+        std::str::from_utf8(&r.b[start..r.i]).ok()?;
+        let member = &mut found[i];
+        member.repeated |= member.value.is_some();
+        member.value = Some(start..r.i);
+        Some(())
+    })?;
+    r.at_end().then_some(found)
+}
+
 /// Random JSON for the tests that hold a reader to serde: values with the odd corners of the
 /// grammar, objects of chosen keys, and ways to break them.
 #[cfg(test)]
@@ -530,5 +566,85 @@ mod tests {
         );
         assert_eq!(unescape("plain").as_deref(), Some("plain"));
         assert_eq!(unescape(r"\u0041"), None);
+    }
+
+    /// The members as serde reads them: keys visited, the wanted values raw, the others skipped.
+    fn serde_members(body: &[u8], keys: [&str; 3]) -> Option<[TopMember; 3]> {
+        use serde::de::{Deserializer, MapAccess, Visitor};
+        struct Members<'k>([&'k str; 3], usize);
+        impl<'de> Visitor<'de> for Members<'_> {
+            type Value = [TopMember; 3];
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut found: [TopMember; 3] = Default::default();
+                while let Some(k) = map.next_key::<String>()? {
+                    let Some(i) = self.0.iter().position(|key| *key == k) else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    };
+                    let v = map.next_value::<&serde_json::value::RawValue>()?;
+                    let start = v.get().as_ptr() as usize - self.1;
+                    found[i].repeated |= found[i].value.is_some();
+                    found[i].value = Some(start..start + v.get().len());
+                }
+                Ok(found)
+            }
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let found = de
+            .deserialize_map(Members(keys, body.as_ptr() as usize))
+            .ok()?;
+        de.end().ok()?;
+        Some(found)
+    }
+
+    /// Generated objects, and each broken: whenever the walk answers, serde finds the same
+    /// members, and the walk answers for most valid ones.
+    #[test]
+    fn top_members_are_found_where_serde_finds_them() {
+        use super::generate::{mutate, object_of, value, ws};
+        const KEYS: [&str; 3] = ["stream", "model", "stream_options"];
+        let mut rng = StdRng::seed_from_u64(23);
+        let (mut walked, mut valid) = (0, 0);
+        for _ in 0..20_000 {
+            let mut body = String::new();
+            ws(&mut rng, &mut body);
+            object_of(
+                &mut rng,
+                &mut body,
+                &["stream", "model", "stream_options", "messages", "n"],
+                &mut |rng, _, out| value(rng, 1, out),
+            );
+            ws(&mut rng, &mut body);
+            let body = body.into_bytes();
+            let broken = mutate(&mut rng, &body);
+            for b in [&body, &broken] {
+                let serde = serde_members(b, KEYS);
+                if b == &body && serde.is_some() {
+                    valid += 1;
+                }
+                if let Some(found) = top_members(b, KEYS) {
+                    walked += usize::from(b == &body);
+                    assert_eq!(Some(found), serde, "{}", String::from_utf8_lossy(b));
+                }
+            }
+        }
+        assert!(walked * 10 > valid * 4, "{walked} of {valid}");
+        let body =
+            br#" {"model":"gpt-4o","stream" : true,"x":[1,{"stream":false}],"stream":"TRUE"} "#;
+        let [stream, model, options] = top_members(body, KEYS).expect("walked");
+        assert_eq!(&body[stream.value.clone().unwrap()], br#""TRUE""#);
+        assert!(stream.repeated);
+        assert_eq!(&body[model.value.unwrap()], br#""gpt-4o""#);
+        assert!(!model.repeated);
+        assert_eq!(options, TopMember::default());
+        assert_eq!(
+            top_members(br#"{"str\u0065am":true}"#, KEYS),
+            None,
+            "left to serde"
+        );
+        assert_eq!(top_members(b"[]", KEYS), None);
     }
 }

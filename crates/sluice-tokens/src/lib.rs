@@ -38,6 +38,7 @@ mod vocab;
 
 pub use estimate::{RequestEstimate, estimate_request};
 pub use filter::UsageChunkFilter;
+pub use json_walk::{TopMember, top_members};
 pub use usage::{StreamFailure, StreamFailureKind, Usage, UsageScanner, UsageSource};
 
 /// The kind of Azure OpenAI call, which decides how a request body is read.
