@@ -401,6 +401,10 @@ mod tests {
             p.feed(body);
             assert!(!p.finish(), "{}", String::from_utf8_lossy(body));
         }
+        // Every short escape JSON has is read, as what it stands for.
+        assert!(stream_flag(br#"{"x":"\t\b\f\n\r\/\"\\","stream":true}"#));
+        assert!(!stream_flag(br#"{"stream\n":true}"#));
+        assert!(!stream_flag(br#"{"stream":"true\t"}"#));
         // Keys longer than the probe keeps are told apart too.
         assert!(stream_flag(
             br#"{"stream_options":{"include_usage":true},"stream":true}"#
