@@ -110,7 +110,6 @@ pub enum UsageAsk {
     Unusable,
 }
 
-/// The byte range of `raw` inside `body` (`raw` borrows from `body`).
 /// Where the body's first byte that is not whitespace is.
 fn first_byte(body: &[u8]) -> usize {
     body.iter()
@@ -118,6 +117,7 @@ fn first_byte(body: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
+/// The byte range of `raw` inside `body` (`raw` borrows from `body`).
 fn span(body: &[u8], raw: &RawValue) -> Range<usize> {
     let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
     start..start + raw.get().len()
@@ -130,7 +130,7 @@ fn span(body: &[u8], raw: &RawValue) -> Range<usize> {
 /// and a plan for it is read by [`BodyPlan::new`]); one the walk leaves to a
 /// full parser (see [`sluice_tokens::top_members`]) is read by those parsers.
 #[derive(Debug, Clone, Default)]
-pub struct BodyTop(Walk);
+pub struct BodyTop(Walk, usize);
 
 #[derive(Debug, Clone, Default)]
 enum Walk {
@@ -149,19 +149,27 @@ impl BodyTop {
     /// Reads `body`: a look for a possible `stream` key, then one walk.
     pub fn read(body: &[u8]) -> Self {
         if !crate::stream_tag::may_hold_stream(body) {
-            return BodyTop(Walk::NoStream);
+            return BodyTop(Walk::NoStream, body.len());
         }
         BodyTop(
             match sluice_tokens::top_members(body, ["stream", "model", "stream_options"]) {
                 Some(members) => Walk::Walked(members),
                 None => Walk::Unsure,
             },
+            body.len(),
         )
+    }
+
+    /// Whether this was read from `body` (by its length: the callers keep
+    /// the two together).
+    fn of(&self, body: &[u8]) -> bool {
+        matches!(self.0, Walk::Unread) || self.1 == body.len()
     }
 
     /// The `x-ms-stream` flag of `body` (the body this was read from), as
     /// [`crate::stream_flag`] decides it.
     pub fn stream_flag(&self, body: &[u8]) -> bool {
+        debug_assert!(self.of(body), "a BodyTop read from another body");
         match &self.0 {
             Walk::NoStream => false,
             Walk::Walked([stream, ..]) => stream
@@ -177,6 +185,7 @@ impl BodyPlan {
     /// [`BodyPlan::new`] with the members `top` found in `body` (already
     /// checked as serde checks them): the same plan without a second parse.
     pub fn read(body: &[u8], top: &BodyTop) -> Self {
+        debug_assert!(top.of(body), "a BodyTop read from another body");
         let Walk::Walked([_, model, options]) = &top.0 else {
             return BodyPlan::new(body);
         };
@@ -372,6 +381,17 @@ mod tests {
         assert_eq!(plan.apply(body, None), None);
     }
     use serde_json::{Value, json};
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "another body")]
+    fn a_body_top_is_used_only_with_its_own_body() {
+        let top = BodyTop::read(br#"{"stream":true}"#);
+        // The default (nothing read) goes with any body.
+        assert!(!BodyTop::default().stream_flag(b"{}"));
+        assert!(top.stream_flag(br#"{"stream":true}"#));
+        top.stream_flag(br#"{"stream":false,"x":1}"#);
+    }
 
     /// Generated request bodies, and each broken: the one walk reads the
     /// stream flag as the probe does, and the plan as serde does.
