@@ -66,8 +66,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 /// The top-level members of a JSON object body (serde would also read a
 /// struct from an array: that is not a body to edit).
 fn top(body: &[u8]) -> Option<Top<'_>> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first != b'{' {
+    if body.get(first_byte(body)) != Some(&b'{') {
         return None;
     }
     serde_json::from_slice(body).ok()
@@ -193,22 +192,7 @@ impl BodyPlan {
             // serde refuses a struct member given twice: nothing to edit.
             return BodyPlan::default();
         }
-        let model = model.value.clone().and_then(|r| {
-            let name = serde_json::from_slice::<String>(&body[r.clone()]).ok()?;
-            Some((r, name))
-        });
-        let options = match options.value.clone() {
-            Some(r) => Options::Present(r),
-            None => Options::Absent {
-                open: first_byte(body),
-            },
-        };
-        BodyPlan {
-            model,
-            usage: None,
-            options,
-            raw_model: false,
-        }
+        BodyPlan::of_members(body, model.value.clone(), options.value.clone())
     }
 
     /// Reads `body`'s top-level `model` (when it is a string). A body that
@@ -218,12 +202,22 @@ impl BodyPlan {
         let Some(top) = top(body) else {
             return BodyPlan::default();
         };
-        let model = top.model.and_then(|raw| {
-            let name = serde_json::from_str::<String>(raw.get()).ok()?;
-            Some((span(body, raw), name))
+        BodyPlan::of_members(
+            body,
+            top.model.map(|raw| span(body, raw)),
+            top.stream_options.map(|raw| span(body, raw)),
+        )
+    }
+
+    /// The plan for a JSON object body whose top-level `model` and
+    /// `stream_options` values lie at these ranges (each given once).
+    fn of_members(body: &[u8], model: Option<Range<usize>>, options: Option<Range<usize>>) -> Self {
+        let model = model.and_then(|r| {
+            let name = serde_json::from_slice::<String>(&body[r.clone()]).ok()?;
+            Some((r, name))
         });
-        let options = match top.stream_options {
-            Some(raw) => Options::Present(span(body, raw)),
+        let options = match options {
+            Some(r) => Options::Present(r),
             None => Options::Absent {
                 open: first_byte(body),
             },
