@@ -51,7 +51,15 @@ def test_ocp_apim_subscription_key_header(http):
 
 @pytest.mark.parametrize(
     "extra,want",
-    [({"stream": True}, "True"), ({"stream": False}, "False"), ({}, "False"), ({"stream": "true"}, "True")],
+    [
+        ({"stream": True}, "True"),
+        ({"stream": False}, "False"),
+        ({}, "False"),
+        ({"stream": "true"}, "True"),
+        # The key is matched exactly, as APIM's JObject and Azure read it: the
+        # backend answers JSON, and the tag says so.
+        ({"Stream": True}, "False"),
+    ],
 )
 def test_x_ms_stream(http, extra, want):
     r = http.post(CHAT, json={**BODY, **extra}, headers={"api-key": KEY})
@@ -59,6 +67,8 @@ def test_x_ms_stream(http, extra, want):
     # simulator) then reject it with 400: backend errors are tagged too.
     assert r.status_code == (400 if extra.get("stream") == "true" else 200), r.text
     assert r.headers["x-ms-stream"] == want
+    if extra.get("Stream"):
+        assert r.headers["content-type"].startswith("application/json")
 
 
 def test_stream_over_plain_http(http):
