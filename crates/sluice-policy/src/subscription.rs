@@ -3,14 +3,16 @@
 //! A key is read from the first configured header that is present (`api-key`,
 //! then `Ocp-Apim-Subscription-Key` by default) or, only when no such header
 //! is present, from the configured query parameter (`subscription-key`).
-//! Keys are looked up by their SHA-256 digest (no scan over subscriptions)
-//! and then compared in constant time with the stored key.
+//! Keys are looked up by a keyed hash (SipHash with a key drawn at random
+//! when the index is built, so no caller can aim at a stored key's bucket;
+//! no scan over subscriptions) and then compared in constant time with the
+//! stored key.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Arc;
 
 use http::HeaderMap;
-use sha2::{Digest, Sha256};
 use sluice_config::{Secret, Subscription, SubscriptionSettings};
 use subtle::ConstantTimeEq;
 
@@ -51,7 +53,7 @@ pub struct SubscriptionMatch {
 struct Entry {
     index: usize,
     slot: KeySlot,
-    /// Compared in constant time on a digest hit; prints redacted.
+    /// Compared in constant time on a hash hit; prints redacted.
     key: Secret,
 }
 
@@ -83,15 +85,60 @@ impl KeyError {
     }
 }
 
-/// All subscriptions' keys, indexed by digest.
+/// All subscriptions' keys, indexed by a keyed hash.
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
-    by_digest: HashMap<[u8; 32], Entry>,
+    /// The hash's random key.
+    keyed: RandomState,
+    /// Keys by their keyed hash. The hashes of distinct keys all differ:
+    /// the index is built again with a new random key if two collide.
+    by_hash: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
     subs: Vec<SubInfo>,
 }
 
-fn digest(key: &[u8]) -> [u8; 32] {
-    Sha256::digest(key).into()
+/// Every subscription's keys by their hash under `keyed`; `None` when two
+/// distinct keys have the same hash (about one chance in 2^64 per pair).
+fn keys_by_hash(keyed: &impl BuildHasher, subscriptions: &[Subscription]) -> Option<ByHash> {
+    let mut by_hash = ByHash::default();
+    for (i, s) in subscriptions.iter().enumerate() {
+        let keys = std::iter::once((&s.primary_key, KeySlot::Primary))
+            .chain(s.secondary_key.iter().map(|k| (k, KeySlot::Secondary)));
+        for (key, slot) in keys {
+            let hash = keyed.hash_one(key.expose().as_bytes());
+            let entry = Entry {
+                index: i,
+                slot,
+                key: key.clone(),
+            };
+            // The same key given twice: the later one holds it.
+            if let Some(old) = by_hash.insert(hash, entry)
+                && old.key.expose() != key.expose()
+            {
+                return None;
+            }
+        }
+    }
+    Some(by_hash)
+}
+
+/// The map's own hasher: its keys are already keyed hashes, taken as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// APIM's 401 for a request without a key.
@@ -110,31 +157,28 @@ pub fn invalid_key_error(realm: &str, header_name: &str) -> GatewayError {
     )
 }
 
+type ByHash = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
+
 impl SubscriptionIndex {
     pub fn new(subscriptions: &[Subscription]) -> Self {
-        let mut idx = SubscriptionIndex::default();
-        for (i, s) in subscriptions.iter().enumerate() {
-            idx.subs.push(SubInfo {
+        let subs = subscriptions
+            .iter()
+            .map(|s| SubInfo {
                 name: Arc::from(s.name.as_str()),
                 active: s.active,
                 apis: s.apis.clone(),
-            });
-            let mut add = |key: &Secret, slot| {
-                idx.by_digest.insert(
-                    digest(key.expose().as_bytes()),
-                    Entry {
-                        index: i,
-                        slot,
-                        key: key.clone(),
-                    },
-                );
-            };
-            add(&s.primary_key, KeySlot::Primary);
-            if let Some(k) = &s.secondary_key {
-                add(k, KeySlot::Secondary);
+            })
+            .collect();
+        loop {
+            let keyed = RandomState::new();
+            if let Some(by_hash) = keys_by_hash(&keyed, subscriptions) {
+                return SubscriptionIndex {
+                    keyed,
+                    by_hash,
+                    subs,
+                };
             }
         }
-        idx
     }
 
     pub fn len(&self) -> usize {
@@ -147,7 +191,7 @@ impl SubscriptionIndex {
 
     /// Find the subscription a raw key belongs to, comparing in constant time.
     pub fn lookup(&self, key: &[u8]) -> Option<(usize, KeySlot)> {
-        let e = self.by_digest.get(&digest(key))?;
+        let e = self.by_hash.get(&self.keyed.hash_one(key))?;
         if bool::from(e.key.expose().as_bytes().ct_eq(key)) {
             Some((e.index, e.slot))
         } else {
@@ -369,6 +413,55 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((&*m.name, m.slot), ("b", KeySlot::Primary));
+    }
+
+    #[test]
+    fn keys_are_found_by_their_keyed_hash_and_only_by_an_equal_key() {
+        let subs = [
+            sub("a", "key-a-primary", Some("key-a-secondary")),
+            sub("b", "key-b", None),
+        ];
+        let idx = SubscriptionIndex::new(&subs);
+        assert_eq!(idx.lookup(b"key-a-primary"), Some((0, KeySlot::Primary)));
+        assert_eq!(
+            idx.lookup(b"key-a-secondary"),
+            Some((0, KeySlot::Secondary))
+        );
+        assert_eq!(idx.lookup(b"key-b"), Some((1, KeySlot::Primary)));
+        for other in [&b"key-b "[..], b"key-", b"", b"KEY-B", b"key-a-primar"] {
+            assert_eq!(idx.lookup(other), None, "{other:?}");
+        }
+        // Two indexes of the same keys draw different hash keys; both find
+        // every key.
+        let again = SubscriptionIndex::new(&subs);
+        assert_eq!(again.lookup(b"key-b"), Some((1, KeySlot::Primary)));
+    }
+
+    #[test]
+    fn a_hash_collision_between_distinct_keys_is_refused_and_a_repeated_key_is_not() {
+        // The map's own hasher, used on bytes, is a weak hash whose
+        // collisions are easy to make: a byte eight places before another
+        // is rotated back onto the same bits.
+        let weak = BuildHasherDefault::<Prehashed>::default();
+        let colliding = [sub("a", "a0000000b", None), sub("b", "b0000000a", None)];
+        assert_eq!(
+            weak.hash_one(b"a0000000b".as_slice()),
+            weak.hash_one(b"b0000000a".as_slice())
+        );
+        assert!(keys_by_hash(&weak, &colliding).is_none());
+        // The same key twice is no collision: the later one holds it.
+        let repeated = [sub("a", "same-key", None), sub("b", "same-key", None)];
+        let by_hash = keys_by_hash(&weak, &repeated).unwrap();
+        assert_eq!(by_hash.len(), 1);
+        let e = by_hash.values().next().unwrap();
+        assert_eq!((e.index, e.slot), (1, KeySlot::Primary));
+        // Distinct keys without a collision are all kept.
+        let distinct = [sub("a", "k1", Some("k2")), sub("b", "k3", None)];
+        assert_eq!(keys_by_hash(&weak, &distinct).unwrap().len(), 3);
+        // And the real index is built whatever the keys.
+        let idx = SubscriptionIndex::new(&colliding);
+        assert_eq!(idx.lookup(b"b0000000a"), Some((1, KeySlot::Primary)));
+        assert_eq!(idx.lookup(b"a0000000b"), Some((0, KeySlot::Primary)));
     }
 
     #[test]

@@ -607,17 +607,24 @@ impl Gateway {
             None => upstream.insert_header(http::header::HOST, b.host_header.as_str())?,
         }
         // The client's credentials never go on. A request carries a few
-        // headers: they are walked once, instead of a lookup per name.
+        // headers: they are walked once, instead of a lookup per name (and
+        // `Expect` is looked for in the same walk).
         let credentials = &self.state.credential_headers;
+        let mut expect = false;
         let present: smallvec::SmallVec<[usize; 4]> = upstream
             .headers
             .keys()
-            .filter_map(|k| credentials.iter().position(|c| c == k))
+            .filter_map(|k| {
+                expect |= k == http::header::EXPECT;
+                credentials.iter().position(|c| c == k)
+            })
             .collect();
         for i in present {
             upstream.remove_header(&credentials[i]);
         }
-        if matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) || ctx.continue_sent {
+        if expect
+            && (matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) || ctx.continue_sent)
+        {
             // The client's `Expect` was answered here (the body, or its
             // first parts, were read before routing).
             upstream.remove_header(&http::header::EXPECT);
@@ -1004,6 +1011,12 @@ impl Gateway {
             let read = first.as_ref().map_or(buf.len(), Bytes::len);
             if read as u64 > limit {
                 return Ok(Err(GatewayError::body_too_large(limit)));
+            }
+            // A body whose end came with this chunk (a Content-Length body
+            // read whole, the last chunk of a chunked one) needs no further
+            // read to learn that it is over.
+            if session.is_body_done() {
+                break;
             }
         }
         let body = match first {
