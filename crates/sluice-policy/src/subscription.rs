@@ -9,11 +9,12 @@
 //! stored key.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use http::HeaderMap;
 use sluice_config::{Secret, Subscription, SubscriptionSettings};
+use smallvec::SmallVec;
 use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
@@ -90,55 +91,46 @@ impl KeyError {
 pub struct SubscriptionIndex {
     /// The hash's random key.
     keyed: RandomState,
-    /// Keys by their keyed hash. The hashes of distinct keys all differ:
-    /// the index is built again with a new random key if two collide.
-    by_hash: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
+    by_hash: ByHash,
     subs: Vec<SubInfo>,
 }
 
-/// Every subscription's keys by their hash under `keyed`; `None` when two
-/// distinct keys have the same hash (about one chance in 2^64 per pair).
-fn keys_by_hash(keyed: &impl BuildHasher, subscriptions: &[Subscription]) -> Option<ByHash> {
+/// Keys by their keyed hash. Distinct keys with the same 64-bit hash (about
+/// one chance in 2^64 per pair) share a bucket, each compared in turn.
+type ByHash = HashMap<u64, SmallVec<[Entry; 1]>>;
+
+/// Every subscription's keys by their hash under `keyed`. The same key given
+/// twice is held by the later one.
+fn keys_by_hash(keyed: &impl BuildHasher, subscriptions: &[Subscription]) -> ByHash {
     let mut by_hash = ByHash::default();
     for (i, s) in subscriptions.iter().enumerate() {
         let keys = std::iter::once((&s.primary_key, KeySlot::Primary))
             .chain(s.secondary_key.iter().map(|k| (k, KeySlot::Secondary)));
         for (key, slot) in keys {
-            let hash = keyed.hash_one(key.expose().as_bytes());
             let entry = Entry {
                 index: i,
                 slot,
                 key: key.clone(),
             };
-            // The same key given twice: the later one holds it.
-            if let Some(old) = by_hash.insert(hash, entry)
-                && old.key.expose() != key.expose()
-            {
-                return None;
+            let bucket = by_hash
+                .entry(keyed.hash_one(key.expose().as_bytes()))
+                .or_default();
+            match bucket.iter_mut().find(|e| e.key.expose() == key.expose()) {
+                Some(same) => *same = entry,
+                None => bucket.push(entry),
             }
         }
     }
-    Some(by_hash)
+    by_hash
 }
 
-/// The map's own hasher: its keys are already keyed hashes, taken as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+/// The entry of `key` in its bucket (`hash` is `key`'s), each stored key
+/// compared with it in constant time.
+fn find<'i>(by_hash: &'i ByHash, hash: u64, key: &[u8]) -> Option<&'i Entry> {
+    by_hash
+        .get(&hash)?
+        .iter()
+        .find(|e| bool::from(e.key.expose().as_bytes().ct_eq(key)))
 }
 
 /// APIM's 401 for a request without a key.
@@ -157,27 +149,20 @@ pub fn invalid_key_error(realm: &str, header_name: &str) -> GatewayError {
     )
 }
 
-type ByHash = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
-
 impl SubscriptionIndex {
     pub fn new(subscriptions: &[Subscription]) -> Self {
-        let subs = subscriptions
-            .iter()
-            .map(|s| SubInfo {
-                name: Arc::from(s.name.as_str()),
-                active: s.active,
-                apis: s.apis.clone(),
-            })
-            .collect();
-        loop {
-            let keyed = RandomState::new();
-            if let Some(by_hash) = keys_by_hash(&keyed, subscriptions) {
-                return SubscriptionIndex {
-                    keyed,
-                    by_hash,
-                    subs,
-                };
-            }
+        let keyed = RandomState::new();
+        SubscriptionIndex {
+            by_hash: keys_by_hash(&keyed, subscriptions),
+            keyed,
+            subs: subscriptions
+                .iter()
+                .map(|s| SubInfo {
+                    name: Arc::from(s.name.as_str()),
+                    active: s.active,
+                    apis: s.apis.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -191,12 +176,7 @@ impl SubscriptionIndex {
 
     /// Find the subscription a raw key belongs to, comparing in constant time.
     pub fn lookup(&self, key: &[u8]) -> Option<(usize, KeySlot)> {
-        let e = self.by_hash.get(&self.keyed.hash_one(key))?;
-        if bool::from(e.key.expose().as_bytes().ct_eq(key)) {
-            Some((e.index, e.slot))
-        } else {
-            None
-        }
+        find(&self.by_hash, self.keyed.hash_one(key), key).map(|e| (e.index, e.slot))
     }
 
     /// The subscription step for one request to `api_name`.
@@ -437,31 +417,42 @@ mod tests {
         assert_eq!(again.lookup(b"key-b"), Some((1, KeySlot::Primary)));
     }
 
+    /// Puts every key in one bucket.
+    #[derive(Default)]
+    struct OneBucket;
+
+    impl std::hash::Hasher for OneBucket {
+        fn finish(&self) -> u64 {
+            7
+        }
+
+        fn write(&mut self, _: &[u8]) {}
+    }
+
     #[test]
-    fn a_hash_collision_between_distinct_keys_is_refused_and_a_repeated_key_is_not() {
-        // The map's own hasher, used on bytes, is a weak hash whose
-        // collisions are easy to make: a byte eight places before another
-        // is rotated back onto the same bits.
-        let weak = BuildHasherDefault::<Prehashed>::default();
-        let colliding = [sub("a", "a0000000b", None), sub("b", "b0000000a", None)];
-        assert_eq!(
-            weak.hash_one(b"a0000000b".as_slice()),
-            weak.hash_one(b"b0000000a".as_slice())
-        );
-        assert!(keys_by_hash(&weak, &colliding).is_none());
-        // The same key twice is no collision: the later one holds it.
-        let repeated = [sub("a", "same-key", None), sub("b", "same-key", None)];
-        let by_hash = keys_by_hash(&weak, &repeated).unwrap();
+    fn keys_that_share_a_bucket_are_told_apart_and_a_repeated_key_is_held_by_the_later() {
+        let one = std::hash::BuildHasherDefault::<OneBucket>::default();
+        let subs = [
+            sub("a", "k1", Some("k2")),
+            sub("b", "k3", None),
+            sub("c", "k1", None),
+        ];
+        let by_hash = keys_by_hash(&one, &subs);
         assert_eq!(by_hash.len(), 1);
-        let e = by_hash.values().next().unwrap();
-        assert_eq!((e.index, e.slot), (1, KeySlot::Primary));
-        // Distinct keys without a collision are all kept.
-        let distinct = [sub("a", "k1", Some("k2")), sub("b", "k3", None)];
-        assert_eq!(keys_by_hash(&weak, &distinct).unwrap().len(), 3);
-        // And the real index is built whatever the keys.
-        let idx = SubscriptionIndex::new(&colliding);
-        assert_eq!(idx.lookup(b"b0000000a"), Some((1, KeySlot::Primary)));
-        assert_eq!(idx.lookup(b"a0000000b"), Some((0, KeySlot::Primary)));
+        // k1 twice: one entry, the later subscription's.
+        assert_eq!(by_hash[&7].len(), 3);
+        let found = |k: &[u8]| find(&by_hash, 7, k).map(|e| (e.index, e.slot));
+        assert_eq!(found(b"k1"), Some((2, KeySlot::Primary)));
+        assert_eq!(found(b"k2"), Some((0, KeySlot::Secondary)));
+        assert_eq!(found(b"k3"), Some((1, KeySlot::Primary)));
+        assert_eq!(found(b"k4"), None);
+        assert_eq!(found(b"k"), None);
+        // Another hash finds no bucket.
+        assert!(find(&by_hash, 8, b"k1").is_none());
+        // With the real hash, the later holder of a repeated key is found too.
+        let idx = SubscriptionIndex::new(&subs);
+        assert_eq!(idx.lookup(b"k1"), Some((2, KeySlot::Primary)));
+        assert_eq!(idx.lookup(b"k3"), Some((1, KeySlot::Primary)));
     }
 
     #[test]
