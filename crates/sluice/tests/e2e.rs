@@ -558,17 +558,17 @@ fn embeddings_are_forwarded() {
     assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
 }
 
-#[test]
-fn expect_100_continue_is_answered_before_the_body_is_read() {
+/// Sends a request to `path` with `Expect: 100-continue` (and `extra`, whole
+/// header lines), checks that `100 Continue` comes before the body is sent,
+/// then sends `body` and returns the rest of what the gateway answered.
+fn post_after_continue(gw: std::net::SocketAddr, path: &str, extra: &str, body: &str) -> String {
     use std::io::{Read, Write};
-    let e = env();
-    let body = chat_body("");
-    let mut s = std::net::TcpStream::connect(e.gw).expect("connect");
+    let mut s = std::net::TcpStream::connect(gw).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     write!(
         s,
-        "POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: x\r\napi-key: {KEY}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .expect("write");
@@ -584,9 +584,34 @@ fn expect_100_continue_is_answered_before_the_body_is_read() {
     s.write_all(body.as_bytes()).expect("write body");
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    let text = String::from_utf8_lossy(&rest);
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_read() {
+    let e = env();
+    let text = post_after_continue(e.gw, CHAT, "", &chat_body(""));
     assert!(text.contains("HTTP/1.1 200"), "{text}");
     assert!(text.contains("chat.completion"), "{text}");
+}
+
+/// The client's `Expect` was answered by the gateway, which read the body
+/// before routing: the backend gets the body, never the `Expect`.
+#[test]
+fn an_answered_expect_does_not_reach_the_backend() {
+    let e = env();
+    let body = chat_body("");
+    let text = post_after_continue(
+        e.gw,
+        "/capture/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        "x-test-id: expect\r\n",
+        &body,
+    );
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    let c = e.capture.find("expect").expect("captured");
+    assert_eq!(c.header("expect"), None);
+    assert_eq!(c.header("api-key"), Some(BACKEND_KEY));
+    assert_eq!(c.body, body.as_bytes());
 }
 
 #[test]
