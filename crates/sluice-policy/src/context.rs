@@ -160,7 +160,7 @@ pub struct RequestContext {
     pub routing: crate::selection::Routing,
     /// What the request holds of the gateway's body-buffer budget, given
     /// back when the context drops. Written when the body is read.
-    pub body_hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub body_hold: Option<crate::budget::BodyHold>,
     /// What this request did, step by step, when it carries a valid debug
     /// credential (`Apim-Debug-Authorization`); `None` (the usual case)
     /// records nothing. Written by every step that decides something; read

@@ -6,6 +6,7 @@
 
 pub mod affinity;
 pub mod body_edit;
+pub mod budget;
 pub mod context;
 pub mod error;
 pub mod metrics;

@@ -182,6 +182,15 @@ impl ApiPipeline {
         self.needs_usage
     }
 
+    /// Whether a step reads the region the backend answered from (a metric
+    /// with the `backend_region` dimension): only then is it kept per
+    /// request.
+    pub fn reads_region(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, Step::Metric(dims) if dims.contains(&Dimension::BackendRegion)))
+    }
+
     /// The JWT validator, if any (the proxy warms its key cache at start).
     pub fn jwt_validator(&self) -> Option<&Arc<JwtValidator>> {
         self.jwt.as_ref()
@@ -1818,6 +1827,23 @@ mod tests {
         let mut ctx = RequestContext::default();
         p.start_response(&mut ctx, 200, Some("application/json"), None);
         assert!(ctx.usage_scanner.is_none());
+    }
+
+    #[test]
+    fn only_a_backend_region_dimension_reads_the_region() {
+        let reads = |policies: &str| setup(policies).0.reads_region();
+        assert!(reads(
+            "      - emit_token_metric: {dimensions: [api, backend_region]}\n"
+        ));
+        assert!(reads(
+            "      - rate_limit: {calls: 5, renewal_period_seconds: 60, counter_key: subscription}\n      - emit_token_metric: {dimensions: [backend_region]}\n"
+        ));
+        assert!(!reads(
+            "      - emit_token_metric: {dimensions: [subscription, api, deployment, backend]}\n"
+        ));
+        assert!(!reads(
+            "      - rate_limit: {calls: 5, renewal_period_seconds: 60, counter_key: subscription}\n"
+        ));
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //! no scan over subscriptions) and then compared in constant time with the
 //! stored key.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -215,7 +216,7 @@ impl SubscriptionIndex {
         &self,
         api_name: &str,
         settings: &SubscriptionSettings,
-        key: Option<Vec<u8>>,
+        key: Option<Cow<'_, [u8]>>,
     ) -> Result<Option<SubscriptionMatch>, KeyError> {
         let Some(key) = key else {
             return if settings.required {
@@ -246,27 +247,35 @@ impl SubscriptionIndex {
 /// v1 paths) `Authorization: Bearer <key>`, then (`realtime`, a Realtime
 /// handshake, which a browser cannot give headers) Azure's `api-key` query
 /// parameter.
-pub fn presented_key(
+///
+/// A key in a header is borrowed from it; only a query parameter's (which
+/// may be percent-encoded) is decoded into a copy.
+pub fn presented_key<'a>(
     settings: &SubscriptionSettings,
-    headers: &HeaderMap,
+    headers: &'a HeaderMap,
     query: Option<&str>,
     bearer: bool,
     realtime: bool,
-) -> Option<Vec<u8>> {
+) -> Option<Cow<'a, [u8]>> {
     extract_key(settings, headers, query)
-        .or_else(|| bearer.then(|| bearer_key(headers)).flatten())
+        .or_else(|| {
+            bearer
+                .then(|| bearer_key(headers).map(Cow::Borrowed))
+                .flatten()
+        })
         .or_else(|| {
             realtime
                 .then(|| query_param(query?, crate::realtime::KEY_PARAM))
                 .flatten()
                 .filter(|v| !v.is_empty())
+                .map(Cow::Owned)
         })
 }
 
 /// The value of `Authorization: Bearer <value>` when it is not a JWT (three
 /// dot-separated parts, the first a base64url JSON header, `eyJ...`): a
 /// subscription key as the plain `OpenAI` client sends it on v1 paths.
-pub fn bearer_key(headers: &HeaderMap) -> Option<Vec<u8>> {
+pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers
         .get(http::header::AUTHORIZATION)?
         .as_bytes()
@@ -277,27 +286,27 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<Vec<u8>> {
     }
     let token = rest.trim_ascii();
     let jwt = token.starts_with(b"eyJ") && token.iter().filter(|&&c| c == b'.').count() == 2;
-    (!token.is_empty() && !jwt).then(|| token.to_vec())
+    (!token.is_empty() && !jwt).then_some(token)
 }
 
 /// The key a request carries, headers first (in configured order), then the
 /// query parameter only when no header carries one. An empty value counts as
 /// absent.
-pub fn extract_key(
+pub fn extract_key<'a>(
     settings: &SubscriptionSettings,
-    headers: &HeaderMap,
+    headers: &'a HeaderMap,
     query: Option<&str>,
-) -> Option<Vec<u8>> {
+) -> Option<Cow<'a, [u8]>> {
     for name in &settings.header_names {
         if let Some(v) = headers.get(name) {
             let v = v.as_bytes().trim_ascii();
             if !v.is_empty() {
-                return Some(v.to_vec());
+                return Some(Cow::Borrowed(v));
             }
         }
     }
     let v = query_param(query?, &settings.query_name)?;
-    (!v.is_empty()).then_some(v)
+    (!v.is_empty()).then_some(Cow::Owned(v))
 }
 
 #[cfg(test)]
@@ -356,7 +365,7 @@ mod tests {
         ));
         assert_eq!(
             bearer_key(&hdr("authorization", "bearer  k9 ")),
-            Some(b"k9".to_vec())
+            Some(&b"k9"[..])
         );
         for not_a_key in [
             "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
@@ -374,7 +383,7 @@ mod tests {
         // Something shaped like a key that happens to hold dots is a key.
         assert_eq!(
             bearer_key(&hdr("authorization", "Bearer a.b.c")),
-            Some(b"a.b.c".to_vec())
+            Some(&b"a.b.c"[..])
         );
         assert_eq!(bearer_key(&HeaderMap::new()), None);
     }

@@ -1035,13 +1035,16 @@ impl Gateway {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestContext;
+    // Boxed: pingora keeps the context by value in each request's future
+    // and moves it a few times on the way; a pointer is cheaper to move
+    // than the context's 744 bytes.
+    type CTX = Box<RequestContext>;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestContext {
+        Box::new(RequestContext {
             in_flight: Some(sluice_policy::context::InFlight::new(&self.state.in_flight)),
             ..RequestContext::default()
-        }
+        })
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -1210,11 +1213,7 @@ impl ProxyHttp for Gateway {
             Some(n) if n <= PREREAD_LIMIT && !chunked => {
                 // Small bodies: read now with pingora's retry buffer, which
                 // replays them on every attempt.
-                ctx.body_hold = self
-                    .state
-                    .body_budget
-                    .reserve(n)
-                    .map(|h| Box::new(h) as Box<dyn std::any::Any + Send + Sync>);
+                ctx.body_hold = self.state.body_budget.reserve(n);
                 match self
                     .preread_body(session, ctx, limit, content_length, true)
                     .await?
@@ -1243,7 +1242,7 @@ impl ProxyHttp for Gateway {
                         Ok((b, t)) => {
                             top = t;
                             hold.shrink_to(b.len() as u64);
-                            ctx.body_hold = Some(Box::new(hold));
+                            ctx.body_hold = Some(hold);
                             ctx.body_mode = BodyMode::Held;
                             body = Some(b);
                         }
@@ -1650,7 +1649,13 @@ impl ProxyHttp for Gateway {
                 let content_type = headers
                     .get(http::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok());
-                let region = if region_sent {
+                let pipeline = &self.state.apis[api].pipeline;
+                // Kept only for what reads it: a metric's `backend_region`
+                // and the request summaries.
+                let keep_region = pipeline.reads_region() || self.state.traces.ring.capacity() != 0;
+                let region = if !keep_region {
+                    None
+                } else if region_sent {
                     // Shared with the backend's label when it is the same.
                     headers.get(&X_MS_REGION).and_then(|v| v.to_str().ok()).map(
                         |sent| match backend {
@@ -1661,12 +1666,7 @@ impl ProxyHttp for Gateway {
                 } else {
                     backend.map(|b| b.region.clone())
                 };
-                self.state.apis[api].pipeline.start_response(
-                    ctx,
-                    status.as_u16(),
-                    content_type,
-                    region,
-                );
+                pipeline.start_response(ctx, status.as_u16(), content_type, region);
                 if switching {
                     self.open_realtime(ctx, api);
                 }

@@ -51,7 +51,7 @@ impl Gateway {
     pub(crate) async fn relay(
         &self,
         session: &mut Session,
-        ctx: &mut RequestContext,
+        ctx: &mut Box<RequestContext>,
         body: Bytes,
     ) -> Result<()> {
         let selector = &self.state.selector;
@@ -178,7 +178,7 @@ impl Gateway {
     async fn pipe_body(
         &self,
         session: &mut Session,
-        ctx: &mut RequestContext,
+        ctx: &mut Box<RequestContext>,
         up: &mut HttpSession,
     ) -> Result<()> {
         loop {
