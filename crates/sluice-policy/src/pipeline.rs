@@ -54,8 +54,17 @@ pub struct InboundRequest<'a> {
     pub rest_path: &'a str,
     /// The whole body when it was read before routing (≤ 64 KiB).
     pub body: Option<&'a [u8]>,
-    /// The request's `Host`, for the API URL APIM echoes in `WWW-Authenticate`.
-    pub host: &'a str,
+}
+
+impl<'a> InboundRequest<'a> {
+    /// The request's `Host`, for the API URL APIM echoes in
+    /// `WWW-Authenticate` (looked up only for that refusal).
+    pub fn host(&self) -> &'a str {
+        self.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+    }
 }
 
 impl std::fmt::Debug for InboundRequest<'_> {
@@ -63,7 +72,7 @@ impl std::fmt::Debug for InboundRequest<'_> {
         f.debug_struct("InboundRequest")
             .field("rest_path", &self.rest_path)
             .field("client_ip", &self.client_ip)
-            .field("host", &self.host)
+            .field("host", &self.host())
             .field("headers", &self.headers.len())
             .field("body_len", &self.body.map(<[u8]>::len))
             .finish_non_exhaustive()
@@ -347,7 +356,7 @@ impl ApiPipeline {
         ctx: &mut RequestContext,
         shared: &Shared,
     ) -> Result<(), GatewayError> {
-        let realm = || format!("http://{}{}", req.host, self.api.path);
+        let realm = || format!("http://{}{}", req.host(), self.api.path);
         let settings = &self.api.subscription;
         // On v1 paths the plain `OpenAI` client sends the key as a bearer.
         let v1 = req.rest_path == "/v1" || req.rest_path.starts_with("/v1/");
@@ -1047,7 +1056,6 @@ mod tests {
             client_ip: Some("10.0.0.7".parse().unwrap()),
             rest_path: CHAT,
             body,
-            host: "gw",
         }
     }
 
@@ -1340,13 +1348,23 @@ mod tests {
         let (p, shared, _) = setup(
             "      - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n",
         );
-        let h = headers(&[]);
+        let h = headers(&[("host", "gw")]);
         let e = p
             .inbound(&request(&h, None), &mut RequestContext::default(), &shared)
             .await
             .unwrap_err();
         assert_eq!(e.status, 401);
         assert!(e.headers[0].1.contains("realm=\"http://gw/openai\""));
+        // Without a Host, the realm names localhost.
+        let e = p
+            .inbound(
+                &request(&headers(&[]), None),
+                &mut RequestContext::default(),
+                &shared,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.headers[0].1.contains("realm=\"http://localhost/openai\""));
     }
 
     #[tokio::test]

@@ -270,11 +270,6 @@ fn inbound_request<'a>(
         client_ip,
         rest_path: req.uri.path().get(rest_offset..).unwrap_or(""),
         body,
-        host: req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost"),
     }
 }
 
