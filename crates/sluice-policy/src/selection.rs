@@ -363,9 +363,24 @@ impl BackendSelector {
         rest_path: &str,
         need_tokens: Option<u64>,
     ) {
+        let path_deployment = crate::route::deployment_of(rest_path);
+        self.begin_with(ctx, api, method, rest_path, path_deployment, need_tokens);
+    }
+
+    /// [`begin`](Self::begin), for a caller that already has the path's
+    /// deployment ([`crate::route::deployment_of`] of `rest_path`).
+    pub fn begin_with(
+        &self,
+        ctx: &mut RequestContext,
+        api: usize,
+        method: &str,
+        rest_path: &str,
+        path_deployment: Option<&str>,
+        need_tokens: Option<u64>,
+    ) {
         let Some(a) = self.apis.get(api) else { return };
         // The path's deployment, else (v1 API) the body's `model`.
-        let pool = crate::route::deployment_of(rest_path)
+        let pool = path_deployment
             .or(ctx.deployment.as_deref())
             .and_then(|d| a.deployment_pools.get(d).copied())
             .unwrap_or(a.pool);
@@ -452,23 +467,27 @@ impl BackendSelector {
                 },
                 self.now(),
             ),
-            (None, affinity) => match self.choose(ctx, pool) {
-                // Seeking an owner: when the pool has no one to offer now,
-                // another backend of the API is asked (it may be the owner).
-                Choice::Exhausted { .. }
-                    if affinity == Some(Affinity::Seek)
-                        && let Some(backend) = self.next_to_seek(ctx) =>
-                {
-                    bypassed = true;
-                    let choice = Choice::Backend {
-                        backend,
-                        probe: false,
-                        steered: false,
-                    };
-                    (choice, self.now())
+            (None, affinity) => {
+                // One reading of the clock for the choice and its time.
+                let now = self.now();
+                match self.choose_at(ctx, pool, now) {
+                    // Seeking an owner: when the pool has no one to offer now,
+                    // another backend of the API is asked (it may be the owner).
+                    Choice::Exhausted { .. }
+                        if affinity == Some(Affinity::Seek)
+                            && let Some(backend) = self.next_to_seek(ctx) =>
+                    {
+                        bypassed = true;
+                        let choice = Choice::Backend {
+                            backend,
+                            probe: false,
+                            steered: false,
+                        };
+                        (choice, self.now())
+                    }
+                    choice => (choice, now),
                 }
-                choice => (choice, self.now()),
-            },
+            }
         };
         match choice {
             Choice::Backend {
@@ -501,17 +520,13 @@ impl BackendSelector {
         }
     }
 
-    fn choose(&self, ctx: &RequestContext, pool: usize) -> Choice {
+    /// The pool's choice for the request's next attempt, at `now` (the
+    /// clock as the caller read it).
+    fn choose_at(&self, ctx: &RequestContext, pool: usize, now: Duration) -> Choice {
         let Some(p) = self.pools.get(pool) else {
             return Choice::Exhausted { retry_after: None };
         };
-        sluice_routing::select(
-            p,
-            &self.health,
-            ctx.routing.need,
-            &ctx.routing.tried(),
-            self.now(),
-        )
+        sluice_routing::select(p, &self.health, ctx.routing.need, &ctx.routing.tried(), now)
     }
 
     /// Whether a member of the pool not in `tried` would let a request
@@ -570,8 +585,12 @@ impl BackendSelector {
     }
 
     /// The open attempt ended with `outcome`: record it everywhere.
-    fn close_attempt(&self, ctx: &mut RequestContext, outcome: Outcome) -> Option<usize> {
-        let now = self.now();
+    fn close_attempt(
+        &self,
+        ctx: &mut RequestContext,
+        outcome: Outcome,
+        now: Duration,
+    ) -> Option<usize> {
         let attempt = ctx.routing.attempts.last_mut()?;
         if attempt.outcome.is_some() {
             return None;
@@ -644,7 +663,7 @@ impl BackendSelector {
             status,
             retry_after,
         };
-        self.after(ctx, outcome, replayable, false)
+        self.after(ctx, outcome, replayable, false, now)
     }
 
     /// An attempt failed without a response head, after the request (or
@@ -655,7 +674,7 @@ impl BackendSelector {
         outcome: Outcome,
         replayable: bool,
     ) -> After {
-        self.after(ctx, outcome, replayable, false)
+        self.after(ctx, outcome, replayable, false, self.now())
     }
 
     /// An attempt failed before anything was sent (no connection, no
@@ -667,15 +686,17 @@ impl BackendSelector {
         outcome: Outcome,
         replayable: bool,
     ) -> After {
-        self.after(ctx, outcome, replayable, true)
+        self.after(ctx, outcome, replayable, true, self.now())
     }
 
+    /// `now`: the clock as the caller read it when the outcome arrived.
     fn after(
         &self,
         ctx: &mut RequestContext,
         outcome: Outcome,
         replayable: bool,
         not_sent: bool,
+        now: Duration,
     ) -> After {
         let label = outcome.label();
         let kind = ctx.routing.kind.unwrap_or(CallKind::Generation);
@@ -694,7 +715,7 @@ impl BackendSelector {
                     ..
                 }
             );
-        let Some(backend) = self.close_attempt(ctx, outcome) else {
+        let Some(backend) = self.close_attempt(ctx, outcome, now) else {
             return After::Deliver;
         };
         match ctx.routing.affinity {
@@ -720,8 +741,7 @@ impl BackendSelector {
             }
             return self.when_exhausted(ctx, pool);
         }
-        let now = self.now();
-        let next = match self.choose(ctx, pool) {
+        let next = match self.choose_at(ctx, pool, now) {
             next @ Choice::Backend { .. } => {
                 ctx.routing.planned = Some((next, now));
                 self.metrics

@@ -138,8 +138,17 @@ fn content_length(session: &Session) -> Option<u64> {
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| parse_length(v.as_bytes()))
+}
+
+/// A `Content-Length` value: digits (the usual case, read directly), else
+/// whatever `u64`'s parser takes of the trimmed text.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) {
+        return Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')));
+    }
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
 }
 
 /// Whether the final (non-1xx) response head has gone to the client; after
@@ -455,13 +464,22 @@ impl Gateway {
             .selector
             .failover_left(ctx)
             .unwrap_or(b.connect_timeout);
-        let deadline = tokio::time::Instant::now()
-            + b.connect_timeout
-                .min(failover_left)
-                .max(Duration::from_millis(1));
-        let lookup = match b.fixed_address() {
+        let budget = b
+            .connect_timeout
+            .min(failover_left)
+            .max(Duration::from_millis(1));
+        // The clock is read only when something may wait before the
+        // connect (a DNS lookup, a token): otherwise the whole budget is
+        // left for it.
+        let fixed = b.fixed_address();
+        let deadline = (fixed.is_none() || b.token_provider.is_some())
+            .then(|| tokio::time::Instant::now() + budget);
+        let lookup = match fixed {
             Some(a) => Ok(Ok(a)),
-            None => tokio::time::timeout_at(deadline, b.address()).await,
+            None => {
+                let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + budget);
+                tokio::time::timeout_at(deadline, b.address()).await
+            }
         };
         let addr = match lookup {
             Ok(Ok(a)) => a,
@@ -484,7 +502,7 @@ impl Gateway {
         // Per attempt: a retry may pick a backend without `auth`.
         ctx.backend_bearer = None;
         ctx.identity_failure = None;
-        if let Some(provider) = &b.token_provider {
+        if let (Some(provider), Some(deadline)) = (&b.token_provider, deadline) {
             let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
                 Ok(Ok(t)) => {
                     ctx.backend_bearer = Some(t);
@@ -512,9 +530,10 @@ impl Gateway {
         }
         // What is left of the budget bounds the TCP connect and the TLS
         // handshake together (at least 1 ms: zero would mean "no limit").
-        let left = deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(1));
+        let left = deadline.map_or(budget, |d| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(1))
+        });
         // SNI only means something over TLS.
         let sni = if b.tls { b.host.clone() } else { String::new() };
         let mut peer = HttpPeer::new(addr, b.tls, sni);
@@ -1090,7 +1109,9 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         let is_post = session.req_header().method == http::Method::POST;
-        let (v1, model_in_body, models) = {
+        // The path's deployment, found once: where it is in the path after
+        // the API's prefix (routing reads it again below).
+        let (v1, path_deployment, models) = {
             let rest = session
                 .req_header()
                 .uri
@@ -1101,12 +1122,13 @@ impl ProxyHttp for Gateway {
                 .then(|| crate::models::models_call(rest))
                 .flatten()
                 .map(|call| self.state.apis[api_index].models.answer(call));
-            (
-                rest.starts_with("/v1/"),
-                sluice_policy::route::deployment_of(rest).is_none(),
-                models,
-            )
+            let deployment = sluice_policy::route::deployment_of(rest).map(|d| {
+                let start = d.as_ptr() as usize - rest.as_ptr() as usize;
+                start..start + d.len()
+            });
+            (rest.starts_with("/v1/"), deployment, models)
         };
+        let model_in_body = path_deployment.is_none();
         if let Some((status, body)) = models {
             self.answer_json(session, ctx, status, body).await?;
             return Ok(true);
@@ -1399,9 +1421,15 @@ impl ProxyHttp for Gateway {
         {
             let req = session.req_header();
             let rest = req.uri.path().get(rest_offset..).unwrap_or("");
-            self.state
-                .selector
-                .begin(ctx, api_index, req.method.as_str(), rest, need);
+            let deployment = path_deployment.and_then(|r| rest.get(r));
+            self.state.selector.begin_with(
+                ctx,
+                api_index,
+                req.method.as_str(),
+                rest,
+                deployment,
+                need,
+            );
         }
         self.route_owned(session, ctx, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {
@@ -1956,6 +1984,44 @@ impl ProxyHttp for Gateway {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn content_lengths_are_read_as_the_text_parser_reads_them() {
+        let old = |v: &[u8]| -> Option<u64> {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let mut cases: Vec<Vec<u8>> = [
+            "0",
+            "45",
+            " 45 ",
+            "\t7",
+            "+45",
+            "-1",
+            "",
+            " ",
+            "4 5",
+            "0045",
+            "18446744073709551615",
+            "18446744073709551616",
+            "9999999999999999999",
+            "99999999999999999999",
+            "1e3",
+            "0x10",
+            "٣",
+        ]
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+        cases.push(b"\xff12".to_vec());
+        for n in [1u64, 9, 10, 65_536, u64::MAX / 10, u64::MAX] {
+            cases.push(n.to_string().into_bytes());
+        }
+        for c in &cases {
+            assert_eq!(parse_length(c), old(c), "{:?}", String::from_utf8_lossy(c));
+        }
+    }
 
     #[test]
     fn routing_headers_are_read_as_header_map_get_reads_them() {

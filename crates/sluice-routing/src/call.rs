@@ -43,17 +43,14 @@ pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
 fn last_segment(path: &[u8]) -> (&[u8], &[u8]) {
     let end = path.iter().rposition(|&b| b != b'/').map_or(0, |i| i + 1);
     let path = &path[..end];
-    let start = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    let start = memchr::memrchr(b'/', path).map_or(0, |i| i + 1);
     (&path[start..], &path[..start])
 }
 
 /// Whether the path (query ignored) ends in a generation or embedding endpoint.
 fn is_generation_path(path: &str) -> bool {
     let path = path.as_bytes();
-    let path = &path[..path
-        .iter()
-        .position(|&b| b == b'?' || b == b'#')
-        .unwrap_or(path.len())];
+    let path = &path[..memchr::memchr2(b'?', b'#', path).unwrap_or(path.len())];
     let (last, rest) = last_segment(path);
     let is = |segment: &[u8], name: &str| segment.eq_ignore_ascii_case(name.as_bytes());
     if ["completions", "embeddings", "responses"]
