@@ -338,6 +338,31 @@ mod tests {
     use http::HeaderValue;
 
     #[test]
+    fn a_realtime_handshake_may_carry_its_key_in_the_query() {
+        let s = settings();
+        let none = HeaderMap::new();
+        let key = |query: &str, realtime: bool| {
+            presented_key(&s, &none, Some(query), false, realtime).map(|k| k.into_owned())
+        };
+        assert_eq!(key("api-key=k1", true), Some(b"k1".to_vec()));
+        assert_eq!(key("model=m&api-key=k%31", true), Some(b"k1".to_vec()));
+        // Empty counts as absent; only the Realtime handshake reads it.
+        assert_eq!(key("api-key=", true), None);
+        assert_eq!(key("api-key=k1", false), None);
+        // The API's own parameter comes first.
+        assert_eq!(
+            key("api-key=k1&subscription-key=k2", true),
+            Some(b"k2".to_vec())
+        );
+        // A header key is borrowed, not copied.
+        let h = hdr("api-key", "k3");
+        assert!(matches!(
+            presented_key(&s, &h, None, false, false),
+            Some(Cow::Borrowed(b"k3"))
+        ));
+    }
+
+    #[test]
     fn same_bytes_is_equality() {
         for len in 0..20usize {
             let a: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37)).collect();
