@@ -91,6 +91,15 @@ struct Args {
     /// ratios on a noisy machine.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Load the measured targets at the same time in each round (each at
+    /// `--rate`, on its own connections) instead of one after another: the
+    /// machine's changing load then falls on all of them alike, which
+    /// steadies their ratios. The machine carries their sum, so use it with
+    /// few targets (e.g. `pingora,baseline,sluice`) and a rate they can
+    /// share; figures are comparable within a paired run, not with a
+    /// sequential one.
+    #[arg(long)]
+    paired: bool,
     /// Make every request's user message different (it ends in the
     /// request's number), as real traffic is; by default every request of a
     /// scenario sends the same body (the system prompt is the same either
@@ -732,6 +741,23 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
             continue;
         }
         let mut rounds = Vec::new();
+        if args.paired && scenario != Scenario::Realtime {
+            for round in 0..args.rounds {
+                eprintln!(
+                    "sluice-load: {}: round {} of {}, {} targets at once",
+                    scenario.name(),
+                    round + 1,
+                    args.rounds,
+                    targets.len()
+                );
+                rounds.extend(measure_paired(args, targets, key, scenario, mode).await?);
+            }
+            if args.rounds > 1 {
+                streams_report.push_str(&rounds_report(&rounds));
+            }
+            rows.extend(merge_rounds(rounds));
+            continue;
+        }
         for (round, t) in (0..args.rounds).flat_map(|r| targets.iter().map(move |t| (r, t))) {
             if args.rounds > 1 && t.kind == targets[0].kind {
                 eprintln!(
@@ -745,18 +771,7 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
                 rounds.push(measure_ws(args, t, key).await?);
                 continue;
             }
-            let spec = Arc::new(RequestSpec {
-                path: scenario.path().to_string(),
-                host: t.addr.to_string(),
-                api_key: sluice_sim::Secret::new(key),
-                body: scenario.body(args.unique_prompts),
-                stream_end: scenario.stream_end(),
-                debug_token: t.debug_token.clone(),
-                extra_headers: Vec::new(),
-                numbered: args
-                    .unique_prompts
-                    .then(|| std::sync::atomic::AtomicU64::new(0)),
-            });
+            let spec = request_spec(args, t, key, scenario);
             eprintln!(
                 "sluice-load: {}/{}: warmup {:.1} s, measuring {:.1} s ({})",
                 scenario.name(),
@@ -800,6 +815,85 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
 
 /// The `streams` scenario on every target in turn: `--open-streams` slow
 /// streams at once; a Markdown table of what an open stream costs.
+/// What every request of `scenario` to target `t` is.
+fn request_spec(args: &Args, t: &Target, key: &str, scenario: Scenario) -> Arc<RequestSpec> {
+    Arc::new(RequestSpec {
+        path: scenario.path().to_string(),
+        host: t.addr.to_string(),
+        api_key: sluice_sim::Secret::new(key),
+        body: scenario.body(args.unique_prompts),
+        stream_end: scenario.stream_end(),
+        debug_token: t.debug_token.clone(),
+        extra_headers: Vec::new(),
+        numbered: args
+            .unique_prompts
+            .then(|| std::sync::atomic::AtomicU64::new(0)),
+    })
+}
+
+/// One round of `--paired`: every target warmed up, then measured, at the
+/// same time; each target's CPU is read around the common measured phase.
+async fn measure_paired(
+    args: &Args,
+    targets: &[Target],
+    key: &str,
+    scenario: Scenario,
+    mode: Mode,
+) -> Result<Vec<Row>> {
+    let tck = procs::clk_tck() as f64;
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    let duration = Duration::from_secs_f64(args.duration_secs);
+    let mut conns = Vec::with_capacity(targets.len());
+    for t in targets {
+        conns.push(
+            client::connect_all(t.addr, args.concurrency)
+                .await
+                .with_context(|| format!("{} on {}", t.kind.name(), t.addr))?,
+        );
+    }
+    let specs: Vec<_> = targets
+        .iter()
+        .map(|t| request_spec(args, t, key, scenario))
+        .collect();
+    let phase = |conns: Vec<Vec<Option<client::Sender>>>, length: Duration| {
+        futures_util::future::try_join_all(
+            targets
+                .iter()
+                .zip(&specs)
+                .zip(conns)
+                .map(|((t, spec), c)| client::run_phase(t.addr, c, spec.clone(), mode, length)),
+        )
+    };
+    if !warmup.is_zero() {
+        conns = phase(conns, warmup)
+            .await?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+    }
+    let ticks = || -> Vec<_> {
+        targets
+            .iter()
+            .map(|t| t.group.map(|g| g.cpu_ticks()))
+            .collect()
+    };
+    let before = ticks();
+    let results = phase(conns, duration).await?;
+    let after = ticks();
+    let mut rows = Vec::with_capacity(targets.len());
+    for (i, (t, (_, r))) in targets.iter().zip(results).enumerate() {
+        let rss = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
+        let cpu_per_1k = match (before[i], after[i]) {
+            (Some(b), Some(a)) if r.sent > 0 => {
+                Some(a.saturating_sub(b) as f64 / tck / r.sent as f64 * 1000.0)
+            }
+            _ => None,
+        };
+        rows.push(row(scenario, t.kind, r, cpu_per_1k, rss));
+    }
+    Ok(rows)
+}
+
 async fn measure_streams(args: &Args, targets: &[Target], key: &str) -> Result<String> {
     let n = args.open_streams;
     let tck = procs::clk_tck() as f64;
@@ -1206,12 +1300,12 @@ fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
                 .into_iter()
                 .filter_map(|p| {
                     let r = find(p)?;
-                    let d = direct?;
+                    // Without `direct`, the rows still compare the proxies.
                     let above_floor = !matches!(p, "pingora" | "nginx");
                     Some(Added {
                         proxy: p,
-                        p50: diff(r.lat[0], d.lat[0]),
-                        p99: diff(r.lat[2], d.lat[2]),
+                        p50: diff(r.lat[0], direct.and_then(|d| d.lat[0])),
+                        p99: diff(r.lat[2], direct.and_then(|d| d.lat[2])),
                         p50_floor: diff(r.lat[0], floor?.lat[0]).filter(|_| above_floor),
                         p99_floor: diff(r.lat[2], floor?.lat[2]).filter(|_| above_floor),
                         cpu_nginx: ratio(r.cpu_per_1k, nginx_cpu).filter(|_| p != "nginx"),
