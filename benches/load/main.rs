@@ -813,8 +813,6 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
     Ok((rows, streams_report))
 }
 
-/// The `streams` scenario on every target in turn: `--open-streams` slow
-/// streams at once; a Markdown table of what an open stream costs.
 /// What every request of `scenario` to target `t` is.
 fn request_spec(args: &Args, t: &Target, key: &str, scenario: Scenario) -> Arc<RequestSpec> {
     Arc::new(RequestSpec {
@@ -840,6 +838,21 @@ async fn measure_paired(
     scenario: Scenario,
     mode: Mode,
 ) -> Result<Vec<Row>> {
+    // Two targets served by one process (`sluice` and `traced`) cannot be
+    // told apart when loaded at once: each would be charged both loads.
+    for (i, a) in targets.iter().enumerate() {
+        for b in &targets[i + 1..] {
+            if let (Some(x), Some(y)) = (a.group, b.group)
+                && x.root == y.root
+            {
+                bail!(
+                    "--paired: {} and {} are the same process; measure them in separate runs",
+                    a.kind.name(),
+                    b.kind.name()
+                );
+            }
+        }
+    }
     let tck = procs::clk_tck() as f64;
     let warmup = Duration::from_secs_f64(args.warmup_secs);
     let duration = Duration::from_secs_f64(args.duration_secs);
@@ -894,6 +907,8 @@ async fn measure_paired(
     Ok(rows)
 }
 
+/// The `streams` scenario on every target in turn: `--open-streams` slow
+/// streams at once; a Markdown table of what an open stream costs.
 async fn measure_streams(args: &Args, targets: &[Target], key: &str) -> Result<String> {
     let n = args.open_streams;
     let tck = procs::clk_tck() as f64;
@@ -1306,8 +1321,10 @@ fn comparisons(rows: &[Row]) -> Vec<(&'static str, Vec<Added>)> {
                         proxy: p,
                         p50: diff(r.lat[0], direct.and_then(|d| d.lat[0])),
                         p99: diff(r.lat[2], direct.and_then(|d| d.lat[2])),
-                        p50_floor: diff(r.lat[0], floor?.lat[0]).filter(|_| above_floor),
-                        p99_floor: diff(r.lat[2], floor?.lat[2]).filter(|_| above_floor),
+                        p50_floor: diff(r.lat[0], floor.and_then(|f| f.lat[0]))
+                            .filter(|_| above_floor),
+                        p99_floor: diff(r.lat[2], floor.and_then(|f| f.lat[2]))
+                            .filter(|_| above_floor),
                         cpu_nginx: ratio(r.cpu_per_1k, nginx_cpu).filter(|_| p != "nginx"),
                         cpu_floor: ratio(r.cpu_per_1k, floor_cpu).filter(|_| above_floor),
                         cpu_baseline: ratio(r.cpu_per_1k, baseline_cpu)

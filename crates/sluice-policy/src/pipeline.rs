@@ -109,6 +109,8 @@ pub struct ApiPipeline {
     jwt: Option<Arc<JwtValidator>>,
     /// Some step needs the response's usage (token_limit, emit_token_metric).
     needs_usage: bool,
+    /// A metric has the `backend_region` dimension (see [`Self::reads_region`]).
+    reads_region: bool,
     /// Index of the first step that needs the request body (`token_limit`);
     /// the steps before it run before the body is read.
     body_from: usize,
@@ -163,6 +165,9 @@ impl ApiPipeline {
             .iter()
             .position(|s| matches!(s, Step::Tokens(_)))
             .unwrap_or(steps.len());
+        let reads_region = steps
+            .iter()
+            .any(|s| matches!(s, Step::Metric(dims) if dims.contains(&Dimension::BackendRegion)));
         ApiPipeline {
             api_name: Arc::from(api.name.as_str()),
             api: api.clone(),
@@ -170,6 +175,7 @@ impl ApiPipeline {
             steps,
             jwt,
             needs_usage,
+            reads_region,
         }
     }
 
@@ -195,9 +201,7 @@ impl ApiPipeline {
     /// with the `backend_region` dimension): only then is it kept per
     /// request.
     pub fn reads_region(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|s| matches!(s, Step::Metric(dims) if dims.contains(&Dimension::BackendRegion)))
+        self.reads_region
     }
 
     /// The JWT validator, if any (the proxy warms its key cache at start).

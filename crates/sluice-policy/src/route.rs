@@ -120,11 +120,6 @@ pub fn deployment_of(rest: &str) -> Option<&str> {
     (!name.is_empty()).then_some(name)
 }
 
-/// The query string without parameter `name` (the client's subscription key
-/// never goes upstream). A parameter is `name` when its name decodes to it
-/// (form encoding: `+` is a space, `%XX` a byte), so `subscription%2Dkey=` is
-/// removed too. Every other parameter is forwarded byte for byte as the client
-/// sent it, in its order: never decoded and re-encoded (Azure is picky).
 /// Whether `needle` is in `hay`: each place its first byte is, compared.
 /// A query is short and names few parameters, so this is cheaper than
 /// building a substring searcher for every request.
@@ -135,6 +130,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memchr_iter(first, hay).any(|i| hay[i..].starts_with(needle))
 }
 
+/// The query string without parameter `name` (the client's subscription key
+/// never goes upstream). A parameter is `name` when its name decodes to it
+/// (form encoding: `+` is a space, `%XX` a byte), so `subscription%2Dkey=` is
+/// removed too. Every other parameter is forwarded byte for byte as the client
+/// sent it, in its order: never decoded and re-encoded (Azure is picky).
 pub fn strip_query_param<'q>(query: &'q str, name: &str) -> Cow<'q, str> {
     // The name can only be there spelled out, or encoded (with `%` or `+`).
     let q = query.as_bytes();

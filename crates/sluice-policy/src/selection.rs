@@ -1550,17 +1550,24 @@ pools:
         assert_eq!(s.failover_left(&RequestContext::default()), None);
     }
 
-    #[test]
-    fn an_abandoned_probe_frees_the_backend_at_once() {
-        let (s, clock) = selector("    backends: [c]\n");
-        let mut c = ctx(&s, "POST", CHAT);
+    /// Backend `c` answers 429 with a rest of a second; once it is over
+    /// (`advance`), a request takes the probe: its context.
+    fn rest_then_probe(s: &BackendSelector, advance: impl Fn(Duration)) -> RequestContext {
+        let mut c = ctx(s, "POST", CHAT);
         s.next_backend(&mut c).unwrap();
         s.after_status(&mut c, 429, headers(&[("retry-after", "1")]), true);
         s.finish(&mut c);
-        clock.advance(Duration::from_secs(1));
-        let mut probe = ctx(&s, "POST", CHAT);
+        advance(Duration::from_secs(1));
+        let mut probe = ctx(s, "POST", CHAT);
         assert_eq!(s.next_backend(&mut probe), Ok(2));
         assert!(probe.routing.attempts[0].probe);
+        probe
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_backend_at_once() {
+        let (s, clock) = selector("    backends: [c]\n");
+        let mut probe = rest_then_probe(&s, |d| clock.advance(d));
         // While the probe is out nobody else goes.
         let mut other = ctx(&s, "POST", CHAT);
         assert!(s.next_backend(&mut other).is_err());
@@ -1568,6 +1575,41 @@ pools:
         s.finish(&mut probe);
         let mut next = ctx(&s, "POST", CHAT);
         assert_eq!(s.next_backend(&mut next), Ok(2));
+        assert!(next.routing.attempts[0].probe);
+    }
+
+    /// A clock that moves on every monotonic reading, as the real one does
+    /// between any two readings.
+    #[derive(Debug)]
+    struct Ticking(Arc<ManualClock>);
+
+    impl sluice_base::Clock for Ticking {
+        fn unix_now(&self) -> Duration {
+            self.0.unix_now()
+        }
+
+        fn monotonic(&self) -> Duration {
+            let now = self.0.monotonic();
+            self.0.advance(Duration::from_micros(1));
+            now
+        }
+    }
+
+    #[test]
+    fn an_abandoned_probe_is_freed_with_a_clock_that_never_stands_still() {
+        // The probe's slot is freed only for the probe it was lent to, known
+        // by the time it was admitted: the time recorded on the attempt must
+        // be the breaker's own reading, not a later one.
+        let yaml = format!("{BASE}apis:\n  - name: x\n    path: /openai\n    backends: [c]\n");
+        let cfg = sluice_config::load_str(&yaml, "t.yaml", &std::env::temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let manual = Arc::new(ManualClock::from_millis(1_000_000));
+        let s = BackendSelector::new(&cfg, Arc::new(Ticking(manual.clone())), &Registry::new())
+            .unwrap();
+        let mut probe = rest_then_probe(&s, |d| manual.advance(d));
+        s.finish(&mut probe);
+        let mut next = ctx(&s, "POST", CHAT);
+        assert_eq!(s.next_backend(&mut next), Ok(2), "the slot was freed");
         assert!(next.routing.attempts[0].probe);
     }
 
