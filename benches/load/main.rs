@@ -797,12 +797,7 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
             let after = t.group.map(|g| g.cpu_ticks());
             drop(conns);
             let rss = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
-            let cpu_per_1k = match (before, after) {
-                (Some(b), Some(a)) if r.sent > 0 => {
-                    Some(a.saturating_sub(b) as f64 / tck / r.sent as f64 * 1000.0)
-                }
-                _ => None,
-            };
+            let cpu_per_1k = cpu_per_1k(before, after, tck, r.sent);
             rounds.push(row(scenario, t.kind, r, cpu_per_1k, rss));
         }
         if args.rounds > 1 {
@@ -811,6 +806,15 @@ async fn measure_all(args: &Args, targets: &[Target], key: &str) -> Result<(Vec<
         rows.extend(merge_rounds(rounds));
     }
     Ok((rows, streams_report))
+}
+
+/// CPU seconds per 1000 of `n` (requests, frames) from the CPU ticks read
+/// before and after them; `None` without readings or without any.
+fn cpu_per_1k(before: Option<u64>, after: Option<u64>, tck: f64, n: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if n > 0 => Some(a.saturating_sub(b) as f64 / tck / n as f64 * 1000.0),
+        _ => None,
+    }
 }
 
 /// What every request of `scenario` to target `t` is.
@@ -896,12 +900,7 @@ async fn measure_paired(
     let mut rows = Vec::with_capacity(targets.len());
     for (i, (t, (_, r))) in targets.iter().zip(results).enumerate() {
         let rss = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
-        let cpu_per_1k = match (before[i], after[i]) {
-            (Some(b), Some(a)) if r.sent > 0 => {
-                Some(a.saturating_sub(b) as f64 / tck / r.sent as f64 * 1000.0)
-            }
-            _ => None,
-        };
+        let cpu_per_1k = cpu_per_1k(before[i], after[i], tck, r.sent);
         rows.push(row(scenario, t.kind, r, cpu_per_1k, rss));
     }
     Ok(rows)
@@ -1037,12 +1036,7 @@ async fn measure_ws(args: &Args, t: &Target, key: &str) -> Result<Row> {
     let after = t.group.map(|g| g.cpu_ticks());
     ws::close_all(sessions).await;
     let rss_mib = t.group.map(|g| g.peak_rss_kib() as f64 / 1024.0);
-    let cpu_per_1k = match (before, after) {
-        (Some(b), Some(a)) if r.frames > 0 => {
-            Some(a.saturating_sub(b) as f64 / tck / r.frames as f64 * 1000.0)
-        }
-        _ => None,
-    };
+    let cpu_per_1k = cpu_per_1k(before, after, tck, r.frames);
     r.rtt_us.sort_unstable();
     let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
     let secs = r.elapsed.as_secs_f64();

@@ -371,7 +371,7 @@ impl ApiPipeline {
         let check = |ctx: &mut RequestContext| -> Result<(), GatewayError> {
             match shared
                 .subscriptions
-                .check_presented(&self.api.name, settings, key)
+                .check_presented(&self.api.name, settings, key.as_deref())
             {
                 Ok(sub) => {
                     ctx.trace(Section::Inbound, "subscription-key", || match &sub {
@@ -1053,6 +1053,12 @@ mod tests {
 
     const CHAT: &str = "/deployments/gpt-4o/chat/completions";
 
+    /// Every step of a request without a body, from a fresh context.
+    async fn bodiless(p: &ApiPipeline, shared: &Shared, h: &HeaderMap) -> Result<(), GatewayError> {
+        p.inbound(&request(h, None), &mut RequestContext::default(), shared)
+            .await
+    }
+
     fn request<'a>(h: &'a HeaderMap, body: Option<&'a [u8]>) -> InboundRequest<'a> {
         InboundRequest {
             headers: h,
@@ -1352,22 +1358,13 @@ mod tests {
         let (p, shared, _) = setup(
             "      - rate_limit: {calls: 1, renewal_period_seconds: 10, counter_key: subscription}\n",
         );
-        let h = headers(&[("host", "gw")]);
-        let e = p
-            .inbound(&request(&h, None), &mut RequestContext::default(), &shared)
+        let e = bodiless(&p, &shared, &headers(&[("host", "gw")]))
             .await
             .unwrap_err();
         assert_eq!(e.status, 401);
         assert!(e.headers[0].1.contains("realm=\"http://gw/openai\""));
         // Without a Host, the realm names localhost.
-        let e = p
-            .inbound(
-                &request(&headers(&[]), None),
-                &mut RequestContext::default(),
-                &shared,
-            )
-            .await
-            .unwrap_err();
+        let e = bodiless(&p, &shared, &headers(&[])).await.unwrap_err();
         assert!(e.headers[0].1.contains("realm=\"http://localhost/openai\""));
     }
 
@@ -1734,17 +1731,8 @@ mod tests {
         assert_eq!((e.status, e.message.as_ref()), (401, "JWT not present."));
         // key_or_jwt: a key alone is enough; nothing at all is not.
         let (p, shared, _) = setup_api("    auth: key_or_jwt\n", JWKS);
-        p.inbound(&request(&h, None), &mut RequestContext::default(), &shared)
-            .await
-            .unwrap();
-        let e = p
-            .inbound(
-                &request(&headers(&[]), None),
-                &mut RequestContext::default(),
-                &shared,
-            )
-            .await
-            .unwrap_err();
+        bodiless(&p, &shared, &h).await.unwrap();
+        let e = bodiless(&p, &shared, &headers(&[])).await.unwrap_err();
         assert_eq!((e.status, e.message.as_ref()), (401, "JWT not present."));
     }
 

@@ -46,10 +46,13 @@ impl ApiRouter {
 /// Where every backend path starts (after the backend's base path).
 const BACKEND_PREFIX: &str = "/openai";
 
+/// What a deployments-style path after the API prefix starts with.
+const DEPLOYMENTS: &str = "/deployments/";
+
 /// The deployment segment of `rest` (`/deployments/{name}...`), and what
 /// follows it; the name may be empty.
 fn deployment_segment(rest: &str) -> Option<(&str, &str)> {
-    let after = rest.strip_prefix("/deployments/")?;
+    let after = rest.strip_prefix(DEPLOYMENTS)?;
     Some(match after.find('/') {
         Some(i) => after.split_at(i),
         None => (after, ""),
@@ -112,6 +115,12 @@ pub fn has_dot_segments(path: &str) -> bool {
         let d = percent_decode(seg);
         d == b"." || d == b".." || d.contains(&b'/') || d.contains(&b'\\')
     })
+}
+
+/// Where [`deployment_of`] finds the deployment in `rest`, as a byte range:
+/// for a caller that must let go of `rest` before it reads the name again.
+pub fn deployment_range(rest: &str) -> Option<std::ops::Range<usize>> {
+    deployment_of(rest).map(|name| DEPLOYMENTS.len()..DEPLOYMENTS.len() + name.len())
 }
 
 /// The deployment named in a deployments-style path, if any.
@@ -440,5 +449,26 @@ mod tests {
             Some("d1")
         );
         assert_eq!(deployment_of("/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn the_deployment_range_is_where_the_deployment_is() {
+        for rest in [
+            "/deployments/d1/chat/completions",
+            "/deployments/gpt-4o",
+            "/deployments/x/",
+            "/deployments//chat/completions",
+            "/deployments/",
+            "/v1/chat/completions",
+            "/deployment/d1/chat",
+            "",
+        ] {
+            assert_eq!(
+                deployment_range(rest).map(|r| &rest[r]),
+                deployment_of(rest),
+                "{rest}"
+            );
+        }
+        assert_eq!(deployment_range("/deployments/abc/x"), Some(13..16));
     }
 }

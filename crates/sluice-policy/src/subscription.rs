@@ -231,7 +231,7 @@ impl SubscriptionIndex {
         bearer: bool,
     ) -> Result<Option<SubscriptionMatch>, KeyError> {
         let key = presented_key(settings, headers, query, bearer, false);
-        self.check_presented(api_name, settings, key)
+        self.check_presented(api_name, settings, key.as_deref())
     }
 
     /// Check the key the caller presented (found by [`presented_key`]).
@@ -239,7 +239,7 @@ impl SubscriptionIndex {
         &self,
         api_name: &str,
         settings: &SubscriptionSettings,
-        key: Option<Cow<'_, [u8]>>,
+        key: Option<&[u8]>,
     ) -> Result<Option<SubscriptionMatch>, KeyError> {
         let Some(key) = key else {
             return if settings.required {
@@ -248,7 +248,7 @@ impl SubscriptionIndex {
                 Ok(None)
             };
         };
-        let (index, slot) = self.lookup(&key).ok_or(KeyError::Invalid)?;
+        let (index, slot) = self.lookup(key).ok_or(KeyError::Invalid)?;
         let sub = &self.subs[index];
         if !sub.active {
             return Err(KeyError::Invalid);

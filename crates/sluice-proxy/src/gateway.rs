@@ -468,18 +468,15 @@ impl Gateway {
             .connect_timeout
             .min(failover_left)
             .max(Duration::from_millis(1));
-        // The clock is read only when something may wait before the
-        // connect (a DNS lookup, a token): otherwise the whole budget is
-        // left for it.
-        let fixed = b.fixed_address();
-        let deadline = (fixed.is_none() || b.token_provider.is_some())
-            .then(|| tokio::time::Instant::now() + budget);
-        let lookup = match fixed {
+        // The budget's deadline is set (the clock read) by the first thing
+        // that may wait before the connect, a DNS lookup or a token; when
+        // nothing does, the whole budget is left for the connect.
+        let mut deadline = None;
+        let mut deadline_from_now =
+            || *deadline.get_or_insert_with(|| tokio::time::Instant::now() + budget);
+        let lookup = match b.fixed_address() {
             Some(a) => Ok(Ok(a)),
-            None => {
-                let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + budget);
-                tokio::time::timeout_at(deadline, b.address()).await
-            }
+            None => tokio::time::timeout_at(deadline_from_now(), b.address()).await,
         };
         let addr = match lookup {
             Ok(Ok(a)) => a,
@@ -502,8 +499,9 @@ impl Gateway {
         // Per attempt: a retry may pick a backend without `auth`.
         ctx.backend_bearer = None;
         ctx.identity_failure = None;
-        if let (Some(provider), Some(deadline)) = (&b.token_provider, deadline) {
-            let failure = match tokio::time::timeout_at(deadline, provider.token()).await {
+        if let Some(provider) = &b.token_provider {
+            let failure = match tokio::time::timeout_at(deadline_from_now(), provider.token()).await
+            {
                 Ok(Ok(t)) => {
                     ctx.backend_bearer = Some(t);
                     None
@@ -1122,10 +1120,7 @@ impl ProxyHttp for Gateway {
                 .then(|| crate::models::models_call(rest))
                 .flatten()
                 .map(|call| self.state.apis[api_index].models.answer(call));
-            let deployment = sluice_policy::route::deployment_of(rest).map(|d| {
-                let start = d.as_ptr() as usize - rest.as_ptr() as usize;
-                start..start + d.len()
-            });
+            let deployment = sluice_policy::route::deployment_range(rest);
             (rest.starts_with("/v1/"), deployment, models)
         };
         let model_in_body = path_deployment.is_none();
