@@ -29,6 +29,8 @@ pub const PREREAD_LIMIT: u64 = 64 * 1024;
 /// Header names the gateway looks up on every request, built once.
 static X_MS_REGION: http::HeaderName = http::HeaderName::from_static("x-ms-region");
 static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static X_MS_STREAM: http::HeaderName = http::HeaderName::from_static("x-ms-stream");
+static API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 
 const FORM_PREFIX_LIMIT: usize = 64 * 1024;
 
@@ -323,6 +325,13 @@ fn hop_value(ip: std::net::IpAddr) -> http::HeaderValue {
 
 /// A header value that `Debug` (and so pingora's logs) prints as
 /// `Sensitive`: for the credentials the gateway injects.
+/// A header value the gateway made (a count, an id): checked as pingora's
+/// `insert_header` checks it.
+fn header_value(value: String) -> Result<http::HeaderValue> {
+    http::HeaderValue::try_from(value)
+        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "invalid header value", e))
+}
+
 fn sensitive(value: &str) -> Result<http::HeaderValue> {
     let mut v = http::HeaderValue::from_str(value)
         .map_err(|e| Error::because(ErrorType::InternalError, "invalid credential value", e))?;
@@ -614,88 +623,101 @@ impl Gateway {
             })?;
             upstream.set_uri(uri);
         }
-        match &b.host_value {
-            Some(host) => upstream.insert_header(http::header::HOST, host.clone())?,
-            None => upstream.insert_header(http::header::HOST, b.host_header.as_str())?,
-        }
-        // The client's credentials never go on. A request carries a few
-        // headers: they are walked once, instead of a lookup per name (and
-        // `Expect` is looked for in the same walk).
-        let credentials = &self.state.credential_headers;
-        let mut expect = false;
-        let present: smallvec::SmallVec<[usize; 4]> = upstream
-            .headers
-            .keys()
-            .filter_map(|k| {
-                expect |= k == http::header::EXPECT;
-                credentials.iter().position(|c| c == k)
-            })
-            .collect();
-        for i in present {
-            upstream.remove_header(&credentials[i]);
-        }
-        if expect
-            && (matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held) || ctx.continue_sent)
-        {
-            // The client's `Expect` was answered here (the body, or its
-            // first parts, were read before routing).
-            upstream.remove_header(&http::header::EXPECT);
-        }
-        // Injected credentials are marked sensitive: pingora's logs print
-        // header maps with `Debug`, which then shows `Sensitive`.
-        if let Some(key) = &b.api_key {
-            upstream.insert_header("api-key", key.clone())?;
-        }
-        if let Some(token) = &ctx.backend_bearer {
-            upstream.insert_header(
-                http::header::AUTHORIZATION,
-                sensitive(&format!("Bearer {}", token.expose()))?,
-            )?;
-        }
-        if ctx.strip_accept_encoding {
-            upstream.remove_header(&http::header::ACCEPT_ENCODING);
-        }
-        if ctx.realtime_call.is_some() {
-            // No compression through the gateway: the frames stay readable
-            // for usage (the backend then answers without the extension).
-            upstream.remove_header(&http::header::SEC_WEBSOCKET_EXTENSIONS);
-            // A browser client of OpenAI's own service may carry its key as
-            // a subprotocol (`openai-insecure-api-key.<key>`): the client's
-            // credential never goes on.
-            let offered = upstream
-                .headers
-                .get(http::header::SEC_WEBSOCKET_PROTOCOL)
-                .and_then(|v| v.to_str().ok())
-                .map(sluice_policy::realtime::without_key_protocols);
-            if let Some(kept) = offered {
-                match kept {
-                    Some(kept) => {
-                        upstream.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept)?;
+        let backend_bearer = match &ctx.backend_bearer {
+            Some(token) => Some(sensitive(&format!("Bearer {}", token.expose()))?),
+            None => None,
+        };
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        // One edit of the head (see `heads`): room for the credential and
+        // the forwarded-for hop, the headers a request may gain.
+        let room = 1 + usize::from(b.api_key.is_some()) + usize::from(backend_bearer.is_some());
+        crate::heads::edit_request(upstream, room, |h| {
+            let host = match &b.host_value {
+                Some(host) => host.clone(),
+                None => http::HeaderValue::from_str(&b.host_header).map_err(|e| {
+                    Error::because(ErrorType::InvalidHTTPHeader, "invalid backend host", e)
+                })?,
+            };
+            h.insert(http::header::HOST, host);
+            // The client's credentials never go on. A request carries a few
+            // headers: they are walked once, instead of a lookup per name
+            // (and `Expect` is looked for in the same walk).
+            let credentials = &self.state.credential_headers;
+            let mut expect = false;
+            let present: smallvec::SmallVec<[usize; 4]> = h
+                .keys()
+                .filter_map(|k| {
+                    expect |= k == http::header::EXPECT;
+                    credentials.iter().position(|c| c == k)
+                })
+                .collect();
+            for i in present {
+                h.remove(&credentials[i]);
+            }
+            if expect
+                && (matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held)
+                    || ctx.continue_sent)
+            {
+                // The client's `Expect` was answered here (the body, or its
+                // first parts, were read before routing).
+                h.remove(http::header::EXPECT);
+            }
+            // Injected credentials are marked sensitive: pingora's logs print
+            // header maps with `Debug`, which then shows `Sensitive`.
+            if let Some(key) = &b.api_key {
+                h.insert(API_KEY.clone(), key.clone());
+            }
+            if let Some(bearer) = backend_bearer {
+                h.insert(http::header::AUTHORIZATION, bearer);
+            }
+            if ctx.strip_accept_encoding {
+                h.remove(http::header::ACCEPT_ENCODING);
+            }
+            if ctx.realtime_call.is_some() {
+                // No compression through the gateway: the frames stay
+                // readable for usage (the backend then answers without the
+                // extension).
+                h.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+                // A browser client of OpenAI's own service may carry its key
+                // as a subprotocol (`openai-insecure-api-key.<key>`): the
+                // client's credential never goes on.
+                let offered = h
+                    .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+                    .and_then(|v| v.to_str().ok())
+                    .map(sluice_policy::realtime::without_key_protocols);
+                match offered {
+                    Some(Some(kept)) => {
+                        let kept = http::HeaderValue::try_from(kept).map_err(|e| {
+                            Error::because(ErrorType::InvalidHTTPHeader, "invalid subprotocols", e)
+                        })?;
+                        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, kept);
                     }
-                    None => {
-                        upstream.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL);
+                    Some(None) => {
+                        h.remove(http::header::SEC_WEBSOCKET_PROTOCOL);
                     }
+                    None => {}
                 }
             }
-        }
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            use std::fmt::Write as _;
-            let prev = upstream
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok());
-            match prev {
-                Some(prev) => {
-                    // One buffer: the earlier hops, then this one.
-                    let mut xff = String::with_capacity(prev.len() + 2 + 39);
-                    xff.push_str(prev);
-                    xff.push_str(", ");
-                    let _ = write!(xff, "{}", client.ip());
-                    upstream.insert_header("x-forwarded-for", xff)?;
-                }
-                None => upstream.insert_header("x-forwarded-for", hop_value(client.ip()))?,
+            if let Some(ip) = client {
+                let hop = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                    Some(prev) => {
+                        use std::fmt::Write as _;
+                        // One buffer: the earlier hops, then this one.
+                        let mut xff = String::with_capacity(prev.len() + 2 + 39);
+                        xff.push_str(prev);
+                        xff.push_str(", ");
+                        let _ = write!(xff, "{ip}");
+                        header_value(xff)?
+                    }
+                    None => hop_value(ip),
+                };
+                h.insert(X_FORWARDED_FOR.clone(), hop);
             }
-        }
+            Ok::<_, Box<Error>>(())
+        })??;
         Ok(())
     }
 
@@ -1696,29 +1718,58 @@ impl ProxyHttp for Gateway {
             }
             None => (false, false),
         };
-        // Header values are shared, never copied: the stream flag's two
-        // values are static and the backend's region is built once.
-        if !switching {
-            upstream_response.insert_header(
-                "x-ms-stream",
-                http::HeaderValue::from_static(stream_tag::header_value(ctx.stream)),
-            )?;
-        }
-        if !region_sent && let Some(region) = backend.and_then(|b| b.region_header.as_ref()) {
-            upstream_response.insert_header("x-ms-region", region.clone())?;
-        }
-        if status.is_success() {
-            // Remaining/consumed tokens describe a charge; failed calls are
-            // refunded. Read once (this is the response the client gets): the
-            // values move into the head instead of being copied.
-            for (name, value) in std::mem::take(&mut ctx.response_headers) {
-                upstream_response.insert_header(name, value)?;
-            }
+        // The gateway's headers go in with one edit of the head (see
+        // `heads`). Header values are shared, never copied: the stream
+        // flag's two values are static and the backend's region is built once.
+        let region = if region_sent {
+            None
+        } else {
+            backend.and_then(|b| b.region_header.clone())
+        };
+        // Remaining/consumed tokens describe a charge; failed calls are
+        // refunded. Read once (this is the response the client gets): the
+        // values move into the head instead of being copied.
+        let charged = if status.is_success() {
+            std::mem::take(&mut ctx.response_headers)
+        } else {
+            Vec::new()
+        };
+        // The client gets fewer bytes than the backend sent.
+        let shortened = ctx.api.is_some() && status.is_success() && ctx.usage_asked && sse;
+        let trace = Self::trace_headers(ctx);
+        let room = usize::from(!switching)
+            + usize::from(region.is_some())
+            + charged.len()
+            + usize::from(trace.is_some());
+        if room > 0 || shortened {
+            crate::heads::edit_response(upstream_response, room, |h| {
+                if !switching {
+                    h.insert(
+                        X_MS_STREAM.clone(),
+                        http::HeaderValue::from_static(stream_tag::header_value(ctx.stream)),
+                    );
+                }
+                if let Some(region) = region {
+                    h.insert(X_MS_REGION.clone(), region);
+                }
+                for (name, value) in charged {
+                    h.insert(name, header_value(value)?);
+                }
+                if shortened {
+                    h.remove(http::header::CONTENT_LENGTH);
+                }
+                if let Some((name, value)) = trace {
+                    // Only on traced requests: parsed like any name.
+                    let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                        Error::because(ErrorType::InvalidHTTPHeader, "invalid header name", e)
+                    })?;
+                    h.insert(name, header_value(value)?);
+                }
+                Ok::<_, Box<Error>>(())
+            })?;
         }
         if ctx.api.is_some() {
-            if status.is_success() && ctx.usage_asked && sse {
-                // The client gets fewer bytes than the backend sent.
-                upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+            if shortened {
                 ctx.usage_filter = Some(Box::default());
             }
             if creates_owned && let Some(call) = ctx.owned.as_mut() {
@@ -1730,9 +1781,6 @@ impl ProxyHttp for Gateway {
                     0,
                 ));
             }
-        }
-        if let Some((name, value)) = Self::trace_headers(ctx) {
-            upstream_response.insert_header(name, value)?;
         }
         self.trace_response(ctx, upstream_response);
         Ok(())

@@ -4,6 +4,7 @@
 
 mod bare;
 mod gateway;
+mod heads;
 mod management;
 mod models;
 mod realtime;
