@@ -372,3 +372,60 @@ fn streamed_events_are_relayed_one_at_a_time() {
     );
     assert!(lower.contains("x-ms-stream: true"), "{text}");
 }
+
+/// The gateway edits both heads through `http`'s map (`heads.rs`): what
+/// each side sees besides the edits is the head as it was sent, with header
+/// names in `http`'s usual capitals (standard names) or lower case.
+#[test]
+fn head_edits_keep_the_rest_of_each_head() {
+    let e = env();
+    let r = post(
+        e.gw,
+        "/plain/openai/deployments/d/chat/completions?api-version=2024-10-21&x=%2F",
+        &[
+            ("api-key", KEY),
+            ("x-test-id", "heads"),
+            ("X-Client-Thing", "Kept As Sent"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        BODY,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.reason, "OK");
+    let seen = e.capture.find("heads").expect("forwarded");
+    assert_eq!(seen.method, "POST");
+    assert_eq!(
+        seen.target,
+        "/openai/deployments/d/chat/completions?api-version=2024-10-21&x=%2F"
+    );
+    assert_eq!(seen.header("x-client-thing"), Some("Kept As Sent"));
+    assert_eq!(
+        seen.header("host"),
+        Some(e.capture.addr.to_string().as_str())
+    );
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    // The client's key never goes on (this backend has no key of its own).
+    assert_eq!(seen.header("api-key"), None);
+    assert_eq!(seen.body, BODY.as_bytes());
+    let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"Host"), "{names:?}");
+    assert!(names.contains(&"Content-Type"), "{names:?}");
+    assert!(names.contains(&"x-client-thing"), "{names:?}");
+    // The answer: the backend's headers, then the gateway's.
+    let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+    for name in [
+        "Content-Type",
+        "x-ms-region",
+        "apim-request-id",
+        "x-ms-stream",
+    ] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert_eq!(r.header("x-ms-stream"), Some("False"));
+    assert_eq!(r.header("x-ms-region"), Some("Capture Region"));
+    assert_eq!(r.header("apim-request-id"), Some("0000-capture"));
+    assert_eq!(r.text(), r#"{"ok":true}"#);
+}
