@@ -323,8 +323,6 @@ fn hop_value(ip: std::net::IpAddr) -> http::HeaderValue {
     })
 }
 
-/// A header value that `Debug` (and so pingora's logs) prints as
-/// `Sensitive`: for the credentials the gateway injects.
 /// A header value the gateway made (a count, an id): checked as pingora's
 /// `insert_header` checks it.
 fn header_value(value: String) -> Result<http::HeaderValue> {
@@ -332,6 +330,8 @@ fn header_value(value: String) -> Result<http::HeaderValue> {
         .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "invalid header value", e))
 }
 
+/// A header value that `Debug` (and so pingora's logs) prints as
+/// `Sensitive`: for the credentials the gateway injects.
 fn sensitive(value: &str) -> Result<http::HeaderValue> {
     let mut v = http::HeaderValue::from_str(value)
         .map_err(|e| Error::because(ErrorType::InternalError, "invalid credential value", e))?;
@@ -690,10 +690,7 @@ impl Gateway {
                     .map(sluice_policy::realtime::without_key_protocols);
                 match offered {
                     Some(Some(kept)) => {
-                        let kept = http::HeaderValue::try_from(kept).map_err(|e| {
-                            Error::because(ErrorType::InvalidHTTPHeader, "invalid subprotocols", e)
-                        })?;
-                        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, kept);
+                        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, header_value(kept)?);
                     }
                     Some(None) => {
                         h.remove(http::header::SEC_WEBSOCKET_PROTOCOL);
