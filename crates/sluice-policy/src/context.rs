@@ -59,6 +59,12 @@ pub enum BodyMode {
     Held,
     /// Streamed to the backend and scanned as it passes.
     Streamed,
+    /// A small body (a declared length up to 64 KiB) that nothing needs
+    /// before routing: it passes to the backend as pingora reads it, and
+    /// pingora's retry buffer, which holds all of it, replays it on a
+    /// failover. It is looked at once, when its end has been read, for its
+    /// `stream` flag (and, in a chat completion, `store`).
+    Passed,
 }
 
 #[derive(Debug)]
@@ -80,6 +86,12 @@ pub struct RequestContext {
     /// Scans a streamed body for its `stream` field as it passes (O(1) state).
     /// Written and read by the body filter.
     pub body_probe: StreamProbe,
+    /// A passed body ([`BodyMode::Passed`]) has been looked at. Written by
+    /// the body filter when the body's end is read.
+    pub passed_seen: bool,
+    /// A passed body is a chat completion's, which may ask to be stored
+    /// (the answer's id is then learned for affinity). Written at inbound.
+    pub passed_chat: bool,
     /// The request body's `stream` flag. Written by the body step (preread) or at
     /// the end of a streamed body; read by the response step (`x-ms-stream`).
     pub stream: bool,
@@ -234,6 +246,8 @@ impl Default for RequestContext {
             body_mode: BodyMode::None,
             body_len: 0,
             body_probe: StreamProbe::default(),
+            passed_seen: false,
+            passed_chat: false,
             stream: false,
             backend: None,
             client_ip: None,

@@ -134,6 +134,54 @@ fn store_finder() -> &'static memchr::memmem::Finder<'static> {
     FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\"store\""))
 }
 
+/// The hot generation calls: chat, completions, embeddings. Their path
+/// names no backend-owned object, and only a chat completion's body can
+/// create one (when it asks to be stored).
+fn is_hot(op: sluice_tokens::Operation) -> bool {
+    matches!(
+        op,
+        sluice_tokens::Operation::ChatCompletions
+            | sluice_tokens::Operation::Completions
+            | sluice_tokens::Operation::Embeddings
+    )
+}
+
+/// A chat completion whose body asks to be stored creates an object its
+/// backend owns: note it, so that the answer's id is learned.
+fn note_stored_chat(ctx: &mut RequestContext, body: &[u8]) {
+    if store_finder().find(body).is_some() && sluice_routing::asks_to_store(body) {
+        ctx.owned = Some(Box::new(sluice_policy::affinity::OwnedCall {
+            creates: true,
+            ..Default::default()
+        }));
+    }
+}
+
+/// A passed body ([`BodyMode::Passed`]) going by in the body filter: once
+/// its end has been read, its `stream` flag (and whether a chat completion
+/// asks to be stored) is read from it. The usual body comes in one chunk,
+/// which is the whole body; one that came in several is taken from
+/// pingora's retry buffer, which holds all of it (at most 64 KiB). A
+/// failover's replay of that buffer brings nothing new and is not looked at
+/// again.
+fn passed_body(session: &Session, chunk: Option<&Bytes>, end: bool, ctx: &mut RequestContext) {
+    let read = session.as_ref().body_bytes_read() as u64;
+    ctx.body_len = read;
+    if !end || ctx.passed_seen {
+        return;
+    }
+    ctx.passed_seen = true;
+    let whole = match chunk {
+        Some(c) if c.len() as u64 == read => Some(c.clone()),
+        _ => session.as_ref().get_retry_buffer(),
+    };
+    let Some(b) = whole else { return };
+    ctx.stream = BodyTop::read(&b).stream_flag(&b);
+    if ctx.passed_chat {
+        note_stored_chat(ctx, &b);
+    }
+}
+
 /// The request's declared `Content-Length`, if any and well formed.
 fn content_length(session: &Session) -> Option<u64> {
     session
@@ -221,7 +269,7 @@ fn replayable_now(session: &Session, ctx: &RequestContext) -> bool {
             let prefix = ctx.body_prefix.as_ref().map_or(0, |p| p.len());
             ctx.body_len == 0 && session.as_ref().body_bytes_read() == prefix
         }
-        BodyMode::Preread => !session.as_ref().retry_buffer_truncated(),
+        BodyMode::Preread | BodyMode::Passed => !session.as_ref().retry_buffer_truncated(),
         BodyMode::Held | BodyMode::None => true,
     }
 }
@@ -722,7 +770,13 @@ impl Gateway {
     /// file, a batch...) goes to that backend, or seeks it when the owner is
     /// not known; a call that creates one is noted, to learn its id from
     /// the answer.
-    async fn route_owned(&self, session: &Session, ctx: &mut RequestContext, body: Option<&[u8]>) {
+    async fn route_owned(
+        &self,
+        session: &Session,
+        ctx: &mut RequestContext,
+        op: sluice_tokens::Operation,
+        body: Option<&[u8]>,
+    ) {
         let req = session.req_header();
         let rest = req.uri.path().get(ctx.rest_offset..).unwrap_or("");
         let method = req.method.as_str();
@@ -730,24 +784,13 @@ impl Gateway {
         // owned object, in their path or body; a chat completion creates one
         // only when it asks to be stored. They are settled with a look for
         // `"store"` and nothing more.
-        let op = sluice_tokens::Operation::from_path(rest);
-        let hot = matches!(
-            op,
-            sluice_tokens::Operation::ChatCompletions
-                | sluice_tokens::Operation::Completions
-                | sluice_tokens::Operation::Embeddings
-        );
+        let hot = is_hot(op);
         if hot {
-            let stores = op == sluice_tokens::Operation::ChatCompletions
+            if op == sluice_tokens::Operation::ChatCompletions
                 && req.method == http::Method::POST
-                && body.is_some_and(|b| {
-                    store_finder().find(b).is_some() && sluice_routing::asks_to_store(b)
-                });
-            if stores {
-                ctx.owned = Some(Box::new(sluice_policy::affinity::OwnedCall {
-                    creates: true,
-                    ..Default::default()
-                }));
+                && let Some(b) = body
+            {
+                note_stored_chat(ctx, b);
             }
             return;
         }
@@ -1128,7 +1171,7 @@ impl ProxyHttp for Gateway {
         let is_post = session.req_header().method == http::Method::POST;
         // The path's deployment, found once: where it is in the path after
         // the API's prefix (routing reads it again below).
-        let (v1, path_deployment, models) = {
+        let (v1, path_deployment, models, op) = {
             let rest = session
                 .req_header()
                 .uri
@@ -1140,7 +1183,8 @@ impl ProxyHttp for Gateway {
                 .flatten()
                 .map(|call| self.state.apis[api_index].models.answer(call));
             let deployment = sluice_policy::route::deployment_range(rest);
-            (rest.starts_with("/v1/"), deployment, models)
+            let op = sluice_tokens::Operation::from_path(rest);
+            (rest.starts_with("/v1/"), deployment, models, op)
         };
         let model_in_body = path_deployment.is_none();
         if let Some((status, body)) = models {
@@ -1220,8 +1264,29 @@ impl ProxyHttp for Gateway {
             None => (false, None),
         };
         let large = content_length.is_none_or(|n| n > PREREAD_LIMIT);
+        // A small body that nothing reads before routing (no step waits for
+        // it, no usage is measured, the request is not traced, the path
+        // names the deployment, the call owns nothing) is not read here: it
+        // passes to the backend as pingora reads it, and pingora's retry
+        // buffer replays it on a failover (`BodyMode::Passed`). A client
+        // waiting for `100 Continue` is answered here instead, as before.
+        let passes = is_post
+            && !chunked
+            && content_length.is_some_and(|n| n > 0 && n <= PREREAD_LIMIT)
+            && boundary.is_none()
+            && !model_in_body
+            && ctx.trace.is_none()
+            && ctx.realtime_call.is_none()
+            && !pipeline.has_body_steps()
+            && !pipeline.needs_usage()
+            && is_hot(op)
+            && !expects_continue(session);
         match content_length {
             Some(0) => {}
+            _ if passes => {
+                ctx.body_mode = BodyMode::Passed;
+                ctx.passed_chat = op == sluice_tokens::Operation::ChatCompletions;
+            }
             _ if boundary.is_some() && large && (content_length.is_some() || chunked) => {
                 let boundary = boundary.as_deref().unwrap_or_default();
                 match self
@@ -1305,9 +1370,8 @@ impl ProxyHttp for Gateway {
         // A chat or completions stream that may be asked for its usage.
         let asks_usage = is_post && pipeline.needs_usage() && ctx.stream && {
             let req = session.req_header();
-            let rest = req.uri.path().get(rest_offset..).unwrap_or("");
             matches!(
-                sluice_tokens::Operation::from_path(rest),
+                op,
                 sluice_tokens::Operation::ChatCompletions | sluice_tokens::Operation::Completions
             ) && (v1
                 || req.uri.query().is_some_and(|q| {
@@ -1431,7 +1495,14 @@ impl ProxyHttp for Gateway {
                     + u64::from(e.max_completion_tokens.unwrap_or(0))
                         * u64::from(e.choices.unwrap_or(1))
             })
-            .or_else(|| body.as_ref().map(|b| b.len() as u64 / 4));
+            .or_else(|| {
+                match ctx.body_mode {
+                    // Not read yet: its declared length.
+                    BodyMode::Passed => content_length,
+                    _ => body.as_ref().map(|b| b.len() as u64),
+                }
+                .map(|n| n / 4)
+            });
         {
             let req = session.req_header();
             let rest = req.uri.path().get(rest_offset..).unwrap_or("");
@@ -1445,7 +1516,7 @@ impl ProxyHttp for Gateway {
                 need,
             );
         }
-        self.route_owned(session, ctx, body.as_deref()).await;
+        self.route_owned(session, ctx, op, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {
             let body = body.unwrap_or_default();
             // Boxed: the relay's state is large, and inline it would make
@@ -1466,6 +1537,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if ctx.realtime.is_some() {
             return self.realtime_client_frames(ctx);
+        }
+        if ctx.body_mode == BodyMode::Passed {
+            passed_body(session, body.as_ref(), end_of_stream, ctx);
+            return Ok(());
         }
         if ctx.body_mode != BodyMode::Streamed {
             // A body read before routing is sent from pingora's retry

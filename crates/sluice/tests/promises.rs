@@ -21,7 +21,9 @@ const BODY: &str = r#"{"messages":[{"role":"user","content":"Hello"}],"max_token
 
 struct Env {
     gw: SocketAddr,
+    management: SocketAddr,
     capture: Capture,
+    halves: Halves,
     reuse: DropsReused,
     /// Lets the lock-step upstream send its next event.
     next_event: Mutex<Sender<()>>,
@@ -35,6 +37,7 @@ fn env() -> &'static Env {
 fn start() -> Env {
     let capture = Capture::start();
     let reuse = DropsReused::start();
+    let halves = Halves::start();
     let (next_event, events_allowed) = channel();
     let lockstep = lockstep_sse(events_allowed);
     // Removed when `start` returns: the config (its key files) is read
@@ -55,6 +58,8 @@ backends:
     url: http://{reuse}
   - name: lockstep
     url: http://{lockstep}
+  - name: halves
+    url: http://{halves}
 subscriptions:
   - name: team
     primary_key: {{file: k.key}}
@@ -78,23 +83,29 @@ apis:
   - name: lockstep
     path: /lockstep/openai
     backends: [lockstep]
+  - name: halves
+    path: /halves/openai
+    backends: [halves]
 "#,
         capture = capture.addr,
         reuse = reuse.addr,
+        halves = halves.addr,
     );
     // Returns once the listeners accept connections.
     let listeners = common::serve_in_process(&yaml, dir.path());
     Env {
         gw: listeners.data,
+        management: listeners.management.expect("management listener"),
         capture,
+        halves,
         reuse,
         next_event: Mutex::new(next_event),
     }
 }
 
-/// Read one HTTP/1.1 request (head and `Content-Length` body); `None` at end
-/// of stream. Returns the value of `x-test-id`.
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<String> {
+/// Read one HTTP/1.1 request head; `None` at end of stream. Returns the
+/// value of `x-test-id` and the `Content-Length`.
+fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, usize)> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
@@ -117,6 +128,13 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<String> {
             len = v.trim().parse().ok()?;
         }
     }
+    Some((id, len))
+}
+
+/// Read one HTTP/1.1 request (head and `Content-Length` body); `None` at end
+/// of stream. Returns the value of `x-test-id`.
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let (id, len) = read_head(r)?;
     let mut body = vec![0; len];
     r.read_exact(&mut body).ok()?;
     Some(id)
@@ -428,4 +446,231 @@ fn head_edits_keep_the_rest_of_each_head() {
     assert_eq!(r.header("x-ms-region"), Some("Capture Region"));
     assert_eq!(r.header("apim-request-id"), Some("0000-capture"));
     assert_eq!(r.text(), r#"{"ok":true}"#);
+}
+
+/// Request bodies by `x-test-id`.
+type Bodies = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An upstream that tells the test when the first bytes of a request body
+/// have reached it, before the rest has, then reads the rest and answers
+/// 200 with a chat completion whose id is `chatcmpl-<x-test-id>`.
+#[derive(Debug, Clone)]
+struct Halves {
+    addr: SocketAddr,
+    /// Told once per request, when some of its body (not all) has arrived.
+    first_bytes: Arc<Mutex<Receiver<String>>>,
+    /// Each request's whole body, by `x-test-id`.
+    bodies: Bodies,
+}
+
+impl Halves {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = channel::<String>();
+        let bodies: Bodies = Arc::new(Mutex::new(Vec::new()));
+        let bodies2 = bodies.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (tx, bodies) = (tx.clone(), bodies2.clone());
+                std::thread::spawn(move || {
+                    s.set_nodelay(true).expect("nodelay");
+                    let mut w = s.try_clone().expect("clone");
+                    let mut r = BufReader::new(s);
+                    while let Some((id, len)) = read_head(&mut r) {
+                        // Whatever has come of the body so far (at least a
+                        // byte): the rest may not have been sent yet.
+                        let mut body = Vec::with_capacity(len);
+                        let got = r.fill_buf().map(<[u8]>::len).unwrap_or(0).min(len);
+                        if got == 0 {
+                            return;
+                        }
+                        body.extend_from_slice(&r.buffer()[..got]);
+                        r.consume(got);
+                        if got < len {
+                            let _ = tx.send(id.clone());
+                        }
+                        let mut rest = vec![0; len - got];
+                        if r.read_exact(&mut rest).is_err() {
+                            return;
+                        }
+                        body.extend_from_slice(&rest);
+                        bodies.lock().expect("lock").push((id.clone(), body));
+                        let payload = format!(
+                            r#"{{"id":"chatcmpl-{id}","object":"chat.completion","choices":[]}}"#
+                        );
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                            payload.len()
+                        );
+                        if w.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Halves {
+            addr,
+            first_bytes: Arc::new(Mutex::new(rx)),
+            bodies,
+        }
+    }
+
+    fn body(&self, id: &str) -> Option<Vec<u8>> {
+        let bodies = self.bodies.lock().expect("lock");
+        bodies.iter().find(|(i, _)| i == id).map(|(_, b)| b.clone())
+    }
+}
+
+/// The value of `sluice_affinity_total{result="learned"}`.
+fn learned(management: SocketAddr) -> f64 {
+    let r = common::request(
+        management,
+        "GET",
+        "/metrics",
+        &[],
+        b"",
+        common::Framing::ContentLength,
+    )
+    .expect("metrics");
+    r.text()
+        .lines()
+        .find(|l| l.starts_with("sluice_affinity_total{") && l.contains(r#"result="learned""#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Send `head` and `body` on a kept-alive connection and read the answer
+/// (a `Content-Length` one): status, headers, body.
+fn exchange(
+    w: &mut TcpStream,
+    r: &mut BufReader<TcpStream>,
+    head: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    w.write_all(head.as_bytes()).expect("head");
+    w.write_all(body).expect("body");
+    read_answer(r)
+}
+
+fn read_answer(r: &mut BufReader<TcpStream>) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header");
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("a Content-Length answer");
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("body");
+    (status, headers, body)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Docs (architecture.md, "Request bodies"): with no policy that reads the
+/// body, a small one passes to the backend as it arrives, not read whole
+/// first; it is still read, once whole, for `x-ms-stream` and for a chat
+/// completion's `store` (whose id is then learned for affinity). The first
+/// body's first bytes reach the backend before the client has sent the
+/// rest: a gateway that read it whole before routing would never let them.
+/// The calls share one connection, so each is logged (and its id learned)
+/// before the next is read: the count is exact when the last answer is in.
+#[test]
+fn a_small_body_passes_as_it_arrives_and_is_still_read_whole() {
+    let e = env();
+    let path = "/halves/openai/deployments/d/chat/completions?api-version=2024-10-21";
+    let stored =
+        r#"{"messages":[{"role":"user","content":"Hello there"}],"stream":true,"store":true}"#;
+    let plain = r#"{"messages":[{"role":"user","content":"Hello"}],"stream":false}"#;
+    let head = |id: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: gw\r\napi-key: {KEY}\r\nx-test-id: {id}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let before = learned(e.management);
+
+    let mut w = TcpStream::connect(e.gw).expect("connect");
+    w.set_nodelay(true).expect("nodelay");
+    w.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut r = BufReader::new(w.try_clone().expect("clone"));
+
+    // In two parts: the backend has the first while the rest is still here.
+    let (first, rest) = stored.split_at(20);
+    w.write_all(head("passed-halves", stored.len()).as_bytes())
+        .expect("head");
+    w.write_all(first.as_bytes()).expect("first part");
+    let told = e
+        .halves
+        .first_bytes
+        .lock()
+        .expect("lock")
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the first part reached the backend before the rest was sent");
+    assert_eq!(told, "passed-halves");
+    w.write_all(rest.as_bytes()).expect("rest");
+    let (status, headers, _) = read_answer(&mut r);
+    assert_eq!(status, 200);
+    assert_eq!(
+        e.halves.body("passed-halves").as_deref(),
+        Some(stored.as_bytes())
+    );
+    // Read whole from pingora's buffer once its end came: a stream.
+    assert_eq!(header(&headers, "x-ms-stream"), Some("True"));
+
+    // In one piece (the usual case), not stored, then stored.
+    let (status, headers, _) = exchange(
+        &mut w,
+        &mut r,
+        &head("passed-plain", plain.len()),
+        plain.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-ms-stream"), Some("False"));
+    assert_eq!(
+        e.halves.body("passed-plain").as_deref(),
+        Some(plain.as_bytes())
+    );
+    let (status, headers, _) = exchange(
+        &mut w,
+        &mut r,
+        &head("passed-whole", stored.len()),
+        stored.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-ms-stream"), Some("True"));
+    // One more call: the three before it have been logged.
+    let (status, _, _) = exchange(
+        &mut w,
+        &mut r,
+        &head("passed-last", plain.len()),
+        plain.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    // The two stored chat completions taught their ids; the plain one not.
+    assert_eq!(learned(e.management), before + 2.0);
 }

@@ -100,7 +100,7 @@ pub fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) 
     .expect("request failed")
 }
 
-fn read_response(s: TcpStream, sent: Instant) -> std::io::Result<Resp> {
+pub fn read_response(s: TcpStream, sent: Instant) -> std::io::Result<Resp> {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line)?;
