@@ -64,8 +64,9 @@ pub struct Routing {
     pub kind: Option<CallKind>,
     /// What the request needs (tokens), for steering.
     pub need: Need,
-    /// Every attempt so far, in order.
-    pub attempts: Vec<Attempt>,
+    /// Every attempt so far, in order. Most requests make one: it is kept
+    /// in place, without an allocation.
+    pub attempts: smallvec::SmallVec<[Attempt; 1]>,
     /// The backend chosen for the next attempt after a failure, and when
     /// (monotonic) it was chosen.
     pub planned: Option<(Choice, Duration)>,
@@ -390,7 +391,7 @@ impl BackendSelector {
             need: Need {
                 tokens: need_tokens,
             },
-            attempts: Vec::new(),
+            attempts: smallvec::SmallVec::new(),
             planned: None,
             started: Some(Instant::now()),
             repeat_planned: false,

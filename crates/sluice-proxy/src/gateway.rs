@@ -171,15 +171,120 @@ fn passed_body(session: &Session, chunk: Option<&Bytes>, end: bool, ctx: &mut Re
         return;
     }
     ctx.passed_seen = true;
-    let whole = match chunk {
-        Some(c) if c.len() as u64 == read => Some(c.clone()),
-        _ => session.as_ref().get_retry_buffer(),
+    // Borrowed: a clone of the chunk would allocate (a `Bytes` made from a
+    // `Vec` is promoted to a shared one on its first clone).
+    let buffered;
+    let b: &[u8] = match chunk {
+        Some(c) if c.len() as u64 == read => c,
+        _ => match session.as_ref().get_retry_buffer() {
+            Some(whole) => {
+                buffered = whole;
+                &buffered
+            }
+            None => return,
+        },
     };
-    let Some(b) = whole else { return };
-    ctx.stream = BodyTop::read(&b).stream_flag(&b);
+    ctx.stream = BodyTop::read(b).stream_flag(b);
     if ctx.passed_chat {
-        note_stored_chat(ctx, &b);
+        note_stored_chat(ctx, b);
     }
+}
+
+/// The request headers the body step reads, found in one walk over the
+/// head instead of a hashed lookup per name (a request carries few
+/// headers; the walk compares each name once). Each is read from the first
+/// value of its name, as `HeaderMap::get` gives it.
+#[derive(Debug, Default, PartialEq)]
+struct HeadFacts {
+    /// `Content-Length`, when well formed.
+    content_length: Option<u64>,
+    /// A `Transfer-Encoding` is present.
+    transfer_encoding: bool,
+    /// It names `chunked` (in any case).
+    chunked: bool,
+    /// What `Content-Type` says, when it is text.
+    content_type: Option<ContentType>,
+    /// `Expect: 100-continue`.
+    expect_continue: bool,
+    /// An `Upgrade` is present (pingora's `is_upgrade_req` decides the rest).
+    upgrade: bool,
+}
+
+/// A request body's `Content-Type`, as the body step sorts it.
+#[derive(Debug, PartialEq)]
+enum ContentType {
+    /// It says `json` anywhere.
+    Json,
+    /// A multipart form, with its boundary.
+    Multipart(String),
+    /// Anything else (a `multipart/` type without a boundary included).
+    Other,
+}
+
+impl HeadFacts {
+    fn read(headers: &http::HeaderMap) -> Self {
+        use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING, UPGRADE};
+        let mut f = HeadFacts::default();
+        let (mut length, mut coding, mut kind, mut expect) = (false, false, false, false);
+        for (name, value) in headers {
+            if name == CONTENT_LENGTH {
+                if !std::mem::replace(&mut length, true) {
+                    f.content_length = parse_length(value.as_bytes());
+                }
+            } else if name == TRANSFER_ENCODING {
+                if !std::mem::replace(&mut coding, true) {
+                    f.transfer_encoding = true;
+                    f.chunked = value.to_str().is_ok_and(|v| {
+                        v.as_bytes()
+                            .windows(7)
+                            .any(|w| w.eq_ignore_ascii_case(b"chunked"))
+                    });
+                }
+            } else if name == CONTENT_TYPE {
+                if !std::mem::replace(&mut kind, true) {
+                    f.content_type = value.to_str().ok().map(|c| {
+                        if is_multipart(c) {
+                            match sluice_tokens::multipart::boundary(c) {
+                                Some(b) => ContentType::Multipart(b.to_string()),
+                                None => ContentType::Other,
+                            }
+                        } else if mentions_json(c.as_bytes()) {
+                            ContentType::Json
+                        } else {
+                            ContentType::Other
+                        }
+                    });
+                }
+            } else if name == EXPECT {
+                if !std::mem::replace(&mut expect, true) {
+                    f.expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+                }
+            } else if name == UPGRADE {
+                f.upgrade = true;
+            }
+        }
+        f
+    }
+}
+
+/// A `Content-Type` of the `multipart/` family (only those can have a
+/// form's boundary): a look at the first bytes, before any parsing.
+fn is_multipart(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .as_bytes()
+        .get(..10)
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"multipart/"))
+}
+
+/// A `Content-Type` that says `json` anywhere (`application/json`,
+/// `application/merge-patch+json; charset=utf-8`), in any case.
+fn mentions_json(content_type: &[u8]) -> bool {
+    memchr::memchr2_iter(b'j', b'J', content_type).any(|i| {
+        content_type
+            .get(i..i + 4)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"json"))
+    })
 }
 
 /// The request's declared `Content-Length`, if any and well formed.
@@ -1146,7 +1251,9 @@ impl ProxyHttp for Gateway {
 
         // A declared body over the limit is refused before anything else.
         let limit = api.max_request_body_bytes;
-        let content_length = content_length(session);
+        // The request headers the body step reads, in one walk.
+        let head = HeadFacts::read(&session.req_header().headers);
+        let content_length = head.content_length;
         if content_length.is_some_and(|n| n > limit) {
             self.refuse(session, ctx, &GatewayError::body_too_large(limit), false)
                 .await?;
@@ -1193,7 +1300,7 @@ impl ProxyHttp for Gateway {
         }
         // A Realtime handshake: the deployment is in the query, and the
         // session, once upgraded, is idle-timed by the API's own setting.
-        if session.is_upgrade_req() {
+        if head.upgrade && session.is_upgrade_req() {
             let call = {
                 let req = session.req_header();
                 let rest = req.uri.path().get(rest_offset..).unwrap_or("");
@@ -1201,11 +1308,7 @@ impl ProxyHttp for Gateway {
                     .then(|| sluice_policy::realtime::realtime_call(rest, req.uri.query()))
                     .flatten()
             };
-            let with_body = content_length.is_some_and(|n| n > 0)
-                || session
-                    .req_header()
-                    .headers
-                    .contains_key(http::header::TRANSFER_ENCODING);
+            let with_body = content_length.is_some_and(|n| n > 0) || head.transfer_encoding;
             let Some(call) = call.filter(|_| !with_body) else {
                 // Anything else asking to upgrade would be an unmetered
                 // tunnel: only the Realtime handshake (a GET, no body) is.
@@ -1235,33 +1338,17 @@ impl ProxyHttp for Gateway {
         }
 
         // The caller is known: read small bodies before routing.
-        let chunked = session
-            .req_header()
-            .headers
-            .get(http::header::TRANSFER_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let chunked = head.chunked;
         let mut body = None;
         let mut top = BodyTop::default();
         // A multipart upload (audio, images, files) over 64 KiB streams to
         // one backend; on v1 its `model` field is read first, from the
         // parts before the file.
         // One look at a POST's Content-Type: JSON, or multipart's boundary.
-        let (json_body, boundary) = match is_post
-            .then(|| session.req_header().headers.get(http::header::CONTENT_TYPE))
-            .flatten()
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(c) => match sluice_tokens::multipart::boundary(c) {
-                Some(b) => (false, Some(b.to_string())),
-                None => (
-                    c.as_bytes()
-                        .windows(4)
-                        .any(|w| w.eq_ignore_ascii_case(b"json")),
-                    None,
-                ),
-            },
-            None => (false, None),
+        let (json_body, boundary) = match is_post.then_some(head.content_type).flatten() {
+            Some(ContentType::Json) => (true, None),
+            Some(ContentType::Multipart(b)) => (false, Some(b)),
+            _ => (false, None),
         };
         let large = content_length.is_none_or(|n| n > PREREAD_LIMIT);
         // A small body that nothing reads before routing (no step waits for
@@ -1280,7 +1367,7 @@ impl ProxyHttp for Gateway {
             && !pipeline.has_body_steps()
             && !pipeline.needs_usage()
             && is_hot(op)
-            && !expects_continue(session);
+            && !head.expect_continue;
         match content_length {
             Some(0) => {}
             _ if passes => {
@@ -2099,6 +2186,109 @@ impl ProxyHttp for Gateway {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn head(pairs: &[(&str, &[u8])]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn head_facts_read_the_first_value_of_each_name_as_get_does() {
+        assert_eq!(HeadFacts::read(&head(&[])), HeadFacts::default());
+        let f = HeadFacts::read(&head(&[
+            ("host", b"gw"),
+            ("Content-Type", b"application/json; charset=utf-8"),
+            ("content-length", b" 42 "),
+            ("content-length", b"7"),
+            ("expect", b"100-Continue"),
+            ("api-key", b"k"),
+        ]));
+        assert_eq!(
+            f,
+            HeadFacts {
+                content_length: Some(42),
+                content_type: Some(ContentType::Json),
+                expect_continue: true,
+                ..HeadFacts::default()
+            }
+        );
+        let f = HeadFacts::read(&head(&[
+            ("transfer-encoding", b"gzip, Chunked"),
+            ("transfer-encoding", b"identity"),
+            ("content-type", b"multipart/form-data; boundary=\"abc\""),
+            ("content-type", b"application/json"),
+            ("upgrade", b"websocket"),
+            ("expect", b"something-else"),
+            ("content-length", b"x"),
+        ]));
+        assert_eq!(
+            f,
+            HeadFacts {
+                content_length: None,
+                transfer_encoding: true,
+                chunked: true,
+                content_type: Some(ContentType::Multipart("abc".into())),
+                expect_continue: false,
+                upgrade: true,
+            }
+        );
+        // A coding that is not text, a multipart type without a boundary,
+        // a type that is neither: present, but not chunked, not a form.
+        let f = HeadFacts::read(&head(&[
+            ("transfer-encoding", b"chunked\xff"),
+            ("content-type", b"multipart/form-data"),
+        ]));
+        assert!(f.transfer_encoding && !f.chunked);
+        assert_eq!(f.content_type, Some(ContentType::Other));
+        let f = HeadFacts::read(&head(&[
+            ("content-type", b"text/plain"),
+            ("x-json", b"json"),
+        ]));
+        assert_eq!(f.content_type, Some(ContentType::Other));
+        let f = HeadFacts::read(&head(&[("content-type", b"caf\xc3\xa9/json")]));
+        assert_eq!(f.content_type, None, "not visible ASCII: not read");
+    }
+
+    #[test]
+    fn content_types_are_sorted_as_the_body_step_needs() {
+        for c in [
+            "multipart/form-data; boundary=x",
+            "Multipart/Form-Data;boundary=x",
+            "  multipart/mixed",
+            "multipart/",
+        ] {
+            assert!(is_multipart(c), "{c}");
+        }
+        for c in ["multipart", "application/json", "", "text/multipart/x"] {
+            assert!(!is_multipart(c), "{c}");
+        }
+        for c in [
+            "application/json",
+            "application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+            "json",
+            "text/jjson",
+        ] {
+            assert!(mentions_json(c.as_bytes()), "{c}");
+        }
+        for c in ["text/plain", "", "j", "jso", "application/jso n", "jjj"] {
+            assert!(!mentions_json(c.as_bytes()), "{c}");
+        }
+        // Whatever the old window search said, this says.
+        for c in ["x-json", "ajsonb", "JsOn", "js", "nosj", "j;json"] {
+            let old = c
+                .as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"));
+            assert_eq!(mentions_json(c.as_bytes()), old, "{c}");
+        }
+    }
 
     #[test]
     fn content_lengths_are_read_as_the_text_parser_reads_them() {
