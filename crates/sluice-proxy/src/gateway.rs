@@ -2256,6 +2256,38 @@ mod tests {
     }
 
     #[test]
+    fn only_chat_completions_and_embeddings_are_hot() {
+        use sluice_tokens::Operation::*;
+        for op in [ChatCompletions, Completions, Embeddings] {
+            assert!(is_hot(op), "{op:?}");
+        }
+        for op in [Responses, Other] {
+            assert!(!is_hot(op), "{op:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_chat_that_asks_to_be_stored_is_noted() {
+        for body in [
+            r#"{"messages":[],"store":true}"#,
+            r#"{"store" : true, "messages":[]}"#,
+        ] {
+            let mut c = ctx();
+            note_stored_chat(&mut c, body.as_bytes());
+            assert!(c.owned.as_ref().is_some_and(|o| o.creates), "{body}");
+        }
+        for body in [
+            r#"{"messages":[],"store":false}"#,
+            r#"{"messages":[{"role":"user","content":"store"}]}"#,
+            r#"{"messages":[]}"#,
+        ] {
+            let mut c = ctx();
+            note_stored_chat(&mut c, body.as_bytes());
+            assert!(c.owned.is_none(), "{body}");
+        }
+    }
+
+    #[test]
     fn content_types_are_sorted_as_the_body_step_needs() {
         for c in [
             "multipart/form-data; boundary=x",
