@@ -786,7 +786,8 @@ impl Gateway {
             .map(|a| a.ip());
         // One edit of the head (see `heads`): room for the credential and
         // the forwarded-for hop, the headers a request may gain.
-        let room = 1 + usize::from(b.api_key.is_some()) + usize::from(backend_bearer.is_some());
+        let bearer_sent = backend_bearer.is_some();
+        let room = 1 + usize::from(b.api_key.is_some()) + usize::from(bearer_sent);
         crate::heads::edit_request(upstream, room, |h| {
             let host = match &b.host_value {
                 Some(host) => host.clone(),
@@ -807,8 +808,16 @@ impl Gateway {
                     credentials.iter().position(|c| c == k)
                 })
                 .collect();
+            // A name the backend's own credential goes out under is
+            // overwritten by it below (every value of it): no removal first.
+            let overwritten = |name: &http::HeaderName| {
+                (b.api_key.is_some() && *name == API_KEY)
+                    || (bearer_sent && name == http::header::AUTHORIZATION)
+            };
             for i in present {
-                h.remove(&credentials[i]);
+                if !overwritten(&credentials[i]) {
+                    h.remove(&credentials[i]);
+                }
             }
             if expect
                 && (matches!(ctx.body_mode, BodyMode::Preread | BodyMode::Held)

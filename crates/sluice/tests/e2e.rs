@@ -250,6 +250,29 @@ fn client_credentials_never_reach_the_backend() {
     assert_eq!(r.header("apim-request-id"), Some("0000-capture"));
     assert_eq!(r.header("retry-after-ms"), Some("5"));
     assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("700"));
+
+    // The client's key under the name the backend's own key goes out
+    // under, twice: the backend's key replaces every value of it.
+    let r = post(
+        e.gw,
+        &path,
+        &[
+            ("x-test-id", "creds-twice"),
+            ("api-key", KEY),
+            ("API-Key", "another-client-secret"),
+        ],
+        &chat_body(""),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = e.capture.find("creds-twice").expect("captured");
+    let keys: Vec<&str> = c
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("api-key"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(keys, [BACKEND_KEY]);
+    assert_eq!(c.header("ocp-apim-subscription-key"), None);
 }
 
 #[test]
