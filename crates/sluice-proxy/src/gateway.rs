@@ -66,7 +66,12 @@ fn expects_continue(session: &Session) -> bool {
         .req_header()
         .headers
         .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        .is_some_and(is_continue)
+}
+
+/// An `Expect` value asking for `100 Continue`.
+fn is_continue(expect: &http::HeaderValue) -> bool {
+    expect.as_bytes().eq_ignore_ascii_case(b"100-continue")
 }
 
 /// Read and drop what is left of the request body, up to [`DISCARD_LIMIT`]
@@ -225,40 +230,37 @@ impl HeadFacts {
     fn read(headers: &http::HeaderMap) -> Self {
         use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING, UPGRADE};
         let mut f = HeadFacts::default();
-        let (mut length, mut coding, mut kind, mut expect) = (false, false, false, false);
+        let mut previous = None;
         for (name, value) in headers {
+            // The map yields a name's first value first and its other
+            // values right after it: only the first is read.
+            if previous.replace(name) == Some(name) {
+                continue;
+            }
             if name == CONTENT_LENGTH {
-                if !std::mem::replace(&mut length, true) {
-                    f.content_length = parse_length(value.as_bytes());
-                }
+                f.content_length = parse_length(value.as_bytes());
             } else if name == TRANSFER_ENCODING {
-                if !std::mem::replace(&mut coding, true) {
-                    f.transfer_encoding = true;
-                    f.chunked = value.to_str().is_ok_and(|v| {
-                        v.as_bytes()
-                            .windows(7)
-                            .any(|w| w.eq_ignore_ascii_case(b"chunked"))
-                    });
-                }
+                f.transfer_encoding = true;
+                f.chunked = value.to_str().is_ok_and(|v| {
+                    v.as_bytes()
+                        .windows(7)
+                        .any(|w| w.eq_ignore_ascii_case(b"chunked"))
+                });
             } else if name == CONTENT_TYPE {
-                if !std::mem::replace(&mut kind, true) {
-                    f.content_type = value.to_str().ok().map(|c| {
-                        if is_multipart(c) {
-                            match sluice_tokens::multipart::boundary(c) {
-                                Some(b) => ContentType::Multipart(b.to_string()),
-                                None => ContentType::Other,
-                            }
-                        } else if mentions_json(c.as_bytes()) {
-                            ContentType::Json
-                        } else {
-                            ContentType::Other
+                f.content_type = value.to_str().ok().map(|c| {
+                    if is_multipart(c) {
+                        match sluice_tokens::multipart::boundary(c) {
+                            Some(b) => ContentType::Multipart(b.to_string()),
+                            None => ContentType::Other,
                         }
-                    });
-                }
+                    } else if mentions_json(c.as_bytes()) {
+                        ContentType::Json
+                    } else {
+                        ContentType::Other
+                    }
+                });
             } else if name == EXPECT {
-                if !std::mem::replace(&mut expect, true) {
-                    f.expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-                }
+                f.expect_continue = is_continue(value);
             } else if name == UPGRADE {
                 f.upgrade = true;
             }
@@ -2247,6 +2249,16 @@ mod tests {
                 upgrade: true,
             }
         );
+        // Values of one name sent apart still come first value first.
+        let f = HeadFacts::read(&head(&[
+            ("expect", b"100-continue"),
+            ("content-length", b"42"),
+            ("host", b"gw"),
+            ("expect", b"other"),
+            ("content-length", b"7"),
+        ]));
+        assert_eq!(f.content_length, Some(42));
+        assert!(f.expect_continue);
         // A coding that is not text, a multipart type without a boundary,
         // a type that is neither: present, but not chunked, not a form.
         let f = HeadFacts::read(&head(&[

@@ -183,17 +183,7 @@ fn claims(aud: &str, exp_in: i64) -> Value {
 }
 
 fn metrics() -> String {
-    let r = common::request(
-        env().management,
-        "GET",
-        "/metrics",
-        &[],
-        b"",
-        common::Framing::ContentLength,
-    )
-    .expect("metrics");
-    assert_eq!(r.status, 200);
-    r.text()
+    common::metrics(env().management)
 }
 
 /// The sum of `metric` over the series whose labels contain every `want`.

@@ -525,16 +525,7 @@ impl Halves {
 
 /// The value of `sluice_affinity_total{result="learned"}`.
 fn learned(management: SocketAddr) -> f64 {
-    let r = common::request(
-        management,
-        "GET",
-        "/metrics",
-        &[],
-        b"",
-        common::Framing::ContentLength,
-    )
-    .expect("metrics");
-    r.text()
+    common::metrics(management)
         .lines()
         .find(|l| l.starts_with("sluice_affinity_total{") && l.contains(r#"result="learned""#))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

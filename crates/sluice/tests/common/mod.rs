@@ -85,6 +85,21 @@ pub fn request(
     read_response(s, sent)
 }
 
+/// The management listener's `/metrics` text.
+pub fn metrics(management: SocketAddr) -> String {
+    let r = request(
+        management,
+        "GET",
+        "/metrics",
+        &[],
+        b"",
+        Framing::ContentLength,
+    )
+    .expect("metrics");
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
 /// POST JSON with Content-Length.
 pub fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     let mut h = vec![("Content-Type", "application/json")];
