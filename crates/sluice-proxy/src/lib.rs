@@ -16,7 +16,7 @@ mod traces;
 pub use bare::run_bare_proxy;
 pub use gateway::Gateway;
 pub use server::{
-    Listeners, ShutdownTrigger, Tuning, pick_listen_addr, run_blocking, spawn_in_thread,
+    HeldAddr, Listeners, ShutdownTrigger, Tuning, hold_listen_addr, run_blocking, spawn_in_thread,
     wait_listening,
 };
 pub use state::{BuildError, GatewayState};

@@ -1,7 +1,7 @@
 //! Running the gateway as a pingora server: from the CLI (until a signal) or
 //! in a thread (tests, benches).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,14 +16,45 @@ use crate::gateway::Gateway;
 use crate::management::ManagementApp;
 use crate::state::GatewayState;
 
-/// Check a listen address before pingora binds it (it binds only when the
-/// server runs, and a failure there cannot be reported cleanly): bind it now
-/// and release it. Port 0 picks a free port this way; the window between the
-/// release and pingora's bind is tiny. The address is printed in the banner
-/// so tests and users learn the port.
-pub fn pick_listen_addr(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let l = TcpListener::bind(addr)?;
-    l.local_addr()
+/// A listen address checked and held for pingora, which binds only when the
+/// server runs (a failure there cannot be reported cleanly).
+///
+/// The address is bound at once, with `SO_REUSEADDR` and without listening:
+/// a port in use by a listener is refused here, port 0 picks a free port,
+/// and the socket keeps that port out of every other port-0 bind (the
+/// kernel hands out only ports nothing is bound to) until pingora's own
+/// `SO_REUSEADDR` listener is up beside it. A socket that does not listen
+/// receives no connections. Releasing the port before pingora binds it
+/// instead would let a simulator or another gateway pick the same port in
+/// between, and the banner would then name someone else's listener.
+#[derive(Debug)]
+pub struct HeldAddr {
+    addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl HeldAddr {
+    /// The address, with the port the kernel picked for port 0.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Bind `addr` and hold it; see [`HeldAddr`]. Keep the result until pingora
+/// listens (or for the life of the server).
+pub fn hold_listen_addr(addr: SocketAddr) -> std::io::Result<HeldAddr> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    let addr = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP address"))?;
+    Ok(HeldAddr {
+        addr,
+        _socket: socket,
+    })
 }
 
 /// Stops a gateway started with [`spawn_in_thread`].
@@ -278,9 +309,11 @@ pub fn spawn_in_thread(
     listen: Listeners,
     threads: usize,
 ) -> std::io::Result<(Listeners, ShutdownTrigger, std::thread::JoinHandle<()>)> {
+    let held_data = hold_listen_addr(listen.data)?;
+    let held_management = listen.management.map(hold_listen_addr).transpose()?;
     let listen = Listeners {
-        data: pick_listen_addr(listen.data)?,
-        management: listen.management.map(pick_listen_addr).transpose()?,
+        data: held_data.addr(),
+        management: held_management.as_ref().map(HeldAddr::addr),
     };
     let trigger = ShutdownTrigger::default();
     let notify = trigger.0.clone();
@@ -296,6 +329,8 @@ pub fn spawn_in_thread(
     if let Some(m) = listen.management {
         wait_listening(m)?;
     }
+    // pingora's listeners hold the ports now.
+    drop((held_data, held_management));
     Ok((listen, trigger, handle))
 }
 
@@ -308,5 +343,50 @@ pub fn wait_listening(addr: SocketAddr) -> std::io::Result<()> {
             Err(e) if std::time::Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::{Domain, Socket, Type};
+
+    fn bind_plain(addr: SocketAddr) -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    }
+
+    #[test]
+    fn a_held_port_is_taken_until_pingora_listens_beside_it() {
+        let held = hold_listen_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = held.addr();
+        assert_ne!(addr.port(), 0);
+        // Nobody else binds it meanwhile...
+        let err = bind_plain(addr).expect_err("the held port is taken");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        // ...and nothing answers on it: it does not listen.
+        assert!(std::net::TcpStream::connect(addr).is_err());
+        // A listener with SO_REUSEADDR, as std's and pingora's are, binds
+        // and listens beside it (the gateway tests run pingora itself so).
+        let listener = std::net::TcpListener::bind(addr).expect("a listener binds beside");
+        let _client = std::net::TcpStream::connect(addr).expect("the listener answers");
+        let (_conn, _) = listener.accept().unwrap();
+        drop(held);
+    }
+
+    #[test]
+    fn a_dropped_hold_frees_its_port() {
+        let held = hold_listen_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = held.addr();
+        drop(held);
+        bind_plain(addr).expect("free after release");
+    }
+
+    #[test]
+    fn a_port_with_a_listener_is_refused() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = hold_listen_addr(busy.local_addr().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 }

@@ -179,13 +179,15 @@ fn main() -> ExitCode {
             upstream,
             threads,
         } => {
-            let listen = match sluice_proxy::pick_listen_addr(listen) {
+            // Held until the process exits: see `HeldAddr`.
+            let held = match sluice_proxy::hold_listen_addr(listen) {
                 Ok(a) => a,
                 Err(e) => {
                     eprintln!("sluice bare-proxy: cannot listen on {listen}: {e}");
                     return ExitCode::from(1);
                 }
             };
+            let listen = held.addr();
             println!("sluice bare-proxy: listening on http://{listen} -> {upstream}");
             let _ = std::io::stdout().flush();
             sluice_proxy::run_bare_proxy(
@@ -251,7 +253,9 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
     // the vocabularies of the encodings the configured deployments use, in
     // the background, rather than on the first request (a few MiB each).
     preload_tokenizers(encodings_in_use(&cfg));
-    let data = match sluice_proxy::pick_listen_addr(cfg.server.listen) {
+    // The listen addresses are held until the process exits (see
+    // `HeldAddr`): the simulators below bind port 0 too.
+    let data = match sluice_proxy::hold_listen_addr(cfg.server.listen) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("sluice: cannot listen on {}: {e}", cfg.server.listen);
@@ -260,7 +264,7 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
     };
     let management = match cfg.server.management.as_ref().map(|m| m.listen) {
         None => None,
-        Some(addr) => match sluice_proxy::pick_listen_addr(addr) {
+        Some(addr) => match sluice_proxy::hold_listen_addr(addr) {
             Ok(a) => Some(a),
             Err(e) => {
                 eprintln!("sluice: cannot listen on {addr} (management): {e}");
@@ -268,7 +272,10 @@ fn run(cfg: sluice_config::Config) -> ExitCode {
             }
         },
     };
-    let listen = sluice_proxy::Listeners { data, management };
+    let listen = sluice_proxy::Listeners {
+        data: data.addr(),
+        management: management.as_ref().map(sluice_proxy::HeldAddr::addr),
+    };
     // Simulated regions run on their own small runtime, beside pingora's.
     let (sim_runtime, started) = match sims::start_all(&cfg) {
         Ok(v) => v,
