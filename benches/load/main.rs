@@ -335,12 +335,21 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     };
     let tmp = stack.tmp.path().to_path_buf();
     let key = subscription_key();
+    // One key everywhere: the subscription's, which the direct, nginx and
+    // bare pingora targets pass through unchanged, and the backend's, which
+    // the simulator requires and Sluice's config gives the backend (as every
+    // real deployment has one), so the gateway overwrites the client's
+    // `api-key` with it as it would in front of Azure.
+    let key_path = tmp.join("key.txt");
+    std::fs::write(&key_path, format!("{key}\n"))?;
 
     // 1. The simulator.
     let sim_addr = match &args.sluice {
         Some(bin) => {
-            let mut cmd = Command::new(bin);
+            let mut cmd = Command::new(own_copy(&tmp, bin, "sim")?);
             cmd.args(["sim", "--listen", "127.0.0.1:0", "--region", "loadtest"])
+                .arg("--api-key-file")
+                .arg(&key_path)
                 .env("RUST_LOG", "warn");
             let (proc, addr) = Proc::spawn_until_line(
                 "simulator",
@@ -357,10 +366,10 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
             eprintln!(
                 "sluice-load: no --sluice given: in-process simulator, target sluice skipped"
             );
-            let handle = rt.block_on(sluice_sim::Simulator::start(
-                "127.0.0.1:0".parse()?,
-                sluice_sim::RegionConfig::new("loadtest"),
-            ))?;
+            let mut region = sluice_sim::RegionConfig::new("loadtest");
+            region.api_key = Some(sluice_sim::Secret::new(key.clone()));
+            let handle =
+                rt.block_on(sluice_sim::Simulator::start("127.0.0.1:0".parse()?, region))?;
             let addr = handle.addr();
             stack.sim_in_process = Some(handle);
             addr
@@ -378,7 +387,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Pingora)
     {
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(own_copy(&tmp, bin, "pingora")?);
         cmd.args(["bare-proxy", "--listen", "127.0.0.1:0", "--upstream"])
             .arg(sim_addr.to_string())
             .arg("--threads")
@@ -410,7 +419,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         && let Some(bin) = &args.baseline
         && args.targets.contains(&TargetKind::Baseline)
     {
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(own_copy(&tmp, bin, "baseline")?);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
         let (proc, addr) = spawn_proxy("baseline", cmd, &tmp, "sluice: listening on")?;
         targets.push(Target {
@@ -427,7 +436,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
     if let Some(bin) = &args.sluice
         && args.targets.contains(&TargetKind::Sluice)
     {
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(own_copy(&tmp, bin, "sluice")?);
         cmd.arg("run").arg("-c").arg(&conf).env("RUST_LOG", "warn");
         let (proc, addr) = spawn_proxy("sluice", cmd, &tmp, "sluice: listening on")?;
         let group = Some(ProcGroup {
@@ -585,6 +594,19 @@ async fn stop_signal() -> &'static str {
     }
 }
 
+/// A copy of `bin` in `tmp` for one process (`name`): the simulator, bare
+/// pingora, Sluice and the baseline each run from a file of their own.
+/// Processes that run one executable file share its code pages, and so the
+/// cache lines holding them: a target launched from the simulator's file ran
+/// about 5 % cheaper than the same build from another file (paired runs,
+/// 2026-12-03), which favoured `--sluice` over `--baseline`.
+fn own_copy(tmp: &Path, bin: &Path, name: &str) -> Result<PathBuf> {
+    let copy = tmp.join(format!("bin-{name}"));
+    std::fs::copy(bin, &copy)
+        .with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+    Ok(copy)
+}
+
 fn subscription_key() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -603,6 +625,7 @@ fn write_gateway_config(
 ) -> Result<PathBuf> {
     let key_path = tmp.join("key.txt");
     std::fs::write(&key_path, format!("{key}\n"))?;
+    let backend_key = format!("    api_key: {{file: {}}}\n", key_path.display());
     let conf = tmp.join("gateway.yaml");
     // The full policy set traces debug-token requests: tracing is on with it.
     let tracing = if trace || policies {
@@ -630,11 +653,11 @@ fn write_gateway_config(
     // simulator), each with its default circuit breaker, and failover.
     let routing = if policies {
         format!(
-            "backends:\n  - name: sim-a\n    url: http://{sim}\n  - name: sim-b\n    url: http://{sim}\n\
+            "backends:\n  - name: sim-a\n    url: http://{sim}\n{backend_key}  - name: sim-b\n    url: http://{sim}\n{backend_key}\
              pools:\n  - name: load\n    backends:\n      - {{backend: sim-a, priority: 1, weight: 1}}\n      - {{backend: sim-b, priority: 1, weight: 1}}\n"
         )
     } else {
-        format!("backends:\n  - name: sim\n    url: http://{sim}\n")
+        format!("backends:\n  - name: sim\n    url: http://{sim}\n{backend_key}")
     };
     let api_routing = if policies {
         "    pool: load\n    failover: { max_attempts: 2 }\n"
@@ -1550,6 +1573,25 @@ mod tests {
         assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
         assert_eq!(median([7.0].into_iter()), Some(7.0));
         assert_eq!(median(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn each_process_gets_a_copy_of_its_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = TempDir::new("own-copy").unwrap();
+        let bin = tmp.path().join("tool");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let a = own_copy(tmp.path(), &bin, "sim").unwrap();
+        let b = own_copy(tmp.path(), &bin, "sluice").unwrap();
+        assert_ne!(a, b);
+        for copy in [&a, &b] {
+            assert_ne!(copy, &bin);
+            assert_eq!(std::fs::read(copy).unwrap(), b"#!/bin/sh\n");
+            let mode = std::fs::metadata(copy).unwrap().permissions().mode();
+            assert_eq!(mode & 0o111, 0o111, "still executable");
+        }
+        assert!(own_copy(tmp.path(), &tmp.path().join("missing"), "x").is_err());
     }
 
     #[test]

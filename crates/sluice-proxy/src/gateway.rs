@@ -101,11 +101,30 @@ async fn discard_body(session: &mut Session) {
 /// not read at all, nor is one the client holds back waiting for
 /// `100 Continue` (`continued` false). A request whose body was read (or
 /// that has none) keeps its connection.
-pub(crate) async fn respond(
-    session: &mut Session,
-    err: &GatewayError,
+pub(crate) fn respond<'a>(
+    session: &'a mut Session,
+    err: &'a GatewayError,
     continued: bool,
-) -> Result<()> {
+) -> Answer<'a> {
+    Box::pin(respond_now(session, err, continued))
+}
+
+/// A gateway-made answer on its way out: boxed, so that the hooks' futures
+/// hold a pointer where they would hold its whole state, and its code stays
+/// out of the hooks' hot paths (it runs only for refusals and errors).
+pub(crate) type Answer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
+/// The answer to APIM's status path: `200` with no body.
+fn answer_status(session: &mut Session) -> Answer<'_> {
+    Box::pin(async move {
+        let mut resp = ResponseHeader::build(200, Some(1))?;
+        resp.insert_header("content-length", "0")?;
+        session.write_response_header(Box::new(resp), true).await
+    })
+}
+
+async fn respond_now(session: &mut Session, err: &GatewayError, continued: bool) -> Result<()> {
     let body = err.body();
     let mut resp = ResponseHeader::build(err.status, Some(4 + err.headers.len()))?;
     resp.set_reason_phrase(Some(err.reason()))?;
@@ -233,20 +252,27 @@ impl HeadFacts {
         let mut previous = None;
         for (name, value) in headers {
             // The map yields a name's first value first and its other
-            // values right after it: only the first is read.
-            if previous.replace(name) == Some(name) {
+            // values right after it, with the same name (the one entry's):
+            // only the first is read.
+            if previous
+                .replace(name)
+                .is_some_and(|p: &http::HeaderName| std::ptr::eq(p, name))
+            {
                 continue;
             }
-            if name == CONTENT_LENGTH {
+            // The five names have five lengths: a name is compared with
+            // the one of its length at most.
+            let len = name.as_str().len();
+            if len == 14 && name == CONTENT_LENGTH {
                 f.content_length = parse_length(value.as_bytes());
-            } else if name == TRANSFER_ENCODING {
+            } else if len == 17 && name == TRANSFER_ENCODING {
                 f.transfer_encoding = true;
                 f.chunked = value.to_str().is_ok_and(|v| {
                     v.as_bytes()
                         .windows(7)
                         .any(|w| w.eq_ignore_ascii_case(b"chunked"))
                 });
-            } else if name == CONTENT_TYPE {
+            } else if len == 12 && name == CONTENT_TYPE {
                 f.content_type = value.to_str().ok().map(|c| {
                     if is_multipart(c) {
                         match sluice_tokens::multipart::boundary(c) {
@@ -259,9 +285,9 @@ impl HeadFacts {
                         ContentType::Other
                     }
                 });
-            } else if name == EXPECT {
+            } else if len == 6 && name == EXPECT {
                 f.expect_continue = is_continue(value);
-            } else if name == UPGRADE {
+            } else if len == 7 && name == UPGRADE {
                 f.upgrade = true;
             }
         }
@@ -497,17 +523,20 @@ fn sensitive(value: &str) -> Result<http::HeaderValue> {
 impl Gateway {
     /// Answer with a gateway-made response, which a traced request records
     /// (`on-error`) and which carries the trace's header.
-    pub(crate) async fn refuse(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestContext,
-        err: &GatewayError,
+    pub(crate) fn refuse<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut RequestContext,
+        err: &'a GatewayError,
         continued: bool,
-    ) -> Result<()> {
-        match self.traced_answer(ctx, err) {
-            Some(traced) => respond(session, &traced, continued).await,
-            None => respond(session, err, continued).await,
-        }
+    ) -> Answer<'a> {
+        std::hint::cold_path();
+        Box::pin(async move {
+            match self.traced_answer(ctx, err) {
+                Some(traced) => respond_now(session, &traced, continued).await,
+                None => respond_now(session, err, continued).await,
+            }
+        })
     }
 
     /// The client's address: the TCP peer, or, when the peer is a trusted
@@ -802,10 +831,15 @@ impl Gateway {
             // headers: they are walked once, instead of a lookup per name
             // (and `Expect` is looked for in the same walk).
             let credentials = &self.state.credential_headers;
+            let lengths = self.state.credential_lengths;
             let mut expect = false;
             let present: smallvec::SmallVec<[usize; 4]> = h
                 .keys()
                 .filter_map(|k| {
+                    // Most names are ruled out by their length alone.
+                    if !lengths.may_hold(k) {
+                        return None;
+                    }
                     expect |= k == http::header::EXPECT;
                     credentials.iter().position(|c| c == k)
                 })
@@ -863,19 +897,28 @@ impl Gateway {
                 }
             }
             if let Some(ip) = client {
-                let hop = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                    Some(prev) => {
-                        use std::fmt::Write as _;
-                        // One buffer: the earlier hops, then this one.
-                        let mut xff = String::with_capacity(prev.len() + 2 + 39);
-                        xff.push_str(prev);
-                        xff.push_str(", ");
-                        let _ = write!(xff, "{ip}");
-                        header_value(xff)?
+                // One lookup of the name, whether the client sent it or not.
+                match h.entry(X_FORWARDED_FOR.clone()) {
+                    http::header::Entry::Occupied(mut e) => {
+                        let hop = match e.get().to_str() {
+                            Ok(prev) => {
+                                use std::fmt::Write as _;
+                                // One buffer: the earlier hops, then this one.
+                                let mut xff = String::with_capacity(prev.len() + 2 + 39);
+                                xff.push_str(prev);
+                                xff.push_str(", ");
+                                let _ = write!(xff, "{ip}");
+                                header_value(xff)?
+                            }
+                            Err(_) => hop_value(ip),
+                        };
+                        // Every earlier value of the name goes.
+                        e.insert(hop);
                     }
-                    None => hop_value(ip),
-                };
-                h.insert(X_FORWARDED_FOR.clone(), hop);
+                    http::header::Entry::Vacant(e) => {
+                        e.insert(hop_value(ip));
+                    }
+                }
             }
             Ok::<_, Box<Error>>(())
         })??;
@@ -1056,8 +1099,17 @@ impl Gateway {
 
     /// A `200` (or other) JSON answer the gateway makes itself, with the
     /// trace's header when the request is traced.
-    async fn answer_json(
-        &self,
+    fn answer_json<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut RequestContext,
+        status: u16,
+        body: Bytes,
+    ) -> Answer<'a> {
+        Box::pin(Self::answer_json_now(session, ctx, status, body))
+    }
+
+    async fn answer_json_now(
         session: &mut Session,
         ctx: &mut RequestContext,
         status: u16,
@@ -1240,16 +1292,16 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let path = session.req_header().uri.path();
         if path == STATUS_PATH {
-            let mut resp = ResponseHeader::build(200, Some(1))?;
-            resp.insert_header("content-length", "0")?;
-            session.write_response_header(Box::new(resp), true).await?;
+            answer_status(session).await?;
             return Ok(true);
         }
         if sluice_policy::route::has_dot_segments(path) {
+            std::hint::cold_path();
             respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
         }
         let Some(m) = self.state.router.route(path) else {
+            std::hint::cold_path();
             respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
         };
@@ -1266,6 +1318,7 @@ impl ProxyHttp for Gateway {
         let head = HeadFacts::read(&session.req_header().headers);
         let content_length = head.content_length;
         if content_length.is_some_and(|n| n > limit) {
+            std::hint::cold_path();
             self.refuse(session, ctx, &GatewayError::body_too_large(limit), false)
                 .await?;
             return Ok(true);
@@ -1283,6 +1336,7 @@ impl ProxyHttp for Gateway {
                 .await
         };
         if let Err(e) = verdict {
+            std::hint::cold_path();
             self.refuse(session, ctx, &e, false).await?;
             return Ok(true);
         }
@@ -1306,6 +1360,7 @@ impl ProxyHttp for Gateway {
         };
         let model_in_body = path_deployment.is_none();
         if let Some((status, body)) = models {
+            std::hint::cold_path();
             self.answer_json(session, ctx, status, body).await?;
             return Ok(true);
         }
@@ -1321,6 +1376,7 @@ impl ProxyHttp for Gateway {
             };
             let with_body = content_length.is_some_and(|n| n > 0) || head.transfer_encoding;
             let Some(call) = call.filter(|_| !with_body) else {
+                std::hint::cold_path();
                 // Anything else asking to upgrade would be an unmetered
                 // tunnel: only the Realtime handshake (a GET, no body) is.
                 let e = GatewayError::new(
@@ -1332,6 +1388,7 @@ impl ProxyHttp for Gateway {
             };
             {
                 let Some(deployment) = call.deployment.clone() else {
+                    std::hint::cold_path();
                     let e = GatewayError::new(
                         400,
                         format!(
@@ -1399,6 +1456,7 @@ impl ProxyHttp for Gateway {
                     }
                     Ok(None) => {}
                     Err(e) => {
+                        std::hint::cold_path();
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
@@ -1417,6 +1475,7 @@ impl ProxyHttp for Gateway {
                         top = t;
                     }
                     Err(e) => {
+                        std::hint::cold_path();
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
@@ -1441,6 +1500,7 @@ impl ProxyHttp for Gateway {
                             body = Some(b);
                         }
                         Err(e) => {
+                            std::hint::cold_path();
                             self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                             return Ok(true);
                         }
@@ -1501,6 +1561,7 @@ impl ProxyHttp for Gateway {
                     plan = Some(p);
                 }
                 None if wants_model && routes_by_model && ctx.body_mode == BodyMode::Streamed => {
+                    std::hint::cold_path();
                     let busy = GatewayError::new(
                         503,
                         "The gateway is holding as many request bodies as it may; retry shortly.",
@@ -1531,6 +1592,7 @@ impl ProxyHttp for Gateway {
                     .await
             };
             if let Err(e) = verdict {
+                std::hint::cold_path();
                 // Reservations made before the refusal are returned at `logging`.
                 self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                 return Ok(true);
@@ -1613,6 +1675,11 @@ impl ProxyHttp for Gateway {
                 deployment,
                 need,
             );
+        }
+        if !matches!(ctx.body_mode, BodyMode::None | BodyMode::Passed) {
+            // Some of the body was read first: the failover time runs from
+            // now. Otherwise it runs from the request's arrival, a moment ago.
+            ctx.routing.started = Some(std::time::Instant::now());
         }
         self.route_owned(session, ctx, op, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {
@@ -2414,6 +2481,25 @@ mod tests {
             RoutingHeaders::read(&http::HeaderMap::new()).get("retry-after"),
             None
         );
+    }
+
+    #[test]
+    fn every_routing_header_is_read_beside_names_of_its_length() {
+        let mut h = http::HeaderMap::new();
+        for (i, name) in ROUTING_HEADERS.iter().enumerate() {
+            h.insert(*name, http::HeaderValue::from(i));
+            // Names of the same length that are not routing headers.
+            let decoy = format!("z{}", &name[1..]);
+            h.insert(
+                http::HeaderName::from_bytes(decoy.as_bytes()).unwrap(),
+                http::HeaderValue::from_static("decoy"),
+            );
+        }
+        h.insert("x-ms-region", "East US".parse().unwrap());
+        let read = RoutingHeaders::read(&h);
+        for (i, name) in ROUTING_HEADERS.iter().enumerate() {
+            assert_eq!(read.get(name), Some(i.to_string().as_str()), "{name}");
+        }
     }
 
     fn gateway() -> Gateway {

@@ -80,6 +80,28 @@ pub(crate) fn edit_request<R>(
     Ok(out)
 }
 
+/// The lengths a set of header names has, as a bit mask: a name of any
+/// other length is none of them, which a walk over a head's names can tell
+/// without comparing the name with each. Lengths of 63 and more share the
+/// last bit (such a name is always compared).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NameLengths(u64);
+
+impl NameLengths {
+    pub(crate) fn of<'a>(names: impl IntoIterator<Item = &'a http::HeaderName>) -> Self {
+        NameLengths(names.into_iter().fold(0, |m, n| m | Self::bit(n)))
+    }
+
+    fn bit(name: &http::HeaderName) -> u64 {
+        1 << name.as_str().len().min(63)
+    }
+
+    /// Whether `name` may be one of the set (false: it surely is not).
+    pub(crate) fn may_hold(self, name: &http::HeaderName) -> bool {
+        self.0 & Self::bit(name) != 0
+    }
+}
+
 /// Placeholders, allocation-free: an empty header map reserves nothing.
 fn empty_response() -> http::response::Parts {
     http::Response::new(()).into_parts().0
@@ -92,6 +114,38 @@ fn empty_request() -> http::request::Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_lengths_rule_out_only_names_of_other_lengths() {
+        let set: Vec<http::HeaderName> = ["api-key", "cookie", "ocp-apim-subscription-key"]
+            .into_iter()
+            .map(http::HeaderName::from_static)
+            .collect();
+        let long = http::HeaderName::from_static(
+            "x-a-name-of-seventy-characters-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        );
+        let lengths = NameLengths::of(set.iter().chain([&long]));
+        for n in &set {
+            assert!(lengths.may_hold(n), "{n}");
+        }
+        // Same lengths, other names: still "may" (the caller compares).
+        assert!(lengths.may_hold(&http::HeaderName::from_static("upgrade")));
+        assert!(lengths.may_hold(&http::header::EXPECT));
+        // Every name of 63 characters or more shares one bit.
+        assert!(lengths.may_hold(&http::HeaderName::from_bytes(&[b'y'; 64]).unwrap()));
+        assert!(lengths.may_hold(&long));
+        for other in [
+            http::header::HOST,
+            http::header::CONTENT_TYPE,
+            http::header::CONTENT_LENGTH,
+            http::HeaderName::from_static("x-forwarded-for"),
+        ] {
+            assert!(!lengths.may_hold(&other), "{other}");
+        }
+        assert!(!NameLengths::default().may_hold(&http::header::EXPECT));
+        let short = NameLengths::of([&http::header::HOST]);
+        assert!(!short.may_hold(&http::HeaderName::from_bytes(&[b'y'; 64]).unwrap()));
+    }
     use http::header::{CONTENT_TYPE, HOST};
     use http::{HeaderName, HeaderValue};
 

@@ -342,6 +342,9 @@ pub struct GatewayState {
     /// Header names that carry client credentials (every API's subscription
     /// header names plus the usual ones); all are removed before forwarding.
     pub credential_headers: Vec<http::HeaderName>,
+    /// The lengths of those names and of `Expect`, which the same walk over
+    /// a request's names looks for.
+    pub(crate) credential_lengths: crate::heads::NameLengths,
     /// Chooses the backend of every attempt (pools, breakers, steering).
     pub selector: BackendSelector,
     /// Tokens that open the management listener's operator endpoints.
@@ -648,6 +651,9 @@ impl GatewayState {
             registry,
             apis,
             backends,
+            credential_lengths: crate::heads::NameLengths::of(
+                credential_headers.iter().chain([&http::header::EXPECT]),
+            ),
             credential_headers,
             selector,
             operator_tokens: cfg

@@ -300,6 +300,7 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut resp = route(&shared, &kill, req).await;
+    let status = resp.status();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&shared.cfg.display_region) {
         h.insert("x-ms-region", v);
@@ -313,8 +314,49 @@ async fn handle(
     if let Some(v) = client_request_id {
         h.insert("x-ms-client-request-id", v);
     }
+    add_azure_headers(h, &path, status, shared.started_at);
     debug!(region = %shared.cfg.name, %method, %path, status = resp.status().as_u16(), "response");
     resp
+}
+
+/// The headers Azure OpenAI puts on its answers besides the ones above: on
+/// every answer its security headers, and on a model's answer (chat,
+/// completions, embeddings, Responses) the content-filter mark, the model
+/// session and the buffering hint. With them a simulated answer's head is
+/// as large as Azure's (about 15 headers), which is what a gateway in front
+/// of Azure parses and forwards.
+fn add_azure_headers(h: &mut HeaderMap, path: &str, status: StatusCode, started_at: u64) {
+    h.insert(
+        "strict-transport-security",
+        HeaderValue::from_static("max-age=31536000; includeSubDomains; preload"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    if !status.is_success() || !is_model_call(path) {
+        return;
+    }
+    h.insert("x-ms-rai-invoked", HeaderValue::from_static("true"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Azure's reads `<host id>-<deployment time>`; one per simulator run.
+    if let Ok(v) = HeaderValue::from_str(&format!("s1m0-{started_at}")) {
+        h.insert("azureml-model-session", v);
+    }
+}
+
+/// Whether `path` asks a model for an answer: it ends in one of the
+/// generation or embedding operations.
+fn is_model_call(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    [
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/responses",
+    ]
+    .iter()
+    .any(|op| path.ends_with(op))
 }
 
 /// Collapse runs of `/` into one.

@@ -345,6 +345,48 @@ async fn client_request_id_is_echoed_and_ids_are_fresh() {
 }
 
 #[tokio::test]
+async fn answers_carry_azures_headers() {
+    let mut cfg = region();
+    cfg.api_key = Some("backend-secret".into());
+    let sim = start(cfg).await;
+    let key = |c: Call<'static>| c.header("api-key", "backend-secret");
+    let model_headers = [
+        "x-ms-rai-invoked",
+        "x-accel-buffering",
+        "azureml-model-session",
+    ];
+    // A model's answer: the security headers and the model's own.
+    let a = send(sim.addr(), key(Call::post(CHAT, chat_body("hi")))).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.header("strict-transport-security"),
+        Some("max-age=31536000; includeSubDomains; preload")
+    );
+    assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(a.header("x-ms-rai-invoked"), Some("true"));
+    assert_eq!(a.header("x-accel-buffering"), Some("no"));
+    let session = a.header("azureml-model-session").unwrap().to_string();
+    assert!(session.starts_with("s1m0-"), "{session}");
+    // The session is the simulator's, not the call's.
+    let b = send(sim.addr(), key(Call::post(CHAT, chat_body("again")))).await;
+    assert_eq!(b.header("azureml-model-session"), Some(session.as_str()));
+    // A refused call and a call that is not a model's: security headers only.
+    let refused = send(
+        sim.addr(),
+        Call::post(CHAT, chat_body("hi")).header("api-key", "wrong"),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let health = send(sim.addr(), Call::get("/")).await;
+    for r in [&refused, &health] {
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        for name in model_headers {
+            assert_eq!(r.header(name), None, "{name}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn control_endpoints() {
     let sim = start(region()).await;
     send(sim.addr(), Call::post(CHAT, chat_body("hi"))).await;

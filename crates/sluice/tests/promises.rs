@@ -24,6 +24,7 @@ struct Env {
     management: SocketAddr,
     capture: Capture,
     halves: Halves,
+    refuses: Refuses,
     reuse: DropsReused,
     /// Lets the lock-step upstream send its next event.
     next_event: Mutex<Sender<()>>,
@@ -38,6 +39,7 @@ fn start() -> Env {
     let capture = Capture::start();
     let reuse = DropsReused::start();
     let halves = Halves::start();
+    let refuses = Refuses::start();
     let (next_event, events_allowed) = channel();
     let lockstep = lockstep_sse(events_allowed);
     // Removed when `start` returns: the config (its key files) is read
@@ -60,6 +62,13 @@ backends:
     url: http://{lockstep}
   - name: halves
     url: http://{halves}
+  - name: refuses
+    url: http://{refuses}
+pools:
+  - name: refuses-first
+    backends:
+      - {{backend: refuses, priority: 1}}
+      - {{backend: capture, priority: 2}}
 subscriptions:
   - name: team
     primary_key: {{file: k.key}}
@@ -86,10 +95,17 @@ apis:
   - name: halves
     path: /halves/openai
     backends: [halves]
+  - name: slowupload
+    path: /slowupload/openai
+    pool: refuses-first
+    failover: {{timeout_ms: 500, max_attempts: 2}}
+    policies:
+      - token_limit: {{counter_key: subscription, tokens_per_minute: 10000000}}
 "#,
         capture = capture.addr,
         reuse = reuse.addr,
         halves = halves.addr,
+        refuses = refuses.addr,
     );
     // Returns once the listeners accept connections.
     let listeners = common::serve_in_process(&yaml, dir.path());
@@ -98,6 +114,7 @@ apis:
         management: listeners.management.expect("management listener"),
         capture,
         halves,
+        refuses,
         reuse,
         next_event: Mutex::new(next_event),
     }
@@ -521,6 +538,80 @@ impl Halves {
         let bodies = self.bodies.lock().expect("lock");
         bodies.iter().find(|(i, _)| i == id).map(|(_, b)| b.clone())
     }
+}
+
+/// An upstream that answers every request `503` (keep-alive) and counts
+/// them by `x-test-id`.
+#[derive(Debug, Clone)]
+struct Refuses {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Refuses {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let seen = seen2.clone();
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().expect("clone");
+                    let mut r = BufReader::new(s);
+                    while let Some(id) = read_request(&mut r) {
+                        seen.lock().expect("lock").push(id);
+                        let resp = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                        if w.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Refuses { addr, seen }
+    }
+
+    fn count(&self, id: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|i| *i == id)
+            .count()
+    }
+}
+
+/// Docs (routing.md, failover): the failover time runs from when the
+/// request's body was read, for a body read before routing. A client that
+/// takes longer than the whole failover time to upload still gets its second
+/// attempt when the first backend answers 503. (The pause is the upload
+/// under test, not a wait for readiness.)
+#[test]
+fn a_slow_upload_does_not_use_up_the_failover_time() {
+    let e = env();
+    let path = "/slowupload/openai/deployments/d/chat/completions?api-version=2024-10-21";
+    let id = "slow-upload";
+    let mut w = TcpStream::connect(e.gw).expect("connect");
+    w.set_nodelay(true).expect("nodelay");
+    w.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut r = BufReader::new(w.try_clone().expect("clone"));
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\napi-key: {KEY}\r\nx-test-id: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        BODY.len()
+    );
+    let (first, rest) = BODY.split_at(10);
+    w.write_all(head.as_bytes()).expect("head");
+    w.write_all(first.as_bytes()).expect("first part");
+    // Longer than the API's whole failover time (500 ms).
+    std::thread::sleep(Duration::from_millis(800));
+    w.write_all(rest.as_bytes()).expect("rest");
+    let (status, _, _) = read_answer(&mut r);
+    assert_eq!(status, 200, "the second backend answered");
+    assert_eq!(e.refuses.count(id), 1, "the first backend was asked once");
+    assert!(e.capture.find(id).is_some(), "the second backend was asked");
 }
 
 /// The value of `sluice_affinity_total{result="learned"}`.
