@@ -8,9 +8,9 @@ One run of `sluice-load --paired` starts each target once. On a shared
 2-core machine one process can run a few per cent faster or slower than
 another launch of the same binary for its whole life, and paired rounds
 cannot see that: the rounds of one run share the launch. Several runs spread
-it out. Prints each run's median ratios (sluice/pingora, baseline/pingora,
-sluice/baseline, whichever the run reports), then the median and range of
-each over the runs. `--paired` and `--markdown` are added when missing.
+it out. Prints each run's median ratios per scenario (sluice/pingora,
+baseline/pingora, sluice/baseline, whichever the run reports), then the
+median and range of each over the runs. `--paired` and `--markdown` are added when missing.
 """
 
 import re
@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 RATIO = re.compile(r"^\s*(\S+/\S+) by round: .*; median ([0-9.]+)x\s*$")
+SCENARIO = re.compile(r"^CPU s / 1k req by round \((\S+)\):")
 
 
 def main() -> int:
@@ -37,11 +38,16 @@ def main() -> int:
             print(f"run {run}: sluice-load failed ({out.returncode})", file=sys.stderr)
             return 1
         seen = []
+        scenario = "?"
         for line in out.stdout.splitlines():
+            s = SCENARIO.match(line)
+            if s:
+                scenario = s.group(1)
             m = RATIO.match(line)
             if m:
-                medians.setdefault(m.group(1), []).append(float(m.group(2)))
-                seen.append(f"{m.group(1)} {m.group(2)}x")
+                name = f"{scenario} {m.group(1)}"
+                medians.setdefault(name, []).append(float(m.group(2)))
+                seen.append(f"{name} {m.group(2)}x")
         print(f"run {run}: " + ", ".join(seen), flush=True)
     print(f"over {runs} runs (each a fresh launch of every target):")
     for name, values in medians.items():

@@ -71,9 +71,7 @@ pub struct Routing {
     /// (monotonic) it was chosen.
     pub planned: Option<(Choice, Duration)>,
     /// When routing began (the body, if any, was read): the failover time
-    /// budget runs from here. `None`: from the request's arrival
-    /// (`RequestContext::started`), for a request whose body was not read
-    /// before routing.
+    /// budget runs from here.
     pub started: Option<Instant>,
     /// The planned attempt repeats the last one on the same backend after a
     /// stale pooled connection.
@@ -395,9 +393,7 @@ impl BackendSelector {
             },
             attempts: smallvec::SmallVec::new(),
             planned: None,
-            // From the request's arrival, unless the caller read a body
-            // first and says when routing began (no clock read here).
-            started: None,
+            started: Some(Instant::now()),
             repeat_planned: false,
             affinity: None,
         };
@@ -1540,21 +1536,9 @@ pools:
     #[test]
     fn the_failover_clock_starts_when_routing_begins() {
         let (s, _) = selector("    pool: main\n    failover: {timeout_ms: 60000}\n");
-        // Without a body read first, the clock runs from the request's
-        // arrival: one that arrived ten minutes ago has no time left.
         let mut c = ctx(&s, "POST", CHAT);
+        // A slow upload before routing does not count.
         c.started = Instant::now() - Duration::from_secs(600);
-        assert_eq!(c.routing.started, None);
-        s.next_backend(&mut c).unwrap();
-        assert_eq!(
-            s.after_error(&mut c, Outcome::Timeout, true),
-            After::Deliver
-        );
-        // A slow upload before routing does not count: the caller that read
-        // the body says when routing began.
-        let mut c = ctx(&s, "POST", CHAT);
-        c.started = Instant::now() - Duration::from_secs(600);
-        c.routing.started = Some(Instant::now());
         s.next_backend(&mut c).unwrap();
         assert_eq!(s.failover_left(&c), None, "the first attempt is never cut");
         assert_eq!(s.after_error(&mut c, Outcome::Timeout, true), After::Retry);

@@ -110,8 +110,8 @@ pub(crate) fn respond<'a>(
 }
 
 /// A gateway-made answer on its way out: boxed, so that the hooks' futures
-/// hold a pointer where they would hold its whole state, and its code stays
-/// out of the hooks' hot paths (it runs only for refusals and errors).
+/// hold a pointer where they would hold its whole state, and its code is not
+/// inlined into the hooks' hot paths (it runs only for refusals and errors).
 pub(crate) type Answer<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 
@@ -530,7 +530,6 @@ impl Gateway {
         err: &'a GatewayError,
         continued: bool,
     ) -> Answer<'a> {
-        std::hint::cold_path();
         Box::pin(async move {
             match self.traced_answer(ctx, err) {
                 Some(traced) => respond_now(session, &traced, continued).await,
@@ -1296,12 +1295,10 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         if sluice_policy::route::has_dot_segments(path) {
-            std::hint::cold_path();
             respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
         }
         let Some(m) = self.state.router.route(path) else {
-            std::hint::cold_path();
             respond(session, &GatewayError::not_found(), false).await?;
             return Ok(true);
         };
@@ -1318,7 +1315,6 @@ impl ProxyHttp for Gateway {
         let head = HeadFacts::read(&session.req_header().headers);
         let content_length = head.content_length;
         if content_length.is_some_and(|n| n > limit) {
-            std::hint::cold_path();
             self.refuse(session, ctx, &GatewayError::body_too_large(limit), false)
                 .await?;
             return Ok(true);
@@ -1336,7 +1332,6 @@ impl ProxyHttp for Gateway {
                 .await
         };
         if let Err(e) = verdict {
-            std::hint::cold_path();
             self.refuse(session, ctx, &e, false).await?;
             return Ok(true);
         }
@@ -1360,7 +1355,6 @@ impl ProxyHttp for Gateway {
         };
         let model_in_body = path_deployment.is_none();
         if let Some((status, body)) = models {
-            std::hint::cold_path();
             self.answer_json(session, ctx, status, body).await?;
             return Ok(true);
         }
@@ -1376,7 +1370,6 @@ impl ProxyHttp for Gateway {
             };
             let with_body = content_length.is_some_and(|n| n > 0) || head.transfer_encoding;
             let Some(call) = call.filter(|_| !with_body) else {
-                std::hint::cold_path();
                 // Anything else asking to upgrade would be an unmetered
                 // tunnel: only the Realtime handshake (a GET, no body) is.
                 let e = GatewayError::new(
@@ -1388,7 +1381,6 @@ impl ProxyHttp for Gateway {
             };
             {
                 let Some(deployment) = call.deployment.clone() else {
-                    std::hint::cold_path();
                     let e = GatewayError::new(
                         400,
                         format!(
@@ -1456,7 +1448,6 @@ impl ProxyHttp for Gateway {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        std::hint::cold_path();
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
@@ -1475,7 +1466,6 @@ impl ProxyHttp for Gateway {
                         top = t;
                     }
                     Err(e) => {
-                        std::hint::cold_path();
                         self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                         return Ok(true);
                     }
@@ -1500,7 +1490,6 @@ impl ProxyHttp for Gateway {
                             body = Some(b);
                         }
                         Err(e) => {
-                            std::hint::cold_path();
                             self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                             return Ok(true);
                         }
@@ -1561,7 +1550,6 @@ impl ProxyHttp for Gateway {
                     plan = Some(p);
                 }
                 None if wants_model && routes_by_model && ctx.body_mode == BodyMode::Streamed => {
-                    std::hint::cold_path();
                     let busy = GatewayError::new(
                         503,
                         "The gateway is holding as many request bodies as it may; retry shortly.",
@@ -1592,7 +1580,6 @@ impl ProxyHttp for Gateway {
                     .await
             };
             if let Err(e) = verdict {
-                std::hint::cold_path();
                 // Reservations made before the refusal are returned at `logging`.
                 self.refuse(session, ctx, &e, ctx.continue_sent).await?;
                 return Ok(true);
@@ -1675,11 +1662,6 @@ impl ProxyHttp for Gateway {
                 deployment,
                 need,
             );
-        }
-        if !matches!(ctx.body_mode, BodyMode::None | BodyMode::Passed) {
-            // Some of the body was read first: the failover time runs from
-            // now. Otherwise it runs from the request's arrival, a moment ago.
-            ctx.routing.started = Some(std::time::Instant::now());
         }
         self.route_owned(session, ctx, op, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {

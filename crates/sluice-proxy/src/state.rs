@@ -341,7 +341,7 @@ pub struct GatewayState {
     pub registry: prometheus::Registry,
     /// Header names that carry client credentials (every API's subscription
     /// header names plus the usual ones); all are removed before forwarding.
-    pub credential_headers: Vec<http::HeaderName>,
+    pub(crate) credential_headers: Vec<http::HeaderName>,
     /// The lengths of those names and of `Expect`, which the same walk over
     /// a request's names looks for.
     pub(crate) credential_lengths: crate::heads::NameLengths,
