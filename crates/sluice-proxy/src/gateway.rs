@@ -2298,6 +2298,16 @@ mod tests {
                 upgrade: true,
             }
         );
+        // Names of the same lengths as the five, with values that would
+        // read as theirs: none of them is taken for one of the five.
+        let f = HeadFacts::read(&head(&[
+            ("accept-charset", b"5"),
+            ("if-modified-since", b"chunked"),
+            ("x-request-id", b"application/json"),
+            ("cookie", b"100-continue"),
+            ("api-key", b"websocket"),
+        ]));
+        assert_eq!(f, HeadFacts::default());
         // Values of one name sent apart still come first value first.
         let f = HeadFacts::read(&head(&[
             ("expect", b"100-continue"),

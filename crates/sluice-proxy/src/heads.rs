@@ -143,6 +143,10 @@ mod tests {
             assert!(!lengths.may_hold(&other), "{other}");
         }
         assert!(!NameLengths::default().may_hold(&http::header::EXPECT));
+        // Two names of one length keep it in the set.
+        let six = NameLengths::of([&http::header::COOKIE, &http::header::EXPECT]);
+        assert!(six.may_hold(&http::header::COOKIE));
+        assert!(six.may_hold(&http::header::EXPECT));
         let short = NameLengths::of([&http::header::HOST]);
         assert!(!short.may_hold(&http::HeaderName::from_bytes(&[b'y'; 64]).unwrap()));
     }
