@@ -596,8 +596,9 @@ async fn stop_signal() -> &'static str {
 
 /// A copy of `bin` in `tmp` for one process (`name`): the simulator, bare
 /// pingora, Sluice and the baseline each run from a file of their own.
-/// Processes that run one executable file share its code pages, and so the
-/// cache lines holding them: a target launched from the simulator's file ran
+/// Processes that run one executable file share its code pages (most
+/// likely, the cache lines holding them too): a target launched from the
+/// simulator's file ran
 /// about 5 % cheaper than the same build from another file (paired runs,
 /// 2026-12-03), which favoured `--sluice` over `--baseline`.
 fn own_copy(tmp: &Path, bin: &Path, name: &str) -> Result<PathBuf> {
