@@ -86,7 +86,8 @@ class Gateway:
 def start_gateway(directory, config: str, env=None) -> Gateway:
     """Write `config` as gateway.yaml in `directory`, start sluice, and wait
     until its data plane (and management listener, if any) accept connections.
-    Its log (stderr) goes to `directory/sluice.log`."""
+    Its log (stderr) goes to `directory/sluice.log`, at `warn`, or at the
+    level in `SLUICE_TEST_LOG` when set (`debug` to see why a test failed)."""
     (directory / "gateway.yaml").write_text(config)
     log = open(directory / "sluice.log", "w")
     proc = subprocess.Popen(
@@ -95,7 +96,7 @@ def start_gateway(directory, config: str, env=None) -> Gateway:
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
-        env={**os.environ, "RUST_LOG": "warn", **(env or {})},
+        env={**os.environ, "RUST_LOG": os.environ.get("SLUICE_TEST_LOG", "warn"), **(env or {})},
     )
     lines: "queue.Queue[str]" = queue.Queue()
 
