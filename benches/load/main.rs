@@ -472,7 +472,8 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
         && args.targets.contains(&TargetKind::Nginx)
     {
         if bin.is_file() {
-            let port = procs::free_port()?;
+            // Held until nginx listens on it.
+            let (port, held) = procs::held_port()?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let conf = write_nginx_config(&tmp, sim_addr, port, args.threads)?;
             let mut cmd = Command::new(bin);
@@ -490,6 +491,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> Result<()> {
                 addr,
                 READY_TIMEOUT,
             )?;
+            drop(held);
             eprintln!("sluice-load: nginx (master pid {}) on {addr}", proc.pid());
             targets.push(Target {
                 kind: TargetKind::Nginx,

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -268,10 +268,22 @@ fn parse_http_addr(s: &str) -> Option<SocketAddr> {
     rest[..end].parse().ok()
 }
 
-/// A free 127.0.0.1 port (bound, then released).
-pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A free 127.0.0.1 port for a server that binds it itself (nginx), and
+/// the socket that holds it meanwhile: bound with `SO_REUSEADDR` and not
+/// listening, so no other port-0 bind is handed the port, nothing connects
+/// to it, and a server setting `SO_REUSEADDR` (nginx does) binds and listens
+/// beside it. Drop the socket once the server listens.
+pub fn held_port() -> Result<(u16, socket2::Socket)> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = socket
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .context("a port-0 bind gave no IP address")?;
+    Ok((port, socket))
 }
 
 /// Wait until `addr` accepts a TCP connection.
@@ -405,6 +417,19 @@ pub fn cpu_model() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_port_refuses_connections_and_lets_a_reuseaddr_listener_bind() {
+        let (port, held) = held_port().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_ne!(port, 0);
+        assert!(TcpStream::connect(addr).is_err(), "nothing listens yet");
+        // std's listener sets SO_REUSEADDR, as nginx's do.
+        let listener = std::net::TcpListener::bind(addr).expect("binds beside the hold");
+        drop(held);
+        let _client = TcpStream::connect(addr).expect("the listener answers");
+        listener.accept().expect("accepted");
+    }
 
     #[test]
     fn parses_banner_addresses() {
