@@ -261,18 +261,18 @@ impl HeadFacts {
                 continue;
             }
             // The five names have five lengths: a name is compared with
-            // the one of its length at most.
+            // the one of its length at most (the lengths fold to constants).
             let len = name.as_str().len();
-            if len == 14 && name == CONTENT_LENGTH {
+            if len == CONTENT_LENGTH.as_str().len() && name == CONTENT_LENGTH {
                 f.content_length = parse_length(value.as_bytes());
-            } else if len == 17 && name == TRANSFER_ENCODING {
+            } else if len == TRANSFER_ENCODING.as_str().len() && name == TRANSFER_ENCODING {
                 f.transfer_encoding = true;
                 f.chunked = value.to_str().is_ok_and(|v| {
                     v.as_bytes()
                         .windows(7)
                         .any(|w| w.eq_ignore_ascii_case(b"chunked"))
                 });
-            } else if len == 12 && name == CONTENT_TYPE {
+            } else if len == CONTENT_TYPE.as_str().len() && name == CONTENT_TYPE {
                 f.content_type = value.to_str().ok().map(|c| {
                     if is_multipart(c) {
                         match sluice_tokens::multipart::boundary(c) {
@@ -285,9 +285,9 @@ impl HeadFacts {
                         ContentType::Other
                     }
                 });
-            } else if len == 6 && name == EXPECT {
+            } else if len == EXPECT.as_str().len() && name == EXPECT {
                 f.expect_continue = is_continue(value);
-            } else if len == 7 && name == UPGRADE {
+            } else if len == UPGRADE.as_str().len() && name == UPGRADE {
                 f.upgrade = true;
             }
         }

@@ -334,7 +334,9 @@ fn add_azure_headers(h: &mut HeaderMap, path: &str, status: StatusCode, started_
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    if !status.is_success() || !is_model_call(path) {
+    if !status.is_success()
+        || sluice_tokens::Operation::from_path(path) == sluice_tokens::Operation::Other
+    {
         return;
     }
     h.insert("x-ms-rai-invoked", HeaderValue::from_static("true"));
@@ -343,20 +345,6 @@ fn add_azure_headers(h: &mut HeaderMap, path: &str, status: StatusCode, started_
     if let Ok(v) = HeaderValue::from_str(&format!("s1m0-{started_at}")) {
         h.insert("azureml-model-session", v);
     }
-}
-
-/// Whether `path` asks a model for an answer: it ends in one of the
-/// generation or embedding operations.
-fn is_model_call(path: &str) -> bool {
-    let path = path.trim_end_matches('/');
-    [
-        "/chat/completions",
-        "/completions",
-        "/embeddings",
-        "/responses",
-    ]
-    .iter()
-    .any(|op| path.ends_with(op))
 }
 
 /// Collapse runs of `/` into one.

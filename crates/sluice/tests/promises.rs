@@ -157,6 +157,28 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<String> {
     Some(id)
 }
 
+/// An upstream on 127.0.0.1 port 0: each connection it accepts is served
+/// on a thread of its own by `serve(n, reader, writer)` (`n`: the
+/// connection's place in accept order). Returns its address.
+fn upstream<F>(serve: F) -> SocketAddr
+where
+    F: Fn(usize, BufReader<TcpStream>, TcpStream) + Clone + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (n, s) in l.incoming().flatten().enumerate() {
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                s.set_nodelay(true).expect("nodelay");
+                let w = s.try_clone().expect("clone");
+                serve(n, BufReader::new(s), w);
+            });
+        }
+    });
+    addr
+}
+
 /// One request as [`DropsReused`] saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Attempt {
@@ -180,41 +202,31 @@ struct DropsReused {
 
 impl DropsReused {
     fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            for (conn, s) in l.incoming().flatten().enumerate() {
-                let seen = seen2.clone();
-                std::thread::spawn(move || {
-                    s.set_nodelay(true).expect("nodelay");
-                    let mut w = s.try_clone().expect("clone");
-                    let mut r = BufReader::new(s);
-                    let mut nth = 0;
-                    while let Some(id) = read_request(&mut r) {
-                        nth += 1;
-                        let answered = nth == 1;
-                        seen.lock().expect("lock").push(Attempt {
-                            id,
-                            conn,
-                            nth,
-                            answered,
-                        });
-                        if !answered {
-                            let _ = w.shutdown(std::net::Shutdown::Both);
-                            return;
-                        }
-                        let body = br#"{"ok":true}"#;
-                        let head = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                            body.len()
-                        );
-                        if w.write_all(head.as_bytes()).is_err() || w.write_all(body).is_err() {
-                            return;
-                        }
-                    }
+        let addr = upstream(move |conn, mut r, mut w| {
+            let mut nth = 0;
+            while let Some(id) = read_request(&mut r) {
+                nth += 1;
+                let answered = nth == 1;
+                seen2.lock().expect("lock").push(Attempt {
+                    id,
+                    conn,
+                    nth,
+                    answered,
                 });
+                if !answered {
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                let body = br#"{"ok":true}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                if w.write_all(head.as_bytes()).is_err() || w.write_all(body).is_err() {
+                    return;
+                }
             }
         });
         DropsReused { addr, seen }
@@ -482,49 +494,38 @@ struct Halves {
 
 impl Halves {
     fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
         let (tx, rx) = channel::<String>();
         let bodies: Bodies = Arc::new(Mutex::new(Vec::new()));
         let bodies2 = bodies.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let (tx, bodies) = (tx.clone(), bodies2.clone());
-                std::thread::spawn(move || {
-                    s.set_nodelay(true).expect("nodelay");
-                    let mut w = s.try_clone().expect("clone");
-                    let mut r = BufReader::new(s);
-                    while let Some((id, len)) = read_head(&mut r) {
-                        // Whatever has come of the body so far (at least a
-                        // byte): the rest may not have been sent yet.
-                        let mut body = Vec::with_capacity(len);
-                        let got = r.fill_buf().map(<[u8]>::len).unwrap_or(0).min(len);
-                        if got == 0 {
-                            return;
-                        }
-                        body.extend_from_slice(&r.buffer()[..got]);
-                        r.consume(got);
-                        if got < len {
-                            let _ = tx.send(id.clone());
-                        }
-                        let mut rest = vec![0; len - got];
-                        if r.read_exact(&mut rest).is_err() {
-                            return;
-                        }
-                        body.extend_from_slice(&rest);
-                        bodies.lock().expect("lock").push((id.clone(), body));
-                        let payload = format!(
-                            r#"{{"id":"chatcmpl-{id}","object":"chat.completion","choices":[]}}"#
-                        );
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-                            payload.len()
-                        );
-                        if w.write_all(resp.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
+        let addr = upstream(move |_, mut r, mut w| {
+            while let Some((id, len)) = read_head(&mut r) {
+                // Whatever has come of the body so far (at least a
+                // byte): the rest may not have been sent yet.
+                let mut body = Vec::with_capacity(len);
+                let got = r.fill_buf().map(<[u8]>::len).unwrap_or(0).min(len);
+                if got == 0 {
+                    return;
+                }
+                body.extend_from_slice(&r.buffer()[..got]);
+                r.consume(got);
+                if got < len {
+                    let _ = tx.send(id.clone());
+                }
+                let mut rest = vec![0; len - got];
+                if r.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                body.extend_from_slice(&rest);
+                bodies2.lock().expect("lock").push((id.clone(), body));
+                let payload =
+                    format!(r#"{{"id":"chatcmpl-{id}","object":"chat.completion","choices":[]}}"#);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                    payload.len()
+                );
+                if w.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
             }
         });
         Halves {
@@ -550,24 +551,15 @@ struct Refuses {
 
 impl Refuses {
     fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let seen = seen2.clone();
-                std::thread::spawn(move || {
-                    let mut w = s.try_clone().expect("clone");
-                    let mut r = BufReader::new(s);
-                    while let Some(id) = read_request(&mut r) {
-                        seen.lock().expect("lock").push(id);
-                        let resp = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
-                        if w.write_all(resp.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
+        let addr = upstream(move |_, mut r, mut w| {
+            while let Some(id) = read_request(&mut r) {
+                seen2.lock().expect("lock").push(id);
+                let resp = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                if w.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
             }
         });
         Refuses { addr, seen }
