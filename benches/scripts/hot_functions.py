@@ -10,7 +10,8 @@ and the gateway, chat and streams) and every policy (the gateway, chat and
 streams). What a function costs in the long run over the short one is what
 the extra requests cost: start-up work (configuration, certificates) cancels
 out. Functions of the Sluice binary with at least one instruction per
-request are kept, ranked by their instructions, each named by its mangled
+request are kept, ranked by their instructions (the key-only path's first,
+then what only the policies add), each named by its mangled
 name without rustc's hash (`17h<hex>E`), which the linker wrapper finds
 again in whatever build it links. Needs valgrind.
 """
@@ -75,7 +76,10 @@ def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     default_out = os.path.join(here, "..", "..", "crates", "sluice", "hot-functions.txt")
     out = sys.argv[3] if len(sys.argv) == 4 else default_out
-    per_request = {}
+    # One table per configuration: the key-only path's functions go first,
+    # then those only the policies run, so that the lighter path's code
+    # stays together.
+    per_request = [{} for _ in RUNS]
     with tempfile.TemporaryDirectory() as tmp:
         stand_in = wrapper(tmp, binary)
         for i, extra in enumerate(RUNS):
@@ -99,10 +103,17 @@ def main() -> int:
                     extra_ir = ir - before.get(name, 0)
                     if extra_ir > 0:
                         key = HASH.sub("", name)
-                        per_request[key] = per_request.get(key, 0) + extra_ir
+                        per_request[i][key] = per_request[i].get(key, 0) + extra_ir
     # Requests in the long run over the short one, per target and scenario.
     floor = (LONG - SHORT) * RATE
-    names = [n for n, ir in sorted(per_request.items(), key=lambda kv: -kv[1]) if ir >= floor]
+    names = []
+    for table in per_request:
+        listed = set(names)
+        names += [
+            n
+            for n, ir in sorted(table.items(), key=lambda kv: -kv[1])
+            if ir >= floor and n not in listed
+        ]
     with open(out, "w") as f:
         f.write(
             "# Functions every proxied request runs, hottest first, by mangled name\n"
