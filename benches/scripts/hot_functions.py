@@ -22,7 +22,16 @@ import subprocess
 import sys
 import tempfile
 
+# rustc's hash, after LLVM's suffixes (`.llvm.<n>`, `.<n>`) are taken off:
+# all three change between builds.
+SUFFIX = re.compile(r"(\.llvm)?\.[0-9]+$")
 HASH = re.compile(r"17h[0-9a-f]{16}E$")
+
+
+def without_hash(name: str) -> str:
+    """A mangled name as the list keeps it (what scripts/link-hot-first's
+    `key` computes from a full name)."""
+    return HASH.sub("", SUFFIX.sub("", name))
 SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.]*$")
 LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*?)\s*\[([^\]]*)\]\s*$")
 RATE = 40
@@ -35,14 +44,15 @@ RUNS = [
 
 def wrapper(tmp: str, binary: str) -> str:
     """A `--sluice` stand-in: the simulator runs as it is, every proxy under
-    callgrind, each writing its own profile into `tmp`."""
+    callgrind, each writing its own profile into `tmp`, named after the copy
+    sluice-load runs it from (`bin-pingora`, `bin-sluice`)."""
     path = os.path.join(tmp, "under-callgrind.sh")
     with open(path, "w") as f:
         f.write(
             "#!/bin/sh\n"
             f'if [ "$1" = sim ]; then exec "{binary}" "$@"; fi\n'
             "exec valgrind --tool=callgrind --demangle=no "
-            f'--callgrind-out-file="{tmp}/$CG_TAG-%p.out" "{binary}" "$@"\n'
+            f'--callgrind-out-file="{tmp}/$CG_TAG-${{0##*/}}.out" "{binary}" "$@"\n'
         )
     os.chmod(path, 0o755)
     return path
@@ -94,15 +104,19 @@ def main() -> int:
                     check=True,
                     stdout=subprocess.DEVNULL,
                 )
-                profiles[secs] = sorted(
-                    os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(tag + "-")
-                )
-            for short, long in zip(profiles[SHORT], profiles[LONG]):
-                before, after = self_cost(short), self_cost(long)
+                profiles[secs] = {
+                    f[len(tag) + 1 :]: os.path.join(tmp, f)
+                    for f in os.listdir(tmp)
+                    if f.startswith(tag + "-")
+                }
+            if not profiles[LONG] or profiles[SHORT].keys() != profiles[LONG].keys():
+                sys.exit(f"profiles of the two runs differ: {profiles}")
+            for proxy, long in profiles[LONG].items():
+                before, after = self_cost(profiles[SHORT][proxy]), self_cost(long)
                 for name, ir in after.items():
                     extra_ir = ir - before.get(name, 0)
                     if extra_ir > 0:
-                        key = HASH.sub("", name)
+                        key = without_hash(name)
                         per_request[i][key] = per_request[i].get(key, 0) + extra_ir
     # Requests in the long run over the short one, per target and scenario.
     floor = (LONG - SHORT) * RATE

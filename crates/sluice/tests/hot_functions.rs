@@ -18,20 +18,34 @@ fn wrapper() -> PathBuf {
     root().join("scripts/link-hot-first")
 }
 
-/// A mangled Rust name without rustc's `17h<16 hex>E` hash.
+/// A mangled Rust name without rustc's `17h<16 hex>E` hash (the last
+/// thing in a name, or before LLVM's numeric suffix, which goes too).
 fn without_hash(name: &str) -> &str {
-    match name.len().checked_sub(20) {
+    let base = match name.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            base.strip_suffix(".llvm").unwrap_or(base)
+        }
+        _ => name,
+    };
+    match base.len().checked_sub(20) {
         Some(cut)
-            if name.ends_with('E')
-                && name[cut..].starts_with("17h")
-                && name[cut + 3..name.len() - 1]
+            if base.ends_with('E')
+                && base[cut..].starts_with("17h")
+                && base[cut + 3..base.len() - 1]
                     .bytes()
                     .all(|b| b.is_ascii_hexdigit()) =>
         {
-            &name[..cut]
+            &base[..cut]
         }
-        _ => name,
+        _ => base,
     }
+}
+
+/// Whether `name` holds rustc's hash anywhere.
+fn has_hash(name: &str) -> bool {
+    name.as_bytes().windows(20).any(|w| {
+        w.starts_with(b"17h") && w[19] == b'E' && w[3..19].iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 #[test]
@@ -50,7 +64,8 @@ fn the_list_names_functions_without_their_hash_once_each() {
                 .all(|b| b.is_ascii_alphanumeric() || b"_$.".contains(&b)),
             "{name}"
         );
-        assert_eq!(without_hash(name), *name, "{name} keeps its hash");
+        assert!(!has_hash(name), "{name} keeps its hash");
+        assert_eq!(without_hash(name), *name, "{name} keeps a suffix");
     }
     // The gateway's own hooks and pingora's request loop are among them.
     for part in ["sluice_proxy", "pingora_proxy", "pingora_core"] {
@@ -93,8 +108,8 @@ fn the_wrapper_finds_each_listed_function_in_a_binary_in_list_order() {
     assert_eq!(picked.len(), 3);
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("hot.txt");
-    // Listed in the reverse of the binary's order, with a C function (no
-    // hash, taken as it is) and a name found nowhere (skipped).
+    // Listed in an order of their own, with a C function (no hash, taken
+    // as it is) and a name found nowhere (skipped).
     let listed = [
         "# a comment line".to_string(),
         without_hash(picked[2]).to_string(),
@@ -154,4 +169,74 @@ fn any_other_link_goes_through_to_cc_unchanged() {
     assert!(!link_and_run(dir.path(), &src, "debug/other"));
     // The release gateway's name, but not linked by LLD: no order either.
     assert!(!link_and_run(dir.path(), &src, "release/deps/sluice-0123"));
+}
+
+/// rustc's own LLD, as it hands it to `cc` (`-B` the directory holding `ld.lld`).
+fn rust_lld_dir() -> PathBuf {
+    let out = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args(["--print", "sysroot"])
+        .output()
+        .unwrap();
+    let sysroot = String::from_utf8(out.stdout).unwrap();
+    let dir = Path::new(sysroot.trim()).join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld");
+    assert!(dir.join("ld.lld").exists(), "{}", dir.display());
+    dir
+}
+
+#[test]
+fn the_release_gateway_linked_by_lld_gets_the_listed_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("main.c");
+    // In source order `hot_a` comes first; the list wants `hot_b` first.
+    std::fs::write(
+        &src,
+        "void hot_a(void) {}\nvoid hot_b(void) {}\n\
+         int main(void) { hot_a(); hot_b(); return 7; }\n",
+    )
+    .unwrap();
+    let list = dir.path().join("hot.txt");
+    std::fs::write(&list, "# hottest first\nhot_b\nhot_a\n").unwrap();
+    let lld = format!("-B{}", rust_lld_dir().display());
+    // A comma in the path: the order file still reaches the linker whole.
+    let deps = dir.path().join("a,b/release/deps");
+    std::fs::create_dir_all(&deps).unwrap();
+    let link = |out: &Path, last_linker: &str| {
+        let status = Command::new(wrapper())
+            .env("SLUICE_HOT_FUNCTIONS", &list)
+            .args(["-ffunction-sections", "-fuse-ld=lld", &lld, last_linker])
+            .arg(&src)
+            .arg("-o")
+            .arg(out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(Command::new(out).status().unwrap().code(), Some(7));
+    };
+    let address = |bin: &Path, name: &str| {
+        let out = Command::new("nm").arg(bin).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("{name} not in {text}"));
+        u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
+    };
+
+    let ordered = deps.join("sluice-0123");
+    link(&ordered, "-fuse-ld=lld");
+    let order = std::fs::read_to_string(deps.join("sluice-0123.hot-order")).unwrap();
+    assert_eq!(order, "hot_b\nhot_a\n");
+    assert!(address(&ordered, "hot_b") < address(&ordered, "hot_a"));
+
+    // Another linker named after LLD wins: the link goes through unordered.
+    let plain = deps.join("sluice-4567");
+    link(&plain, "-fuse-ld=bfd");
+    assert!(!deps.join("sluice-4567.hot-order").exists());
+    assert!(address(&plain, "hot_a") < address(&plain, "hot_b"));
+
+    // An order file that cannot be written: linked unordered, not failed.
+    let blocked = deps.join("sluice-89ab");
+    std::fs::create_dir_all(deps.join("sluice-89ab.hot-order")).unwrap();
+    link(&blocked, "-fuse-ld=lld");
+    assert!(address(&blocked, "hot_a") < address(&blocked, "hot_b"));
 }
