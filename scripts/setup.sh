@@ -13,6 +13,8 @@ want_tests=0
 apt_pkgs=()
 command -v cmake >/dev/null 2>&1 || apt_pkgs+=(cmake)
 command -v cc >/dev/null 2>&1 || apt_pkgs+=(build-essential)
+# `nm`: the release link's hot-function order (scripts/link-hot-first).
+command -v nm >/dev/null 2>&1 || apt_pkgs+=(binutils)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || apt_pkgs+=(ca-certificates)
 if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)

@@ -32,6 +32,8 @@ def without_hash(name: str) -> str:
     """A mangled name as the list keeps it (what scripts/link-hot-first's
     `key` computes from a full name)."""
     return HASH.sub("", SUFFIX.sub("", name))
+
+
 SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.]*$")
 LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*?)\s*\[([^\]]*)\]\s*$")
 RATE = 40
