@@ -123,8 +123,9 @@ fn span(body: &[u8], raw: &RawValue) -> Range<usize> {
 }
 
 /// The top-level members of a request body the gateway reads before
-/// routing (`stream`, `model`, `stream_options`), found in one walk over a
-/// body read whole, for both [`BodyTop::stream_flag`] and [`BodyPlan::read`].
+/// routing (`stream`, `model`, `stream_options`, `store`), found in one walk
+/// over a body read whole, for [`BodyTop::stream_flag`],
+/// [`BodyTop::store_flag`] and [`BodyPlan::read`].
 /// A body that cannot hold a `stream` key is not walked (its flag is false,
 /// and a plan for it is read by [`BodyPlan::new`]); one the walk leaves to a
 /// full parser (see [`sluice_tokens::top_members`]) is read by those parsers.
@@ -136,22 +137,24 @@ enum Walk {
     /// Not read (a body that did not come whole).
     #[default]
     Unread,
-    /// No `stream` key can be in the body.
+    /// No `stream` key can be in the body, nor a `store` key.
     NoStream,
     /// The members, found by the walk.
-    Walked([sluice_tokens::TopMember; 3]),
+    Walked([sluice_tokens::TopMember; 4]),
     /// Left to the full parsers.
     Unsure,
 }
 
 impl BodyTop {
-    /// Reads `body`: a look for a possible `stream` key, then one walk.
+    /// Reads `body`: a look for a possible `stream` or `store` key, then one
+    /// walk.
     pub fn read(body: &[u8]) -> Self {
-        if !crate::stream_tag::may_hold_stream(body) {
+        let hints = crate::stream_tag::key_hints(body);
+        if !hints.stream && !hints.store {
             return BodyTop(Walk::NoStream, body.len());
         }
         BodyTop(
-            match sluice_tokens::top_members(body, ["stream", "model", "stream_options"]) {
+            match sluice_tokens::top_members(body, ["stream", "model", "stream_options", "store"]) {
                 Some(members) => Walk::Walked(members),
                 None => Walk::Unsure,
             },
@@ -178,6 +181,28 @@ impl BodyTop {
             Walk::Unread | Walk::Unsure => crate::stream_flag(body),
         }
     }
+
+    /// Whether `body` (the body this was read from) asks to be stored, as
+    /// [`sluice_routing::asks_to_store`] reads it (`"store": true`, given
+    /// once, in a JSON object), when the reading found out; `None` when the
+    /// body was left to the full parsers.
+    pub fn store_flag(&self, body: &[u8]) -> Option<bool> {
+        debug_assert!(self.of(body), "a BodyTop read from another body");
+        match &self.0 {
+            Walk::Walked([.., store]) => Some(
+                // serde refuses a member given twice, and reads a `bool`
+                // from `true` or `false` only.
+                !store.repeated
+                    && store
+                        .value
+                        .as_ref()
+                        .is_some_and(|r| &body[r.clone()] == b"true"),
+            ),
+            // Neither `"store"` nor an escape that could spell it.
+            Walk::NoStream => Some(false),
+            Walk::Unread | Walk::Unsure => None,
+        }
+    }
 }
 
 impl BodyPlan {
@@ -185,7 +210,7 @@ impl BodyPlan {
     /// checked as serde checks them): the same plan without a second parse.
     pub fn read(body: &[u8], top: &BodyTop) -> Self {
         debug_assert!(top.of(body), "a BodyTop read from another body");
-        let Walk::Walked([_, model, options]) = &top.0 else {
+        let Walk::Walked([_, model, options, _]) = &top.0 else {
             return BodyPlan::new(body);
         };
         if model.repeated || options.repeated {
@@ -396,6 +421,8 @@ mod tests {
             "stream",
             "model",
             "stream_options",
+            "store",
+            "store",
             "messages",
             "Stream",
             "str\\u0065am",
@@ -428,7 +455,7 @@ mod tests {
             seed ^= seed << 5;
             seed as usize % n
         };
-        let (mut walked, mut bodies) = (0, 0);
+        let (mut walked, mut bodies, mut stored) = (0, 0, 0);
         for _ in 0..20_000 {
             let mut body = String::from(["{", " {", "{\n"][next(3)]);
             for m in 0..next(5) {
@@ -469,12 +496,23 @@ mod tests {
                     "{}",
                     String::from_utf8_lossy(b)
                 );
+                if let Some(store) = top.store_flag(b) {
+                    stored += usize::from(store);
+                    assert_eq!(
+                        store,
+                        sluice_routing::asks_to_store(b),
+                        "{}",
+                        String::from_utf8_lossy(b)
+                    );
+                }
             }
         }
         // Of those that may hold a `stream` key, many were walked rather
         // than left to the full readers (the others are broken, or have a
         // key with an escape or outside ASCII).
         assert!(walked * 10 > bodies * 3, "{walked} of {bodies}");
+        // Bodies that ask to be stored were among them.
+        assert!(stored > 100, "{stored}");
     }
 
     fn parse(b: &[u8]) -> Value {

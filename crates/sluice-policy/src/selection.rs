@@ -365,17 +365,18 @@ impl BackendSelector {
         need_tokens: Option<u64>,
     ) {
         let path_deployment = crate::route::deployment_of(rest_path);
-        self.begin_with(ctx, api, method, rest_path, path_deployment, need_tokens);
+        let kind = sluice_routing::call_kind(method, rest_path);
+        self.begin_with(ctx, api, kind, path_deployment, need_tokens);
     }
 
     /// [`begin`](Self::begin), for a caller that already has the path's
-    /// deployment ([`crate::route::deployment_of`] of `rest_path`).
+    /// deployment ([`crate::route::deployment_of`] of the path) and the
+    /// call's kind ([`sluice_routing::call_kind`] of method and path).
     pub fn begin_with(
         &self,
         ctx: &mut RequestContext,
         api: usize,
-        method: &str,
-        rest_path: &str,
+        kind: CallKind,
         path_deployment: Option<&str>,
         need_tokens: Option<u64>,
     ) {
@@ -387,7 +388,7 @@ impl BackendSelector {
             .unwrap_or(a.pool);
         ctx.routing = Routing {
             pool: Some(pool),
-            kind: Some(sluice_routing::call_kind(method, rest_path)),
+            kind: Some(kind),
             need: Need {
                 tokens: need_tokens,
             },
@@ -527,7 +528,15 @@ impl BackendSelector {
         let Some(p) = self.pools.get(pool) else {
             return Choice::Exhausted { retry_after: None };
         };
-        sluice_routing::select(p, &self.health, ctx.routing.need, &ctx.routing.tried(), now)
+        // Most choices are a request's first: nothing tried, nothing to collect.
+        let tried_before;
+        let tried: &[usize] = if ctx.routing.attempts.is_empty() {
+            &[]
+        } else {
+            tried_before = ctx.routing.tried();
+            &tried_before
+        };
+        sluice_routing::select(p, &self.health, ctx.routing.need, tried, now)
     }
 
     /// Whether a member of the pool not in `tried` would let a request
@@ -699,7 +708,8 @@ impl BackendSelector {
         not_sent: bool,
         now: Duration,
     ) -> After {
-        let label = outcome.label();
+        // Labelled only for a failover's metric (most outcomes are final).
+        let failed = outcome.clone();
         let kind = ctx.routing.kind.unwrap_or(CallKind::Generation);
         let may = if not_sent {
             kind.may_fail_over(&Outcome::ConnectFailed)
@@ -747,7 +757,7 @@ impl BackendSelector {
                 ctx.routing.planned = Some((next, now));
                 self.metrics
                     .failovers
-                    .with_label_values(&[self.backend_name(backend), &label])
+                    .with_label_values(&[self.backend_name(backend), &failed.label()])
                     .inc();
                 After::Retry
             }
@@ -884,7 +894,8 @@ impl BackendSelector {
     /// attempt with no outcome (the client left, a policy refused the body)
     /// is closed without touching the breaker.
     pub fn finish(&self, ctx: &mut RequestContext) {
-        let now = self.now();
+        // The clock is read only for a probe left open (rarely).
+        let mut now = None;
         for a in &mut ctx.routing.attempts {
             if a.outcome.is_none() {
                 if a.in_flight {
@@ -892,6 +903,7 @@ impl BackendSelector {
                 }
                 // A probe that never reported frees its slot at once.
                 if let (Some(since), Some(h)) = (a.probe_admitted, self.health.get(a.backend)) {
+                    let now = *now.get_or_insert_with(|| self.now());
                     h.breaker.abandon_probe(since, now);
                 }
             }

@@ -45,6 +45,44 @@ pub(crate) fn value_is_true(value: &[u8]) -> bool {
     }
 }
 
+/// Which of the top-level keys the gateway reads before routing a JSON body
+/// may be in it, as [`key_hints`] finds out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyHints {
+    /// `"stream` appears (the key `stream`, or `stream_options`).
+    pub stream: bool,
+    /// `"store"` appears.
+    pub store: bool,
+}
+
+/// Which of the keys `stream` and `store` `body` may hold, in one search: a
+/// key is a JSON string, so the name appears right after a quote, unless a
+/// `\u` escape spells it (then both may be there). A `false` is sure; a
+/// `true` only says the body is worth a walk.
+pub(crate) fn key_hints(body: &[u8]) -> KeyHints {
+    static QUOTED_ST: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"st"));
+    let mut hints = KeyHints {
+        stream: false,
+        store: false,
+    };
+    for at in QUOTED_ST.find_iter(body) {
+        let after = &body[at + 3..];
+        hints.stream |= after.starts_with(b"ream");
+        hints.store |= after.starts_with(b"ore\"");
+        if hints.stream && hints.store {
+            return hints;
+        }
+    }
+    if memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u')) {
+        return KeyHints {
+            stream: true,
+            store: true,
+        };
+    }
+    hints
+}
+
 /// `stream` appears somewhere in `body`, or a `\u` escape (which could spell
 /// it) does. Both searches skip through the bytes many at a time.
 pub(crate) fn may_hold_stream(body: &[u8]) -> bool {
@@ -381,6 +419,31 @@ mod tests {
             b"Stream",
         ] {
             assert!(!may_hold_stream(not), "{:?}", String::from_utf8_lossy(not));
+        }
+        for (body, stream, store) in [
+            (&br#"{"stream":true}"#[..], true, false),
+            (br#"{"stream_options":{}}"#, true, false),
+            (br#"{"store":true}"#, false, true),
+            (br#"{"store":1,"stream":2}"#, true, true),
+            (br#"{"st\u006fre":true}"#, true, true),
+            (br#"{"storex":1,"streak":2,"x":"a stream"}"#, false, false),
+            // A value spelled so is only worth a walk.
+            (br#"{"x":"stream"}"#, true, false),
+            (
+                br#"{"messages":[{"content":"a stream store"}]}"#,
+                false,
+                false,
+            ),
+            (br#"{"messages":[{"content":"a \"store\""}]}"#, false, false),
+            (br#""st"#, false, false),
+            (b"", false, false),
+        ] {
+            assert_eq!(
+                key_hints(body),
+                KeyHints { stream, store },
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         // The key is matched exactly, as JObject's indexer and Azure
         // OpenAI match it; only the value "true" ignores case.

@@ -172,8 +172,12 @@ fn is_hot(op: sluice_tokens::Operation) -> bool {
 
 /// A chat completion whose body asks to be stored creates an object its
 /// backend owns: note it, so that the answer's id is learned.
-fn note_stored_chat(ctx: &mut RequestContext, body: &[u8]) {
-    if store_finder().find(body).is_some() && sluice_routing::asks_to_store(body) {
+/// `known`: the answer [`BodyTop::store_flag`] already has, if any.
+fn note_stored_chat(ctx: &mut RequestContext, body: &[u8], known: Option<bool>) {
+    let stores = known.unwrap_or_else(|| {
+        store_finder().find(body).is_some() && sluice_routing::asks_to_store(body)
+    });
+    if stores {
         ctx.owned = Some(Box::new(sluice_policy::affinity::OwnedCall {
             creates: true,
             ..Default::default()
@@ -208,9 +212,10 @@ fn passed_body(session: &Session, chunk: Option<&Bytes>, end: bool, ctx: &mut Re
             None => return,
         },
     };
-    ctx.stream = BodyTop::read(b).stream_flag(b);
+    let top = BodyTop::read(b);
+    ctx.stream = top.stream_flag(b);
     if ctx.passed_chat {
-        note_stored_chat(ctx, b);
+        note_stored_chat(ctx, b, top.store_flag(b));
     }
 }
 
@@ -726,7 +731,9 @@ impl Gateway {
         });
         // SNI only means something over TLS.
         let sni = if b.tls { b.host.clone() } else { String::new() };
-        let mut peer = HttpPeer::new(addr, b.tls, sni);
+        // Built in its box: the peer is large, and moving it there after
+        // building it costs a copy.
+        let mut peer = Box::new(HttpPeer::new(addr, b.tls, sni));
         peer.options.connection_timeout = Some(left);
         peer.options.total_connection_timeout = Some(left);
         peer.options.read_timeout = Some(b.read_timeout);
@@ -739,7 +746,7 @@ impl Gateway {
         }
         peer.options.write_timeout = Some(b.write_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(90));
-        Ok(Box::new(peer))
+        Ok(peer)
     }
 
     /// Turn the client's request head into the backend's: path (with the
@@ -948,7 +955,7 @@ impl Gateway {
                 && req.method == http::Method::POST
                 && let Some(b) = body
             {
-                note_stored_chat(ctx, b);
+                note_stored_chat(ctx, b, None);
             }
             return;
         }
@@ -1654,14 +1661,16 @@ impl ProxyHttp for Gateway {
             let req = session.req_header();
             let rest = req.uri.path().get(rest_offset..).unwrap_or("");
             let deployment = path_deployment.and_then(|r| rest.get(r));
-            self.state.selector.begin_with(
-                ctx,
-                api_index,
+            // The path was classified above: a model endpoint's POST is a
+            // generation call without a second look at the path.
+            let kind = sluice_routing::call_kind_with(
                 req.method.as_str(),
                 rest,
-                deployment,
-                need,
+                op != sluice_tokens::Operation::Other,
             );
+            self.state
+                .selector
+                .begin_with(ctx, api_index, kind, deployment, need);
         }
         self.route_owned(session, ctx, op, body.as_deref()).await;
         if ctx.body_mode == BodyMode::Held {
@@ -2351,20 +2360,43 @@ mod tests {
         for body in [
             r#"{"messages":[],"store":true}"#,
             r#"{"store" : true, "messages":[]}"#,
+            r#"{"stream":false,"store":true}"#,
         ] {
-            let mut c = ctx();
-            note_stored_chat(&mut c, body.as_bytes());
-            assert!(c.owned.as_ref().is_some_and(|o| o.creates), "{body}");
+            // Found by the body's walk, or by a look of its own.
+            let walked = BodyTop::read(body.as_bytes()).store_flag(body.as_bytes());
+            for known in [walked, None] {
+                let mut c = ctx();
+                note_stored_chat(&mut c, body.as_bytes(), known);
+                assert!(c.owned.as_ref().is_some_and(|o| o.creates), "{body}");
+            }
         }
         for body in [
             r#"{"messages":[],"store":false}"#,
             r#"{"messages":[{"role":"user","content":"store"}]}"#,
             r#"{"messages":[]}"#,
+            r#"{"stream":true,"store":true,"store":true}"#,
+            r#"{"stream":true,"store":"true"}"#,
         ] {
-            let mut c = ctx();
-            note_stored_chat(&mut c, body.as_bytes());
-            assert!(c.owned.is_none(), "{body}");
+            let walked = BodyTop::read(body.as_bytes()).store_flag(body.as_bytes());
+            for known in [walked, None] {
+                let mut c = ctx();
+                note_stored_chat(&mut c, body.as_bytes(), known);
+                assert!(c.owned.is_none(), "{body}");
+            }
         }
+        // The reading answers for a body it walked or ruled out; one left to
+        // the full parsers is looked at on its own.
+        let walked = br#"{"stream":false,"store":true}"#;
+        assert_eq!(BodyTop::read(walked).store_flag(walked), Some(true));
+        let walked = br#"{"store":true}"#;
+        assert_eq!(BodyTop::read(walked).store_flag(walked), Some(true));
+        let ruled_out = br#"{"messages":[]}"#;
+        assert_eq!(BodyTop::read(ruled_out).store_flag(ruled_out), Some(false));
+        let left = "{\"caf\u{e9}\":1,\"store\":true}";
+        assert_eq!(
+            BodyTop::read(left.as_bytes()).store_flag(left.as_bytes()),
+            None
+        );
     }
 
     #[test]

@@ -147,11 +147,17 @@ impl Gateway {
     /// check it. A valid one for this API starts the trace; an expired one
     /// or one for another API leaves a note for the response headers, and
     /// the request is served untraced. Call before any policy runs.
+    #[inline]
     pub(crate) fn begin_trace(&self, session: &Session, ctx: &mut RequestContext, api: usize) {
-        let traces = &self.state.traces;
-        if !traces.enabled {
-            return;
+        // Checked where it is called: most gateways trace nothing.
+        if self.state.traces.enabled {
+            self.begin_enabled_trace(session, ctx, api);
         }
+    }
+
+    #[inline(never)]
+    fn begin_enabled_trace(&self, session: &Session, ctx: &mut RequestContext, api: usize) {
+        let traces = &self.state.traces;
         let Some(token) = session
             .req_header()
             .headers
@@ -267,6 +273,7 @@ impl Gateway {
 
     /// The trace's response headers: `Apim-Trace-Id`, or the note on a
     /// credential that did not open tracing.
+    #[inline]
     pub(crate) fn trace_headers(ctx: &RequestContext) -> Option<(&'static str, String)> {
         if let Some(id) = &ctx.trace_id {
             return Some((TRACE_ID_HEADER, id.to_string()));
@@ -312,10 +319,16 @@ impl Gateway {
     }
 
     /// The request as it goes to the backend (after every rewrite).
+    #[inline]
     pub(crate) fn trace_forward(&self, ctx: &mut RequestContext, upstream: &RequestHeader) {
-        if ctx.trace.is_none() {
-            return;
+        // Checked where it is called: most requests are not traced.
+        if ctx.trace.is_some() {
+            self.trace_traced_forward(ctx, upstream);
         }
+    }
+
+    #[inline(never)]
+    fn trace_traced_forward(&self, ctx: &mut RequestContext, upstream: &RequestHeader) {
         let Some(b) = ctx.backend.and_then(|i| self.state.backends.get(i)) else {
             return;
         };
@@ -351,10 +364,15 @@ impl Gateway {
 
     /// A backend's answer head (whether it goes to the client or the
     /// request fails over).
+    #[inline]
     pub(crate) fn trace_backend_head(&self, ctx: &mut RequestContext, head: &ResponseHeader) {
-        if ctx.trace.is_none() {
-            return;
+        if ctx.trace.is_some() {
+            self.trace_traced_backend_head(ctx, head);
         }
+    }
+
+    #[inline(never)]
+    fn trace_traced_backend_head(&self, ctx: &mut RequestContext, head: &ResponseHeader) {
         let headers = self.state.traces.redactor.headers(&head.headers);
         let backend = ctx
             .backend

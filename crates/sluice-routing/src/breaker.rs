@@ -492,6 +492,34 @@ mod tests {
         assert!(r.matches(&Outcome::Timeout));
     }
 
+    /// The one-member pool asks only for admission: a breaker admits exactly
+    /// when it is available, in every phase, and a refusal changes nothing.
+    #[test]
+    fn admission_is_refused_exactly_when_the_breaker_is_unavailable() {
+        let breaker = default_breaker();
+        let mut phases = 0;
+        let mut check = |now: Duration| {
+            let available = breaker.available(now);
+            let view = breaker.view(now);
+            match breaker.admit(now) {
+                Admit::No { .. } => {
+                    assert!(!available, "{view:?}");
+                    // Nothing was taken.
+                    assert_eq!(breaker.view(now), view);
+                }
+                Admit::Yes | Admit::Probe => assert!(available, "{view:?}"),
+            }
+            phases += 1;
+        };
+        check(Duration::ZERO); // closed
+        throttle(&breaker, SEC);
+        check(2 * SEC); // open, resting
+        check(7 * SEC); // half-open: this one becomes the probe
+        check(8 * SEC); // half-open, the probe out
+        check(8 * SEC + PROBE_LEASE); // the probe outlived its lease
+        assert_eq!(phases, 5);
+    }
+
     #[test]
     fn a_new_breaker_is_closed() {
         let breaker = default_breaker();

@@ -25,6 +25,20 @@ pub enum CallKind {
 /// other methods on generation endpoints, and POSTs below them such as `/responses/{id}/cancel`) is
 /// [`CallKind::Stateful`].
 pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
+    call_kind_with(method, rest_path, false)
+}
+
+/// [`call_kind`], for a caller that has already found the path (without query or fragment) to end in a model
+/// endpoint, `completions`, `embeddings` or `responses` (`model_endpoint`): a POST to it is then
+/// [`CallKind::Generation`] without a second look at the path. With `model_endpoint` false the path is read as
+/// [`call_kind`] reads it.
+pub fn call_kind_with(method: &str, rest_path: &str, model_endpoint: bool) -> CallKind {
+    // The methods as `http` spells them, first: no case folding.
+    match method {
+        "POST" => return post_kind(rest_path, model_endpoint),
+        "GET" | "HEAD" | "OPTIONS" => return CallKind::Read,
+        _ => {}
+    }
     let method = method.as_bytes();
     if [&b"GET"[..], b"HEAD", b"OPTIONS"]
         .iter()
@@ -32,7 +46,15 @@ pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
     {
         return CallKind::Read;
     }
-    if method.eq_ignore_ascii_case(b"POST") && is_generation_path(rest_path) {
+    if method.eq_ignore_ascii_case(b"POST") {
+        post_kind(rest_path, model_endpoint)
+    } else {
+        CallKind::Stateful
+    }
+}
+
+fn post_kind(rest_path: &str, model_endpoint: bool) -> CallKind {
+    if model_endpoint || is_generation_path(rest_path) {
         CallKind::Generation
     } else {
         CallKind::Stateful
@@ -201,6 +223,34 @@ mod tests {
         }
         assert!(is_generation_path("//v1//audio//speech//"));
         assert!(!is_generation_path("/speech"));
+    }
+
+    #[test]
+    fn a_known_model_endpoint_makes_a_post_a_generation_and_nothing_else() {
+        for method in ["POST", "post", "Post"] {
+            // The caller's word is taken: the path is not read again.
+            assert_eq!(call_kind_with(method, "/files", true), CallKind::Generation);
+            assert_eq!(
+                call_kind_with(method, "/v1/chat/completions", true),
+                CallKind::Generation
+            );
+            // Without it, the path decides, as for `call_kind`.
+            assert_eq!(call_kind_with(method, "/files", false), CallKind::Stateful);
+            assert_eq!(
+                call_kind_with(method, "/v1/audio/speech", false),
+                CallKind::Generation
+            );
+        }
+        for method in ["GET", "head", "OPTIONS"] {
+            assert_eq!(call_kind_with(method, "/files", true), CallKind::Read);
+        }
+        for method in ["DELETE", "PUT", "PATCH", "POSTS", ""] {
+            assert_eq!(
+                call_kind_with(method, "/v1/chat/completions", true),
+                CallKind::Stateful,
+                "{method}"
+            );
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use affinity::{
     owned_ids_in_body, plausible_id,
 };
 pub use breaker::{Admit, Breaker, BreakerRule, BreakerView, PROBE_LEASE, TripCause};
-pub use call::{CallKind, call_kind};
+pub use call::{CallKind, call_kind, call_kind_with};
 pub use headroom::{Fit, Headroom, HeadroomView};
 pub use outcome::Outcome;
 pub use pool::{BackendHealth, Member, Pool};

@@ -84,10 +84,11 @@ fn select_with(
     if let [member] = members.as_slice() {
         // One member (a pool of one, or an API's single backend): its
         // round robin cannot move and headroom cannot steer it elsewhere,
-        // so the answer is its breaker's.
+        // so the answer is its breaker's. Its admission alone gives it: a
+        // breaker admits exactly when it is available, and a refusal takes
+        // nothing.
         if !tried.contains(&member.backend)
             && let Some(health) = health.get(member.backend)
-            && health.breaker.available(now)
         {
             match admit(health) {
                 Admit::Yes => {
