@@ -86,11 +86,11 @@ def without_roles(
     lines = []
     scenarios = sorted({name.split(" ", 1)[0] for name in first})
     for scenario in scenarios:
-        med = lambda d, ratio: (  # noqa: E731
-            statistics.median(d[f"{scenario} {ratio}"])
-            if f"{scenario} {ratio}" in d
-            else None
-        )
+
+        def med(d: dict[str, list[float]], ratio: str) -> float | None:
+            values = d.get(f"{scenario} {ratio}")
+            return statistics.median(values) if values else None
+
         r1, r2 = med(first, "sluice/baseline"), med(second, "sluice/baseline")
         if r1 is not None and r2 is not None:
             lines.append(

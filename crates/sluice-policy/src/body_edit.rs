@@ -183,24 +183,26 @@ impl BodyTop {
     }
 
     /// Whether `body` (the body this was read from) asks to be stored, as
-    /// [`sluice_routing::asks_to_store`] reads it (`"store": true`, given
-    /// once, in a JSON object), when the reading found out; `None` when the
-    /// body was left to the full parsers.
-    pub fn store_flag(&self, body: &[u8]) -> Option<bool> {
+    /// [`sluice_routing::asks_to_store`] decides it (`"store": true`, given
+    /// once, in a JSON object): from the walk, or by that parser when the
+    /// body was not walked.
+    pub fn store_flag(&self, body: &[u8]) -> bool {
         debug_assert!(self.of(body), "a BodyTop read from another body");
         match &self.0 {
-            Walk::Walked([.., store]) => Some(
-                // serde refuses a member given twice, and reads a `bool`
-                // from `true` or `false` only.
+            // serde refuses a member given twice, and reads a `bool` from
+            // `true` or `false` only.
+            Walk::Walked([.., store]) => {
                 !store.repeated
                     && store
                         .value
                         .as_ref()
-                        .is_some_and(|r| &body[r.clone()] == b"true"),
-            ),
+                        .is_some_and(|r| &body[r.clone()] == b"true")
+            }
             // Neither `"store"` nor an escape that could spell it.
-            Walk::NoStream => Some(false),
-            Walk::Unread | Walk::Unsure => None,
+            Walk::NoStream => false,
+            Walk::Unread | Walk::Unsure => {
+                crate::stream_tag::key_hints(body).store && sluice_routing::asks_to_store(body)
+            }
         }
     }
 }
@@ -496,10 +498,13 @@ mod tests {
                     "{}",
                     String::from_utf8_lossy(b)
                 );
-                if let Some(store) = top.store_flag(b) {
-                    stored += usize::from(store);
+                // Walked, ruled out, or left to the parser (and unread):
+                // the same answer as the parser's.
+                let store = top.store_flag(b);
+                stored += usize::from(store);
+                for flag in [store, BodyTop::default().store_flag(b)] {
                     assert_eq!(
-                        store,
+                        flag,
                         sluice_routing::asks_to_store(b),
                         "{}",
                         String::from_utf8_lossy(b)

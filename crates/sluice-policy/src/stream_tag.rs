@@ -74,7 +74,7 @@ pub(crate) fn key_hints(body: &[u8]) -> KeyHints {
             return hints;
         }
     }
-    if memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u')) {
+    if has_unicode_escape(body) {
         return KeyHints {
             stream: true,
             store: true,
@@ -83,13 +83,17 @@ pub(crate) fn key_hints(body: &[u8]) -> KeyHints {
     hints
 }
 
+/// A `\u` escape appears in `body` (it could spell any key).
+fn has_unicode_escape(body: &[u8]) -> bool {
+    memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'))
+}
+
 /// `stream` appears somewhere in `body`, or a `\u` escape (which could spell
 /// it) does. Both searches skip through the bytes many at a time.
 pub(crate) fn may_hold_stream(body: &[u8]) -> bool {
     static STREAM: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"stream"));
-    STREAM.find(body).is_some()
-        || memchr::memchr_iter(b'\\', body).any(|i| body.get(i + 1) == Some(&b'u'))
+    STREAM.find(body).is_some() || has_unicode_escape(body)
 }
 
 /// Where the scanner is in the JSON text.

@@ -151,13 +151,6 @@ async fn respond_now(session: &mut Session, err: &GatewayError, continued: bool)
     Ok(())
 }
 
-/// Finds `"store"` in a chat completion's body (built once).
-fn store_finder() -> &'static memchr::memmem::Finder<'static> {
-    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
-        std::sync::OnceLock::new();
-    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\"store\""))
-}
-
 /// The hot generation calls: chat, completions, embeddings. Their path
 /// names no backend-owned object, and only a chat completion's body can
 /// create one (when it asks to be stored).
@@ -171,13 +164,10 @@ fn is_hot(op: sluice_tokens::Operation) -> bool {
 }
 
 /// A chat completion whose body asks to be stored creates an object its
-/// backend owns: note it, so that the answer's id is learned.
-/// `known`: the answer [`BodyTop::store_flag`] already has, if any.
-fn note_stored_chat(ctx: &mut RequestContext, body: &[u8], known: Option<bool>) {
-    let stores = known.unwrap_or_else(|| {
-        store_finder().find(body).is_some() && sluice_routing::asks_to_store(body)
-    });
-    if stores {
+/// backend owns: note it, so that the answer's id is learned. `top` was
+/// read from `body`.
+fn note_stored_chat(ctx: &mut RequestContext, body: &[u8], top: &BodyTop) {
+    if top.store_flag(body) {
         ctx.owned = Some(Box::new(sluice_policy::affinity::OwnedCall {
             creates: true,
             ..Default::default()
@@ -215,7 +205,7 @@ fn passed_body(session: &Session, chunk: Option<&Bytes>, end: bool, ctx: &mut Re
     let top = BodyTop::read(b);
     ctx.stream = top.stream_flag(b);
     if ctx.passed_chat {
-        note_stored_chat(ctx, b, top.store_flag(b));
+        note_stored_chat(ctx, b, &top);
     }
 }
 
@@ -941,6 +931,7 @@ impl Gateway {
         ctx: &mut RequestContext,
         op: sluice_tokens::Operation,
         body: Option<&[u8]>,
+        top: &BodyTop,
     ) {
         let req = session.req_header();
         let rest = req.uri.path().get(ctx.rest_offset..).unwrap_or("");
@@ -955,7 +946,7 @@ impl Gateway {
                 && req.method == http::Method::POST
                 && let Some(b) = body
             {
-                note_stored_chat(ctx, b, None);
+                note_stored_chat(ctx, b, top);
             }
             return;
         }
@@ -1672,7 +1663,8 @@ impl ProxyHttp for Gateway {
                 .selector
                 .begin_with(ctx, api_index, kind, deployment, need);
         }
-        self.route_owned(session, ctx, op, body.as_deref()).await;
+        self.route_owned(session, ctx, op, body.as_deref(), &top)
+            .await;
         if ctx.body_mode == BodyMode::Held {
             let body = body.unwrap_or_default();
             // Boxed: the relay's state is large, and inline it would make
@@ -2357,16 +2349,19 @@ mod tests {
 
     #[test]
     fn only_a_chat_that_asks_to_be_stored_is_noted() {
+        // Each body as the body step reads it, and as a body not read
+        // before routing is (its own look).
+        let tops = |body: &str| [BodyTop::read(body.as_bytes()), BodyTop::default()];
         for body in [
             r#"{"messages":[],"store":true}"#,
             r#"{"store" : true, "messages":[]}"#,
             r#"{"stream":false,"store":true}"#,
+            // A key the walk leaves to the full parser.
+            "{\"caf\u{e9}\":1,\"store\":true}",
         ] {
-            // Found by the body's walk, or by a look of its own.
-            let walked = BodyTop::read(body.as_bytes()).store_flag(body.as_bytes());
-            for known in [walked, None] {
+            for top in tops(body) {
                 let mut c = ctx();
-                note_stored_chat(&mut c, body.as_bytes(), known);
+                note_stored_chat(&mut c, body.as_bytes(), &top);
                 assert!(c.owned.as_ref().is_some_and(|o| o.creates), "{body}");
             }
         }
@@ -2377,26 +2372,12 @@ mod tests {
             r#"{"stream":true,"store":true,"store":true}"#,
             r#"{"stream":true,"store":"true"}"#,
         ] {
-            let walked = BodyTop::read(body.as_bytes()).store_flag(body.as_bytes());
-            for known in [walked, None] {
+            for top in tops(body) {
                 let mut c = ctx();
-                note_stored_chat(&mut c, body.as_bytes(), known);
+                note_stored_chat(&mut c, body.as_bytes(), &top);
                 assert!(c.owned.is_none(), "{body}");
             }
         }
-        // The reading answers for a body it walked or ruled out; one left to
-        // the full parsers is looked at on its own.
-        let walked = br#"{"stream":false,"store":true}"#;
-        assert_eq!(BodyTop::read(walked).store_flag(walked), Some(true));
-        let walked = br#"{"store":true}"#;
-        assert_eq!(BodyTop::read(walked).store_flag(walked), Some(true));
-        let ruled_out = br#"{"messages":[]}"#;
-        assert_eq!(BodyTop::read(ruled_out).store_flag(ruled_out), Some(false));
-        let left = "{\"caf\u{e9}\":1,\"store\":true}";
-        assert_eq!(
-            BodyTop::read(left.as_bytes()).store_flag(left.as_bytes()),
-            None
-        );
     }
 
     #[test]

@@ -33,29 +33,12 @@ pub fn call_kind(method: &str, rest_path: &str) -> CallKind {
 /// [`CallKind::Generation`] without a second look at the path. With `model_endpoint` false the path is read as
 /// [`call_kind`] reads it.
 pub fn call_kind_with(method: &str, rest_path: &str, model_endpoint: bool) -> CallKind {
-    // The methods as `http` spells them, first: no case folding.
-    match method {
-        "POST" => return post_kind(rest_path, model_endpoint),
-        "GET" | "HEAD" | "OPTIONS" => return CallKind::Read,
-        _ => {}
-    }
-    let method = method.as_bytes();
-    if [&b"GET"[..], b"HEAD", b"OPTIONS"]
-        .iter()
-        .any(|read| method.eq_ignore_ascii_case(read))
-    {
-        return CallKind::Read;
-    }
-    if method.eq_ignore_ascii_case(b"POST") {
-        post_kind(rest_path, model_endpoint)
-    } else {
-        CallKind::Stateful
-    }
-}
-
-fn post_kind(rest_path: &str, model_endpoint: bool) -> CallKind {
-    if model_endpoint || is_generation_path(rest_path) {
+    // The method as `http` spells it, else in any case.
+    let is = |name: &str| method == name || method.eq_ignore_ascii_case(name);
+    if is("POST") && (model_endpoint || is_generation_path(rest_path)) {
         CallKind::Generation
+    } else if ["GET", "HEAD", "OPTIONS"].into_iter().any(is) {
+        CallKind::Read
     } else {
         CallKind::Stateful
     }
