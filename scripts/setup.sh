@@ -2,13 +2,21 @@
 # Installs what building (and, with --tests, testing) Sluice needs on a fresh
 # Debian machine that has only Rust: cmake for pingora's zlib-ng build, and for
 # the tests a Python venv with the openai SDK, pytest and selenium, and
-# Debian's chromium and chromium-driver for the trace viewer's browser test.
+# Debian's chromium and chromium-driver for the trace viewer's browser test;
+# with --tests or --bolt, LLVM BOLT (scripts/bolt-release, and its test).
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_tests=0
-[ "${1:-}" = "--tests" ] && want_tests=1
+want_bolt=0
+for arg in "$@"; do
+  case "$arg" in
+  --tests) want_tests=1 want_bolt=1 ;;
+  --bolt) want_bolt=1 ;;
+  *) echo "usage: scripts/setup.sh [--tests] [--bolt]" >&2; exit 2 ;;
+  esac
+done
 
 apt_pkgs=()
 command -v cmake >/dev/null 2>&1 || apt_pkgs+=(cmake)
@@ -16,6 +24,14 @@ command -v cc >/dev/null 2>&1 || apt_pkgs+=(build-essential)
 # `nm`: the release link's hot-function order (scripts/link-hot-first).
 command -v nm >/dev/null 2>&1 || apt_pkgs+=(binutils)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || apt_pkgs+=(ca-certificates)
+if [ "$want_bolt" = 1 ]; then
+  has_bolt=0
+  for b in llvm-bolt llvm-bolt-21 llvm-bolt-20 llvm-bolt-19 llvm-bolt-18; do
+    command -v "$b" >/dev/null 2>&1 && has_bolt=1
+  done
+  [ "$has_bolt" = 1 ] || apt_pkgs+=(bolt-19)
+  command -v readelf >/dev/null 2>&1 || apt_pkgs+=(binutils)
+fi
 if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
   command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)  # the TLS backend test
