@@ -3,12 +3,13 @@
 # simulator (scripts/bolt-release, LLVM BOLT: about a fifth less CPU per
 # request); `--build-arg BOLT=0` builds the plain release binary instead.
 FROM rust:1-bookworm AS build
-ARG BOLT=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake bolt-19 \
+ && apt-get install -y --no-install-recommends cmake \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# scripts/bolt-release installs BOLT (Debian's bolt-19) itself.
+ARG BOLT=1
 RUN if [ "$BOLT" = 1 ]; then \
       scripts/bolt-release && cp target/release/sluice-bolt /src/sluice; \
     else \

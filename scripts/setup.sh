@@ -31,6 +31,9 @@ if [ "$want_bolt" = 1 ]; then
   done
   [ "$has_bolt" = 1 ] || apt_pkgs+=(bolt-19)
   command -v readelf >/dev/null 2>&1 || apt_pkgs+=(binutils)
+  # sluice-load stops the trained proxies with `kill -TERM`, so that they
+  # exit and write their profiles.
+  [ -x /bin/kill ] || [ -x /usr/bin/kill ] || apt_pkgs+=(procps)
 fi
 if [ "$want_tests" = 1 ]; then
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)

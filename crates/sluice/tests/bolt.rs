@@ -70,7 +70,9 @@ fn answer(bin: &Path, n: &str) -> (String, String) {
 fn a_program_is_laid_out_by_its_training_run_and_answers_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let bin = compile(dir.path(), "prog", true);
-    let out = dir.path().join("prog.bolt");
+    // A space in the output's path is kept whole.
+    let out = dir.path().join("laid out/prog.bolt");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     // The training runs the instrumented copy twice (two processes, two
     // profiles), on even inputs only: `rare` never runs.
     let run = optimize(
@@ -150,8 +152,23 @@ fn wrong_uses_and_failed_steps_leave_no_output() {
     let r = optimize(&with, &out, &["true"]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("wrote no profile"));
-
     assert!(!out.exists());
+
+    // A BOLT step that fails (a profile BOLT cannot read): an output from
+    // before is left as it was.
+    std::fs::write(&out, "before").unwrap();
+    let r = optimize(
+        &with,
+        &out,
+        &[
+            "sh",
+            "-c",
+            "echo garbage > \"$(dirname \"$BOLT_INSTRUMENTED\")/profile.1.fdata\"",
+        ],
+    );
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("merge failed"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "before");
 }
 
 /// scripts/bolt-release's training step, with stand-ins for sluice-load
